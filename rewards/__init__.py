@@ -1,0 +1,45 @@
+"""Reward models behind one protocol (``flowrl.rewards``), a registry, and plug-in loading.
+
+Importing this package is cheap: the built-in model rewards import open_clip / transformers only
+when constructed. See ``base.py`` for the protocol and ``README_SECTION.md`` for user docs.
+"""
+
+from __future__ import annotations
+
+from .base import (
+    COMBINE_MODES,
+    ENTRY_POINT_GROUP,
+    REWARDS,
+    FunctionReward,
+    Reward,
+    RewardError,
+    RewardSet,
+    build_rewards,
+    gdpo,
+    get,
+    group_zscore,
+    register,
+    resolve,
+    weighted_sum,
+)
+from .pairwise import pairwise_win_rates, win_rates
+from . import compressibility  # noqa: F401  (registers jpeg_(in)compressibility)
+
+__all__ = [
+    "Reward",
+    "register",
+    "get",
+    "resolve",
+    "build_rewards",
+    "RewardSet",
+    "RewardError",
+    "REWARDS",
+    "FunctionReward",
+    "win_rates",
+    "pairwise_win_rates",
+    "weighted_sum",
+    "gdpo",
+    "group_zscore",
+    "COMBINE_MODES",
+    "ENTRY_POINT_GROUP",
+]
