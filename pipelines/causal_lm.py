@@ -1,0 +1,394 @@
+""":class:`TokenPolicy`: a transformers causal LM behind the same :class:`~flowrl.policy.Policy`
+protocol as the diffusion policies.
+
+A completion of ``T`` tokens is a trajectory of ``T`` steps whose per-step log-prob is
+``log softmax(logits / temperature)[token]`` (float32). Everything downstream — advantage
+estimators, ratio levels, clip rules, aggregation — is shared with the flow policies
+(``spec/llm.md``).
+
+Layout of a rollout (``B = len(prompts) · group_size``, groups contiguous):
+
+- prompts are chat-templated (if the tokenizer has a template and ``chat_template=True``) and
+  **left**-padded to a common length ``P``;
+- ``states`` ``[B, P + T]``: prompt ids then completion ids (pad after EOS);
+- ``actions`` ``[B, T]``: completion ids; ``log_probs`` ``[B, T]``; ``mask`` ``[B, T]`` bool, true up
+  to and including EOS;
+- ``cond["attention_mask"]`` ``[B, P + T]`` and ``cond["position_ids"]`` ``[B, P + T]``: exactly what
+  :meth:`TokenPolicy.evaluate` feeds the model, so re-evaluation reproduces the stored log-probs.
+
+Old log-probs are recomputed with one full forward pass after sampling (as verl does), so with
+unchanged weights ``evaluate`` returns them bit for bit (ratio 1); the incremental-decoding
+log-probs used for sampling are kept in ``meta["sampling_log_probs"]``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, ContextManager, Sequence
+
+import torch
+from torch import Tensor
+
+from flowrl.policy import PolicyBase, PolicyEval, Trajectories
+
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
+    """Set logits outside the smallest set whose probability mass reaches ``top_p`` to −inf.
+
+    ``[N, V] → [N, V]``. The most likely token is always kept (Holtzman et al. 2020, nucleus sampling).
+    """
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    # mass strictly before each token; a token is dropped once the mass before it reaches top_p
+    before = torch.cumsum(probs, dim=-1) - probs
+    drop_sorted = before >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def _cache_of(out: Any) -> Any:
+    """The KV cache of a model output (``cache`` in transformers ≥ 5.2x, ``past_key_values`` before)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+def _lora_config(lora: Any) -> Any:
+    """``True`` / rank ``int`` / dict of ``LoraConfig`` fields / a ``LoraConfig`` → ``LoraConfig``."""
+    from peft import LoraConfig
+
+    if isinstance(lora, LoraConfig):
+        return lora
+    if lora is True:
+        lora = {}
+    if isinstance(lora, int):
+        lora = {"r": lora}
+    if not isinstance(lora, dict):
+        raise TypeError(f"lora must be True, a rank (int), a dict of LoraConfig fields or a LoraConfig; got {lora!r}.")
+    kw = {"r": 8, "lora_alpha": None, "lora_dropout": 0.0, "target_modules": list(DEFAULT_LORA_TARGETS), "task_type": "CAUSAL_LM"}
+    kw.update(lora)
+    if kw["lora_alpha"] is None:
+        kw["lora_alpha"] = 2 * kw["r"]
+    return LoraConfig(**kw)
+
+
+class TokenPolicy(PolicyBase):
+    """A causal LM as a :class:`~flowrl.policy.Policy` over tokens.
+
+    Args:
+        model: a transformers causal LM (optionally a peft ``PeftModel``). It is the trainable
+            module (``self.model``); with LoRA adapters, :meth:`reference` disables them.
+        tokenizer: its tokenizer; ``pad_token`` defaults to ``eos_token`` when missing.
+        max_new_tokens: completion budget ``T``; a completion without EOS is truncated
+            (``meta["truncated"]``) and all its tokens stay trainable.
+        temperature: sampling temperature; log-probs are ``log softmax(logits / temperature)``.
+        top_p: nucleus sampling mass (1.0: off). Filtering only changes *which* token is drawn; the
+            stored log-prob is from the unfiltered tempered distribution, as in TRL and verl.
+        chat_template: wrap each prompt as one user turn with the tokenizer's chat template (if it
+            has one) and ``add_generation_prompt=True``.
+        system_prompt: optional system turn prepended when the chat template is used.
+        eos_token_ids: ids ending a completion (default: tokenizer EOS + generation-config EOS).
+        micro_batch_size: rows per forward pass in :meth:`evaluate` and sampling (None: all).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        chat_template: bool = True,
+        system_prompt: str | None = None,
+        eos_token_ids: Sequence[int] | None = None,
+        micro_batch_size: int | None = None,
+    ):
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1 (got {max_new_tokens}).")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 for sampling (got {temperature}); use a small value such as 1e-3 for near-greedy decoding.")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (got {top_p}).")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_new_tokens = int(max_new_tokens)
+        self.temperature = float(temperature)
+        self.top_p = float(top_p)
+        self.chat_template = chat_template
+        self.system_prompt = system_prompt
+        self.micro_batch_size = micro_batch_size
+        if tokenizer.pad_token_id is None:
+            if tokenizer.eos_token_id is None:
+                raise ValueError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token.")
+            tokenizer.pad_token = tokenizer.eos_token
+        self.pad_token_id = int(tokenizer.pad_token_id)
+        if eos_token_ids is None:
+            ids: set[int] = set()
+            if tokenizer.eos_token_id is not None:
+                ids.add(int(tokenizer.eos_token_id))
+            gen = getattr(model, "generation_config", None)
+            gen_eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+            if gen_eos is not None:
+                ids.update(int(i) for i in (gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]))
+            eos_token_ids = sorted(ids)
+        if not eos_token_ids:
+            raise ValueError("no EOS token id: pass eos_token_ids=[...] so completions can end.")
+        self.eos_token_ids = [int(i) for i in eos_token_ids]
+        # dropout would make re-evaluation differ from rollout: keep the module in eval mode
+        self.model.eval()
+
+    # ------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        *,
+        gguf_file: str | None = None,
+        lora: Any = None,
+        torch_dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        reference_copy: bool = False,
+        tokenizer_path: str | None = None,
+        **policy_kwargs: Any,
+    ) -> "TokenPolicy":
+        """Load a causal LM and tokenizer from a local directory (or a GGUF file inside it).
+
+        ``lora``: None (full fine-tune), True, a rank, a dict of ``LoraConfig`` fields (default
+        r 8, α 2r, dropout 0, q/k/v/o projections) or a ``LoraConfig``. ``reference_copy``: for a
+        full fine-tune, keep a frozen copy as the KL reference (LoRA needs none: adapters are
+        disabled). ``gguf_file``: a GGUF checkpoint name in ``path`` (needs ``pip install gguf``;
+        transformers de-quantises it to ``torch_dtype``).
+        """
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        kw: dict[str, Any] = {"dtype": torch_dtype}
+        if gguf_file is not None:
+            kw["gguf_file"] = gguf_file
+        model = AutoModelForCausalLM.from_pretrained(path, **kw).to(device)
+        tok_kw = {"gguf_file": gguf_file} if (gguf_file is not None and tokenizer_path is None) else {}
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or path, **tok_kw)
+        reference = None
+        if lora is not None and lora is not False:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, _lora_config(lora))
+        elif reference_copy:
+            reference = copy.deepcopy(model)
+        policy = cls(model, tokenizer, **policy_kwargs)
+        if reference is not None:
+            policy.set_reference_model(reference)
+        return policy
+
+    def reference(self) -> ContextManager[None]:
+        """The frozen reference policy: a peft model's adapters disabled (``disable_adapter()``), or
+        the frozen copy set with :meth:`set_reference_model` (``reference_copy=True``)."""
+        if getattr(self, "_reference_model", None) is None and hasattr(self.model, "disable_adapter") and getattr(self.model, "peft_config", None):
+            return self.model.disable_adapter()
+        return super().reference()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ------------------------------------------------------------------------------ prompts
+    def format_prompt(self, prompt: str) -> str:
+        """The text fed to the model for ``prompt`` (chat template applied if configured)."""
+        if self.chat_template and getattr(self.tokenizer, "chat_template", None):
+            messages = [{"role": "user", "content": prompt}]
+            if self.system_prompt:
+                messages.insert(0, {"role": "system", "content": self.system_prompt})
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return prompt
+
+    def encode_prompts(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Left-padded prompt ids and attention mask, each ``[N, P]`` long."""
+        templated = self.chat_template and getattr(self.tokenizer, "chat_template", None)
+        rows = []
+        for p in prompts:
+            ids = self.tokenizer(self.format_prompt(p), add_special_tokens=not templated)["input_ids"]
+            if len(ids) == 0:
+                raise ValueError(f"prompt {p!r} tokenises to nothing.")
+            rows.append(list(ids))
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        attn = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            attn[i, width - len(r):] = 1
+        return ids, attn
+
+    # ------------------------------------------------------------------------------ rollout
+    @torch.no_grad()
+    def rollout(self, prompts: Sequence[str], *, group_size: int, generator: torch.Generator | None = None) -> Trajectories:
+        """Sample ``group_size`` completions per prompt (groups contiguous) → :class:`Trajectories`.
+
+        Sampling uses ``generator`` only (``torch.multinomial``), so the same seed gives the same
+        tokens on the same device. See the module docstring for the stored fields.
+        """
+        if group_size < 1:
+            raise ValueError(f"group_size (num_generations) must be >= 1 (got {group_size}).")
+        prompts = list(prompts)
+        device = self.device
+        # 1. encode and repeat each prompt G times
+        p_ids, p_attn = self.encode_prompts(prompts)
+        p_ids = p_ids.repeat_interleave(group_size, 0).to(device)  # [B, P]
+        p_attn = p_attn.repeat_interleave(group_size, 0).to(device)  # [B, P]
+        rows = p_ids.shape[0]
+        mb = self.micro_batch_size or rows
+        # 2. sample (micro-batches of rows; each continues the same generator stream)
+        parts = [self._sample(p_ids[s : s + mb], p_attn[s : s + mb], generator) for s in range(0, rows, mb)]
+        width = max(a.shape[1] for a, _, _ in parts)
+        actions = torch.full((rows, width), self.pad_token_id, dtype=torch.long, device=device)
+        mask = torch.zeros((rows, width), dtype=torch.bool, device=device)
+        sample_lp = torch.zeros((rows, width), dtype=torch.float32, device=device)
+        for (a, m, lp), s in zip(parts, range(0, rows, mb)):
+            actions[s : s + a.shape[0], : a.shape[1]] = a
+            mask[s : s + a.shape[0], : a.shape[1]] = m
+            sample_lp[s : s + a.shape[0], : a.shape[1]] = lp
+        # 3. assemble the stored trajectory; old log-probs from one full forward (ratio exactly 1)
+        eos = torch.tensor(self.eos_token_ids, device=device)
+        ended = (torch.isin(actions, eos) & mask).any(-1)
+        attn = torch.cat([p_attn, mask.long()], dim=1)  # [B, P + T]
+        positions = (attn.cumsum(-1) - 1).clamp(min=0)
+        # completion positions continue after the prompt even where masked (pads after EOS)
+        prompt_len = p_ids.shape[1]
+        positions[:, prompt_len:] = positions[:, prompt_len - 1 : prompt_len] + torch.arange(1, width + 1, device=device)
+        lengths = mask.sum(-1)
+        outputs = [self.tokenizer.decode(actions[i, : int(lengths[i])].tolist(), skip_special_tokens=True) for i in range(rows)]
+        traj = Trajectories(
+            prompts=[p for p in prompts for _ in range(group_size)],
+            group_ids=torch.arange(len(prompts)).repeat_interleave(group_size),
+            log_probs=sample_lp,
+            mask=mask,
+            states=torch.cat([p_ids, actions], dim=1),
+            actions=actions,
+            outputs=outputs,
+            cond={"attention_mask": attn, "position_ids": positions},
+            meta={
+                "prompt_length": prompt_len,
+                "completion_length": lengths.cpu(),
+                "truncated": (~ended).cpu(),
+                "sampling_log_probs": sample_lp,
+                "temperature": self.temperature,
+            },
+        )
+        traj.log_probs = self.evaluate(traj).log_prob.detach()
+        return traj
+
+    def _forward(self, ids: Tensor, attn: Tensor, positions: Tensor, **kw: Any) -> Any:
+        return self.model(input_ids=ids, attention_mask=attn, position_ids=positions, **kw)
+
+    def _sample(self, p_ids: Tensor, p_attn: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Incremental decoding with a KV cache. Returns ``(tokens, mask, log_probs)`` each ``[n, t]``."""
+        n = p_ids.shape[0]
+        device = p_ids.device
+        eos = torch.tensor(self.eos_token_ids, device=device)
+        positions = (p_attn.cumsum(-1) - 1).clamp(min=0)
+        attn = p_attn
+        out = self._forward(p_ids, attn, positions, use_cache=True)
+        cache = _cache_of(out)
+        logits = out.logits[:, -1]
+        last_pos = positions[:, -1]
+        done = torch.zeros(n, dtype=torch.bool, device=device)
+        tokens, masks, lps = [], [], []
+        for _ in range(self.max_new_tokens):
+            # 1. tempered log-probs (float32) and nucleus filtering for the draw
+            logp = torch.log_softmax(logits.float() / self.temperature, dim=-1)  # [n, V]
+            probs = torch.softmax(top_p_filter(logp, self.top_p), dim=-1)
+            draw_on = generator.device if generator is not None else probs.device
+            tok = torch.multinomial(probs.to(draw_on), 1, generator=generator).to(device)[:, 0]
+            tok = torch.where(done, torch.full_like(tok, self.pad_token_id), tok)
+            tokens.append(tok)
+            masks.append(~done)
+            lps.append(torch.where(done, torch.zeros_like(tok, dtype=torch.float32), logp.gather(-1, tok[:, None])[:, 0]))
+            done = done | torch.isin(tok, eos)
+            if bool(done.all()):
+                break
+            # 2. feed the token back (always attended: positions after EOS are masked later)
+            attn = torch.cat([attn, torch.ones((n, 1), dtype=attn.dtype, device=device)], dim=1)
+            last_pos = last_pos + 1
+            out = self._forward(tok[:, None], attn, last_pos[:, None], cache=cache, use_cache=True)
+            cache = _cache_of(out)
+            logits = out.logits[:, -1]
+        return torch.stack(tokens, 1), torch.stack(masks, 1), torch.stack(lps, 1)
+
+    # ----------------------------------------------------------------------------- evaluate
+    def evaluate(self, traj: Trajectories, steps: Tensor | None = None) -> PolicyEval:
+        """Per-token log-prob and entropy of the stored completions under the current weights.
+
+        ``[B, T']`` each (``T'`` = ``len(steps)`` or ``T``), float32 ``log softmax(logits / temperature)``.
+        Uses the stored left padding, attention mask and position ids, so with unchanged weights it
+        reproduces ``traj.log_probs`` exactly. Gradients flow unless called under ``no_grad``.
+        """
+        ids = traj.states.to(self.device)
+        attn = traj.cond["attention_mask"].to(self.device)
+        positions = traj.cond["position_ids"].to(self.device)
+        T = traj.actions.shape[1]
+        actions = traj.actions.to(self.device)
+        temperature = float(traj.meta.get("temperature", self.temperature))
+        rows = ids.shape[0]
+        mb = self.micro_batch_size or rows
+        lps, ents = [], []
+        for s in range(0, rows, mb):
+            # logits of positions P-1 … P+T-2 predict the T completion tokens
+            logits = self._forward(ids[s : s + mb], attn[s : s + mb], positions[s : s + mb], logits_to_keep=T + 1).logits[:, :-1]
+            logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # [b, T, V]
+            lps.append(logp.gather(-1, actions[s : s + mb, :, None])[..., 0])
+            ents.append(-(logp.exp() * logp).sum(-1))
+        log_prob, entropy = torch.cat(lps, 0), torch.cat(ents, 0)
+        if steps is not None:
+            steps = torch.as_tensor(steps, device=log_prob.device)
+            log_prob, entropy = log_prob[:, steps], entropy[:, steps]
+        return PolicyEval(log_prob=log_prob, entropy=entropy)
+
+    # ------------------------------------------------------------------------------ saving
+    def save_pretrained(self, path: str) -> None:
+        """Save the model (LoRA adapters only, for a peft model) and the tokenizer to ``path``."""
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+
+# ------------------------------------------------------------------------- tiny offline model
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
+def build_tiny_causal_lm(path: str, *, words: Sequence[str] = (), seed: int = 0, hidden_size: int = 32, num_layers: int = 2) -> str:
+    """Save a tiny random ``LlamaForCausalLM`` and a word-level tokenizer (with a chat template)
+    to ``path`` and return it — an offline stand-in for a real checkpoint in tests and demos.
+
+    The vocabulary holds special tokens, chat role tokens, digits, ``+ - * = ?``, answer tags and
+    ``words``; text is split on whitespace and punctuation.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<bos>", "<eos>", "<|user|>", "<|assistant|>", "<|system|>"]
+    base = [str(d) for d in range(10)] + list("+-*/=?.,:()") + ["<answer>", "</answer>", "What", "is", "Answer", "the", "\\boxed{", "}"]
+    vocab: dict[str, int] = {}
+    for w in specials + base + list(words):
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit()])
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>", eos_token="<eos>")
+    fast.chat_template = TINY_CHAT_TEMPLATE
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=vocab["<pad>"],
+        bos_token_id=vocab["<bos>"], eos_token_id=vocab["<eos>"], tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+__all__ = ["TokenPolicy", "top_p_filter", "build_tiny_causal_lm", "TINY_CHAT_TEMPLATE"]

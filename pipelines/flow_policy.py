@@ -1,0 +1,250 @@
+"""``FlowPolicy``: any diffusers flow-matching pipeline as an SDE sampler with per-step log-probs.
+
+The model family's plumbing comes from an adapter (``pipelines/sd3.py``, ``flux.py``, ...); the
+sampling math from ``flowrl.sde``; *which* steps are stochastic from a rollout schedule
+(``flowrl.rollout``). σ for every step is read from the stored schedule — the stateful
+``scheduler.step()`` is never called.
+
+Trajectory layout (``T`` stored = stochastic steps; ``*L`` = latent shape):
+``states [B, T, *L]`` x_σ before each stored step, ``actions [B, T, *L]`` the sampled x_σ',
+``sigmas``/``sigmas_next`` ``[B, T]``, ``log_probs [B, T]``, optional ``means [B, T, *L]`` (μ_old),
+``outputs [B, C, H, W]`` decoded images in [0, 1]; ``meta["final_latents"]`` the clean latents.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from flowrl.pipelines.base import FlowAdapter, adapter_for
+from flowrl.policy import PolicyBase, PolicyEval, Trajectories
+from flowrl.sde import KERNELS, sde_step
+
+#: attention projections LoRA targets by default (Flow-GRPO's SD3 list; peft matches name suffixes).
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
+class FlowPolicy(PolicyBase):
+    """A diffusers flow pipeline wrapped as a :class:`~flowrl.policy.Policy`.
+
+    Args:
+        pipe: a pipeline with a ``transformer`` and a ``FlowMatchEulerDiscreteScheduler``.
+        sampler: transition kernel of stochastic steps (``ode``, ``flow``, ``dance``, ``sage``, ``cps``).
+        noise_level: the kernel's a / η.
+        num_steps: denoising steps per rollout.
+        guidance_scale: CFG scale used in rollouts *and* recomputation (1 = no CFG).
+        height, width: generation size in pixels (default: the adapter's).
+        rollout: schedule name in ``flowrl.rollout.SCHEDULES`` (``full``: SDE at every step).
+        rollout_params: the schedule's options.
+        share_initial_noise: group members start from the same noise (DanceGRPO).
+        store_means: keep μ_old per step (GRPO-Guard needs it).
+        log_prob_reduce: ``mean`` (Flow-GRPO) or ``sum`` over latent dims.
+        steps_per_backward: stored steps per backward pass in training (memory knob).
+    """
+
+    default_lora_targets = DEFAULT_LORA_TARGETS
+
+    def __init__(
+        self,
+        pipe: Any,
+        *,
+        sampler: str = "flow",
+        noise_level: float = 0.7,
+        num_steps: int = 10,
+        guidance_scale: float = 1.0,
+        height: int | None = None,
+        width: int | None = None,
+        rollout: str = "full",
+        rollout_params: dict[str, Any] | None = None,
+        share_initial_noise: bool = False,
+        store_means: bool = False,
+        log_prob_reduce: str = "mean",
+        steps_per_backward: int | None = 1,
+        adapter: FlowAdapter | None = None,
+    ):
+        KERNELS.get(sampler)  # validates the name
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be ≥ 1, got {num_steps}")
+        self.adapter = adapter if adapter is not None else adapter_for(pipe)
+        self.pipe = pipe
+        self.sampler = sampler
+        self.noise_level = float(noise_level)
+        self.num_steps = int(num_steps)
+        self.guidance_scale = float(guidance_scale)
+        dh, dw = self.adapter.default_size
+        self.height = int(height or dh)
+        self.width = int(width or dw)
+        self.rollout_name = rollout
+        self.rollout_params = dict(rollout_params or {})
+        self.share_initial_noise = share_initial_noise
+        self.store_means = store_means
+        self.log_prob_reduce = log_prob_reduce
+        self.steps_per_backward = steps_per_backward
+        #: incremented by the trainer; sliding schedules (MixGRPO) read it.
+        self.iteration = 0
+        self._reference_model = None
+
+    @classmethod
+    def from_pipeline(cls, pipe: Any, **kwargs: Any) -> "FlowPolicy":
+        """Wrap ``pipe``; keyword arguments as in :class:`FlowPolicy`."""
+        return cls(pipe, **kwargs)
+
+    # ---------------------------------------------------------------------------- plumbing
+    @property
+    def model(self) -> torch.nn.Module:  # type: ignore[override]
+        return self.adapter.pipe.transformer
+
+    @model.setter
+    def model(self, module: torch.nn.Module) -> None:
+        self.adapter.pipe.transformer = module
+
+    @property
+    def device(self) -> torch.device:
+        return self.adapter.device
+
+    def sigma_grid(self, num_steps: int | None = None) -> Tensor:
+        """σ grid ``[T + 1]`` (float32) for this policy's size, ending at 0."""
+        grid = self.adapter.sigmas(num_steps or self.num_steps, height=self.height, width=self.width).float()
+        if grid[-1] != 0:
+            grid = torch.cat([grid, grid.new_zeros(1)])
+        return grid
+
+    def encode(self, prompts: Sequence[str]) -> dict[str, Tensor]:
+        return self.adapter.encode_prompts(list(prompts), guidance_scale=self.guidance_scale)
+
+    def velocity(self, latents: Tensor, sigma: Tensor, cond: dict[str, Tensor]) -> Tensor:
+        """v(x, σ) with this policy's CFG; ``sigma`` ``[B]``."""
+        return self.adapter.velocity(latents, sigma.to(latents.device), cond, guidance_scale=self.guidance_scale, height=self.height, width=self.width)
+
+    def initial_noise(self, num_prompts: int, group_size: int, generator: torch.Generator | None) -> Tensor:
+        if self.share_initial_noise:
+            z = self.adapter.initial_noise(num_prompts, height=self.height, width=self.width, generator=generator)
+            return z.repeat_interleave(group_size, dim=0)
+        return self.adapter.initial_noise(num_prompts * group_size, height=self.height, width=self.width, generator=generator)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return self.adapter.decode(latents, height=self.height, width=self.width)
+
+    def transition(self, x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor, *, kind: str | None = None, noise: Tensor | None = None, prev_sample: Tensor | None = None, generator: torch.Generator | None = None, noise_level: float | None = None):
+        """One kernel step (``flowrl.sde.sde_step``) with this policy's kernel and reduction."""
+        return sde_step(
+            x, v, sigma, sigma_next, kind=kind or self.sampler,
+            noise_level=self.noise_level if noise_level is None else noise_level,
+            noise=noise, prev_sample=prev_sample, generator=generator, reduce=self.log_prob_reduce,
+        )
+
+    def draw_noise(self, shape: torch.Size, generator: torch.Generator | None) -> Tensor:
+        gen_dev = generator.device if generator is not None else torch.device("cpu")
+        return torch.randn(shape, generator=generator, device=gen_dev, dtype=torch.float32).to(self.device)
+
+    # ------------------------------------------------------------------------------ Policy
+    def rollout(self, prompts: Sequence[str], *, group_size: int, generator: torch.Generator | None = None, height: int | None = None, width: int | None = None) -> Trajectories:
+        """Sample ``group_size`` images per prompt with the configured rollout schedule."""
+        from flowrl.rollout import SCHEDULES
+
+        if group_size < 1:
+            raise ValueError(f"group_size must be ≥ 1, got {group_size}")
+        if height or width:
+            self.height, self.width = int(height or self.height), int(width or self.width)
+        schedule = SCHEDULES.get(self.rollout_name)
+        with torch.no_grad():
+            return schedule(self, list(prompts), group_size=group_size, generator=generator, **self.rollout_params)
+
+    def evaluate(self, traj: Trajectories, steps: Tensor | None = None) -> PolicyEval:
+        """Re-run the current weights on stored steps → log-probs ``[B, T']``, means, stds.
+
+        Uses the stored σ, σ' and conditioning; the kernel and noise level recorded at rollout."""
+        if steps is None:
+            steps = torch.arange(traj.num_steps)
+        kind = traj.meta.get("kernel", self.sampler)
+        noise_level = traj.meta.get("noise_level", self.noise_level)
+        log_probs, means, stds = [], [], []
+        for j in steps.tolist():
+            x = traj.states[:, j].to(self.device)
+            sigma = traj.sigmas[:, j].to(self.device)
+            sigma_next = traj.sigmas_next[:, j].to(self.device)
+            v = self.velocity(x.to(self.adapter.dtype), sigma, traj.cond)
+            out = sde_step(
+                x.float(), v.float(), sigma, sigma_next, kind=kind, noise_level=noise_level,
+                prev_sample=traj.actions[:, j].to(self.device).float(), reduce=self.log_prob_reduce,
+            )
+            log_probs.append(out.log_prob)
+            means.append(out.mean)
+            stds.append(out.std.flatten(1)[:, 0])
+        return PolicyEval(log_prob=torch.stack(log_probs, 1), mean=torch.stack(means, 1), std=torch.stack(stds, 1))
+
+    # ----------------------------------------------------------------------------- sampling
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], *, generator: torch.Generator | None = None, num_steps: int | None = None, kind: str = "ode") -> Tensor:
+        """Plain sampling for evaluation: images ``[B, C, H, W]`` in [0, 1] (ODE by default)."""
+        cond = self.encode(prompts)
+        grid = self.sigma_grid(num_steps)
+        x = self.adapter.initial_noise(len(prompts), height=self.height, width=self.width, generator=generator)
+        for i in range(len(grid) - 1):
+            sigma = grid[i].expand(len(prompts)).to(self.device)
+            v = self.velocity(x, sigma, cond)
+            x = self.transition(x.float(), v.float(), sigma, grid[i + 1].expand(len(prompts)).to(self.device), kind=kind, generator=generator).prev_sample.to(x.dtype)
+        return self.decode(x)
+
+
+def chain_rollout(policy: FlowPolicy, prompts: list[str], *, group_size: int, generator: torch.Generator | None, stochastic: Sequence[bool] | None = None) -> Trajectories:
+    """Sample one chain per sample; steps with ``stochastic[i]`` use the policy's kernel and are
+    stored, the others are Euler ODE steps (window schedules). ``stochastic=None``: all steps."""
+    grid = policy.sigma_grid()
+    num_steps = len(grid) - 1
+    stochastic = list(stochastic) if stochastic is not None else [True] * num_steps
+    if len(stochastic) != num_steps:
+        raise ValueError(f"stochastic mask has {len(stochastic)} entries for {num_steps} steps")
+    prompts_rep = [p for p in prompts for _ in range(group_size)]
+    batch = len(prompts_rep)
+    cond_unique = policy.encode(prompts)
+    cond = {k: v.repeat_interleave(group_size, dim=0) for k, v in cond_unique.items()}
+    x = policy.initial_noise(len(prompts), group_size, generator)
+    states, actions, log_probs, means, sig, sig_next = [], [], [], [], [], []
+    for i in range(num_steps):
+        sigma = grid[i].expand(batch).to(policy.device)
+        sigma_next = grid[i + 1].expand(batch).to(policy.device)
+        v = policy.velocity(x, sigma, cond)
+        if stochastic[i]:
+            noise = policy.draw_noise(x.shape, generator)
+            out = policy.transition(x.float(), v.float(), sigma, sigma_next, noise=noise)
+            x_next = out.prev_sample.to(x.dtype)
+            # log-prob of the stored (possibly down-cast) sample, exactly what recomputation sees
+            lp = policy.transition(x.float(), v.float(), sigma, sigma_next, prev_sample=x_next.float()).log_prob
+            states.append(x.float().cpu())
+            actions.append(x_next.float().cpu())
+            log_probs.append(lp.cpu())
+            if policy.store_means:
+                means.append(out.mean.float().cpu())
+            sig.append(sigma.cpu())
+            sig_next.append(sigma_next.cpu())
+        else:
+            x_next = policy.transition(x.float(), v.float(), sigma, sigma_next, kind="ode").prev_sample.to(x.dtype)
+        x = x_next
+    images = policy.decode(x)
+    num_prompts = len(prompts)
+    group_ids = torch.arange(num_prompts).repeat_interleave(group_size)
+    if not states:
+        raise ValueError("the rollout schedule made no step stochastic, so nothing can be trained.")
+    return Trajectories(
+        prompts=prompts_rep,
+        group_ids=group_ids,
+        log_probs=torch.stack(log_probs, 1),
+        mask=torch.ones(batch, len(states), dtype=torch.bool),
+        states=torch.stack(states, 1),
+        actions=torch.stack(actions, 1),
+        sigmas=torch.stack(sig, 1),
+        sigmas_next=torch.stack(sig_next, 1),
+        means=torch.stack(means, 1) if means else None,
+        outputs=images.float().cpu(),
+        cond={k: v.detach() for k, v in cond.items()},
+        meta={
+            "kernel": policy.sampler,
+            "noise_level": policy.noise_level,
+            "step_index": torch.tensor([i for i, s in enumerate(stochastic) if s]).repeat(batch, 1),
+            "final_latents": x.float().cpu(),
+            "model_evals": float(num_steps * (2 if policy.guidance_scale > 1 else 1)),
+        },
+    )
