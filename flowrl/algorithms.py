@@ -90,3 +90,60 @@ DANCE_GRPO = register_preset(
         defaults={"learning_rate": 1e-5, "timestep_fraction": 0.6, "timestep_selection": "random"},
     )
 )
+
+
+def resolve(config: Any) -> Any:
+    """Apply a :class:`~flowrl.config.TrainConfig`'s overrides on its preset → ``ResolvedConfig``.
+
+    Only fields the user set (not None) override the preset; dict options are merged over the
+    preset's. The result is what the run directory records."""
+    from flowrl.config import ConfigError, ResolvedConfig
+
+    config.validate()
+    try:
+        preset = get_preset(config.algorithm)
+    except ValueError as exc:
+        raise ConfigError(f"algorithm: {exc}") from None
+    s, a = config.sampler, config.loss
+    changes: dict[str, Any] = {}
+    if s.kernel is not None:
+        changes["kernel"] = s.kernel
+    if s.noise_level is not None:
+        changes["noise_level"] = s.noise_level
+    if s.rollout is not None:
+        changes["rollout"] = s.rollout
+    if s.rollout_params:
+        changes["rollout_params"] = {**preset.rollout_params, **s.rollout_params}
+    if s.share_initial_noise is not None:
+        changes["share_initial_noise"] = s.share_initial_noise
+    if config.reward.transform is not None:
+        changes["reward_transform"] = config.reward.transform
+    if a.advantage is not None:
+        changes["advantage"] = a.advantage
+    adv_params = dict(preset.advantage_params)
+    if a.std is not None:
+        adv_params["std"] = a.std
+    if a.adv_clip_max is not None:
+        adv_params["clip"] = a.adv_clip_max
+    adv_params.update(a.options)
+    changes["advantage_params"] = adv_params
+    loss = preset.loss
+    clip_params = dict(loss.clip_params)
+    if a.clip_range is not None:
+        clip_params["clip_range"] = a.clip_range
+    if a.clip_range_high is not None:
+        clip_params["clip_range_high"] = a.clip_range_high
+    loss_changes: dict[str, Any] = {"clip_params": clip_params}
+    if a.beta is not None:
+        loss_changes["beta"] = a.beta
+    if a.kl is not None:
+        loss_changes["kl"] = a.kl
+    if a.aggregation is not None:
+        loss_changes["aggregation"] = a.aggregation
+    changes["loss"] = replace(loss, **loss_changes)
+    preset = replace(preset, **changes)
+    d = preset.defaults
+    lr = config.train.learning_rate if config.train.learning_rate is not None else d.get("learning_rate", 1e-4)
+    frac = a.timestep_fraction if a.timestep_fraction is not None else d.get("timestep_fraction", 1.0)
+    sel = a.timestep_selection if a.timestep_selection is not None else d.get("timestep_selection", "first")
+    return ResolvedConfig(config=config, preset=preset, learning_rate=float(lr), timestep_fraction=float(frac), timestep_selection=sel)

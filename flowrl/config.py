@@ -1,0 +1,379 @@
+"""The one training configuration: nested dataclasses, YAML in and out, validation with errors that
+name the field and the fix.
+
+Sections: ``model`` (what to load), ``sampler`` (how rollouts are drawn), ``reward`` (what scores
+them), ``algorithm`` overrides (advantage / loss knobs on top of the preset), ``train`` (optimiser,
+LoRA, schedule, outputs). ``TrainConfig.from_yaml(path)``, ``cfg.to_yaml(path)``,
+``cfg.override(["train.learning_rate=1e-4", ...])``. Unset (None) algorithm fields take the
+preset's value (``flowrl.algorithms``); ``resolved()`` fills them in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the field and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    pipeline: str = "tiny-sd3"
+    """What to train: a local diffusers pipeline folder, a causal-LM folder (``kind: causal_lm``),
+    or a built-in: ``digits`` (the shipped embedded default), ``tiny-sd3``, ``tiny-flux``."""
+    kind: Literal["flow", "causal_lm"] = "flow"
+    """``flow`` wraps a diffusers flow pipeline in FlowPolicy; ``causal_lm`` a transformers LM in TokenPolicy."""
+    gguf_file: str | None = None
+    """For ``causal_lm`` checkpoints stored as GGUF: the file name inside ``pipeline``."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights dtype of the trained model (rollouts run in it; log-probs always in float32)."""
+    device: str = "auto"
+    """``auto`` (accelerate's choice), ``cpu``, ``cuda``, ``cuda:1``..."""
+
+
+@dataclass
+class SamplerConfig:
+    num_steps: int = 10
+    """Denoising steps per training rollout (Flow-GRPO: 10 for training, 40 for evaluation)."""
+    eval_num_steps: int = 40
+    """Denoising steps of the deterministic (ODE) evaluation samples."""
+    kernel: str | None = None
+    """Transition kernel of stochastic steps: ode, flow, dance, sage, cps (default: the preset's)."""
+    noise_level: float | None = None
+    """The kernel's a (flow, default 0.7; Flux 0.9) or η (dance 0.3, sage 0.5); default: the preset's."""
+    guidance_scale: float = 1.0
+    """CFG scale in rollouts and recomputation (1 = CFG-free; SD3.5-M Flow-GRPO: 4.5)."""
+    height: int | None = None
+    """Image height in pixels (default: the model's)."""
+    width: int | None = None
+    """Image width in pixels (default: the model's)."""
+    rollout: str | None = None
+    """Rollout schedule (full, window, singular, tree, ...); default: the preset's."""
+    rollout_params: dict[str, Any] = field(default_factory=dict)
+    """Options of the rollout schedule (merged over the preset's)."""
+    share_initial_noise: bool | None = None
+    """Group members start from the same noise (DanceGRPO); default: the preset's."""
+    log_prob_reduce: Literal["mean", "sum"] = "mean"
+    """Reduction of a step's Gaussian log-density over latent dims (mean: Flow-GRPO's convention)."""
+    steps_per_backward: int = 1
+    """Stored steps per backward pass (memory knob; gradients are accumulated over all of them)."""
+    max_new_tokens: int = 32
+    """Language models: completion length limit."""
+    temperature: float = 1.0
+    """Language models: sampling temperature (log-probs are taken at this temperature)."""
+
+
+@dataclass
+class RewardConfig:
+    rewards: dict[str, Any] = field(default_factory=lambda: {"jpeg_compressibility": 1.0})
+    """``{name or pkg.module:Class: weight}`` or ``{name: {weight: w, **options}}``, e.g.
+    ``{pickscore: {weight: 1.0, path: /models/pickscore}, clipscore: 0.5}``."""
+    combine: Literal["weighted_sum", "gdpo"] = "weighted_sum"
+    """weighted_sum: sum before normalisation (Flow-GRPO); gdpo: z-score each reward per group, then sum."""
+    max_failures: int = 0
+    """Samples a reward may fail on (exception or NaN) before the run stops with an error."""
+    transform: str | None = None
+    """Reward transform before advantages (e.g. ``win_rate`` for Pref-GRPO); default: the preset's."""
+
+
+@dataclass
+class AlgorithmConfig:
+    """Overrides of the preset's choices; None keeps the preset's value (``flowrl.algorithms``)."""
+
+    advantage: str | None = None
+    """Advantage estimator name (group, ...)."""
+    std: Literal["group", "global", "none"] | None = None
+    """Advantage scaling: per-prompt std, batch std (Flow-GRPO global_std), or none (Dr.GRPO)."""
+    adv_clip_max: float | None = None
+    """Clip advantages to ±adv_clip_max (Flow-GRPO: 5)."""
+    clip_range: float | None = None
+    """PPO ε (Flow-GRPO 1e-4 on mean-reduced log-probs; TRL ``epsilon``)."""
+    clip_range_high: float | None = None
+    """Upper ε for clip-higher (DAPO 0.28; TRL ``epsilon_high``)."""
+    beta: float | None = None
+    """KL coefficient against the reference policy (TRL ``beta``); 0 disables the KL term."""
+    kl: str | None = None
+    """KL form: gaussian (exact per-step), gaussian_reference (Flow-GRPO code: ×Δ), k3 (tokens)."""
+    aggregation: str | None = None
+    """Loss aggregation: token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm."""
+    timestep_fraction: float | None = None
+    """Fraction of stored steps trained (first ⌊T·f⌋; 0.99 drops the last, near-deterministic step)."""
+    timestep_selection: Literal["first", "random"] | None = None
+    """first: the first ⌊T·f⌋ steps (Flow-GRPO); random: a random subset per sample (DanceGRPO)."""
+    skip_zero_advantage: bool = True
+    """Drop samples whose advantage is 0 from the update (their gradient is 0 anyway)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Extra options passed to the advantage estimator (merged over the preset's)."""
+
+
+@dataclass
+class TrainSection:
+    prompts: list[str] | str = field(default_factory=lambda: ["a photo of a cat", "a photo of a dog", "a red apple", "a blue car"])
+    """Training prompts: a list, a text file (one per line), or a built-in set (``digits:train``)."""
+    eval_prompts: list[str] | str | None = None
+    """Held-out prompts for evaluation (same forms); None skips evaluation."""
+    num_generations: int = 4
+    """Group size G: samples per prompt (Flow-GRPO 24 on SD3.5-M; ≥ 2)."""
+    prompts_per_iteration: int = 2
+    """Prompts (groups) per iteration, over all processes; must divide by the process count."""
+    num_iterations: int = 10
+    """Rollout → update iterations."""
+    inner_epochs: int = 1
+    """Passes over each iteration's samples (Flow-GRPO: 1; the 2nd+ are off-policy)."""
+    train_batch_size: int = 8
+    """Samples per optimizer step; gradients accumulate over samples × steps within it."""
+    learning_rate: float | None = None
+    """AdamW learning rate (default: the preset's; Flow-GRPO 3e-4 with LoRA)."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
+    lora_rank: int = 32
+    """LoRA rank (0 = full fine-tune; the reference is then a frozen copy)."""
+    lora_alpha: float = 64.0
+    """LoRA alpha (scale = alpha / rank)."""
+    lora_targets: list[str] | None = None
+    """Module-name suffixes that get LoRA (default: the attention projections)."""
+    ema_decay: float = 0.0
+    """EMA of trained weights used for evaluation (0 disables; Flow-GRPO uses 0.9)."""
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """accelerate autocast for forward passes (weights stay in model.dtype)."""
+    seed: int = 0
+    """Everything random derives from (seed, iteration): same seed, same numbers; exact resume."""
+    output_dir: str = "runs/flowrl"
+    """Run directory: config.yaml, metrics.jsonl, tensorboard/, checkpoints/, lora/."""
+    save_every: int = 0
+    """Checkpoint every N iterations (0: only at the end)."""
+    eval_every: int = 0
+    """Evaluate on eval_prompts every N iterations (0: only before and after training)."""
+    eval_samples_per_prompt: int = 1
+    """Evaluation images per held-out prompt."""
+    resume_from: str | None = None
+    """A checkpoint folder (``<run>/checkpoints/iter_000010``) or ``latest`` to resume exactly."""
+    progress: bool = True
+    """Show a progress bar with reward and KL."""
+    report: str | None = None
+    """Reward column summarised in the final line (e.g. ``digits/correct``); default: the first."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything one run needs. ``algorithm`` names a preset (``flowrl.algorithms.PRESETS``)."""
+
+    algorithm: str = "flow_grpo"
+    """Algorithm preset: flow_grpo, dance_grpo, ... (``flowrl.algorithms``)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    loss: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    # ------------------------------------------------------------------------------ YAML
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["train"]["adam_betas"] = list(self.train.adam_betas)
+        return d
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        data = dict(data or {})
+        aliases = _trl_aliases()
+        if aliases is not None:
+            data = aliases(data)
+        return _build(cls, data, "")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "TrainConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist.")
+        return cls.from_dict(yaml.safe_load(path.read_text()) or {})
+
+    def override(self, assignments: list[str]) -> "TrainConfig":
+        """Apply ``section.field=value`` strings (values parsed as YAML) and re-validate."""
+        data = self.to_dict()
+        for item in assignments:
+            if "=" not in item:
+                raise ConfigError(f"--set expects key=value, got '{item}'.")
+            key, _, raw = item.partition("=")
+            node = data
+            parts = key.strip().split(".")
+            for p in parts[:-1]:
+                if p not in node or not isinstance(node[p], dict):
+                    raise ConfigError(f"--set {key}: '{p}' is not a config section. Sections: {', '.join(k for k, v in data.items() if isinstance(v, dict))}.")
+                node = node[p]
+            node[parts[-1]] = yaml.safe_load(raw)
+        return TrainConfig.from_dict(data)
+
+    # ------------------------------------------------------------------------- validation
+    def validate(self) -> "TrainConfig":
+        from flowrl.algorithms import PRESETS
+
+        t, s = self.train, self.sampler
+        if self.algorithm not in PRESETS and ":" not in self.algorithm:
+            raise ConfigError(f"algorithm '{self.algorithm}' is unknown. Known presets: {', '.join(PRESETS.names())}.")
+        if t.num_generations < 2:
+            raise ConfigError(
+                f"train.num_generations is {t.num_generations}: group-relative advantages need at least 2 samples "
+                "per prompt. Set train.num_generations ≥ 2 (Flow-GRPO uses 24)."
+            )
+        if t.prompts_per_iteration < 1:
+            raise ConfigError("train.prompts_per_iteration must be ≥ 1.")
+        if t.num_iterations < 0:
+            raise ConfigError("train.num_iterations must be ≥ 0.")
+        if t.train_batch_size < 1:
+            raise ConfigError("train.train_batch_size must be ≥ 1.")
+        if t.inner_epochs < 1:
+            raise ConfigError("train.inner_epochs must be ≥ 1.")
+        if t.lora_rank < 0:
+            raise ConfigError("train.lora_rank must be ≥ 0 (0 = full fine-tune).")
+        if not 0.0 <= t.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}.")
+        if s.num_steps < 1:
+            raise ConfigError("sampler.num_steps must be ≥ 1.")
+        if s.noise_level is not None and s.noise_level < 0:
+            raise ConfigError(f"sampler.noise_level must be ≥ 0, got {s.noise_level}.")
+        if s.guidance_scale < 1.0 and s.guidance_scale != 0.0:
+            raise ConfigError(f"sampler.guidance_scale must be ≥ 1 (1 = no CFG), got {s.guidance_scale}.")
+        if s.kernel is not None:
+            from flowrl.sde import KERNELS
+
+            if s.kernel not in KERNELS:
+                raise ConfigError(f"sampler.kernel '{s.kernel}' is unknown. Known: {', '.join(KERNELS.names())}.")
+        f = self.loss.timestep_fraction
+        if f is not None and not 0.0 < f <= 1.0:
+            raise ConfigError(f"loss.timestep_fraction must be in (0, 1], got {f}.")
+        if not self.reward.rewards:
+            raise ConfigError("reward.rewards is empty: give at least one reward with a weight, e.g. {jpeg_compressibility: 1.0}.")
+        for name, spec in self.reward.rewards.items():
+            weight = spec.get("weight") if isinstance(spec, dict) else spec
+            if weight is None:
+                raise ConfigError(f"reward.rewards.{name} has no weight: write `{name}: 1.0` or `{name}: {{weight: 1.0, ...}}`.")
+            if not isinstance(weight, (int, float)):
+                raise ConfigError(f"reward.rewards.{name}: weight must be a number, got {weight!r}.")
+        return self
+
+    def resolved(self) -> "ResolvedConfig":
+        """The config with every preset default filled in (what the run records)."""
+        from flowrl.algorithms import resolve
+
+        return resolve(self)
+
+
+def _trl_aliases():
+    try:
+        from flowrl.algorithms import trl_aliases  # written with the LLM presets
+    except ImportError:
+        return None
+    return trl_aliases
+
+
+_SECTIONS = {"model": ModelConfig, "sampler": SamplerConfig, "reward": RewardConfig, "loss": AlgorithmConfig, "train": TrainSection}
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}.")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = [k for k in data if k not in known]
+    if unknown:
+        import difflib
+
+        hint = "; ".join(
+            f"'{k}'" + (f" (did you mean '{m[0]}'?)" if (m := difflib.get_close_matches(k, known, n=1)) else "") for k in unknown
+        )
+        raise ConfigError(f"unknown field(s) in {prefix.rstrip('.') or 'config'}: {hint}. Known: {', '.join(sorted(known))}.")
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        path = f"{prefix}{f.name}"
+        sub = _SECTIONS.get(f.name) if cls is TrainConfig else None
+        if sub is not None:
+            kwargs[f.name] = _build(sub, value or {}, path + ".")
+        else:
+            kwargs[f.name] = _coerce(value, hints[f.name], path)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if value is None:
+        if type(None) in args or tp is Any:
+            return None
+        raise ConfigError(f"{path} cannot be empty (null).")
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, path)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{path}: invalid value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path} must be one of {', '.join(map(str, args))}; got {value!r}.")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path} must be true or false, got {value!r}.")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{path} must be an integer, got {value!r}.")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{path} must be a number, got {value!r}.") from None
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path} must be a string, got {value!r}.")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path} must be a list, got {value!r}.")
+        if origin is tuple:
+            return tuple(_coerce(v, a, path) for v, a in zip(value, args))
+        return [_coerce(v, args[0], path) for v in value] if args else list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} must be a mapping, got {value!r}.")
+        return dict(value)
+    return value
+
+
+@dataclass
+class ResolvedConfig:
+    """A :class:`TrainConfig` with the preset's defaults applied: what the trainer runs."""
+
+    config: TrainConfig
+    preset: Any  # flowrl.algorithms.Preset, with overrides applied
+    learning_rate: float
+    timestep_fraction: float
+    timestep_selection: str
