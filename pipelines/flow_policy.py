@@ -175,6 +175,24 @@ class FlowPolicy(PolicyBase):
             stds.append(out.std.flatten(1)[:, 0])
         return PolicyEval(log_prob=torch.stack(log_probs, 1), mean=torch.stack(means, 1), std=torch.stack(stds, 1))
 
+    def save_lora(self, directory) -> None:
+        """Save the transformer's LoRA in the diffusers format: stock ``pipe.load_lora_weights(dir)``
+        loads it (pipelines with a LoRA loader mixin; others get the same file layout)."""
+        from pathlib import Path
+
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.model))
+        saver = getattr(type(self.pipe), "save_lora_weights", None)
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        if saver is not None:
+            saver(str(directory), transformer_lora_layers=state)
+        else:
+            from safetensors.torch import save_file
+
+            save_file({f"transformer.{k}": v.detach().cpu().contiguous() for k, v in state.items()}, str(Path(directory) / "pytorch_lora_weights.safetensors"))
+
     # ----------------------------------------------------------------------------- sampling
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], *, generator: torch.Generator | None = None, num_steps: int | None = None, kind: str = "ode") -> Tensor:

@@ -1,0 +1,651 @@
+"""The single training loop, for every algorithm and every policy (diffusion or language model).
+
+Each iteration reads top to bottom::
+
+    # 1. rollout      policy.rollout(prompts, group_size=G)         -> Trajectories
+    # 2. rewards      reward_set.score + combine (+ preset transform) -> [B]
+    # 3. advantages   estimator(AdvantageInputs)                    -> [B] or [B, T]
+    # 4. update       OBJECTIVES[preset.objective] per step chunk, AdamW, grad clip, EMA
+
+Nothing here branches on the algorithm's name: the preset's registered components decide.
+Everything random derives from ``(seed, iteration)``, so the same config gives the same numbers
+on CPU and a resumed run continues exactly (checkpoints hold weights, optimizer, EMA and
+estimator state; they are written to a temporary folder and renamed, never half-written).
+
+Metrics (``metrics.jsonl`` and TensorBoard, one record per iteration):
+``reward/mean`` (combined reward), ``reward/<column>`` (each component), ``reward/std``,
+``adv/abs_mean``, ``samples/trained`` (samples with non-zero advantage), ``loss/policy``,
+``loss/kl`` (β·KL), ``kl/ref`` (masked mean KL to the reference), ``ratio/mean``,
+``ratio/clipfrac``, ``grad_norm``, ``time/rollout``, ``time/update``, ``eval/<column>``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from flowrl.advantages import AdvantageInputs, make_estimator
+from flowrl.config import ConfigError, ResolvedConfig, TrainConfig
+from flowrl.losses import LossInputs, policy_loss
+from flowrl.policy import Trajectories
+from flowrl.registry import Registry
+
+OBJECTIVES: Registry[Callable[..., Any]] = Registry("training objective")
+#: name → fn(resolved: ResolvedConfig, run_dir: Path) -> Policy
+POLICY_BUILDERS: Registry[Callable[..., Any]] = Registry("policy builder")
+#: name → fn(table [B, K], names, group_ids, traj, **params) -> (table, names) transforms before advantages
+REWARD_TRANSFORMS: Registry[Callable[..., Any]] = Registry("reward transform")
+#: built-in model sources for ``model.pipeline`` (name → fn(run_dir) -> pipeline)
+PIPELINE_SOURCES: Registry[Callable[..., Any]] = Registry("pipeline source")
+
+
+def derive_seed(seed: int, *parts: Any) -> int:
+    """A stable 63-bit seed from the run seed and labels (e.g. ``(seed, iteration, "rollout")``)."""
+    h = hashlib.sha256(repr((seed,) + parts).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def generator_for(seed: int, *parts: Any, device: str | torch.device = "cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(derive_seed(seed, *parts))
+
+
+# ----------------------------------------------------------------------------------- objectives
+@dataclass
+class UpdateContext:
+    """What an objective may read besides the batch (add fields with defaults only)."""
+
+    resolved: ResolvedConfig
+    iteration: int
+    autocast: Callable[[], Any]
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@OBJECTIVES.register("policy_gradient")
+def policy_gradient_objective(policy: Any, batch: Trajectories, steps: Tensor, ctx: UpdateContext) -> tuple[Tensor, dict[str, float]]:
+    """Ratio-based objective of every GRPO-type preset: evaluate the current policy on the stored
+    steps, evaluate the reference if a KL term is on, and assemble ``preset.loss``."""
+    spec = ctx.resolved.preset.loss
+    with ctx.autocast():
+        current = policy.evaluate(batch, steps)
+    reference = None
+    if spec.kl and spec.beta > 0:
+        with torch.no_grad(), policy.reference(), ctx.autocast():
+            reference = policy.evaluate(batch, steps)
+    adv = batch.advantages
+    adv = adv[:, steps] if adv.dim() == 2 else adv[:, None].expand(-1, len(steps))
+    inputs = LossInputs(
+        log_prob=current.log_prob.float(),
+        old_log_prob=batch.log_probs[:, steps].to(current.log_prob.device).float(),
+        advantages=adv.to(current.log_prob.device).float(),
+        mask=batch.mask[:, steps].to(current.log_prob.device).float(),
+        current=current,
+        reference=reference,
+        traj=batch,
+        steps=steps,
+        extras=ctx.extras,
+    )
+    return policy_loss(inputs, spec)
+
+
+# ------------------------------------------------------------------------------------ helpers
+def select_train_steps(mask: Tensor, fraction: float, selection: str, generator: torch.Generator) -> Tensor:
+    """Trainable-step mask ``[B, T]``: the first ⌊T·fraction⌋ stored steps (Flow-GRPO, 0.99 drops
+    the last), or a random ⌊T·fraction⌋ subset per sample (DanceGRPO). At least one step."""
+    b, t = mask.shape
+    k = max(1, int(math.floor(t * fraction))) if fraction < 1.0 else t
+    out = torch.zeros_like(mask)
+    if selection == "first":
+        out[:, :k] = True
+    elif selection == "random":
+        scores = torch.rand(b, t, generator=generator)
+        idx = scores.argsort(dim=1)[:, :k]
+        out.scatter_(1, idx, True)
+    else:
+        raise ConfigError(f"loss.timestep_selection must be first or random, got '{selection}'.")
+    return out & mask.bool()
+
+
+def add_lora(model: torch.nn.Module, *, rank: int, alpha: float, targets: list[str] | tuple[str, ...], seed: int) -> None:
+    """Add a peft LoRA adapter on ``targets`` (name suffixes) and train only it."""
+    from peft import LoraConfig
+
+    torch.manual_seed(seed)
+    present = [t for t in targets if any(n.endswith(t) for n, _ in model.named_modules())]
+    if not present:
+        raise ConfigError(
+            f"train.lora_targets {list(targets)} match no module of {type(model).__name__}. "
+            "Give module-name suffixes such as to_q, to_k, to_v, to_out.0 (or q_proj, v_proj for LMs)."
+        )
+    model.requires_grad_(False)
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=present))
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n)
+
+
+class EMA:
+    """Exponential moving average of the trainable parameters, swapped in for evaluation."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float):
+        self.params = params
+        self.decay = decay
+        self.shadow = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach(), 1.0 - self.decay)
+
+    def swap(self) -> None:
+        for s, p in zip(self.shadow, self.params):
+            tmp = p.detach().clone()
+            p.data.copy_(s)
+            s.copy_(tmp)
+
+    def state_dict(self) -> list[Tensor]:
+        return [s.clone() for s in self.shadow]
+
+    def load_state_dict(self, state: list[Tensor]) -> None:
+        for s, v in zip(self.shadow, state):
+            s.copy_(v)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    history: list[dict[str, float]]
+    eval_before: dict[str, float]
+    eval_after: dict[str, float]
+    policy: Any
+    summary: str = ""
+
+
+# ------------------------------------------------------------------------------------- Trainer
+class Trainer:
+    """Runs a :class:`TrainConfig`. ``policy`` / ``reward_set`` may be given to skip building them
+    (tests, notebooks); otherwise they come from the config."""
+
+    def __init__(self, config: TrainConfig, *, policy: Any = None, reward_set: Any = None, accelerator: Any = None):
+        from accelerate import Accelerator
+
+        self.config = config
+        self.resolved = config.resolved()
+        t = config.train
+        cpu = config.model.device == "cpu" or (config.model.device == "auto" and not torch.cuda.is_available())
+        self.accelerator = accelerator or Accelerator(cpu=cpu, mixed_precision=t.mixed_precision)
+        nproc = self.accelerator.num_processes
+        if t.prompts_per_iteration % nproc:
+            raise ConfigError(
+                f"train.prompts_per_iteration={t.prompts_per_iteration} is not divisible by the {nproc} processes; "
+                f"set it to a multiple of {nproc}."
+            )
+        self.run_dir = Path(t.output_dir)
+        self.train_prompts = _load_prompts(t.prompts, "train.prompts")
+        self.eval_prompts = _load_prompts(t.eval_prompts, "train.eval_prompts") if t.eval_prompts is not None else []
+        self.policy = policy if policy is not None else build_policy(self.resolved, self.run_dir)
+        self.reward_set = reward_set if reward_set is not None else _build_reward_set(config)
+        self.estimator = make_estimator(self.resolved.preset.advantage, **self.resolved.preset.advantage_params)
+        self.objective = OBJECTIVES.get(self.resolved.preset.objective)
+        self._setup_training()
+        self.history: list[dict[str, float]] = []
+        self.start_iteration = 0
+
+    # -------------------------------------------------------------------------------- setup
+    def _setup_training(self) -> None:
+        t = self.config.train
+        model = self.policy.model
+        if t.lora_rank > 0:
+            targets = t.lora_targets or list(getattr(self.policy, "default_lora_targets", ("q_proj", "k_proj", "v_proj", "o_proj")))
+            if not getattr(model, "peft_config", None):
+                add_lora(model, rank=t.lora_rank, alpha=t.lora_alpha, targets=targets, seed=derive_seed(t.seed, "lora"))
+        else:
+            model.requires_grad_(True)
+            if self.resolved.preset.loss.beta > 0 and self.resolved.preset.loss.kl:
+                self.policy.set_reference_model(copy.deepcopy(model))
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ConfigError("the model has no trainable parameters; check train.lora_rank / train.lora_targets.")
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.resolved.learning_rate, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
+        self.optimizer = self.accelerator.prepare(self.optimizer)
+        self.ema = EMA(self.params, t.ema_decay) if t.ema_decay > 0 else None
+
+    def autocast(self):
+        return self.accelerator.autocast()
+
+    # ---------------------------------------------------------------------------- the loop
+    def train(self) -> TrainResult:
+        cfg, t = self.config, self.config.train
+        self._prepare_run_dir()
+        if t.resume_from:
+            self.load_checkpoint(self._resolve_checkpoint(t.resume_from))
+        writer = self._tensorboard()
+        eval_before = self.evaluate(tag="base") if self.eval_prompts and self.start_iteration == 0 else {}
+        if eval_before:
+            self._log({"iteration": 0, **{f"eval/{k}": v for k, v in eval_before.items()}}, writer)
+        bar = _progress(range(self.start_iteration + 1, t.num_iterations + 1), enabled=t.progress and self.accelerator.is_main_process, total=t.num_iterations, initial=self.start_iteration)
+        for it in bar:
+            record = self.iteration(it)
+            if self.eval_prompts and t.eval_every and it % t.eval_every == 0 and it != t.num_iterations:
+                record.update({f"eval/{k}": v for k, v in self.evaluate(tag=f"iter{it}").items()})
+            self._log(record, writer)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(reward=f"{record['reward/mean']:.3f}", kl=f"{record.get('kl/ref', 0.0):.2e}")
+            if t.save_every and it % t.save_every == 0:
+                self.save_checkpoint(it)
+        if t.num_iterations > self.start_iteration and not (t.save_every and t.num_iterations % t.save_every == 0):
+            self.save_checkpoint(t.num_iterations)
+        eval_after = {}
+        if self.eval_prompts:
+            eval_after = self.evaluate(tag="tuned")
+            self._log({"iteration": t.num_iterations, **{f"eval/{k}": v for k, v in eval_after.items()}}, writer)
+        self.export_lora()
+        if writer is not None:
+            writer.close()
+        summary = self._summary(eval_before, eval_after)
+        self._write_artifacts()
+        return TrainResult(self.run_dir, self.history, eval_before, eval_after, self.policy, summary)
+
+    def iteration(self, it: int) -> dict[str, float]:
+        """One rollout → reward → advantage → update iteration; returns its metrics."""
+        cfg, t, preset = self.config, self.config.train, self.resolved.preset
+        acc = self.accelerator
+        self.policy.iteration = it
+        # 1. rollout ------------------------------------------------------------------------
+        t0 = time.perf_counter()
+        prompts = self._select_prompts(it)
+        self.policy.model.eval()
+        traj = self.policy.rollout(prompts, group_size=t.num_generations, generator=generator_for(t.seed, it, "rollout", acc.process_index))
+        t1 = time.perf_counter()
+        # 2. rewards ------------------------------------------------------------------------
+        table, names = self.reward_set.score(traj.outputs, traj.prompts, dict(traj.meta))
+        traj.rewards, traj.reward_names = table, list(names)
+        if preset.reward_transform:
+            table, names = REWARD_TRANSFORMS.get(preset.reward_transform)(table, names, traj.group_ids, traj)
+        combined = self.reward_set.combine(table, names, traj.group_ids)
+        # groups may span processes: gather before statistics (identity with one process)
+        group_ids = traj.group_ids + acc.process_index * len(prompts)
+        all_rewards, all_groups = self._gather(combined), self._gather(group_ids)
+        # 3. advantages ---------------------------------------------------------------------
+        adv_all = self.estimator(AdvantageInputs(
+            rewards=all_rewards, group_ids=all_groups, reward_table=self._gather(table), reward_names=list(names),
+            mask=None, traj=traj if acc.num_processes == 1 else None, prompts=traj.prompts if acc.num_processes == 1 else None, meta=traj.meta,
+        ))
+        lo = acc.process_index * len(traj)
+        adv = adv_all[lo : lo + len(traj)]
+        traj.advantages = adv
+        traj.mask = select_train_steps(traj.mask, self.resolved.timestep_fraction, self.resolved.timestep_selection, generator_for(t.seed, it, "steps", acc.process_index))
+        keep = adv.abs().flatten(1).amax(1) > 0 if adv.dim() > 1 else adv.abs() > 0
+        if not cfg.loss.skip_zero_advantage:
+            keep = torch.ones_like(keep)
+        # 4. update -------------------------------------------------------------------------
+        update_metrics = self.update(traj, keep, it)
+        t2 = time.perf_counter()
+        record: dict[str, float] = {"iteration": it, "reward/mean": float(combined.mean()), "reward/std": float(combined.std(unbiased=False))}
+        for i, n in enumerate(traj.reward_names):
+            record[f"reward/{n}"] = float(traj.rewards[:, i].nanmean())
+        record["adv/abs_mean"] = float(adv.abs().mean())
+        record["samples/trained"] = float(keep.sum())
+        for k in ("model_evals",):
+            if k in traj.meta and isinstance(traj.meta[k], (int, float)):
+                record[f"cost/{k}_per_sample"] = float(traj.meta[k])
+        record["cost/trained_steps_per_sample"] = float(traj.mask[keep].sum() / max(int(keep.sum()), 1))
+        record.update(update_metrics)
+        record.update({f"reward/{k}" if not k.startswith("reward/") else k: v for k, v in self.reward_set.metrics().items()})
+        record["time/rollout"] = t1 - t0
+        record["time/update"] = t2 - t1
+        self._last_traj = traj
+        return record
+
+    def update(self, traj: Trajectories, keep: Tensor, it: int) -> dict[str, float]:
+        """Gradient steps over the kept samples: minibatches of ``train_batch_size`` samples,
+        gradients accumulated over samples × step chunks, one AdamW step per minibatch."""
+        t = self.config.train
+        idx_kept = torch.nonzero(keep).flatten()
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        if len(idx_kept) == 0:
+            return {"update/steps": 0.0}
+        self.policy.model.train()
+        ctx = UpdateContext(resolved=self.resolved, iteration=it, autocast=self.autocast)
+        n_updates = 0
+        for epoch in range(t.inner_epochs):
+            order = idx_kept[torch.randperm(len(idx_kept), generator=generator_for(t.seed, it, "shuffle", epoch))]
+            for start in range(0, len(order), t.train_batch_size):
+                batch = traj.select(order[start : start + t.train_batch_size])
+                total = float(batch.mask.sum())
+                if total == 0:
+                    continue
+                for steps in self.policy.step_chunks(batch):
+                    weight = float(batch.mask[:, steps].sum()) / total
+                    if weight == 0:
+                        continue
+                    loss, metrics = self.objective(self.policy, batch, steps, ctx)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"the loss became {float(loss)} at iteration {it}; lower train.learning_rate or check the rewards.")
+                    self.accelerator.backward(loss * weight)
+                    for k, v in metrics.items():
+                        sums[k] = sums.get(k, 0.0) + v * weight
+                        counts[k] = counts.get(k, 0) + 1
+                if t.max_grad_norm > 0:
+                    gn = torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm)
+                    sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(gn)
+                    counts["grad_norm"] = counts.get("grad_norm", 0) + 1
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.ema is not None:
+                    self.ema.update()
+                n_updates += 1
+        self.policy.model.eval()
+        out = {k: (v / max(n_updates, 1) if k != "grad_norm" else v / counts[k]) for k, v in sums.items()}
+        out["update/steps"] = float(n_updates)
+        return out
+
+    # --------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, *, tag: str = "eval") -> dict[str, float]:
+        """Score deterministic samples of the held-out prompts (EMA weights if enabled)."""
+        t = self.config.train
+        prompts = [p for p in self.eval_prompts for _ in range(t.eval_samples_per_prompt)]
+        if self.ema is not None:
+            self.ema.swap()
+        try:
+            outputs = []
+            gen = generator_for(t.seed, "eval")
+            for start in range(0, len(prompts), 64):
+                chunk = prompts[start : start + 64]
+                outputs.append(self.policy.generate(chunk, generator=gen, **({"num_steps": self.config.sampler.eval_num_steps} if self.config.model.kind == "flow" else {})))
+        finally:
+            if self.ema is not None:
+                self.ema.swap()
+        outputs = torch.cat(outputs) if isinstance(outputs[0], Tensor) else [o for chunk in outputs for o in chunk]
+        table, names = self.reward_set.score(outputs, prompts, {"eval": True})
+        self._eval_outputs = getattr(self, "_eval_outputs", {})
+        self._eval_outputs[tag] = (outputs, prompts)
+        result = {n: float(table[:, i].nanmean()) for i, n in enumerate(names)}
+        result["num_prompts"] = float(len(self.eval_prompts))
+        return result
+
+    # ---------------------------------------------------------------------- checkpointing
+    def _prepare_run_dir(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "checkpoints").mkdir(exist_ok=True)
+        resolved = self.config.to_dict()
+        resolved["resolved"] = {
+            "preset": _jsonable(dataclasses.asdict(self.resolved.preset)),
+            "learning_rate": self.resolved.learning_rate,
+            "timestep_fraction": self.resolved.timestep_fraction,
+            "timestep_selection": self.resolved.timestep_selection,
+            "log_prob_reduce": self.config.sampler.log_prob_reduce,
+        }
+        import yaml
+
+        _atomic_write(self.run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        if not self.config.train.resume_from:
+            (self.run_dir / "metrics.jsonl").write_text("")
+
+    def _resolve_checkpoint(self, spec: str) -> Path:
+        if spec == "latest":
+            ckpts = sorted((self.run_dir / "checkpoints").glob("iter_*[0-9]"))
+            if not ckpts:
+                raise FileNotFoundError(f"train.resume_from=latest but {self.run_dir / 'checkpoints'} holds no checkpoint.")
+            return ckpts[-1]
+        path = Path(spec)
+        if not (path / "state.json").is_file():
+            raise FileNotFoundError(f"train.resume_from: {path} is not a flowrl checkpoint (no state.json).")
+        return path
+
+    def save_checkpoint(self, it: int) -> Path:
+        """Write ``checkpoints/iter_NNNNNN`` atomically: trainable weights, optimizer, EMA,
+        estimator state, history. A crash mid-write leaves only a ``.tmp`` folder behind."""
+        if not self.accelerator.is_main_process:
+            return self.run_dir
+        final = self.run_dir / "checkpoints" / f"iter_{it:06d}"
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        from safetensors.torch import save_file
+
+        named = {n: p.detach().cpu().contiguous() for n, p in self.policy.model.named_parameters() if p.requires_grad}
+        save_file(named, str(tmp / "trainable.safetensors"))
+        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        if self.ema is not None:
+            torch.save(self.ema.state_dict(), tmp / "ema.pt")
+        est_state = self.estimator.state_dict() if hasattr(self.estimator, "state_dict") else None
+        if est_state is not None:
+            torch.save(est_state, tmp / "estimator.pt")
+        (tmp / "state.json").write_text(json.dumps({"iteration": it, "history": self.history}, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        state = json.loads((path / "state.json").read_text())
+        weights = load_file(str(path / "trainable.safetensors"))
+        params = dict(self.policy.model.named_parameters())
+        missing = [n for n in weights if n not in params]
+        if missing:
+            raise ValueError(f"checkpoint {path} has weights this model lacks (e.g. {missing[0]}); was it made with another model or LoRA setup?")
+        with torch.no_grad():
+            for n, v in weights.items():
+                params[n].copy_(v)
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+        if self.ema is not None and (path / "ema.pt").is_file():
+            self.ema.load_state_dict(torch.load(path / "ema.pt"))
+        if (path / "estimator.pt").is_file() and hasattr(self.estimator, "load_state_dict"):
+            self.estimator.load_state_dict(torch.load(path / "estimator.pt", weights_only=False))
+        self.start_iteration = int(state["iteration"])
+        self.history = list(state["history"])
+        # rewrite metrics.jsonl to exactly the checkpoint's history (drop records past it)
+        _atomic_write(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
+
+    def export_lora(self) -> Path | None:
+        """Save LoRA weights in the diffusers format (``pipe.load_lora_weights(dir)`` loads them),
+        or the peft format for language models."""
+        if self.config.train.lora_rank == 0 or not self.accelerator.is_main_process:
+            return None
+        out = self.run_dir / "lora"
+        saver = getattr(self.policy, "save_lora", None)
+        if saver is not None:
+            saver(out)
+            return out
+        return None
+
+    # ------------------------------------------------------------------------------- output
+    def _select_prompts(self, it: int) -> list[str]:
+        t = self.config.train
+        n_local = t.prompts_per_iteration // self.accelerator.num_processes
+        g = generator_for(t.seed, it, "prompts")
+        idx = torch.randint(len(self.train_prompts), (t.prompts_per_iteration,), generator=g).tolist()
+        lo = self.accelerator.process_index * n_local
+        return [self.train_prompts[i] for i in idx[lo : lo + n_local]]
+
+    def _gather(self, x: Tensor) -> Tensor:
+        if self.accelerator.num_processes == 1:
+            return x
+        return self.accelerator.gather(x.to(self.accelerator.device)).cpu()
+
+    def _tensorboard(self):
+        if not self.accelerator.is_main_process:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # pragma: no cover
+            return None
+        return SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def _log(self, record: dict[str, float], writer: Any) -> None:
+        if "reward/mean" in record:
+            self.history.append(record)
+        if not self.accelerator.is_main_process:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if writer is not None:
+            for k, v in record.items():
+                if k != "iteration" and isinstance(v, (int, float)) and math.isfinite(v):
+                    writer.add_scalar(k, v, int(record["iteration"]))
+
+    def _report_column(self, result: dict[str, float]) -> str | None:
+        cols = [k for k in result if k != "num_prompts"]
+        if self.config.train.report:
+            return self.config.train.report
+        return cols[0] if cols else None
+
+    def _summary(self, before: dict[str, float], after: dict[str, float]) -> str:
+        if not before or not after:
+            return ""
+        col = self._report_column(after)
+        if col is None or col not in before:
+            return ""
+        label = f"{col.split('/')[0]} correctness" if col.endswith("/correct") else col
+        return f"{label}: base {before[col]:.2f} -> tuned {after[col]:.2f} (held-out, {len(self.eval_prompts)} prompts)"
+
+    def _write_artifacts(self) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        from flowrl import gallery
+
+        try:
+            gallery.plot_reward_curve(self.history, self.run_dir / "reward_curve.png")
+            outs = getattr(self, "_eval_outputs", {})
+            if "base" in outs and "tuned" in outs and isinstance(outs["base"][0], Tensor):
+                gallery.before_after_grid(outs["base"][0], outs["tuned"][0], self.run_dir / "before_after.png", max_items=16)
+        except Exception as exc:  # plots are a convenience; never lose a run for them
+            print(f"[flowrl] could not write plots: {exc}")
+
+
+# -------------------------------------------------------------------------------- builders
+def _load_prompts(spec: Any, field_name: str) -> list[str]:
+    from flowrl.prompts import load_prompts
+
+    try:
+        return load_prompts(spec, field=field_name)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _build_reward_set(config: TrainConfig):
+    from flowrl.rewards import build_rewards
+
+    return build_rewards(config.reward.rewards, combine=config.reward.combine, max_failures=config.reward.max_failures)
+
+
+def load_pipeline(spec: str, run_dir: Path, dtype: torch.dtype = torch.float32):
+    """A diffusers pipeline from a built-in name (``PIPELINE_SOURCES``) or a local folder."""
+    _import_pipeline_sources()
+    if spec in PIPELINE_SOURCES:
+        pipe = PIPELINE_SOURCES.get(spec)(run_dir)
+    else:
+        path = Path(spec)
+        if not path.is_dir():
+            raise ConfigError(
+                f"model.pipeline '{spec}' is neither a local folder nor a built-in "
+                f"({', '.join(PIPELINE_SOURCES.names())}). flowrl never downloads: point it at a local checkpoint."
+            )
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, torch_dtype=dtype)
+    if dtype != torch.float32 and hasattr(pipe, "to"):
+        pipe = pipe.to(dtype=dtype)
+    return pipe
+
+
+def _import_pipeline_sources() -> None:
+    import importlib
+
+    for mod in ("flowrl.pipelines.digits",):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name != mod:
+                raise
+
+
+def _tiny_source(builder_name: str):
+    def build(run_dir: Path):
+        from flowrl.pipelines import tiny
+
+        pipe = getattr(tiny, builder_name)()
+        return tiny.save_and_reload(pipe, Path(run_dir) / "base_model")
+
+    return build
+
+
+PIPELINE_SOURCES.register("tiny-sd3", _tiny_source("tiny_sd3_pipeline"))
+PIPELINE_SOURCES.register("tiny-flux", _tiny_source("tiny_flux_pipeline"))
+
+
+@POLICY_BUILDERS.register("flow")
+def build_flow_policy(resolved: ResolvedConfig, run_dir: Path):
+    from flowrl.pipelines.flow_policy import FlowPolicy
+
+    cfg, preset = resolved.config, resolved.preset
+    dtype = getattr(torch, cfg.model.dtype)
+    pipe = load_pipeline(cfg.model.pipeline, run_dir, dtype)
+    device = _device(cfg)
+    pipe.to(device)
+    s = cfg.sampler
+    return FlowPolicy.from_pipeline(
+        pipe, sampler=preset.kernel, noise_level=preset.noise_level, num_steps=s.num_steps, guidance_scale=s.guidance_scale,
+        height=s.height, width=s.width, rollout=preset.rollout, rollout_params=preset.rollout_params,
+        share_initial_noise=preset.share_initial_noise, store_means=bool(preset.loss.step_weight != "none" or preset.loss.ratio != "token"),
+        log_prob_reduce=s.log_prob_reduce, steps_per_backward=s.steps_per_backward,
+    )
+
+
+def _device(cfg: TrainConfig) -> torch.device:
+    if cfg.model.device != "auto":
+        return torch.device(cfg.model.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build_policy(resolved: ResolvedConfig, run_dir: Path):
+    kind = resolved.config.model.kind
+    if kind == "causal_lm" and kind not in POLICY_BUILDERS:
+        import flowrl.pipelines.causal_lm  # noqa: F401  (registers its builder)
+    return POLICY_BUILDERS.get(kind)(resolved, run_dir)
+
+
+def train(config: TrainConfig | str | Path, **kwargs: Any) -> TrainResult:
+    """Run a training job from a :class:`TrainConfig` (or a YAML path)."""
+    if not isinstance(config, TrainConfig):
+        config = TrainConfig.from_yaml(config)
+    return Trainer(config, **kwargs).train()
+
+
+# --------------------------------------------------------------------------------- small utils
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (int, float, str, bool)) or x is None:
+        return x
+    return repr(x)
+
+
+def _progress(it, *, enabled: bool, total: int, initial: int):
+    if not enabled:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, total=total, initial=initial, desc="flowrl", dynamic_ncols=True)
