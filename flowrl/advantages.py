@@ -12,6 +12,7 @@ Register your own with ``@register_advantage("name")`` or name ``"pkg.module:fn"
 from __future__ import annotations
 
 import functools
+import math
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -120,3 +121,382 @@ def make_estimator(name: str, **hparams: Any) -> Callable[[AdvantageInputs], Ten
     if inspect.isclass(obj):
         return obj(**hparams)
     return functools.partial(obj, **hparams)
+
+
+# =============================================================================== language models
+# Estimators of the LLM GRPO family (spec/llm.md). All read AdvantageInputs; the ones that only
+# transform rewards before the group z-score keep that transform in one small function.
+
+
+def _column(inputs: AdvantageInputs, name: str | int | None, what: str) -> Tensor:
+    """One reward column ``[B]`` by name (or index) from ``inputs.reward_table``."""
+    if inputs.reward_table is None:
+        raise ValueError(f"{what} needs the per-reward table (AdvantageInputs.reward_table).")
+    if isinstance(name, int):
+        return inputs.reward_table[:, name].float()
+    if name not in inputs.reward_names:
+        raise ValueError(f"{what}: no reward column '{name}'. Columns: {inputs.reward_names}.")
+    return inputs.reward_table[:, inputs.reward_names.index(name)].float()
+
+
+def _seq_lengths(inputs: AdvantageInputs) -> Tensor:
+    mask = inputs.mask if inputs.mask is not None else getattr(inputs.traj, "mask", None)
+    if mask is None:
+        raise ValueError("this estimator needs completion lengths: pass AdvantageInputs.mask (or traj).")
+    return mask.float().sum(-1)
+
+
+def ngrpo_advantages(rewards: Tensor, group_ids: Tensor, *, max_reward: float = 1.0, eps: float = 1e-4) -> Tensor:
+    """NGRPO: each group's mean and (population) std include one virtual sample with ``max_reward``.
+
+    μ' = (Σ_g r + r_max)/(n + 1), σ' = sqrt((Σ_g (r − μ')² + (r_max − μ')²)/(n + 1)),
+    A = (r − μ')/(σ' + eps). An all-wrong group (0/1 rewards, n = 4) gets μ' = 0.2, σ' = 0.4,
+    A = −0.5 for every member, so it still teaches; an all-correct group gets A = 0.
+    Nan et al., NGRPO (2025), §3.  Shapes ``[B] → [B]``.
+    """
+    rewards = rewards.float()
+    _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    n = counts.to(rewards.dtype)
+    sums = torch.zeros_like(n).index_add_(0, inverse, rewards)
+    mean = (sums + max_reward) / (n + 1)
+    sq = torch.zeros_like(n).index_add_(0, inverse, (rewards - mean[inverse]) ** 2) + (max_reward - mean) ** 2
+    std = torch.sqrt(sq / (n + 1))
+    return (rewards - mean[inverse]) / (std[inverse] + eps)
+
+
+@register_advantage("ngrpo")
+def ngrpo_estimator(inputs: AdvantageInputs, *, max_reward: float = 1.0, eps: float = 1e-4) -> Tensor:
+    """Registered :func:`ngrpo_advantages`."""
+    return ngrpo_advantages(inputs.rewards, inputs.group_ids, max_reward=max_reward, eps=eps)
+
+
+@register_advantage("gdpo")
+def gdpo_estimator(inputs: AdvantageInputs, *, weights: dict[str, float] | None = None, eps: float = 1e-4) -> Tensor:
+    """GDPO: z-score each reward column inside its group, weighted sum (w_k = 1 unless given by
+    column name), then re-normalise over the batch — :func:`flowrl.rewards.base.gdpo` applied to
+    the reward table (the combined ``inputs.rewards`` is ignored). With one column it is the group
+    z-score followed by a batch z-score."""
+    from flowrl.rewards.base import gdpo
+
+    if inputs.reward_table is None or inputs.reward_table.shape[1] == 0:
+        raise ValueError("the 'gdpo' estimator needs the per-reward table (AdvantageInputs.reward_table).")
+    names = inputs.reward_names or [str(k) for k in range(inputs.reward_table.shape[1])]
+    w = torch.tensor([float((weights or {}).get(n, 1.0)) for n in names], dtype=torch.float32)
+    return gdpo(inputs.reward_table.float(), w, inputs.group_ids, eps=eps)
+
+
+class BetaValueTracker:
+    """SPO's per-prompt success estimate: a discounted Beta(α, β) posterior, v̂ = α/(α + β).
+
+    Update after observing rewards r ∈ [0, 1] of a prompt: α ← ρα + Σr, β ← ρβ + Σ(1 − r), with
+    ρ = clip(2^(−D/D_half), ρ_min, ρ_max) and D = mean |log π_old − log π| of that prompt's tokens
+    from the last update (:meth:`observe_shift`; 0 when never observed, i.e. ρ = ρ_max).
+    Xu et al., Single-stream Policy Optimization (2025), §3.2.  Unseen prompts start at
+    Beta(prior_alpha, prior_beta).
+    """
+
+    def __init__(self, *, prior_alpha: float = 1.0, prior_beta: float = 1.0, d_half: float = 0.06, rho_min: float = 0.875, rho_max: float = 0.96):
+        self.prior_alpha, self.prior_beta = float(prior_alpha), float(prior_beta)
+        self.d_half, self.rho_min, self.rho_max = float(d_half), float(rho_min), float(rho_max)
+        self.alpha: dict[str, float] = {}
+        self.beta: dict[str, float] = {}
+        self.shift: dict[str, float] = {}
+
+    def value(self, prompt: str) -> float:
+        a = self.alpha.get(prompt, self.prior_alpha)
+        b = self.beta.get(prompt, self.prior_beta)
+        return a / (a + b)
+
+    def discount(self, prompt: str) -> float:
+        d = self.shift.get(prompt, 0.0)
+        return min(max(2.0 ** (-d / self.d_half), self.rho_min), self.rho_max)
+
+    def update(self, prompts: list[str], rewards: Tensor) -> None:
+        totals: dict[str, list[float]] = {}
+        for p, r in zip(prompts, rewards.float().tolist()):
+            totals.setdefault(p, []).append(r)
+        for p, rs in totals.items():
+            rho = self.discount(p)
+            self.alpha[p] = rho * self.alpha.get(p, self.prior_alpha) + sum(rs)
+            self.beta[p] = rho * self.beta.get(p, self.prior_beta) + sum(1.0 - r for r in rs)
+
+    def observe_shift(self, prompts: list[str], old_log_prob: Tensor, log_prob: Tensor, mask: Tensor) -> None:
+        """Record D = mean |log π_old − log π| over each prompt's masked tokens (call after an update)."""
+        diff = ((old_log_prob.float() - log_prob.float()).abs() * mask.float()).detach()
+        num: dict[str, float] = {}
+        den: dict[str, float] = {}
+        for p, d, m in zip(prompts, diff.sum(-1).tolist(), mask.float().sum(-1).tolist()):
+            num[p] = num.get(p, 0.0) + d
+            den[p] = den.get(p, 0.0) + m
+        for p in num:
+            self.shift[p] = num[p] / max(den[p], 1.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"alpha": dict(self.alpha), "beta": dict(self.beta), "shift": dict(self.shift)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.alpha = dict(state["alpha"])
+        self.beta = dict(state["beta"])
+        self.shift = dict(state.get("shift", {}))
+
+
+@register_advantage("spo")
+class SPOAdvantage:
+    """SPO (no groups): A = r − v̂(prompt) with the tracker's value *before* this batch, then
+    normalised over the whole batch, (A − mean)/(std + eps); afterwards the tracker absorbs the
+    rewards. Stateful: ``state_dict()`` / ``load_state_dict()`` checkpoint the tracker.
+    Xu et al., Single-stream Policy Optimization (2025), eq. 5–6.  ``[B] → [B]``.
+    """
+
+    def __init__(self, *, prior_alpha: float = 1.0, prior_beta: float = 1.0, d_half: float = 0.06, rho_min: float = 0.875, rho_max: float = 0.96, normalize: bool = True, eps: float = 1e-4):
+        self.tracker = BetaValueTracker(prior_alpha=prior_alpha, prior_beta=prior_beta, d_half=d_half, rho_min=rho_min, rho_max=rho_max)
+        self.normalize = normalize
+        self.eps = eps
+
+    def __call__(self, inputs: AdvantageInputs) -> Tensor:
+        if inputs.prompts is None:
+            raise ValueError("the 'spo' estimator tracks values per prompt: pass AdvantageInputs.prompts.")
+        rewards = inputs.rewards.float()
+        baseline = torch.tensor([self.tracker.value(p) for p in inputs.prompts], dtype=rewards.dtype, device=rewards.device)
+        adv = rewards - baseline
+        if self.normalize and adv.numel() > 1:
+            adv = (adv - adv.mean()) / (adv.std(unbiased=False) + self.eps)
+        self.tracker.update(list(inputs.prompts), rewards.cpu())
+        return adv
+
+    def observe_shift(self, prompts: list[str], old_log_prob: Tensor, log_prob: Tensor, mask: Tensor) -> None:
+        self.tracker.observe_shift(prompts, old_log_prob, log_prob, mask)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.tracker.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tracker.load_state_dict(state)
+
+
+def noisy_verifier_correction(rewards: Tensor, *, false_positive: float, false_negative: float) -> Tensor:
+    """Backward correction of a noisy binary verifier: r̂ = (r̃ − ρ0)/(1 − ρ0 − ρ1), ρ0 = P(r̃=1 | wrong),
+    ρ1 = P(r̃=0 | right); E[r̂] equals the clean reward (Natarajan et al. 2013)."""
+    if false_positive + false_negative >= 1:
+        raise ValueError(f"false_positive + false_negative must be < 1 (got {false_positive} + {false_negative}).")
+    return (rewards.float() - false_positive) / (1.0 - false_positive - false_negative)
+
+
+@register_advantage("noisy_verifier")
+def noisy_verifier_estimator(inputs: AdvantageInputs, *, false_positive: float = 0.1, false_negative: float = 0.1, std: str = "none", eps: float = 1e-4, clip: float | None = None) -> Tensor:
+    """Group advantages of backward-corrected rewards (:func:`noisy_verifier_correction`). The
+    correction is affine, so with ``std="group"`` it cancels (up to eps); hence ``std="none"``."""
+    r = noisy_verifier_correction(inputs.rewards, false_positive=false_positive, false_negative=false_negative)
+    return group_advantages(r, inputs.group_ids, std=std, eps=eps, clip=clip)
+
+
+def unlikeliness_rewards(rewards: Tensor, seq_log_prob: Tensor, group_ids: Tensor, *, beta_rank: float = 0.25, threshold: float = 0.0) -> Tensor:
+    """Unlikeliness reward: r̃ = r·(1 − β_rank·rank/G) where ``rank`` counts the correct (r > threshold)
+    members of the group that are *less* likely (mean token log-prob under π_old) — the least likely
+    correct answer keeps its full reward, likely ones are discounted. He et al., Rewarding the
+    Unlikely (2025), §4.  ``[B] → [B]``."""
+    out = rewards.float().clone()
+    for g in torch.unique(group_ids):
+        idx = (group_ids == g).nonzero(as_tuple=True)[0]
+        size = len(idx)
+        ok = idx[rewards[idx] > threshold]
+        for i in ok.tolist():
+            rank = int((seq_log_prob[ok] < seq_log_prob[i]).sum())
+            out[i] = rewards[i] * (1.0 - beta_rank * rank / size)
+    return out
+
+
+@register_advantage("unlikeliness")
+def unlikeliness_estimator(inputs: AdvantageInputs, *, beta_rank: float = 0.25, threshold: float = 0.0, std: str = "group", eps: float = 1e-4, clip: float | None = 5.0) -> Tensor:
+    """Group z-score of :func:`unlikeliness_rewards` (π_old log-probs from ``inputs.traj``)."""
+    traj = inputs.traj
+    if traj is None:
+        raise ValueError("the 'unlikeliness' estimator needs the trajectories (old log-probs and masks).")
+    seq_lp = (traj.log_probs.float() * traj.mask.float()).sum(-1) / traj.mask.float().sum(-1).clamp(min=1)
+    r = unlikeliness_rewards(inputs.rewards, seq_lp.cpu(), inputs.group_ids.cpu(), beta_rank=beta_rank, threshold=threshold)
+    return group_advantages(r, inputs.group_ids, std=std, eps=eps, clip=clip)
+
+
+def semantic_entropy(answers: list[str], group_ids: Tensor) -> Tensor:
+    """Per-sample normalised semantic entropy of its group: answers are clustered by equality,
+    SE = −Σ_c p_c log p_c over cluster frequencies, divided by log G (1 = all different). ``[B]``."""
+    out = torch.zeros(len(answers))
+    for g in torch.unique(group_ids):
+        idx = (group_ids == g).nonzero(as_tuple=True)[0].tolist()
+        counts: dict[str, int] = {}
+        for i in idx:
+            counts[answers[i]] = counts.get(answers[i], 0) + 1
+        p = torch.tensor(list(counts.values()), dtype=torch.float32) / len(idx)
+        se = float(-(p * p.log()).sum())
+        out[idx] = se / math.log(len(idx)) if len(idx) > 1 else 0.0
+    return out
+
+
+@register_advantage("seed_grpo")
+def seed_grpo_estimator(inputs: AdvantageInputs, *, alpha: float = 0.5, std: str = "group", eps: float = 1e-4, clip: float | None = 5.0) -> Tensor:
+    """SEED-GRPO: A·(1 − α·SE/log G): uncertain prompts (many distinct answers) get smaller updates.
+    Answers: ``meta["answers"]`` if given, else extracted from ``traj.outputs`` with
+    :func:`flowrl.rewards.verifiers.extract_answer`. Mechanism certain; the linear f is inferred."""
+    answers = inputs.meta.get("answers")
+    if answers is None:
+        from flowrl.rewards.verifiers import extract_answer, normalize_answer
+
+        outputs = getattr(inputs.traj, "outputs", None)
+        if outputs is None:
+            raise ValueError("'seed_grpo' needs the completions (traj.outputs) or meta['answers'].")
+        answers = [normalize_answer(extract_answer(o)) or o.strip() for o in outputs]
+    adv = group_advantages(inputs.rewards, inputs.group_ids, std=std, eps=eps, clip=clip)
+    se = semantic_entropy(list(answers), inputs.group_ids.cpu()).to(adv.device)
+    return adv * (1.0 - alpha * se)
+
+
+def grpo_lambda_rewards(correct: Tensor, lengths: Tensor, group_ids: Tensor, *, threshold: float = 0.5, lam: float = 0.5) -> Tensor:
+    """GRPO-λ: inside a group whose fraction of correct answers is ≥ ``threshold``, correct answers
+    get r = 1 − λ·(ℓ − ℓ_min)/(ℓ_max − ℓ_min) (shorter is better); other groups keep 0/1
+    correctness, which avoids the early accuracy collapse of always-on length penalties.
+    Mechanism certain; the linear penalty is inferred.  ``[B] → [B]``."""
+    correct = correct.float()
+    out = correct.clone()
+    for g in torch.unique(group_ids):
+        idx = (group_ids == g).nonzero(as_tuple=True)[0]
+        if correct[idx].mean() < threshold:
+            continue
+        ln = lengths[idx].float()
+        span = (ln.max() - ln.min()).clamp(min=1.0)
+        out[idx] = correct[idx] * (1.0 - lam * (ln - ln.min()) / span)
+    return out
+
+
+@register_advantage("grpo_lambda")
+def grpo_lambda_estimator(inputs: AdvantageInputs, *, threshold: float = 0.5, lam: float = 0.5, correct_threshold: float = 0.5, std: str = "group", eps: float = 1e-4, clip: float | None = 5.0) -> Tensor:
+    """Group z-score of :func:`grpo_lambda_rewards` (correct = reward > ``correct_threshold``)."""
+    r = grpo_lambda_rewards((inputs.rewards > correct_threshold).float(), _seq_lengths(inputs).cpu(), inputs.group_ids.cpu(), threshold=threshold, lam=lam)
+    return group_advantages(r.to(inputs.rewards.device), inputs.group_ids, std=std, eps=eps, clip=clip)
+
+
+@register_advantage("posterior_grpo")
+def posterior_grpo_estimator(inputs: AdvantageInputs, *, outcome: str | int = 0, process: str | int = 1, threshold: float = 0.5, weight: float = 1.0, std: str = "group", eps: float = 1e-4, clip: float | None = 5.0) -> Tensor:
+    """Posterior-GRPO: r = r_outcome + 1[r_outcome > threshold]·w·r_process — the process
+    (reasoning-quality) reward counts only for rollouts whose outcome is correct, so it cannot be
+    hacked by wrong answers. Columns by name or index of the reward table."""
+    r_out = _column(inputs, outcome, "posterior_grpo")
+    r_proc = _column(inputs, process, "posterior_grpo")
+    r = r_out + (r_out > threshold).float() * weight * r_proc
+    return group_advantages(r, inputs.group_ids, std=std, eps=eps, clip=clip)
+
+
+def s_grpo_rewards(correct: Tensor) -> Tensor:
+    """S-GRPO serial-group reward of one chain's ``m`` early exits in order: a correct exit k gets
+    1/2^(N_k − 1), N_k = correct exits up to and including k; wrong exits 0 (Dai et al. 2025).
+    e.g. correct [0, 1, 1, 0, 1] → [0, 1, 0.5, 0, 0.25]."""
+    correct = correct.float()
+    n = torch.cumsum(correct, 0)
+    return torch.where(correct > 0, 0.5 ** (n - 1).clamp(min=0), torch.zeros_like(correct))
+
+
+@register_advantage("s_grpo")
+def s_grpo_estimator(inputs: AdvantageInputs, *, correct_threshold: float = 0.5, std: str = "none", eps: float = 1e-4) -> Tensor:
+    """S-GRPO: each group is one chain's exits in rollout order; rewards via :func:`s_grpo_rewards`,
+    then A = r − mean (``std="none"``). Needs a rollout that cuts one chain at m exits (not built in)."""
+    r = torch.zeros_like(inputs.rewards, dtype=torch.float32)
+    for g in torch.unique(inputs.group_ids):
+        idx = (inputs.group_ids == g).nonzero(as_tuple=True)[0]
+        r[idx] = s_grpo_rewards((inputs.rewards[idx] > correct_threshold).float())
+    return group_advantages(r, inputs.group_ids, std=std, eps=eps, clip=None)
+
+
+def tempo_token_bonus(actions: Tensor, mask: Tensor, rewards: Tensor, group_ids: Tensor) -> Tensor:
+    """TEMPO prefix-tree bonus ``[B, T]``: in each group build the tree of completions' prefixes,
+    V(prefix) = mean reward of the members through it; at a branch token (its parent prefix has
+    more than one child) the bonus is V(s_{t+1}) − V(s_t), elsewhere 0. Inferred scaling."""
+    B, T = actions.shape
+    bonus = torch.zeros(B, T)
+    acts, m, r = actions.tolist(), mask.bool().tolist(), rewards.float().tolist()
+    for g in torch.unique(group_ids).tolist():
+        members = [i for i in range(B) if int(group_ids[i]) == g]
+        node_of: dict[tuple[int, int], int] = {}
+        value_sum, count, children = [0.0], [0], [set()]  # node 0 = the prompt
+        paths: dict[int, list[int]] = {}
+        for i in members:
+            node, path = 0, [0]
+            value_sum[0] += r[i]
+            count[0] += 1
+            for t in range(T):
+                if not m[i][t]:
+                    break
+                key = (node, acts[i][t])
+                if key not in node_of:
+                    node_of[key] = len(count)
+                    value_sum.append(0.0)
+                    count.append(0)
+                    children.append(set())
+                child = node_of[key]
+                children[node].add(child)
+                value_sum[child] += r[i]
+                count[child] += 1
+                node = child
+                path.append(node)
+            paths[i] = path
+        for i in members:
+            path = paths[i]
+            for t in range(len(path) - 1):
+                parent, child = path[t], path[t + 1]
+                if len(children[parent]) > 1:
+                    bonus[i, t] = value_sum[child] / count[child] - value_sum[parent] / count[parent]
+    return bonus
+
+
+@register_advantage("tempo")
+def tempo_estimator(inputs: AdvantageInputs, *, bonus_scale: float = 1.0, std: str = "group", eps: float = 1e-4, clip: float | None = 5.0) -> Tensor:
+    """TEMPO: per-token A_{i,t} = A_i (group z-score) + λ·(V(s_{t+1}) − V(s_t)) at branch tokens of the
+    group's prefix tree (:func:`tempo_token_bonus`), ``[B, T]``. Inferred scaling (λ = bonus_scale)."""
+    traj = inputs.traj
+    if traj is None or traj.actions is None:
+        raise ValueError("the 'tempo' estimator needs the token trajectories (traj.actions, traj.mask).")
+    adv = group_advantages(inputs.rewards, inputs.group_ids, std=std, eps=eps, clip=clip)
+    bonus = tempo_token_bonus(traj.actions.cpu(), traj.mask.cpu(), inputs.rewards.cpu(), inputs.group_ids.cpu()).to(adv.device)
+    return adv[:, None] + bonus_scale * bonus
+
+
+@register_advantage("trust_grpo")
+class TrustGRPOAdvantage:
+    """Trust-GRPO: r = r_ans + λ_t·γ·r_think, then the group z-score. γ ∈ [0, 1] is the trust in the
+    thinking reward: over all (correct, wrong) pairs inside groups, the fraction where the correct
+    answer's thinking scored higher (ties ½; 1 if no pair exists). λ_t = λ_0·max(0, 1 − t/anneal_steps)
+    is annealed with the number of calls t (stateful: ``state_dict`` holds t). Mechanism certain;
+    γ's pairwise form and the linear annealing are inferred."""
+
+    def __init__(self, *, answer: str | int = 0, think: str | int = 1, lambda0: float = 1.0, anneal_steps: int = 100, correct_threshold: float = 0.5, std: str = "group", eps: float = 1e-4, clip: float | None = 5.0):
+        self.answer, self.think = answer, think
+        self.lambda0, self.anneal_steps = float(lambda0), int(anneal_steps)
+        self.correct_threshold = correct_threshold
+        self.std, self.eps, self.clip = std, eps, clip
+        self.step = 0
+
+    @staticmethod
+    def trust(r_ans: Tensor, r_think: Tensor, group_ids: Tensor, threshold: float) -> float:
+        wins, pairs = 0.0, 0
+        for g in torch.unique(group_ids):
+            idx = (group_ids == g).nonzero(as_tuple=True)[0]
+            ok = r_ans[idx] > threshold
+            good, bad = r_think[idx][ok], r_think[idx][~ok]
+            if len(good) and len(bad):
+                diff = good[:, None] - bad[None, :]
+                wins += float((diff > 0).sum() + 0.5 * (diff == 0).sum())
+                pairs += diff.numel()
+        return wins / pairs if pairs else 1.0
+
+    def __call__(self, inputs: AdvantageInputs) -> Tensor:
+        r_ans = _column(inputs, self.answer, "trust_grpo")
+        r_think = _column(inputs, self.think, "trust_grpo")
+        gamma = self.trust(r_ans.cpu(), r_think.cpu(), inputs.group_ids.cpu(), self.correct_threshold)
+        lam = self.lambda0 * max(0.0, 1.0 - self.step / max(self.anneal_steps, 1))
+        self.step += 1
+        self.last = {"trust/gamma": gamma, "trust/lambda": lam}
+        return group_advantages(r_ans + lam * gamma * r_think, inputs.group_ids, std=self.std, eps=self.eps, clip=self.clip)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])

@@ -58,6 +58,9 @@ class LossInputs:
     traj: Any = None
     steps: Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    #: ``[B]`` combined scalar reward of each sample (rules that depend on correctness or group
+    #: success rate, e.g. ETR); None if the trainer does not pass it.
+    rewards: Tensor | None = None
 
 
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
@@ -207,3 +210,211 @@ def policy_loss(inputs: LossInputs, spec: LossSpec) -> tuple[Tensor, dict[str, f
         metrics["kl/ref"] = float(masked_mean(kl.detach(), mask))
         metrics["loss/kl"] = float(spec.beta * kl_loss.detach())
     return loss, metrics
+
+
+# =============================================================================== language models
+# Ratio levels, clip/weight rules for the LLM GRPO family (spec/llm.md). Every rule keeps the
+# CLIP_RULES signature ``fn(log_ratio [B, T], inputs, **hp) -> (loss [B, T], metrics)``; a
+# per-sequence loss is broadcast over the sequence's tokens so the aggregation picks the weighting.
+
+
+def sequence_log_ratio(log_prob: Tensor, old_log_prob: Tensor, mask: Tensor) -> Tensor:
+    """GSPO sequence log-ratio log s_i = (1/|o_i|) Σ_t m_t (log π_θ − log π_old), ``[B, T] → [B]``.
+
+    s_i = (π_θ(o_i)/π_old(o_i))^{1/|o_i|} (Zheng et al. 2025, GSPO eq. 7). An empty mask gives 0.
+    """
+    return masked_mean(log_prob - old_log_prob, mask.to(log_prob.dtype), dim=-1)
+
+
+@RATIOS.register("sequence")
+def sequence_ratio(inputs: LossInputs) -> Tensor:
+    """GSPO: the sequence log-ratio :func:`sequence_log_ratio` broadcast to every token, ``[B, T]``."""
+    seq = sequence_log_ratio(inputs.log_prob, inputs.old_log_prob, inputs.mask)
+    return seq[:, None].expand_as(inputs.log_prob)
+
+
+@RATIOS.register("gspo_token")
+def gspo_token_ratio(inputs: LossInputs) -> Tensor:
+    """GSPO-token: log s_{i,t} = sg[log s_i] + log π_θ(a_t) − sg[log π_θ(a_t)] (GSPO eq. 13).
+
+    Its value equals the sequence ratio; its gradient is the token's own ∇log π_θ(a_t) scaled by
+    s_i, which lets per-token advantages steer single tokens.
+    """
+    seq = sequence_log_ratio(inputs.log_prob, inputs.old_log_prob, inputs.mask).detach()
+    return seq[:, None] + inputs.log_prob - inputs.log_prob.detach()
+
+
+def segment_ids_of(inputs: LossInputs) -> Tensor:
+    """``[B, T']`` sub-sentence index of each token: ``traj.meta["segment_ids"]`` (TokenPolicy
+    stores it, splitting after sentence punctuation), else one segment per sequence."""
+    traj = inputs.traj
+    seg = None if traj is None else getattr(traj, "meta", {}).get("segment_ids")
+    if seg is None:
+        return torch.zeros_like(inputs.log_prob, dtype=torch.long)
+    seg = seg.to(inputs.log_prob.device)
+    return seg[:, inputs.steps.to(seg.device)] if inputs.steps is not None else seg
+
+
+def segment_mean(values: Tensor, mask: Tensor, segment_ids: Tensor) -> Tensor:
+    """Masked mean of ``values`` inside each (row, segment), broadcast back to ``[B, T]``."""
+    B, T = values.shape
+    n_seg = int(segment_ids.max()) + 1 if segment_ids.numel() else 1
+    flat = segment_ids + torch.arange(B, device=values.device)[:, None] * n_seg  # [B, T]
+    m = mask.to(values.dtype)
+    sums = torch.zeros(B * n_seg, dtype=values.dtype, device=values.device).index_add(0, flat.reshape(-1), (values * m).reshape(-1))
+    counts = torch.zeros(B * n_seg, dtype=values.dtype, device=values.device).index_add(0, flat.reshape(-1), m.reshape(-1))
+    return (sums / counts.clamp(min=1.0))[flat]
+
+
+@RATIOS.register("segment")
+def segment_ratio(inputs: LossInputs) -> Tensor:
+    """SSPO (inferred form): the ratio of each sub-sentence is the mean token log-ratio inside it,
+    broadcast to its tokens, ``[B, T]`` — between GRPO's token and GSPO's sequence granularity."""
+    return segment_mean(inputs.log_prob - inputs.old_log_prob, inputs.mask, segment_ids_of(inputs))
+
+
+def _correct(inputs: LossInputs, threshold: float) -> Tensor:
+    """``[B, 1]`` bool: the sample counts as correct (reward > threshold if rewards are given,
+    else advantage > 0, which coincides for 0/1 rewards in mixed groups)."""
+    if inputs.rewards is not None:
+        return (inputs.rewards.to(inputs.advantages.device) > threshold)[:, None]
+    adv = inputs.advantages
+    return (adv if adv.dim() == 1 else adv.mean(-1))[:, None] > 0
+
+
+@CLIP_RULES.register("dispo")
+def dispo_rule(
+    log_ratio: Tensor,
+    inputs: LossInputs,
+    *,
+    eps_up_correct: float = 0.28,
+    eps_down_correct: float = 0.2,
+    eps_up_incorrect: float = 0.2,
+    eps_down_incorrect: float = 0.28,
+    correct_threshold: float = 0.5,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """DISPO: REINFORCE-style l = −sg[w]·A·log π_θ(a_t), w = clip(ρ, 1 − ε_down, 1 + ε_up), with
+    separate (ε_up, ε_down) for correct and incorrect responses (Karaman et al. 2026; four
+    regimes). Mechanism certain; the loss form (CISPO-like, sg on the clipped weight) and the
+    default bounds are inferred.
+    """
+    ratio = torch.exp(log_ratio)
+    ok = _correct(inputs, correct_threshold)
+    lo = torch.where(ok, torch.tensor(1.0 - eps_down_correct), torch.tensor(1.0 - eps_down_incorrect)).to(ratio)
+    hi = torch.where(ok, torch.tensor(1.0 + eps_up_correct), torch.tensor(1.0 + eps_up_incorrect)).to(ratio)
+    w = torch.minimum(torch.maximum(ratio, lo), hi).detach()
+    loss = -w * inputs.advantages * inputs.log_prob
+    return loss, {"ratio": ratio.detach(), "clipped": ((ratio < lo) | (ratio > hi)).detach()}
+
+
+def etr_clip_range(advantages: Tensor, success: Tensor, *, clip_range: float, adv_scale: float, var_scale: float) -> Tensor:
+    """ETR (inferred form): ε_i = ε·(1 + κ_A·|A_i|)·(1 + κ_v·4·p_g(1 − p_g)); ``p_g`` is the success
+    rate of the sample's group, so the budget widens with |A| and near p ≈ 0.5. ``[B] → [B]``."""
+    return clip_range * (1.0 + adv_scale * advantages.abs()) * (1.0 + var_scale * 4.0 * success * (1.0 - success))
+
+
+@CLIP_RULES.register("etr")
+def etr_rule(
+    log_ratio: Tensor,
+    inputs: LossInputs,
+    *,
+    clip_range: float = 0.2,
+    adv_scale: float = 0.1,
+    var_scale: float = 0.5,
+    correct_threshold: float = 0.5,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """ETR: PPO clip with a per-sample bound from :func:`etr_clip_range` (inferred form)."""
+    adv = inputs.advantages
+    adv_seq = adv if adv.dim() == 1 else masked_mean(adv, inputs.mask.float(), dim=-1)
+    success = torch.full_like(adv_seq, 0.5)
+    if inputs.rewards is not None and inputs.traj is not None:
+        from flowrl.advantages import group_stats
+
+        success = group_stats((inputs.rewards > correct_threshold).float(), inputs.traj.group_ids.to(adv_seq.device))[0]
+    eps = etr_clip_range(adv_seq, success, clip_range=clip_range, adv_scale=adv_scale, var_scale=var_scale)[:, None]
+    ratio = torch.exp(log_ratio)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.minimum(torch.maximum(ratio, 1.0 - eps), 1.0 + eps)
+    loss = torch.maximum(unclipped, clipped)
+    return loss, {"ratio": ratio.detach(), "clipped": (clipped > unclipped).detach(), "etr/clip_range_mean": eps.mean().detach()}
+
+
+@CLIP_RULES.register("dhpo")
+def dhpo_rule(
+    log_ratio: Tensor,
+    inputs: LossInputs,
+    *,
+    clip_range: float = 0.2,
+    clip_range_high: float | None = None,
+    seq_clip_range: float = 3e-4,
+    seq_clip_range_high: float | None = 4e-4,
+    mix: str = "average",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """DHPO (inferred form): mix a token-level and a sequence-level PPO surrogate, each clipped
+    with its own range before mixing. ``mix="average"``: ½·(l_tok + l_seq); ``"entropy"``: weight
+    the token branch by w_t = H_t / (H_t + mean H) (uncertain tokens lean on their own ratio).
+
+    ``log_ratio`` must be the token log-ratio (``ratio="token"``).
+    """
+    mask = inputs.mask.float()
+    l_tok, info_tok = ppo_clip_loss(log_ratio, inputs.advantages, clip_range=clip_range, clip_range_high=clip_range_high)
+    seq = masked_mean(log_ratio, mask, dim=-1)[:, None].expand_as(log_ratio)
+    l_seq, _ = ppo_clip_loss(seq, inputs.advantages, clip_range=seq_clip_range, clip_range_high=seq_clip_range_high)
+    if mix == "average":
+        w = torch.full_like(l_tok, 0.5)
+    elif mix == "entropy":
+        if inputs.current is None or inputs.current.entropy is None:
+            raise ValueError("dhpo mix='entropy' needs per-token entropies (PolicyEval.entropy).")
+        h = inputs.current.entropy.detach().float()
+        w = h / (h + masked_mean(h, mask)).clamp(min=1e-8)
+    else:
+        raise ValueError(f"unknown dhpo mix '{mix}'. Known: average, entropy.")
+    return w * l_tok + (1 - w) * l_seq, {"ratio": info_tok["ratio"], "clipped": info_tok["clipped"]}
+
+
+@CLIP_RULES.register("sspo")
+def sspo_rule(
+    log_ratio: Tensor,
+    inputs: LossInputs,
+    *,
+    clip_range: float = 0.2,
+    clip_range_high: float | None = None,
+    entropy_min_scale: float = 0.5,
+    entropy_max_scale: float = 2.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """SSPO (inferred form): PPO clip on the sub-sentence ratio (``ratio="segment"``) with the clip
+    width of each sub-sentence scaled by its mean entropy relative to the batch,
+    ε_k = ε·clamp(H̄_k / H̄, min_scale, max_scale) (without entropies: plain ε)."""
+    mask = inputs.mask.float()
+    scale = torch.ones_like(log_ratio)
+    if inputs.current is not None and inputs.current.entropy is not None:
+        h = inputs.current.entropy.detach().float()
+        seg_h = segment_mean(h, mask, segment_ids_of(inputs))
+        scale = (seg_h / masked_mean(h, mask).clamp(min=1e-8)).clamp(entropy_min_scale, entropy_max_scale)
+    lo = clip_range * scale
+    hi = (clip_range if clip_range_high is None else clip_range_high) * scale
+    ratio = torch.exp(log_ratio)
+    adv = inputs.advantages
+    unclipped = -adv * ratio
+    clipped = -adv * torch.minimum(torch.maximum(ratio, 1.0 - lo), 1.0 + hi)
+    return torch.maximum(unclipped, clipped), {"ratio": ratio.detach(), "clipped": (clipped > unclipped).detach()}
+
+
+@CLIP_RULES.register("reg_grpo")
+def reg_grpo_rule(log_ratio: Tensor, inputs: LossInputs, *, tau: float = 0.1) -> tuple[Tensor, dict[str, Tensor]]:
+    """Reg-GRPO (inferred form): regress the advantage onto the normalised log-ratio,
+    l = (A − log ρ / τ)², no clip. Use with ``ratio="sequence"`` (length-normalised log-ratio).
+    At ρ = 1 the gradient is −(2A/τ)·∇log ρ: the policy-gradient direction."""
+    pred = log_ratio / tau
+    return (inputs.advantages - pred) ** 2, {"ratio": torch.exp(log_ratio).detach()}
+
+
+@CLIP_RULES.register("real")
+def real_rule(log_ratio: Tensor, inputs: LossInputs, *, tau: float = 0.1, margin: float = 0.0, correct_threshold: float = 0.5) -> tuple[Tensor, dict[str, Tensor]]:
+    """REAL (inferred form): rewards as class labels, y = 1 for correct, 0 for incorrect; binary
+    cross-entropy on the anchored logit z = log ρ / τ − margin (anchor: the rollout policy, z = 0 ⇒
+    p = ½). Use with ``ratio="sequence"`` (length-normalised log-ratio)."""
+    y = _correct(inputs, correct_threshold).to(log_ratio.dtype).expand_as(log_ratio)
+    z = log_ratio / tau - margin
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(z, y, reduction="none")
+    return loss, {"ratio": torch.exp(log_ratio).detach()}

@@ -1,0 +1,208 @@
+"""Prompt selection: which prompts each iteration rolls out, and which groups it keeps.
+
+The sixth plug point of spec/llm.md, separate from the loss. A selector is a registered class
+built over the prompt set (``len(dataset)`` prompts, addressed by index so per-prompt metadata such
+as ground-truth answers follows):
+
+- ``sample(n, generator) -> list[int]``: the next ``n`` prompt indices;
+- ``keep(rewards [B], group_ids [B]) -> [B] bool``: which samples survive filtering (whole groups);
+- ``update(indices, rewards, group_ids)``: learn from scored rollouts (``indices`` per sample);
+- ``state_dict()`` / ``load_state_dict()``: exact resume.
+
+Built in: ``uniform`` (shuffled epochs), ``dapo`` (uniform + dynamic sampling: drop groups whose
+rewards are all equal, i.e. not 0 < #correct < G, and refill), ``spo`` (prioritised sampling
+∝ √(p̂(1 − p̂)) + 0.05 from a per-prompt Beta tracker). :func:`fill_batch` is the DAPO refill loop
+the trainer runs in its rollout phase.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from flowrl.registry import Registry
+
+PROMPT_SELECTORS: Registry[Any] = Registry("prompt selection")
+register_selector = PROMPT_SELECTORS.register
+
+
+@register_selector("uniform")
+class UniformSelector:
+    """Every prompt once per epoch, in an order shuffled by the generator (DAPO, GRPO).
+
+    ``num_prompts``: size of the prompt set.
+    """
+
+    def __init__(self, num_prompts: int):
+        if num_prompts < 1:
+            raise ValueError("the prompt set is empty; give at least one prompt.")
+        self.num_prompts = int(num_prompts)
+        self.order: list[int] = []
+        self.pos = 0
+        self.epoch = 0
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> list[int]:
+        out: list[int] = []
+        while len(out) < n:
+            if self.pos >= len(self.order):
+                self.order = torch.randperm(self.num_prompts, generator=generator).tolist()
+                self.pos = 0
+                self.epoch += 1
+            take = min(n - len(out), len(self.order) - self.pos)
+            out += self.order[self.pos : self.pos + take]
+            self.pos += take
+        return out
+
+    def keep(self, rewards: Tensor, group_ids: Tensor) -> Tensor:
+        return torch.ones(len(rewards), dtype=torch.bool)
+
+    def update(self, indices: Sequence[int], rewards: Tensor, group_ids: Tensor) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"order": list(self.order), "pos": self.pos, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.order, self.pos, self.epoch = list(state["order"]), int(state["pos"]), int(state["epoch"])
+
+
+def informative_groups(rewards: Tensor, group_ids: Tensor, *, tol: float = 1e-6) -> Tensor:
+    """``[B]`` bool: the sample's group has reward spread > ``tol`` (for 0/1 rewards: 0 < #correct < G).
+    DAPO's dynamic-sampling filter (Yu et al. 2025, eq. 11 constraint)."""
+    keep = torch.zeros(len(rewards), dtype=torch.bool)
+    for g in torch.unique(group_ids):
+        idx = (group_ids == g).nonzero(as_tuple=True)[0]
+        r = rewards[idx].float()
+        keep[idx] = bool((r.max() - r.min()) > tol)
+    return keep
+
+
+@register_selector("dapo")
+class DynamicSamplingSelector(UniformSelector):
+    """DAPO dynamic sampling: uniform prompts; groups whose rewards are all equal (all right or all
+    wrong: zero advantage, no gradient) are dropped and :func:`fill_batch` refills the batch."""
+
+    def __init__(self, num_prompts: int, *, tol: float = 1e-6):
+        super().__init__(num_prompts)
+        self.tol = tol
+
+    def keep(self, rewards: Tensor, group_ids: Tensor) -> Tensor:
+        return informative_groups(rewards.cpu(), group_ids.cpu(), tol=self.tol)
+
+
+@register_selector("spo")
+class PrioritizedSelector:
+    """SPO prioritised sampling: P(prompt) ∝ √(p̂(1 − p̂)) + ε_floor with p̂ the prompt's tracked
+    success rate (:class:`~flowrl.advantages.BetaValueTracker`), drawn without replacement.
+    Xu et al., Single-stream Policy Optimization (2025), §3.3 (ε_floor = 0.05).
+
+    ``tracker``: share the SPO estimator's tracker (then :meth:`update` does nothing, the estimator
+    updates it); otherwise the selector keeps its own, updated from rewards in :meth:`update`.
+    """
+
+    def __init__(self, num_prompts: int, *, floor: float = 0.05, tracker: Any = None, prompts: Sequence[str] | None = None):
+        from flowrl.advantages import BetaValueTracker
+
+        if num_prompts < 1:
+            raise ValueError("the prompt set is empty; give at least one prompt.")
+        self.num_prompts = int(num_prompts)
+        self.floor = float(floor)
+        self.shared = tracker is not None
+        self.tracker = tracker if tracker is not None else BetaValueTracker()
+        # the tracker is keyed by prompt text when texts are known, else by index
+        self.keys = list(prompts) if prompts is not None else [str(i) for i in range(num_prompts)]
+
+    def weights(self) -> Tensor:
+        p = torch.tensor([self.tracker.value(k) for k in self.keys], dtype=torch.float64)
+        return torch.sqrt(p * (1 - p)) + self.floor
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> list[int]:
+        w = self.weights()
+        if n <= self.num_prompts:
+            return torch.multinomial(w, n, replacement=False, generator=generator).tolist()
+        return torch.multinomial(w, n, replacement=True, generator=generator).tolist()
+
+    def keep(self, rewards: Tensor, group_ids: Tensor) -> Tensor:
+        return torch.ones(len(rewards), dtype=torch.bool)
+
+    def update(self, indices: Sequence[int], rewards: Tensor, group_ids: Tensor) -> None:
+        if not self.shared:
+            self.tracker.update([self.keys[i] for i in indices], rewards.float().cpu())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tracker": None if self.shared else self.tracker.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("tracker") is not None and not self.shared:
+            self.tracker.load_state_dict(state["tracker"])
+
+
+def make_selector(name: str, num_prompts: int, **params: Any) -> Any:
+    """Build the registered selector ``name`` over ``num_prompts`` prompts."""
+    cls = PROMPT_SELECTORS.get(name)
+    try:
+        return cls(num_prompts, **params)
+    except TypeError as exc:
+        raise TypeError(f"prompt selection '{name}' could not be built with {sorted(params)}: {exc}") from exc
+
+
+def fill_batch(
+    selector: Any,
+    generate: Callable[[list[int]], tuple[Any, Tensor]],
+    num_prompts: int,
+    *,
+    max_rounds: int = 8,
+    generator: torch.Generator | None = None,
+) -> tuple[Any, Tensor, list[int], dict[str, float]]:
+    """Collect ``num_prompts`` kept groups (DAPO's refill loop; one round for selectors that keep all).
+
+    ``generate(indices) -> (traj, rewards [B])`` rolls out and scores the prompts ``indices`` (groups
+    contiguous, ``traj.group_ids`` numbering them). Each round samples as many prompts as are still
+    missing, lets the selector learn from all scored groups (:meth:`update`) and keeps the groups
+    its :meth:`keep` accepts. After ``max_rounds`` the kept groups are returned even if fewer
+    (metric ``select/short``). Returns ``(traj, rewards, prompt_index_per_sample, metrics)`` with
+    group ids renumbered 0…n−1.
+    """
+    from flowrl.policy import Trajectories
+
+    parts, rewards_parts, idx_parts = [], [], []
+    kept_groups, drawn, rounds = 0, 0, 0
+    while kept_groups < num_prompts and rounds < max_rounds:
+        rounds += 1
+        indices = selector.sample(num_prompts - kept_groups, generator)
+        drawn += len(indices)
+        traj, rewards = generate(indices)
+        gids = traj.group_ids.cpu()
+        per_sample = [indices[int(g)] for g in torch.unique_consecutive(gids, return_inverse=True)[1]]
+        selector.update(per_sample, rewards.cpu(), gids)
+        keep = selector.keep(rewards.cpu(), gids)
+        groups = torch.unique(gids[keep]).tolist()[: num_prompts - kept_groups]
+        rows = torch.cat([(gids == g).nonzero(as_tuple=True)[0] for g in groups]) if groups else torch.zeros(0, dtype=torch.long)
+        if len(rows):
+            part = traj.select(rows)
+            part.group_ids = torch.unique_consecutive(part.group_ids.cpu(), return_inverse=True)[1] + kept_groups
+            parts.append(part)
+            rewards_parts.append(rewards.cpu()[rows])
+            idx_parts += [per_sample[i] for i in rows.tolist()]
+            kept_groups += len(groups)
+    metrics = {"select/rounds": float(rounds), "select/drawn": float(drawn), "select/kept": float(kept_groups), "select/short": float(num_prompts - kept_groups)}
+    if not parts:
+        raise RuntimeError(
+            f"prompt selection kept no group in {max_rounds} rounds ({drawn} prompts drawn): every group's "
+            "rewards were identical. Use easier prompts, a larger num_generations, or prompt_selection='uniform'."
+        )
+    return Trajectories.concat(parts), torch.cat(rewards_parts), idx_parts, metrics
+
+
+__all__ = [
+    "PROMPT_SELECTORS",
+    "register_selector",
+    "UniformSelector",
+    "DynamicSamplingSelector",
+    "PrioritizedSelector",
+    "informative_groups",
+    "make_selector",
+    "fill_batch",
+]

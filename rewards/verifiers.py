@@ -1,0 +1,216 @@
+"""Verifiable rewards for language-model RL: exact answers, output format, completion length.
+
+Each reward is called as ``reward(outputs: list[str], prompts: list[str], meta) -> Tensor[B]``;
+``meta["answer"]`` carries the ground truth, one entry per sample (the trainer repeats each
+prompt's answer for its group). Registered as ``exact_match``, ``format`` and ``length_penalty``.
+
+Answer extraction (:func:`extract_answer`), in order: the last ``\\boxed{...}``, the last
+``<answer>...</answer>``, text after a final "answer is"/"Answer:", else the last number in the
+text. Normalisation (:func:`normalize_answer`): strips ``$``, spaces, thousands separators and a
+trailing period; numbers compare by value, so ``"1,000" == "1000"``, ``"0.50" == "0.5" == "1/2"``,
+``"3/4" == "0.75"``.
+"""
+
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from flowrl.rewards.base import Reward, register
+
+_NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?|[-+]?\.\d+")
+
+
+def _last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` (nested braces allowed), or None."""
+    start = text.rfind("\\boxed")
+    if start < 0:
+        return None
+    i = text.find("{", start)
+    if i < 0:
+        return None
+    depth, j = 0, i
+    while j < len(text):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i + 1 : j]
+        j += 1
+    return None
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer in a completion (see module doc for the order of rules), or None."""
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        return boxed.strip()
+    tags = re.findall(r"<answer>(.*?)</answer>", text, flags=re.S)
+    if tags:
+        return tags[-1].strip()
+    m = re.search(r"(?:answer is|answer:)\s*(.+)$", text, flags=re.I | re.S)
+    if m:
+        tail = m.group(1).strip()
+        nums = _NUMBER.findall(tail)
+        return nums[0].strip() if nums else tail.splitlines()[0].strip()
+    nums = _NUMBER.findall(text)
+    return nums[-1].strip() if nums else None
+
+
+def parse_number(text: str) -> Fraction | None:
+    """``"1,000"`` → 1000, ``"0.50"`` → 1/2, ``"3/4"`` → 3/4, ``"\\frac{3}{4}"`` → 3/4; None if not a number."""
+    s = text.strip().strip("$").replace(" ", "").rstrip(".")
+    s = s.replace("\\!", "").replace("{,}", "")
+    m = re.fullmatch(r"\\[dt]?frac\{([-+]?\d+)\}\{(\d+)\}", s)
+    if m:
+        s = f"{m.group(1)}/{m.group(2)}"
+    if re.fullmatch(r"[-+]?\d{1,3}(,\d{3})+(\.\d+)?", s):
+        s = s.replace(",", "")
+    if s.endswith("%"):
+        return None
+    try:
+        if "/" in s:
+            num, den = s.split("/", 1)
+            return Fraction(int(num), int(den)) if int(den) != 0 else None
+        return Fraction(s)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def normalize_answer(text: str | None) -> str | None:
+    """A canonical string: numbers as reduced fractions (``"3/4"``, ``"1000"``), other text
+    lower-cased without spaces, ``$`` or a trailing period."""
+    if text is None:
+        return None
+    num = parse_number(text)
+    if num is not None:
+        return str(num)
+    return re.sub(r"\s+", "", text.strip().strip("$").rstrip(".")).lower()
+
+
+def answers_match(prediction: str | None, truth: Any) -> bool:
+    """True if the normalised prediction equals the normalised ground truth."""
+    if prediction is None or truth is None:
+        return False
+    return normalize_answer(prediction) == normalize_answer(str(truth))
+
+
+def _answers(meta: dict | None, n: int, key: str) -> Sequence[Any]:
+    if not meta or key not in meta:
+        raise ValueError(f"this reward compares with ground truth: pass meta['{key}'] with one answer per sample ({n}).")
+    answers = meta[key]
+    if isinstance(answers, (str, int, float)):
+        answers = [answers] * n
+    if len(answers) != n:
+        raise ValueError(f"meta['{key}'] has {len(answers)} entries for {n} completions; give one per sample.")
+    return answers
+
+
+@register("exact_match")
+class ExactMatch(Reward):
+    """1 if the extracted final answer equals ``meta["answer"]`` after normalisation, else 0.
+
+    Args:
+        answer_key: the meta key holding ground truths.
+        require_format: only accept answers inside ``\\boxed{}`` or ``<answer>`` tags (else the last
+            number anywhere counts).
+    """
+
+    name = "exact_match"
+    scale = "0/1 correctness"
+
+    def __init__(self, *, answer_key: str = "answer", require_format: bool = False):
+        self.answer_key = answer_key
+        self.require_format = require_format
+
+    def __call__(self, outputs: list[str], prompts: list[str], meta: dict | None = None) -> Tensor:
+        truths = _answers(meta, len(outputs), self.answer_key)
+        scores = []
+        for text, truth in zip(outputs, truths):
+            if self.require_format and _last_boxed(text) is None and "<answer>" not in text:
+                scores.append(0.0)
+                continue
+            scores.append(1.0 if answers_match(extract_answer(text), truth) else 0.0)
+        return torch.tensor(scores, dtype=torch.float32)
+
+
+@register("format")
+class FormatReward(Reward):
+    """1 if the completion matches ``pattern`` (a regex, full match after stripping), else 0.
+
+    The default asks for ``<think>…</think>`` (optional) followed by ``<answer>…</answer>``, the
+    DeepSeek-R1 format; ``pattern="boxed"`` asks for a ``\\boxed{}`` anywhere.
+    """
+
+    name = "format"
+    scale = "0/1 format"
+    DEFAULT = r"(?:<think>.*?</think>\s*)?<answer>.*?</answer>"
+
+    def __init__(self, *, pattern: str | None = None):
+        self.pattern = pattern or self.DEFAULT
+
+    def __call__(self, outputs: list[str], prompts: list[str], meta: dict | None = None) -> Tensor:
+        if self.pattern == "boxed":
+            return torch.tensor([1.0 if _last_boxed(o) is not None else 0.0 for o in outputs])
+        rx = re.compile(self.pattern, flags=re.S)
+        return torch.tensor([1.0 if rx.fullmatch(o.strip()) else 0.0 for o in outputs])
+
+
+def overlong_penalty(length: Tensor, *, max_length: int, cache_length: int) -> Tensor:
+    """DAPO soft overlong punishment (Yu et al. 2025, eq. 13): 0 for ℓ ≤ L_max − L_cache;
+    ((L_max − L_cache) − ℓ)/L_cache inside the cache window; −1 beyond L_max."""
+    length = length.float()
+    start = max_length - cache_length
+    out = torch.zeros_like(length)
+    inside = (length > start) & (length <= max_length)
+    out[inside] = (start - length[inside]) / cache_length
+    out[length > max_length] = -1.0
+    return out
+
+
+@register("length_penalty")
+class LengthPenalty(Reward):
+    """A penalty (≤ 0) for long completions.
+
+    Lengths come from ``meta["completion_length"]`` (tokens, as :class:`~flowrl.TokenPolicy`
+    reports them) when present, else whitespace-separated words.
+
+    - ``mode="overlong"`` (DAPO): :func:`overlong_penalty` with ``max_length`` / ``cache_length``;
+    - ``mode="linear"``: −ℓ/max_length.
+    """
+
+    name = "length_penalty"
+    scale = "[-1, 0]"
+
+    def __init__(self, *, max_length: int = 64, cache_length: int = 16, mode: str = "overlong"):
+        if mode not in ("overlong", "linear"):
+            raise ValueError(f"unknown length_penalty mode '{mode}'. Known: overlong, linear.")
+        if mode == "overlong" and not 0 < cache_length <= max_length:
+            raise ValueError(f"cache_length must be in (0, max_length]; got {cache_length} with max_length {max_length}.")
+        self.max_length, self.cache_length, self.mode = max_length, cache_length, mode
+
+    def __call__(self, outputs: list[str], prompts: list[str], meta: dict | None = None) -> Tensor:
+        if meta and meta.get("completion_length") is not None:
+            length = torch.as_tensor(meta["completion_length"], dtype=torch.float32).reshape(-1)
+        else:
+            length = torch.tensor([len(o.split()) for o in outputs], dtype=torch.float32)
+        if self.mode == "linear":
+            return -length / self.max_length
+        return overlong_penalty(length, max_length=self.max_length, cache_length=self.cache_length)
+
+
+__all__ = [
+    "ExactMatch",
+    "FormatReward",
+    "LengthPenalty",
+    "extract_answer",
+    "normalize_answer",
+    "parse_number",
+    "answers_match",
+    "overlong_penalty",
+]
