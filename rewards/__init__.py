@@ -23,7 +23,7 @@ from .base import (
     weighted_sum,
 )
 from .pairwise import pairwise_win_rates, win_rates
-from . import compressibility  # noqa: F401  (registers jpeg_(in)compressibility)
+from . import aesthetic, clip, compressibility, hps, pickscore  # noqa: F401,E402  (register built-ins; heavy deps load on construction)
 
 __all__ = [
     "Reward",

@@ -309,7 +309,6 @@ class RewardSet:
     def _score_one(self, name: str, reward: Any, outputs: Any, prompts: list[str], meta: dict | None, n: int) -> dict[str, Tensor]:
         bs = getattr(reward, "batch_size", None) or n
         device = getattr(reward, "device", None)
-        grad = torch.enable_grad if getattr(reward, "differentiable", False) else torch.no_grad
         pieces: list[tuple[int, int, Any]] = []
         first_error: str | None = None
         for start in range(0, n, bs):
@@ -318,7 +317,7 @@ class RewardSet:
             if self.move_to_device and device is not None and isinstance(out, Tensor):
                 out = out.to(device)
             try:
-                with grad():
+                with torch.no_grad():  # RL scoring; call a differentiable reward directly for gradients
                     result = reward(out, prompts[start:stop], slice_batch(meta, start, stop, n) if meta else meta)
             except Exception as exc:  # noqa: BLE001 - counted, reported, re-raised past the threshold
                 first_error = first_error or f"{type(exc).__name__}: {exc}"

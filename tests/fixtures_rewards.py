@@ -1,0 +1,89 @@
+"""Tiny, offline builders of the reward backbones (real architectures, random weights).
+
+Each builder saves with the library's own writer (``save_pretrained`` / ``torch.save`` of a state
+dict / an open_clip model config) so that the reward loads it through the same code path as a
+real checkpoint.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+import os
+
+import torch
+
+OPENCLIP_TINY = "flowrl-test-tiny-ViT"
+CLIP_H_PROCESSOR = dict(  # laion/CLIP-ViT-H-14-laion2B-s32B-b79K preprocessor_config.json
+    size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, do_center_crop=True,
+    image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711], resample=3,
+)
+
+
+@functools.lru_cache(maxsize=1)
+def clip_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The real 49,408-token CLIP BPE (vocab, merges) from the file bundled with open_clip,
+    built exactly like ``open_clip.tokenizer.SimpleTokenizer``."""
+    import open_clip.tokenizer as oct
+
+    path = os.path.join(os.path.dirname(oct.__file__), "bpe_simple_vocab_16e6.txt.gz")
+    lines = gzip.open(path).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    merges = [tuple(m.split()) for m in lines]
+    vocab = list(oct.bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(vocab)}, merges
+
+
+def clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    vocab, merges = clip_bpe()
+    return CLIPTokenizer(vocab=vocab, merges=list(merges), model_max_length=77)
+
+
+def tiny_hf_clip_dir(root, *, projection_dim: int = 16, image_size: int = 224, seed: int = 0, processor: dict | None = None) -> str:
+    """Tiny transformers ``CLIPModel`` + real CLIP tokenizer + ``CLIPImageProcessor`` in ``root``."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(seed)
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77, eos_token_id=49407, bos_token_id=49406, pad_token_id=49407),
+        vision_config=dict(image_size=image_size, patch_size=32, hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2),
+        projection_dim=projection_dim,
+    )
+    model = CLIPModel(cfg).eval()
+    root = str(root)
+    model.save_pretrained(root)
+    clip_tokenizer().save_pretrained(root)
+    CLIPImageProcessor(**(processor or CLIP_H_PROCESSOR)).save_pretrained(root)
+    return root
+
+
+def register_tiny_openclip(root) -> str:
+    """Register a tiny open_clip ViT config (image 224, patch 32, real 49,408 vocab) by name."""
+    import open_clip
+
+    if OPENCLIP_TINY not in open_clip.list_models():
+        cfg = {
+            "embed_dim": 16,
+            "vision_cfg": {"image_size": 224, "layers": 1, "width": 32, "head_width": 16, "patch_size": 32},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+        }
+        path = os.path.join(str(root), f"{OPENCLIP_TINY}.json")
+        with open(path, "w") as f:
+            json.dump(cfg, f)
+        open_clip.add_model_config(path)
+    return OPENCLIP_TINY
+
+
+def sample_images():
+    """scikit-learn's two bundled photos (china.jpg 427×640, flower.jpg 427×640) as PIL + float tensors."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    arrs = [np.array(a, copy=True) for a in load_sample_images().images]
+    pils = [Image.fromarray(a) for a in arrs]
+    tensors = [torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255 for a in arrs]
+    return pils, tensors
