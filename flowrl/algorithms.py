@@ -147,3 +147,266 @@ def resolve(config: Any) -> Any:
     frac = a.timestep_fraction if a.timestep_fraction is not None else d.get("timestep_fraction", 1.0)
     sel = a.timestep_selection if a.timestep_selection is not None else d.get("timestep_selection", "first")
     return ResolvedConfig(config=config, preset=preset, learning_rate=float(lr), timestep_fraction=float(frac), timestep_selection=sel)
+
+
+# =============================================================================== language models
+# spec/llm.md: one preset per method; the token policy (flowrl.TokenPolicy) replaces the sampler.
+# Numbers are the papers' (or TRL's) defaults; "inferred" marks a form the paper does not pin down.
+
+def _llm(name: str, doc: str, *, advantage: str = "group", advantage_params: dict[str, Any] | None = None, prompt_selection: str = "uniform", defaults: dict[str, Any] | None = None, **loss: Any) -> Preset:
+    spec = dict(ratio="token", clip="ppo_clip", clip_params={"clip_range": 0.2}, aggregation="seq-mean-token-mean", kl=None, beta=0.0)
+    spec.update(loss)
+    return register_preset(
+        Preset(
+            name=name, doc=doc, kernel="token", noise_level=0.0, advantage=advantage,
+            advantage_params={"std": "group", "clip": None} if advantage_params is None else advantage_params,
+            loss=LossSpec(**spec), prompt_selection=prompt_selection, defaults={"learning_rate": 1e-5, **(defaults or {})},
+        )
+    )
+
+
+GRPO = _llm(
+    "grpo",
+    "GRPO (Shao et al. 2024, DeepSeekMath eq. 3): A = (r − μ_G)/σ_G per sequence; PPO clip ε 0.2 per token; "
+    "mean over a sequence's tokens, then over sequences; k3 KL to the reference with β 0.04.",
+    kl="k3", beta=0.04,
+)
+DR_GRPO = _llm(
+    "dr_grpo",
+    "Dr.GRPO (Liu et al. 2025, 'Understanding R1-Zero-like training'): A = r − μ_G (no σ), token losses summed "
+    "and divided by the constant G·L_max (seq-mean-token-sum-norm with max_len = max_new_tokens); β 0.",
+    advantage_params={"std": "none", "clip": None}, aggregation="seq-mean-token-sum-norm",
+)
+DAPO = _llm(
+    "dapo",
+    "DAPO (Yu et al. 2025): clip-higher ε_lo 0.2 / ε_hi 0.28; token-mean over the whole batch; dynamic sampling "
+    "keeps groups with 0 < #correct < G and refills (prompt_selection 'dapo'); no KL. Overlong reward shaping "
+    "is the reward 'length_penalty' (mode overlong, L_cache 4096 of L_max 20480 in the paper).",
+    clip_params={"clip_range": 0.2, "clip_range_high": 0.28}, aggregation="token-mean", prompt_selection="dapo",
+)
+GSPO = _llm(
+    "gspo",
+    "GSPO (Zheng et al. 2025): sequence ratio s_i = exp(mean_t log ρ_t), PPO clip on s_i with ε 3e-4 / 4e-4 "
+    "(paper v2 §5.1), per-sequence loss averaged over sequences; β 0.",
+    ratio="sequence", clip_params={"clip_range": 3e-4, "clip_range_high": 4e-4},
+)
+GSPO_TOKEN = _llm(
+    "gspo_token",
+    "GSPO-token (Zheng et al. 2025, eq. 13): s_{i,t} = sg[s_i]·π_θ(a_t)/sg[π_θ(a_t)] — the value of GSPO with "
+    "per-token gradients (for per-token advantages); ε 3e-4 / 4e-4.",
+    ratio="gspo_token", clip_params={"clip_range": 3e-4, "clip_range_high": 4e-4},
+)
+DISPO = _llm(
+    "dispo",
+    "DISPO (Karaman et al. 2026): REINFORCE-style −sg[clip(ρ)]·A·log π with separate up/down clip bounds for "
+    "correct and incorrect responses (four regimes). Mechanism certain; loss form and default bounds inferred.",
+    clip="dispo", clip_params={}, aggregation="token-mean",
+)
+NGRPO = _llm(
+    "ngrpo",
+    "NGRPO (Nan et al. 2025): advantages with one virtual max-reward sample per group (all-wrong groups get "
+    "A < 0); asymmetric clip ε_lo 0.16 / ε_hi 0.24; token-mean aggregation (inferred); β 0.",
+    advantage="ngrpo", advantage_params={"max_reward": 1.0},
+    clip_params={"clip_range": 0.16, "clip_range_high": 0.24}, aggregation="token-mean",
+)
+GDPO = _llm(
+    "gdpo",
+    "GDPO (group reward-decoupled normalisation): z-score each reward column inside its group, weighted sum "
+    "(w_k = 1), then batch re-normalisation (flowrl.rewards.gdpo on the reward table); GRPO loss, β 0.",
+    advantage="gdpo", advantage_params={},
+)
+SPO = _llm(
+    "spo",
+    "SPO (Xu et al. 2025, single-stream): no groups needed; per-prompt Beta tracker v̂ = α/(α+β), A = r − v̂, "
+    "batch normalisation; α ← ρα + r, β ← ρβ + (1 − r), ρ = clip(2^(−D/0.06), 0.875, 0.96); prioritised prompt "
+    "sampling ∝ √(p̂(1−p̂)) + 0.05 (prompt_selection 'spo'). PPO clip 0.2, token-mean.",
+    advantage="spo", advantage_params={}, prompt_selection="spo", aggregation="token-mean",
+)
+ETR = _llm(
+    "etr",
+    "ETR (inferred form): PPO clip whose per-sample bound grows with |A_i| and widens near group success 0.5, "
+    "ε_i = ε·(1 + 0.1|A_i|)·(1 + 0.5·4p(1−p)).",
+    clip="etr", clip_params={"clip_range": 0.2},
+)
+DHPO = _llm(
+    "dhpo",
+    "DHPO (inferred form): average of a token-level (ε 0.2) and a sequence-level (ε 3e-4/4e-4) PPO surrogate, "
+    "each clipped before mixing (clip_params mix='entropy' weights the token branch by entropy).",
+    clip="dhpo", clip_params={"clip_range": 0.2, "mix": "average"},
+)
+SSPO = _llm(
+    "sspo",
+    "SSPO (inferred form): ratio per sub-sentence (mean log ρ inside it; TokenPolicy splits after . ! ? ; : and "
+    "newlines), PPO clip width scaled by the sub-sentence's entropy relative to the batch.",
+    ratio="segment", clip="sspo", clip_params={"clip_range": 0.2},
+)
+UNLIKELINESS = _llm(
+    "unlikeliness",
+    "Unlikeliness reward (He et al. 2025): correct rollouts ranked by mean token log-prob under π_old, "
+    "r̃ = r·(1 − 0.25·rank/G) (likely ones discounted); GRPO loss with 2 PPO epochs (train.inner_epochs 2).",
+    advantage="unlikeliness", advantage_params={"beta_rank": 0.25, "clip": None}, defaults={"inner_epochs": 2},
+)
+NOISY_VERIFIER = _llm(
+    "noisy_verifier",
+    "Noisy verifier (backward correction): r̂ = (r̃ − ρ0)/(1 − ρ0 − ρ1) with false-positive ρ0 and false-negative "
+    "ρ1 (0.1 each by default; set loss.options), then A = r̂ − μ_G (a σ_G z-score would cancel the correction).",
+    advantage="noisy_verifier", advantage_params={"false_positive": 0.1, "false_negative": 0.1, "std": "none"},
+)
+SEED_GRPO = _llm(
+    "seed_grpo",
+    "SEED-GRPO: A scaled by 1 − α·SE/log G with SE the semantic entropy of the group's (normalised) final "
+    "answers: uncertain prompts get smaller updates. Mechanism certain; linear f with α 0.5 inferred.",
+    advantage="seed_grpo", advantage_params={"alpha": 0.5, "clip": None},
+)
+TEMPO = _llm(
+    "tempo",
+    "TEMPO: prefix tree over the group's completions, V(prefix) = mean outcome through it; at branch tokens the "
+    "per-token advantage gains V(s_{t+1}) − V(s_t) on top of the group z-score. Inferred scaling (λ 1).",
+    advantage="tempo", advantage_params={"bonus_scale": 1.0, "clip": None},
+)
+GRPO_LAMBDA = _llm(
+    "grpo_lambda",
+    "GRPO-λ (efficient reasoning): groups whose fraction correct ≥ 0.5 get a length-penalised reward "
+    "1 − λ·(ℓ − ℓ_min)/(ℓ_max − ℓ_min) (λ 0.5) for correct answers, others plain 0/1 correctness. "
+    "Mechanism certain; threshold and linear penalty inferred.",
+    advantage="grpo_lambda", advantage_params={"threshold": 0.5, "lam": 0.5, "clip": None},
+)
+POSTERIOR_GRPO = _llm(
+    "posterior_grpo",
+    "Posterior-GRPO: the process (reasoning-quality) reward — the second reward column by default — is added "
+    "only to rollouts whose outcome (first column) is correct.",
+    advantage="posterior_grpo", advantage_params={"outcome": 0, "process": 1, "clip": None},
+)
+S_GRPO = _llm(
+    "s_grpo",
+    "S-GRPO (serial-group): a group is one chain of thought cut at m exits, in order; a correct exit k gets "
+    "1/2^(N_k − 1), N_k = correct exits so far; A = r − mean. Needs a rollout that produces the exits (not built "
+    "in: give each exit as a group member).",
+    advantage="s_grpo", advantage_params={},
+)
+REG_GRPO = _llm(
+    "reg_grpo",
+    "Reg-GRPO (inferred form): regress A onto the length-normalised log-ratio, Σ (A − log s_i/τ)², τ 0.1, no clip.",
+    ratio="sequence", clip="reg_grpo", clip_params={"tau": 0.1},
+)
+REAL = _llm(
+    "real",
+    "REAL (inferred form): rewards as class labels; binary cross-entropy on the anchored logit log s_i/τ "
+    "(length-normalised log-ratio to the rollout policy, τ 0.1).",
+    ratio="sequence", clip="real", clip_params={"tau": 0.1},
+)
+TRUST_GRPO = _llm(
+    "trust_grpo",
+    "Trust-GRPO: r = r_ans + λ_t·γ·r_think (columns 0 and 1), trust γ = fraction of (correct, wrong) pairs whose "
+    "thinking reward ranks the correct one higher, λ_t annealed linearly to 0 over 100 iterations. γ's form and "
+    "the schedule are inferred.",
+    advantage="trust_grpo", advantage_params={"lambda0": 1.0, "anneal_steps": 100, "clip": None},
+)
+
+LLM_PRESETS = (
+    "grpo", "dr_grpo", "dapo", "gspo", "gspo_token", "dispo", "ngrpo", "gdpo", "spo", "etr", "dhpo", "sspo",
+    "unlikeliness", "noisy_verifier", "seed_grpo", "tempo", "grpo_lambda", "posterior_grpo", "s_grpo", "reg_grpo",
+    "real", "trust_grpo",
+)
+
+# TRL ``loss_type`` → aggregation (TRL GRPOConfig semantics: it changes only the reduction).
+TRL_LOSS_TYPES = {
+    "grpo": "seq-mean-token-mean",
+    "bnpo": "token-mean",
+    "dapo": "token-mean",
+    "dr_grpo": "seq-mean-token-sum-norm",
+}
+TRL_IS_LEVELS = {"token": "token", "sequence": "sequence", "sequence_token": "gspo_token"}
+TRL_IS_PRESETS = {"sequence": "gspo", "sequence_token": "gspo_token"}
+TRL_SCALE_REWARDS = {"group": "group", "batch": "global", "none": "none", True: "group", False: "none"}
+
+
+def trl_aliases(d: dict[str, Any]) -> dict[str, Any]:
+    """Map TRL ``GRPOConfig`` names onto flowrl's config (a new dict; the input is not modified).
+
+    Accepted at the top level or inside the ``loss`` / ``train`` / ``sampler`` sections:
+
+    - ``num_generations`` → ``train.num_generations`` (group size G);
+    - ``epsilon`` / ``epsilon_high`` → ``loss.clip_range`` / ``loss.clip_range_high``;
+    - ``beta`` (top level) → ``loss.beta``;
+    - ``scale_rewards`` group/batch/none (or true/false) → ``loss.std`` group/global/none;
+    - ``loss_type`` grpo/bnpo/dapo/dr_grpo → ``loss.aggregation`` (as in TRL, only the reduction);
+    - ``importance_sampling_level`` token/sequence/sequence_token → ``loss.ratio`` token/sequence/
+      gspo_token when the config has that field, else (with ``algorithm`` unset) the preset gspo /
+      gspo_token;
+    - ``max_completion_length`` → ``sampler.max_new_tokens``; ``temperature`` → ``sampler.temperature``.
+
+    A name given twice with different values (alias and flowrl name) is an error naming both.
+    """
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items()}
+    found: dict[str, Any] = {}
+    for section in (None, "loss", "train", "sampler"):
+        src = out if section is None else out.get(section)
+        if not isinstance(src, dict):
+            continue
+        for key in ("num_generations", "epsilon", "epsilon_high", "scale_rewards", "loss_type", "importance_sampling_level", "max_completion_length"):
+            if section == "train" and key == "num_generations":
+                continue  # a flowrl field there already
+            if key in src:
+                found[key] = src.pop(key)
+        if section is None:
+            for key in ("beta", "temperature"):
+                if key in src:
+                    found[key] = src.pop(key)
+    if not found:
+        return out
+
+    def put(section: str, key: str, value: Any, alias: str) -> None:
+        sec = out.setdefault(section, {})
+        if not isinstance(sec, dict):
+            raise ValueError(f"config section '{section}' must be a mapping to take TRL's '{alias}'.")
+        if key in sec and sec[key] is not None and sec[key] != value:
+            raise ValueError(f"'{alias}' ({value!r}) conflicts with {section}.{key} ({sec[key]!r}); give only one of them.")
+        sec[key] = value
+
+    def pick(table: dict[Any, str], alias: str) -> str:
+        value = found[alias]
+        if value not in table:
+            raise ValueError(f"{alias} '{value}' is not understood; known: {', '.join(map(str, table))}.")
+        return table[value]
+
+    if "num_generations" in found:
+        put("train", "num_generations", found["num_generations"], "num_generations")
+    if "epsilon" in found:
+        put("loss", "clip_range", found["epsilon"], "epsilon")
+    if "epsilon_high" in found:
+        put("loss", "clip_range_high", found["epsilon_high"], "epsilon_high")
+    if "beta" in found:
+        put("loss", "beta", found["beta"], "beta")
+    if "scale_rewards" in found:
+        put("loss", "std", pick(TRL_SCALE_REWARDS, "scale_rewards"), "scale_rewards")
+    if "loss_type" in found:
+        put("loss", "aggregation", pick(TRL_LOSS_TYPES, "loss_type"), "loss_type")
+    if "max_completion_length" in found:
+        put("sampler", "max_new_tokens", found["max_completion_length"], "max_completion_length")
+    if "temperature" in found:
+        put("sampler", "temperature", found["temperature"], "temperature")
+    if "importance_sampling_level" in found:
+        level = pick(TRL_IS_LEVELS, "importance_sampling_level")
+        if _config_has("loss", "ratio"):
+            put("loss", "ratio", level, "importance_sampling_level")
+        elif level != "token":
+            preset = TRL_IS_PRESETS[found["importance_sampling_level"]]
+            if out.get("algorithm") not in (None, preset):
+                raise ValueError(
+                    f"importance_sampling_level '{found['importance_sampling_level']}' needs algorithm '{preset}' "
+                    f"(this config has no loss.ratio field), but algorithm is '{out['algorithm']}'."
+                )
+            out["algorithm"] = preset
+    return out
+
+
+def _config_has(section: str, name: str) -> bool:
+    try:
+        from dataclasses import fields
+
+        from flowrl import config as cfg
+    except ImportError:
+        return False
+    cls = {"loss": getattr(cfg, "AlgorithmConfig", None)}.get(section)
+    return cls is not None and any(f.name == name for f in fields(cls))

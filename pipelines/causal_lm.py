@@ -274,6 +274,7 @@ class TokenPolicy(PolicyBase):
                 "truncated": (~ended).cpu(),
                 "sampling_log_probs": sample_lp,
                 "temperature": self.temperature,
+                "segment_ids": self.segment_ids(actions, mask).cpu(),
             },
         )
         traj.log_probs = self.evaluate(traj).log_prob.detach()
@@ -282,8 +283,9 @@ class TokenPolicy(PolicyBase):
     def _forward(self, ids: Tensor, attn: Tensor, positions: Tensor, **kw: Any) -> Any:
         return self.model(input_ids=ids, attention_mask=attn, position_ids=positions, **kw)
 
-    def _sample(self, p_ids: Tensor, p_attn: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
-        """Incremental decoding with a KV cache. Returns ``(tokens, mask, log_probs)`` each ``[n, t]``."""
+    def _sample(self, p_ids: Tensor, p_attn: Tensor, generator: torch.Generator | None, *, greedy: bool = False, max_new_tokens: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Incremental decoding with a KV cache (``greedy``: argmax instead of sampling).
+        Returns ``(tokens, mask, log_probs)`` each ``[n, t]``."""
         n = p_ids.shape[0]
         device = p_ids.device
         eos = torch.tensor(self.eos_token_ids, device=device)
@@ -295,12 +297,15 @@ class TokenPolicy(PolicyBase):
         last_pos = positions[:, -1]
         done = torch.zeros(n, dtype=torch.bool, device=device)
         tokens, masks, lps = [], [], []
-        for _ in range(self.max_new_tokens):
+        for _ in range(max_new_tokens or self.max_new_tokens):
             # 1. tempered log-probs (float32) and nucleus filtering for the draw
             logp = torch.log_softmax(logits.float() / self.temperature, dim=-1)  # [n, V]
-            probs = torch.softmax(top_p_filter(logp, self.top_p), dim=-1)
-            draw_on = generator.device if generator is not None else probs.device
-            tok = torch.multinomial(probs.to(draw_on), 1, generator=generator).to(device)[:, 0]
+            if greedy:
+                tok = logp.argmax(-1)
+            else:
+                probs = torch.softmax(top_p_filter(logp, self.top_p), dim=-1)
+                draw_on = generator.device if generator is not None else probs.device
+                tok = torch.multinomial(probs.to(draw_on), 1, generator=generator).to(device)[:, 0]
             tok = torch.where(done, torch.full_like(tok, self.pad_token_id), tok)
             tokens.append(tok)
             masks.append(~done)
@@ -315,6 +320,29 @@ class TokenPolicy(PolicyBase):
             cache = _cache_of(out)
             logits = out.logits[:, -1]
         return torch.stack(tokens, 1), torch.stack(masks, 1), torch.stack(lps, 1)
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], *, generator: torch.Generator | None = None, greedy: bool = True, max_new_tokens: int | None = None) -> list[str]:
+        """One completion per prompt as text (greedy by default: deterministic evaluation)."""
+        p_ids, p_attn = self.encode_prompts(list(prompts))
+        p_ids, p_attn = p_ids.to(self.device), p_attn.to(self.device)
+        mb = self.micro_batch_size or len(prompts)
+        outputs: list[str] = []
+        for s in range(0, len(prompts), mb):
+            toks, mask, _ = self._sample(p_ids[s : s + mb], p_attn[s : s + mb], generator, greedy=greedy, max_new_tokens=max_new_tokens)
+            outputs += [self.tokenizer.decode(toks[i, : int(mask[i].sum())].tolist(), skip_special_tokens=True) for i in range(toks.shape[0])]
+        return outputs
+
+    def segment_ids(self, actions: Tensor, mask: Tensor) -> Tensor:
+        """``[B, T]`` sub-sentence index of each completion token (SSPO): a new segment starts after
+        a token whose text contains sentence punctuation (``. ! ? ; :`` or a newline)."""
+        ids = torch.unique(actions[mask.bool()]).tolist()
+        ends = {i for i in ids if any(c in self.tokenizer.decode([i]) for c in ".!?;:\n")}
+        boundary = torch.zeros_like(actions, dtype=torch.long)
+        for i in ends:
+            boundary |= (actions == i).long()
+        boundary = boundary * mask.long()
+        return torch.cumsum(boundary, dim=1) - boundary
 
     # ----------------------------------------------------------------------------- evaluate
     def evaluate(self, traj: Trajectories, steps: Tensor | None = None) -> PolicyEval:
@@ -350,6 +378,54 @@ class TokenPolicy(PolicyBase):
         """Save the model (LoRA adapters only, for a peft model) and the tokenizer to ``path``."""
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
+
+    def save_lora(self, path: Any) -> None:
+        """Save the LoRA adapters (peft format: ``PeftModel.from_pretrained(base, path)`` loads them)."""
+        if not getattr(self.model, "peft_config", None):
+            raise RuntimeError("this policy has no LoRA adapters to save; use save_pretrained for a full fine-tune.")
+        self.model.save_pretrained(str(path))
+
+
+def build_causal_lm_policy(resolved: Any, run_dir: Any) -> TokenPolicy:
+    """The trainer's builder for ``model.kind: causal_lm``: load ``model.pipeline`` (a local folder,
+    or ``tiny-llama`` for the offline test model), add LoRA from ``train.lora_*`` (peft), and pass
+    the sampler's ``max_new_tokens`` / ``temperature``.
+
+    A Dr.GRPO-style ``seq-mean-token-sum-norm`` aggregation without an explicit ``max_len`` gets
+    ``max_len = max_new_tokens`` (the paper's constant normaliser; the batch's T would vary).
+    """
+    import dataclasses
+    from pathlib import Path
+
+    cfg = resolved.config
+    t, s = cfg.train, cfg.sampler
+    path = cfg.model.pipeline
+    if path == "tiny-llama":
+        path = build_tiny_causal_lm(str(Path(run_dir) / "base_model"))
+    elif not Path(path).is_dir():
+        raise ValueError(f"model.pipeline '{path}' is not a local folder (flowrl never downloads); or use 'tiny-llama'.")
+    lora = None
+    if t.lora_rank > 0:
+        lora = {"r": t.lora_rank, "lora_alpha": t.lora_alpha, "target_modules": list(t.lora_targets or DEFAULT_LORA_TARGETS)}
+    device = cfg.model.device if cfg.model.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(t.seed)
+    policy = TokenPolicy.from_pretrained(
+        path, gguf_file=cfg.model.gguf_file, lora=lora, torch_dtype=getattr(torch, cfg.model.dtype), device=device,
+        max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+    )
+    loss = resolved.preset.loss
+    if loss.aggregation == "seq-mean-token-sum-norm" and loss.max_len is None:
+        resolved.preset = dataclasses.replace(resolved.preset, loss=dataclasses.replace(loss, max_len=s.max_new_tokens))
+    return policy
+
+
+try:  # register with the trainer (absent in a checkout without flowrl.trainer)
+    from flowrl.trainer import POLICY_BUILDERS
+
+    if "causal_lm" not in POLICY_BUILDERS:
+        POLICY_BUILDERS.register("causal_lm", build_causal_lm_policy)
+except ImportError:  # pragma: no cover
+    pass
 
 
 # ------------------------------------------------------------------------- tiny offline model
@@ -391,4 +467,4 @@ def build_tiny_causal_lm(path: str, *, words: Sequence[str] = (), seed: int = 0,
     return path
 
 
-__all__ = ["TokenPolicy", "top_p_filter", "build_tiny_causal_lm", "TINY_CHAT_TEMPLATE"]
+__all__ = ["TokenPolicy", "top_p_filter", "build_tiny_causal_lm", "build_causal_lm_policy", "TINY_CHAT_TEMPLATE"]

@@ -100,6 +100,21 @@ def answers_match(prediction: str | None, truth: Any) -> bool:
     return normalize_answer(prediction) == normalize_answer(str(truth))
 
 
+def _load_answers(path: str) -> dict[str, Any]:
+    """prompt → answer from a JSON object, a JSON list of rows or JSONL rows ``{"prompt", "answer"}``."""
+    import json
+    from pathlib import Path
+
+    text = Path(path).read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = [json.loads(line) for line in text.splitlines() if line.strip()]
+    if isinstance(data, dict):
+        return {str(k): v for k, v in data.items()}
+    return {str(row["prompt"]): row["answer"] for row in data}
+
+
 def _answers(meta: dict | None, n: int, key: str) -> Sequence[Any]:
     if not meta or key not in meta:
         raise ValueError(f"this reward compares with ground truth: pass meta['{key}'] with one answer per sample ({n}).")
@@ -111,12 +126,61 @@ def _answers(meta: dict | None, n: int, key: str) -> Sequence[Any]:
     return answers
 
 
+_ARITH = re.compile(r"(-?\d+)\s*([-+*/x×])\s*(-?\d+)")
+
+
+def solve_arithmetic(prompt: str) -> str | None:
+    """The answer of the first ``a op b`` in ``prompt`` (``+ - * / x ×``), as a normalised string."""
+    m = _ARITH.search(prompt)
+    if m is None:
+        return None
+    a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
+    if op == "+":
+        return str(a + b)
+    if op == "-":
+        return str(a - b)
+    if op in "*x×":
+        return str(a * b)
+    return str(Fraction(a, b)) if b != 0 else None
+
+
+def arithmetic_prompts(split: str | None = "train", *, seed: int = 0, ops: str = "+-*", test_fraction: float = 0.2) -> list[str]:
+    """Single-digit arithmetic prompts ``"What is a op b ?"`` (a, b ∈ 0…9), a fixed shuffled split
+    (``train`` / ``test`` / None for all); answers via :func:`solve_arithmetic`."""
+    import random
+
+    prompts = [f"What is {a} {op} {b} ?" for op in ops for a in range(10) for b in range(10)]
+    random.Random(seed).shuffle(prompts)
+    n_test = int(len(prompts) * test_fraction)
+    if split in (None, "all"):
+        return prompts
+    if split == "test":
+        return prompts[:n_test]
+    if split == "train":
+        return prompts[n_test:]
+    raise ValueError(f"unknown arithmetic split '{split}'. Known: train, test, all.")
+
+
+try:  # the set is selectable as ``train.prompts: arith:train`` where prompt sets exist
+    from flowrl.prompts import register_prompt_set
+
+    register_prompt_set("arith", lambda split: arithmetic_prompts(split))
+except (ImportError, ValueError):  # pragma: no cover - older checkout / already registered
+    pass
+
+
 @register("exact_match")
 class ExactMatch(Reward):
-    """1 if the extracted final answer equals ``meta["answer"]`` after normalisation, else 0.
+    """1 if the extracted final answer equals the ground truth after normalisation, else 0.
+
+    The ground truth of a sample comes from, in order: ``meta[answer_key]`` (one per sample),
+    ``answers`` (a dict prompt → answer, or a JSON/JSONL file of ``{"prompt", "answer"}`` rows), or
+    ``solver`` (``"arithmetic"``: compute it from the prompt, :func:`solve_arithmetic`).
 
     Args:
         answer_key: the meta key holding ground truths.
+        answers: prompt → answer mapping or a path to one.
+        solver: derive the answer from the prompt (``"arithmetic"``), or None.
         require_format: only accept answers inside ``\\boxed{}`` or ``<answer>`` tags (else the last
             number anywhere counts).
     """
@@ -124,12 +188,32 @@ class ExactMatch(Reward):
     name = "exact_match"
     scale = "0/1 correctness"
 
-    def __init__(self, *, answer_key: str = "answer", require_format: bool = False):
+    def __init__(self, *, answer_key: str = "answer", answers: dict[str, Any] | str | None = None, solver: str | None = None, require_format: bool = False):
+        if solver not in (None, "arithmetic"):
+            raise ValueError(f"unknown exact_match solver '{solver}'. Known: arithmetic (or None).")
         self.answer_key = answer_key
+        self.answers = _load_answers(answers) if isinstance(answers, str) else dict(answers or {})
+        self.solver = solver
         self.require_format = require_format
 
+    def truths(self, prompts: list[str], meta: dict | None) -> list[Any]:
+        if meta and meta.get(self.answer_key) is not None:
+            return list(_answers(meta, len(prompts), self.answer_key))
+        out = []
+        for p in prompts:
+            if p in self.answers:
+                out.append(self.answers[p])
+            elif self.solver == "arithmetic":
+                out.append(solve_arithmetic(p))
+            else:
+                raise ValueError(
+                    f"exact_match has no ground truth for prompt {p!r}: pass meta['{self.answer_key}'], "
+                    "answers={prompt: answer} (or a JSON/JSONL file), or solver='arithmetic'."
+                )
+        return out
+
     def __call__(self, outputs: list[str], prompts: list[str], meta: dict | None = None) -> Tensor:
-        truths = _answers(meta, len(outputs), self.answer_key)
+        truths = self.truths(list(prompts), meta)
         scores = []
         for text, truth in zip(outputs, truths):
             if self.require_format and _last_boxed(text) is None and "<answer>" not in text:
@@ -213,4 +297,6 @@ __all__ = [
     "parse_number",
     "answers_match",
     "overlong_penalty",
+    "solve_arithmetic",
+    "arithmetic_prompts",
 ]
