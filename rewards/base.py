@@ -113,8 +113,29 @@ def entry_point_rewards() -> dict[str, importlib.metadata.EntryPoint]:
     return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
 
 
+# Built-in modules imported on first lookup of a name that is not registered yet (kept out of
+# ``import flowrl.rewards`` because they pull extra dependencies or data).
+LAZY_MODULES = ("flowrl.rewards.videoalign", "flowrl.rewards.verifiers", "flowrl.rewards.digits")
+_lazy_errors: dict[str, str] = {}
+
+
+def _load_lazy_modules() -> None:
+    import importlib
+
+    for mod in LAZY_MODULES:
+        if mod in _lazy_errors:
+            continue
+        try:
+            importlib.import_module(mod)
+            _lazy_errors[mod] = ""
+        except Exception as exc:  # noqa: BLE001 - reported with the unknown-name error
+            _lazy_errors[mod] = f"{type(exc).__name__}: {exc}"
+
+
 def resolve(name: str) -> Any:
     """The class/factory/function behind ``name``: registry, then entry points, then dotted path."""
+    if name not in REWARDS and ":" not in name:
+        _load_lazy_modules()
     if name in REWARDS:
         return REWARDS.get(name)
     plugins = entry_point_rewards()
@@ -129,9 +150,10 @@ def resolve(name: str) -> Any:
     if ":" in name:
         return load_dotted(name)
     known = sorted(set(REWARDS.names()) | set(plugins))
+    broken = "".join(f" (built-in module {m} failed to import: {e})" for m, e in _lazy_errors.items() if e and "No module named 'flowrl.rewards." not in e)
     raise ValueError(
         f"unknown reward '{name}'. Known: {', '.join(known) or '(none)'}; or give a dotted path "
-        f"'pkg.module:Class', or install a plug-in in entry-point group '{ENTRY_POINT_GROUP}'."
+        f"'pkg.module:Class', or install a plug-in in entry-point group '{ENTRY_POINT_GROUP}'.{broken}"
     )
 
 

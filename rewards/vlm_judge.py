@@ -1,0 +1,225 @@
+"""VLM judges over an OpenAI-compatible chat API (vLLM, sglang, or any ``/v1/chat/completions``
+server), e.g. UnifiedReward served in a separate process so the trainer's GPUs stay for the policy.
+
+Each image goes as a base64 JPEG data URL next to a text template; the answer is parsed with a
+regex. Requests for one batch run concurrently (``max_concurrency`` threads), each with a
+``timeout`` and up to ``max_retries`` retries with exponential back-off (``backoff · 2^attempt``
+seconds) on connection errors, timeouts, HTTP 429 and 5xx. An answer that still fails, or does not
+parse, gets ``failed_value`` and counts towards ``failure_rate`` (in :meth:`metrics`, logged as
+``reward/<name>/failure_rate``). Set ``failed_value=float("nan")`` to let :class:`RewardSet`'s
+``max_failures`` stop the run instead.
+
+Only the standard library is used (``urllib``), so there is nothing to install.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import io
+import json
+import math
+import re
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import torch
+from torch import Tensor
+
+from .base import Reward, register
+from .compressibility import to_uint8_hwc
+
+POINTWISE_TEMPLATE = (
+    "You are shown an AI-generated image and the caption it was generated from.\n"
+    'Caption: "{prompt}"\n'
+    "Rate how well the image matches the caption and how good it looks, on a scale from 1 to 5.\n"
+    "Think briefly, then end with a line of the form 'Final Score: <number>'."
+)
+POINTWISE_PATTERN = r"Final Score:\s*\**\s*([-+]?\d+(?:\.\d+)?)"
+
+PAIRWISE_TEMPLATE = (
+    'Two AI-generated images were made from the caption: "{prompt}".\n'
+    "Which image matches the caption better and looks better? Answer with exactly one of: "
+    "'Image 1 is better', 'Image 2 is better', or 'Tie'."
+)
+
+
+def image_to_data_url(image: Tensor, *, quality: int = 95) -> str:
+    """``[C, H, W]`` float in [0, 1] → ``data:image/jpeg;base64,...`` (uint8 via round(x·255))."""
+    from PIL import Image
+
+    arr = to_uint8_hwc(image[None])[0]
+    buf = io.BytesIO()
+    Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(buf, format="JPEG", quality=quality)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def parse_score(text: str, pattern: str, low: float, high: float) -> float | None:
+    """The last regex match (group 1) in ``text`` as a float in ``[low, high]``; None if absent/out of range."""
+    matches = re.findall(pattern, text or "")
+    if not matches:
+        return None
+    m = matches[-1]
+    try:
+        value = float(m[0] if isinstance(m, tuple) else m)
+    except ValueError:
+        return None
+    return value if low <= value <= high and math.isfinite(value) else None
+
+
+class ChatClient:
+    """Minimal OpenAI-compatible ``/chat/completions`` client with timeout, retries and back-off."""
+
+    RETRY_STATUS = (408, 429, 500, 502, 503, 504)
+
+    def __init__(self, base_url: str, model: str, *, api_key: str | None = None, timeout: float = 60.0, max_retries: int = 3, backoff: float = 1.0, max_backoff: float = 30.0, temperature: float = 0.0, max_tokens: int = 512):
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model, self.api_key = model, api_key
+        self.timeout, self.max_retries, self.backoff, self.max_backoff = timeout, max_retries, backoff, max_backoff
+        self.temperature, self.max_tokens = temperature, max_tokens
+        self.requests = 0  # HTTP attempts made (for tests and metrics)
+        self._lock = threading.Lock()
+
+    def _post(self, body: bytes) -> dict:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        with self._lock:
+            self.requests += 1
+        with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            return json.loads(resp.read().decode("utf-8"))
+
+    def chat(self, content: list[dict]) -> str:
+        """Send one user message (OpenAI content parts); return the assistant text. Raises the last
+        error after ``max_retries`` retries."""
+        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": content}], "temperature": self.temperature, "max_tokens": self.max_tokens}).encode("utf-8")
+        for attempt in range(self.max_retries + 1):
+            try:
+                return self._post(body)["choices"][0]["message"]["content"] or ""
+            except urllib.error.HTTPError as exc:
+                if exc.code not in self.RETRY_STATUS or attempt == self.max_retries:
+                    raise
+            except (urllib.error.URLError, TimeoutError, ConnectionError, json.JSONDecodeError, KeyError, IndexError):
+                if attempt == self.max_retries:
+                    raise
+            time.sleep(min(self.backoff * 2**attempt, self.max_backoff))
+        raise AssertionError("unreachable")
+
+
+class _JudgeBase:
+    def _init_client(self, base_url, model, api_key, timeout, max_retries, backoff, max_concurrency, temperature, max_tokens, jpeg_quality):
+        self.client = ChatClient(base_url, model, api_key=api_key, timeout=timeout, max_retries=max_retries, backoff=backoff, temperature=temperature, max_tokens=max_tokens)
+        self.max_concurrency = max(1, int(max_concurrency))
+        self.jpeg_quality = jpeg_quality
+        self.calls = 0
+        self.failed = 0
+        self.last_errors: list[str] = []
+
+    def _ask(self, content: list[dict]) -> str | None:
+        try:
+            return self.client.chat(content)
+        except Exception as exc:  # noqa: BLE001 - a failed request becomes the defined failed value
+            self.last_errors.append(f"{type(exc).__name__}: {exc}")
+            return None
+
+    def metrics(self) -> dict[str, float]:
+        """``failure_rate`` = failed or unparseable answers / all answers so far; ``requests``."""
+        return {"failure_rate": self.failed / self.calls if self.calls else 0.0, "requests": float(self.client.requests)}
+
+
+@register("vlm_judge")
+class VLMJudge(_JudgeBase, Reward):
+    """Pointwise VLM judge: one request per sample, score parsed by ``pattern`` (group 1).
+
+    Output: the parsed score in ``[low, high]`` (default 1–5), or ``(s − low)/(high − low)`` in
+    [0, 1] with ``normalize=True``; ``failed_value`` for failed/unparseable answers. Video
+    ``[B, F, C, H, W]``: ``max_frames`` evenly spaced frames are sent as several images.
+    """
+
+    name = "vlm_judge"
+    differentiable = False
+
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000/v1",
+        model: str = "default",
+        *,
+        template: str = POINTWISE_TEMPLATE,
+        pattern: str = POINTWISE_PATTERN,
+        low: float = 1.0,
+        high: float = 5.0,
+        normalize: bool = False,
+        failed_value: float = 0.0,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        max_retries: int = 3,
+        backoff: float = 1.0,
+        max_concurrency: int = 8,
+        temperature: float = 0.0,
+        max_tokens: int = 512,
+        jpeg_quality: int = 95,
+        max_frames: int = 4,
+        batch_size: int | None = None,
+    ):
+        if "{prompt}" not in template:
+            raise ValueError("vlm_judge template must contain '{prompt}' where the caption goes.")
+        re.compile(pattern)
+        self._init_client(base_url, model, api_key, timeout, max_retries, backoff, max_concurrency, temperature, max_tokens, jpeg_quality)
+        self.template, self.pattern, self.low, self.high = template, pattern, float(low), float(high)
+        self.normalize, self.failed_value, self.max_frames, self.batch_size = normalize, float(failed_value), max_frames, batch_size
+        self.scale = f"{'[0,1]' if normalize else f'[{low:g},{high:g}]'}; failed -> {failed_value:g}"
+
+    def _frames(self, sample: Tensor) -> list[Tensor]:
+        if sample.dim() == 3:
+            return [sample]
+        idx = torch.linspace(0, sample.shape[0] - 1, min(self.max_frames, sample.shape[0])).round().long()
+        return [sample[i] for i in idx]
+
+    def _score_one(self, sample: Tensor, prompt: str) -> float:
+        content = [{"type": "image_url", "image_url": {"url": image_to_data_url(f, quality=self.jpeg_quality)}} for f in self._frames(sample)]
+        content.append({"type": "text", "text": self.template.format(prompt=prompt)})
+        answer = self._ask(content)
+        value = parse_score(answer, self.pattern, self.low, self.high) if answer is not None else None
+        with self.client._lock:
+            self.calls += 1
+            if value is None:
+                self.failed += 1
+                if answer is not None:
+                    self.last_errors.append(f"unparseable answer: {answer[:200]!r}")
+        if value is None:
+            return self.failed_value
+        return (value - self.low) / (self.high - self.low) if self.normalize else value
+
+    def __call__(self, outputs, prompts, meta=None):
+        outputs = outputs.detach().float().cpu()
+        with concurrent.futures.ThreadPoolExecutor(self.max_concurrency) as pool:
+            scores = list(pool.map(self._score_one, list(outputs), list(prompts)))
+        return torch.tensor(scores, dtype=torch.float32)
+
+
+class VLMPairwiseJudge(_JudgeBase):
+    """Pairwise judge for :func:`~flowrl.rewards.pairwise_win_rates`: ``judge(a, b, prompt)`` returns
+    1.0 ('Image 1 is better'), 0.0 ('Image 2 is better') or 0.5 (tie, failed or unparseable)."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8000/v1", model: str = "default", *, template: str = PAIRWISE_TEMPLATE, api_key: str | None = None, timeout: float = 60.0, max_retries: int = 3, backoff: float = 1.0, temperature: float = 0.0, max_tokens: int = 512, jpeg_quality: int = 95):
+        self._init_client(base_url, model, api_key, timeout, max_retries, backoff, 1, temperature, max_tokens, jpeg_quality)
+        self.template = template
+
+    def __call__(self, image_a: Tensor, image_b: Tensor, prompt: str) -> float:
+        content = [{"type": "image_url", "image_url": {"url": image_to_data_url(x, quality=self.jpeg_quality)}} for x in (image_a, image_b)]
+        content.append({"type": "text", "text": self.template.format(prompt=prompt)})
+        answer = self._ask(content)
+        self.calls += 1
+        text = (answer or "").lower()
+        one, two = "image 1 is better" in text, "image 2 is better" in text
+        if one != two:
+            return 1.0 if one else 0.0
+        if answer is None or "tie" not in text:
+            self.failed += 1
+        return 0.5
+
+
+__all__ = ["VLMJudge", "VLMPairwiseJudge", "ChatClient", "parse_score", "image_to_data_url", "POINTWISE_TEMPLATE", "POINTWISE_PATTERN", "PAIRWISE_TEMPLATE"]
