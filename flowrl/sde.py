@@ -195,6 +195,9 @@ def sde_step(
                 "(flow, dance, sage, cps) for steps you train on."
             )
         return SDEStep(mean, mean, std, None)
+    if prev_sample is None and not torch.any(std > 0):
+        # zero noise (a = 0 or σ' = 0 for cps): the deterministic Euler/mean step, no density
+        return SDEStep(mean, mean, std, None)
     if prev_sample is None:
         if noise is None:
             gen_device = generator.device if generator is not None else x.device
