@@ -397,6 +397,8 @@ def build_causal_lm_policy(resolved: Any, run_dir: Any) -> TokenPolicy:
     import dataclasses
     from pathlib import Path
 
+    import flowrl.rewards.verifiers  # noqa: F401  (registers exact_match / format / length_penalty)
+
     cfg = resolved.config
     t, s = cfg.train, cfg.sampler
     path = cfg.model.pipeline
