@@ -87,3 +87,37 @@ def sample_images():
     pils = [Image.fromarray(a) for a in arrs]
     tensors = [torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255 for a in arrs]
     return pils, tensors
+
+
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def tiny_qwen2vl_reward(*, output_dim: int = 1, seed: int = 0):
+    """Tiny Qwen2-VL reward model (real architecture) + byte-level Qwen2 tokenizer + processor.
+
+    Facts from shared/spec/tiny-models.md: vision hidden_size = text hidden size, mrope_section
+    sums to head_dim/2, processor pixel limits small enough not to upscale frames.
+    """
+    from open_clip.tokenizer import bytes_to_unicode
+    from tokenizers import AddedToken
+    from transformers import Qwen2Tokenizer, Qwen2VLConfig, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    from flowrl.rewards.videoalign import SPECIAL_TOKENS, reward_model_class
+
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, bos_token=None, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIALS + list(SPECIAL_TOKENS)], special_tokens=True)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS + list(SPECIAL_TOKENS)}
+    cfg = Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}, max_position_embeddings=4096, pad_token_id=ids["<|endoftext|>"], bos_token_id=None, eos_token_id=ids["<|im_end|>"]),
+        vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    cfg.reward_output_dim = output_dim
+    cfg.reward_token = "special"
+    cfg.reward_special_token_ids = [ids[t] for t in SPECIAL_TOKENS]
+    torch.manual_seed(seed)
+    model = reward_model_class()(cfg).eval()
+    pixels = dict(size={"shortest_edge": 28 * 28, "longest_edge": 56 * 56 * 4})
+    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=tok, video_processor=Qwen2VLVideoProcessor(**pixels))
+    return model, processor
