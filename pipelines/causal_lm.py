@@ -394,7 +394,6 @@ def build_causal_lm_policy(resolved: Any, run_dir: Any) -> TokenPolicy:
     A Dr.GRPO-style ``seq-mean-token-sum-norm`` aggregation without an explicit ``max_len`` gets
     ``max_len = max_new_tokens`` (the paper's constant normaliser; the batch's T would vary).
     """
-    import dataclasses
     from pathlib import Path
 
     import flowrl.rewards.verifiers  # noqa: F401  (registers exact_match / format / length_penalty)
@@ -415,10 +414,19 @@ def build_causal_lm_policy(resolved: Any, run_dir: Any) -> TokenPolicy:
         path, gguf_file=cfg.model.gguf_file, lora=lora, torch_dtype=getattr(torch, cfg.model.dtype), device=device,
         max_new_tokens=s.max_new_tokens, temperature=s.temperature,
     )
-    loss = resolved.preset.loss
-    if loss.aggregation == "seq-mean-token-sum-norm" and loss.max_len is None:
-        resolved.preset = dataclasses.replace(resolved.preset, loss=dataclasses.replace(loss, max_len=s.max_new_tokens))
+    resolved.preset = with_constant_normaliser(resolved.preset, s.max_new_tokens)
     return policy
+
+
+def with_constant_normaliser(preset: Any, max_new_tokens: int) -> Any:
+    """``preset`` with ``loss.max_len = max_new_tokens`` if it aggregates with Dr.GRPO's
+    ``seq-mean-token-sum-norm`` and sets no ``max_len`` (the batch's T would vary per rollout)."""
+    import dataclasses
+
+    loss = preset.loss
+    if loss.aggregation == "seq-mean-token-sum-norm" and loss.max_len is None:
+        return dataclasses.replace(preset, loss=dataclasses.replace(loss, max_len=max_new_tokens))
+    return preset
 
 
 try:  # register with the trainer (absent in a checkout without flowrl.trainer)
