@@ -180,12 +180,16 @@ class FlowPolicy(PolicyBase):
         loads it (pipelines with a LoRA loader mixin; others get the same file layout)."""
         from pathlib import Path
 
-        from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.model))
+        state = get_peft_model_state_dict(self.model)  # the layout diffusers' own training scripts save
         saver = getattr(type(self.pipe), "save_lora_weights", None)
         Path(directory).mkdir(parents=True, exist_ok=True)
+        # Stock loaders infer alpha = rank (scale 1) from weights alone, and diffusers 0.42 drops
+        # attention projections when adapter metadata is given; so fold the scale α/r into lora_B.
+        cfg = self.model.peft_config["default"]
+        scale = float(cfg.lora_alpha) / float(cfg.r)
+        state = {k: (v * scale if "lora_B" in k else v).detach().cpu().contiguous() for k, v in state.items()}
         if saver is not None:
             saver(str(directory), transformer_lora_layers=state)
         else:
