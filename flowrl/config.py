@@ -306,11 +306,25 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         value = data[f.name]
         path = f"{prefix}{f.name}"
         sub = _SECTIONS.get(f.name) if cls is TrainConfig else None
+        if sub is RewardConfig and isinstance(value, dict):
+            value = _reward_shorthand(value)
         if sub is not None:
             kwargs[f.name] = _build(sub, value or {}, path + ".")
         else:
             kwargs[f.name] = _coerce(value, hints[f.name], path)
     return cls(**kwargs)
+
+
+def _reward_shorthand(value: dict[str, Any]) -> dict[str, Any]:
+    """``reward: {pickscore: 1.0, clipscore: 0.5, combine: gdpo}`` → keys that are not fields of
+    :class:`RewardConfig` are rewards (name → weight or options)."""
+    known = {f.name for f in fields(RewardConfig)}
+    extra = {k: v for k, v in value.items() if k not in known}
+    if not extra:
+        return value
+    out = {k: v for k, v in value.items() if k in known}
+    out["rewards"] = {**(out.get("rewards") or {}), **extra}
+    return out
 
 
 def _coerce(value: Any, tp: Any, path: str) -> Any:
