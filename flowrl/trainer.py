@@ -277,7 +277,7 @@ class Trainer:
         group_ids = traj.group_ids + acc.process_index * len(prompts)
         all_rewards, all_groups = self._gather(combined), self._gather(group_ids)
         # 3. advantages ---------------------------------------------------------------------
-        adv_all = self.estimator(AdvantageInputs(
+        adv_all = self._advantages(AdvantageInputs(
             rewards=all_rewards, group_ids=all_groups, reward_table=self._gather(table), reward_names=list(names),
             mask=None, traj=traj if acc.num_processes == 1 else None, prompts=traj.prompts if acc.num_processes == 1 else None, meta=traj.meta,
         ))
@@ -286,12 +286,14 @@ class Trainer:
         traj.advantages = adv
         traj.mask = select_train_steps(traj.mask, self.resolved.timestep_fraction, self.resolved.timestep_selection, generator_for(t.seed, it, "steps", acc.process_index))
         keep = adv.abs().flatten(1).amax(1) > 0 if adv.dim() > 1 else adv.abs() > 0
+        keep &= torch.isfinite(combined)  # samples whose reward failed (tolerated by max_failures) are not trained
         if not cfg.loss.skip_zero_advantage:
             keep = torch.ones_like(keep)
         # 4. update -------------------------------------------------------------------------
         update_metrics = self.update(traj, keep, it)
         t2 = time.perf_counter()
-        record: dict[str, float] = {"iteration": it, "reward/mean": float(combined.mean()), "reward/std": float(combined.std(unbiased=False))}
+        ok = torch.isfinite(combined)
+        record: dict[str, float] = {"iteration": it, "reward/mean": float(combined[ok].mean()), "reward/std": float(combined[ok].std(unbiased=False))}
         for i, n in enumerate(traj.reward_names):
             record[f"reward/{n}"] = float(traj.rewards[:, i].nanmean())
         record["adv/abs_mean"] = float(adv.abs().mean())
@@ -306,6 +308,26 @@ class Trainer:
         record["time/update"] = t2 - t1
         self._last_traj = traj
         return record
+
+    def _advantages(self, inputs: AdvantageInputs) -> Tensor:
+        """Run the estimator; rows whose reward failed (NaN, tolerated up to ``max_failures``) are
+        left out of the statistics and get advantage 0."""
+        valid = torch.isfinite(inputs.rewards)
+        if bool(valid.all()):
+            return self.estimator(inputs)
+        if inputs.traj is not None and inputs.traj.meta.get("rollout_structure"):
+            raise RuntimeError("a reward failed inside a structured rollout (tree/singular); its advantages need every leaf. Fix the reward or set reward.max_failures=0.")
+        idx = torch.nonzero(valid).flatten()
+        sub = dataclasses.replace(
+            inputs, rewards=inputs.rewards[idx], group_ids=inputs.group_ids[idx],
+            reward_table=inputs.reward_table[idx] if inputs.reward_table is not None else None,
+            traj=inputs.traj.select(idx) if inputs.traj is not None else None,
+            prompts=[inputs.prompts[i] for i in idx.tolist()] if inputs.prompts is not None else None,
+        )
+        adv_valid = self.estimator(sub)
+        out = adv_valid.new_zeros((len(inputs.rewards),) + tuple(adv_valid.shape[1:]))
+        out[idx] = adv_valid
+        return out
 
     def update(self, traj: Trajectories, keep: Tensor, it: int) -> dict[str, float]:
         """Gradient steps over the kept samples: minibatches of ``train_batch_size`` samples,

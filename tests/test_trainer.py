@@ -155,3 +155,23 @@ def test_cli_train_runs_and_prints_summary(tmp_path, capsys):
     assert saved.train.learning_rate == 1e-3
     assert (tmp_path / "run" / "reward_curve.png").is_file() and (tmp_path / "run" / "before_after.png").is_file()
     assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+
+
+class FirstSampleFails:
+    name = "flaky"
+
+    def __call__(self, outputs, prompts, meta=None):
+        r = outputs.float().mean(dim=(1, 2, 3))
+        r[0] = float("nan")
+        return r
+
+
+def test_tolerated_reward_failures_are_counted_and_not_trained(tmp_path, tiny_sd3):
+    from flowrl.rewards import build_rewards
+
+    cfg = _config(tmp_path, "train.num_iterations=2")
+    rs = build_rewards({"tests.test_trainer:FirstSampleFails": 1.0}, max_failures=10)
+    result = Trainer(cfg, policy=_policy(tiny_sd3, cfg), reward_set=rs).train()
+    assert [h["samples/trained"] for h in result.history] == [7.0, 7.0]
+    assert result.history[-1]["reward/failures/flaky"] == 2.0
+    assert all(h["reward/mean"] == h["reward/mean"] for h in result.history)  # finite: NaN rows left out
