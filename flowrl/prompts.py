@@ -44,3 +44,12 @@ def load_prompts(spec: list[str] | str | None, *, field: str = "train.prompts") 
     if not prompts:
         raise ValueError(f"{field} resolved to no prompts.")
     return prompts
+
+
+@register_prompt_set("digits")
+def digits_prompts(split: str | None) -> list[str]:
+    """The digits miniature's prompts: ``digits:heldout`` (combinations never seen in pretraining,
+    default), ``digits:pretrain``, ``digits:all`` (``flowrl.digits_data``)."""
+    from flowrl.digits_data import prompt_split
+
+    return prompt_split(split or "heldout")  # type: ignore[arg-type]

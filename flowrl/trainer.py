@@ -606,6 +606,13 @@ def _tiny_source(builder_name: str):
     return build
 
 
+def _digits_source(run_dir: Path):
+    from flowrl.pipelines.digits import load_default_digits_pipeline
+
+    return load_default_digits_pipeline()
+
+
+PIPELINE_SOURCES.register("digits", _digits_source)
 PIPELINE_SOURCES.register("tiny-sd3", _tiny_source("tiny_sd3_pipeline"))
 PIPELINE_SOURCES.register("tiny-flux", _tiny_source("tiny_flux_pipeline"))
 
