@@ -296,6 +296,7 @@ class Trainer:
         record: dict[str, float] = {"iteration": it, "reward/mean": float(combined[ok].mean()), "reward/std": float(combined[ok].std(unbiased=False))}
         for i, n in enumerate(traj.reward_names):
             record[f"reward/{n}"] = float(traj.rewards[:, i].nanmean())
+        record["samples/generated"] = float(len(traj.outputs))
         record["adv/abs_mean"] = float(adv.abs().mean())
         record["samples/trained"] = float(keep.sum())
         for k in ("model_evals",):
