@@ -28,8 +28,9 @@ class ModelConfig:
     pipeline: str = "tiny-sd3"
     """What to train: a local diffusers pipeline folder, a causal-LM folder (``kind: causal_lm``),
     or a built-in: ``digits`` (the shipped embedded default), ``tiny-sd3``, ``tiny-flux``."""
-    kind: Literal["flow", "causal_lm"] = "flow"
-    """``flow`` wraps a diffusers flow pipeline in FlowPolicy; ``causal_lm`` a transformers LM in TokenPolicy."""
+    kind: Literal["flow", "causal_lm", "masked"] = "flow"
+    """``flow`` wraps a diffusers flow pipeline in FlowPolicy; ``causal_lm`` a transformers LM in TokenPolicy;
+    ``masked`` a masked-token image model (aMUSEd) in the Co-GRPO policy (``pipelines/amused.py``)."""
     gguf_file: str | None = None
     """For ``causal_lm`` checkpoints stored as GGUF: the file name inside ``pipeline``."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -111,6 +112,12 @@ class AlgorithmConfig:
     """Drop samples whose advantage is 0 from the update (their gradient is 0 anyway)."""
     options: dict[str, Any] = field(default_factory=dict)
     """Extra options passed to the advantage estimator (merged over the preset's)."""
+    nft_beta: float | None = None
+    """DiffusionNFT's β: how far the implicit positive/negative policies v± = v_old ± β(v_θ − v_old)
+    sit from the old policy (1.0; 0.1 for OCR / multi-reward). Not the KL coefficient ``beta``."""
+    objective_options: dict[str, Any] = field(default_factory=dict)
+    """Extra options of the preset's training objective (merged over the preset's), e.g. DiffusionNFT
+    ``{x0_adaptive: true, decay: delayed}``."""
 
 
 @dataclass
@@ -255,6 +262,8 @@ class TrainConfig:
 
             if s.kernel not in KERNELS:
                 raise ConfigError(f"sampler.kernel '{s.kernel}' is unknown. Known: {', '.join(KERNELS.names())}.")
+        if self.loss.nft_beta is not None and not self.loss.nft_beta > 0:
+            raise ConfigError(f"loss.nft_beta must be > 0 (DiffusionNFT β, 1.0 by default), got {self.loss.nft_beta}.")
         f = self.loss.timestep_fraction
         if f is not None and not 0.0 < f <= 1.0:
             raise ConfigError(f"loss.timestep_fraction must be in (0, 1], got {f}.")
@@ -345,6 +354,10 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if errors else f"{path}: invalid value {value!r}")
     if origin is Literal:
+        if isinstance(value, bool) and all(isinstance(a, str) for a in args):
+            # YAML 1.1 reads `no`/`yes`/`off`/`on` as booleans: map them back to the option named so
+            words = ("yes", "on", "true") if value else ("no", "off", "false")
+            value = next((a for a in args if a in words), value)
         if value not in args:
             raise ConfigError(f"{path} must be one of {', '.join(map(str, args))}; got {value!r}.")
         return value

@@ -99,6 +99,35 @@ def policy_gradient_objective(policy: Any, batch: Trajectories, steps: Tensor, c
     return policy_loss(inputs, spec)
 
 
+def make_objective(name: str, **params: Any) -> Any:
+    """A ready objective ``fn(policy, batch, steps, ctx) -> (loss, metrics)``: a registered class is
+    instantiated with ``params`` (it may keep state: ``state_dict``/``load_state_dict`` are
+    checkpointed, ``on_iteration_end(trainer, it) -> metrics`` runs after every update phase); a
+    function is bound with ``params``."""
+    import functools
+    import inspect
+
+    obj = OBJECTIVES.get(name)
+    if inspect.isclass(obj):
+        return obj(**params)
+    return functools.partial(obj, **params) if params else obj
+
+
+#: modules that register built-in objectives, rollout schedules and reward transforms on import
+BUILTIN_COMPONENT_MODULES = ("flowrl.nft", "flowrl.co_grpo", "flowrl.rewards.pairwise")
+
+
+def _import_builtin_components() -> None:
+    import importlib
+
+    for mod in BUILTIN_COMPONENT_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name != mod:
+                raise
+
+
 # ------------------------------------------------------------------------------------ helpers
 def select_train_steps(mask: Tensor, fraction: float, selection: str, generator: torch.Generator) -> Tensor:
     """Trainable-step mask ``[B, T]``: the first ⌊T·fraction⌋ stored steps (Flow-GRPO, 0.99 drops
@@ -183,7 +212,7 @@ class Trainer:
         self.resolved = config.resolved()
         t = config.train
         cpu = config.model.device == "cpu" or (config.model.device == "auto" and not torch.cuda.is_available())
-        self.accelerator = accelerator or Accelerator(cpu=cpu, mixed_precision=t.mixed_precision)
+        self.accelerator = accelerator or _make_accelerator(cpu=cpu, mixed_precision=t.mixed_precision)
         nproc = self.accelerator.num_processes
         if t.prompts_per_iteration % nproc:
             raise ConfigError(
@@ -193,10 +222,11 @@ class Trainer:
         self.run_dir = Path(t.output_dir)
         self.train_prompts = _load_prompts(t.prompts, "train.prompts")
         self.eval_prompts = _load_prompts(t.eval_prompts, "train.eval_prompts") if t.eval_prompts is not None else []
+        _import_builtin_components()
         self.policy = policy if policy is not None else build_policy(self.resolved, self.run_dir)
         self.reward_set = reward_set if reward_set is not None else _build_reward_set(config)
         self.estimator = make_estimator(self.resolved.preset.advantage, **self.resolved.preset.advantage_params)
-        self.objective = OBJECTIVES.get(self.resolved.preset.objective)
+        self.objective = make_objective(self.resolved.preset.objective, **self.resolved.preset.objective_params)
         self._setup_training()
         self.history: list[dict[str, float]] = []
         self.start_iteration = 0
@@ -213,6 +243,8 @@ class Trainer:
             model.requires_grad_(True)
             if self.resolved.preset.loss.beta > 0 and self.resolved.preset.loss.kl:
                 self.policy.set_reference_model(copy.deepcopy(model))
+        for p in getattr(self.policy, "always_trainable_parameters", lambda: [])():
+            p.requires_grad_(True)  # trained in full even when the rest of the model gets LoRA
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ConfigError("the model has no trainable parameters; check train.lora_rank / train.lora_targets.")
@@ -265,13 +297,14 @@ class Trainer:
         t0 = time.perf_counter()
         prompts = self._select_prompts(it)
         self.policy.model.eval()
-        traj = self.policy.rollout(prompts, group_size=t.num_generations, generator=generator_for(t.seed, it, "rollout", acc.process_index))
+        with self.autocast():  # the same precision as recomputation, so the on-policy ratio is 1
+            traj = self.policy.rollout(prompts, group_size=t.num_generations, generator=generator_for(t.seed, it, "rollout", acc.process_index))
         t1 = time.perf_counter()
         # 2. rewards ------------------------------------------------------------------------
-        table, names = self.reward_set.score(traj.outputs, traj.prompts, dict(traj.meta))
+        table, names = self.reward_set.score(traj.outputs, traj.prompts, {**traj.meta, "group_ids": traj.group_ids})
         traj.rewards, traj.reward_names = table, list(names)
         if preset.reward_transform:
-            table, names = REWARD_TRANSFORMS.get(preset.reward_transform)(table, names, traj.group_ids, traj)
+            table, names = REWARD_TRANSFORMS.get(preset.reward_transform)(table, names, traj.group_ids, traj, **preset.reward_transform_params)
         combined = self.reward_set.combine(table, names, traj.group_ids)
         # groups may span processes: gather before statistics (identity with one process)
         group_ids = traj.group_ids + acc.process_index * len(prompts)
@@ -304,6 +337,9 @@ class Trainer:
                 record[f"cost/{k}_per_sample"] = float(traj.meta[k])
         record["cost/trained_steps_per_sample"] = float(traj.mask[keep].sum() / max(int(keep.sum()), 1))
         record.update(update_metrics)
+        hook = getattr(self.objective, "on_iteration_end", None)
+        if hook is not None:
+            record.update(hook(self, it) or {})
         record.update({f"reward/{k}" if not k.startswith("reward/") else k: v for k, v in self.reward_set.metrics().items()})
         record["time/rollout"] = t1 - t0
         record["time/update"] = t2 - t1
@@ -337,6 +373,7 @@ class Trainer:
         idx_kept = torch.nonzero(keep).flatten()
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
+        wsums: dict[str, float] = {}  # Σ chunk weights per key: 1 per update for keys every chunk reports
         if len(idx_kept) == 0:
             return {"update/steps": 0.0}
         self.policy.model.train()
@@ -360,6 +397,7 @@ class Trainer:
                     for k, v in metrics.items():
                         sums[k] = sums.get(k, 0.0) + v * weight
                         counts[k] = counts.get(k, 0) + 1
+                        wsums[k] = wsums.get(k, 0.0) + weight
                 if t.max_grad_norm > 0:
                     gn = torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm)
                     sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(gn)
@@ -371,6 +409,9 @@ class Trainer:
                 n_updates += 1
         self.policy.model.eval()
         out = {k: (v / max(n_updates, 1) if k != "grad_norm" else v / counts[k]) for k, v in sums.items()}
+        for k, w in wsums.items():
+            if w > 0 and abs(w - n_updates) > 1e-6:  # reported by some chunks only (e.g. ratio_step/<k>/*)
+                out[k] = sums[k] / w
         out["update/steps"] = float(n_updates)
         return out
 
@@ -387,7 +428,8 @@ class Trainer:
             gen = generator_for(t.seed, "eval")
             for start in range(0, len(prompts), 64):
                 chunk = prompts[start : start + 64]
-                outputs.append(self.policy.generate(chunk, generator=gen, **({"num_steps": self.config.sampler.eval_num_steps} if self.config.model.kind == "flow" else {})))
+                with self.autocast():
+                    outputs.append(self.policy.generate(chunk, generator=gen, **({"num_steps": self.config.sampler.eval_num_steps} if self.config.model.kind == "flow" else {})))
         finally:
             if self.ema is not None:
                 self.ema.swap()
@@ -444,6 +486,9 @@ class Trainer:
         torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
         if self.ema is not None:
             torch.save(self.ema.state_dict(), tmp / "ema.pt")
+        obj_state = self.objective.state_dict() if hasattr(self.objective, "state_dict") else None
+        if obj_state is not None:
+            torch.save(obj_state, tmp / "objective.pt")
         est_state = self.estimator.state_dict() if hasattr(self.estimator, "state_dict") else None
         if est_state is not None:
             torch.save(est_state, tmp / "estimator.pt")
@@ -467,6 +512,8 @@ class Trainer:
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
         if self.ema is not None and (path / "ema.pt").is_file():
             self.ema.load_state_dict(torch.load(path / "ema.pt"))
+        if (path / "objective.pt").is_file() and hasattr(self.objective, "load_state_dict"):
+            self.objective.load_state_dict(torch.load(path / "objective.pt", weights_only=False))
         if (path / "estimator.pt").is_file() and hasattr(self.estimator, "load_state_dict"):
             self.estimator.load_state_dict(torch.load(path / "estimator.pt", weights_only=False))
         self.start_iteration = int(state["iteration"])
@@ -642,10 +689,27 @@ def _device(cfg: TrainConfig) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _make_accelerator(*, cpu: bool, mixed_precision: str):
+    """An ``Accelerator``; in a single process, a previous trainer's state (accelerate keeps one per
+    process) is reset when this run asks for another precision or device."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    state = AcceleratorState._shared_state
+    if state and PartialState().num_processes == 1:
+        same = str(state.get("_mixed_precision", "no")) == mixed_precision and bool(state.get("_cpu", False)) == cpu
+        if not same:
+            AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+
+
 def build_policy(resolved: ResolvedConfig, run_dir: Path):
     kind = resolved.config.model.kind
     if kind == "causal_lm" and kind not in POLICY_BUILDERS:
         import flowrl.pipelines.causal_lm  # noqa: F401  (registers its builder)
+    if kind == "masked" and kind not in POLICY_BUILDERS:
+        import flowrl.pipelines.amused  # noqa: F401  (registers its builder and the tiny-amused source)
+    _import_builtin_components()
     return POLICY_BUILDERS.get(kind)(resolved, run_dir)
 
 

@@ -115,8 +115,11 @@ class FlowPolicy(PolicyBase):
         return self.adapter.encode_prompts(list(prompts), guidance_scale=self.guidance_scale)
 
     def velocity(self, latents: Tensor, sigma: Tensor, cond: dict[str, Tensor]) -> Tensor:
-        """v(x, σ) with this policy's CFG; ``sigma`` ``[B]``."""
-        return self.adapter.velocity(latents, sigma.to(latents.device), cond, guidance_scale=self.guidance_scale, height=self.height, width=self.width)
+        """v(x, σ) with this policy's CFG; ``sigma`` ``[B]``. Latents and float conditioning are cast
+        to the transformer's dtype (text encoders may run in another precision)."""
+        dtype = self.adapter.dtype
+        cond = {k: (v.to(dtype) if isinstance(v, Tensor) and v.is_floating_point() else v) for k, v in cond.items()}
+        return self.adapter.velocity(latents.to(dtype), sigma.to(latents.device), cond, guidance_scale=self.guidance_scale, height=self.height, width=self.width)
 
     def initial_noise(self, num_prompts: int, group_size: int, generator: torch.Generator | None) -> Tensor:
         if self.share_initial_noise:

@@ -175,3 +175,10 @@ def test_tolerated_reward_failures_are_counted_and_not_trained(tmp_path, tiny_sd
     assert [h["samples/trained"] for h in result.history] == [7.0, 7.0]
     assert result.history[-1]["reward/failures/flaky"] == 2.0
     assert all(h["reward/mean"] == h["reward/mean"] for h in result.history)  # finite: NaN rows left out
+
+
+def test_bf16_autocast_keeps_on_policy_ratio_one(tmp_path, tiny_sd3):
+    cfg = _config(tmp_path, "train.num_iterations=1", "train.mixed_precision=bf16", "model.device=cpu")
+    result = Trainer(cfg, policy=_policy(tiny_sd3, cfg)).train()
+    assert result.history[0]["ratio/mean"] == pytest.approx(1.0, abs=1e-6)
+    assert result.history[0]["ratio/max_abs_log"] < 1e-5
