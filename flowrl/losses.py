@@ -418,3 +418,96 @@ def real_rule(log_ratio: Tensor, inputs: LossInputs, *, tau: float = 0.1, margin
     z = log_ratio / tau - margin
     loss = torch.nn.functional.binary_cross_entropy_with_logits(z, y, reduction="none")
     return loss, {"ratio": torch.exp(log_ratio).detach()}
+
+
+# =================================================================================== GRPO-Guard
+# spec/trainers.md "GRPO-Guard": store μ_old at rollout, RatioNorm (the guarded log-ratio), the
+# 1/|dt| step reweighting and per-step ratio statistics.
+
+
+def guard_log_ratio(log_prob: Tensor, old_log_prob: Tensor, mean: Tensor, old_mean: Tensor, std: Tensor, *, reduce: str = "mean") -> Tensor:
+    """GRPO-Guard RatioNorm: the guarded log-ratio of one Gaussian step, ``[B]`` (or ``[B, T]``).
+
+    b = mean_dims((μ_θ − μ_old)²)/(2s²);  ρ̃ = (log π_θ − log π_old + b)·s
+      = mean_dims((x' − μ_old)(μ_θ − μ_old))/s           (same std s for both policies).
+
+    The raw log-ratio of a step sampled from π_old has mean −b ("left shift": ratios below 1 even
+    on-policy-ish, so PPO's lower clip fires asymmetrically); ρ̃ has mean 0 and its gradient
+    w.r.t. μ_θ is the whitened noise over the dims, independent of s.  Shapes: ``log_prob`` ``[*N]``,
+    ``mean``/``old_mean`` ``[*N, *latent]``, ``std`` broadcastable to ``[*N]``. ``reduce`` must
+    match the log-prob reduction (``mean``: Flow-GRPO's; ``sum`` sums b over dims).
+    """
+    lead = log_prob.dim()
+    diff = (mean.float() - old_mean.float()) ** 2
+    dims = tuple(range(lead, diff.dim()))
+    if reduce == "mean":
+        sq = diff.mean(dim=dims) if dims else diff
+    elif reduce == "sum":
+        sq = diff.sum(dim=dims) if dims else diff
+    else:
+        raise ValueError(f"unknown log-prob reduction '{reduce}'. Known: mean, sum.")
+    s = std.float()
+    while s.dim() > lead:
+        s = s.flatten(lead).mean(-1)
+    b = sq / (2 * s**2)
+    return (log_prob.float() - old_log_prob.float() + b) * s
+
+
+def _guard_inputs(inputs: LossInputs) -> tuple[Tensor, Tensor]:
+    cur, traj = inputs.current, inputs.traj
+    if cur is None or cur.mean is None or cur.std is None:
+        raise ValueError("the 'guard' ratio needs the Gaussian means and stds of the current policy (diffusion policies).")
+    if traj is None or getattr(traj, "means", None) is None:
+        raise ValueError(
+            "the 'guard' ratio needs μ_old stored at rollout (Trajectories.means); build the FlowPolicy with "
+            "store_means=True (the trainer does this for presets whose loss.ratio is 'guard')."
+        )
+    steps = inputs.steps if inputs.steps is not None else torch.arange(traj.means.shape[1])
+    return traj.means[:, steps].to(cur.mean.device), cur.std
+
+
+@RATIOS.register("guard")
+def guard_ratio(inputs: LossInputs) -> Tensor:
+    """GRPO-Guard: :func:`guard_log_ratio` per stored step, ``[B, T]`` (needs ``traj.means``)."""
+    old_mean, std = _guard_inputs(inputs)
+    reduce = (getattr(inputs.traj, "meta", None) or {}).get("log_prob_reduce", "mean")
+    return guard_log_ratio(inputs.log_prob, inputs.old_log_prob, inputs.current.mean, old_mean, std, reduce=reduce)
+
+
+@STEP_WEIGHTS.register("inv_dt")
+def inv_dt_weight(inputs: LossInputs) -> Tensor:
+    """GRPO-Guard gradient reweighting: the step's loss × 1/|dt| = 1/(σ − σ'), ``[B, T]``.
+
+    With the guarded ratio and the flow kernel the gradient w.r.t. the velocity then has weight
+    |∂μ/∂v|/Δ = 1 + a²/2 at every step with σ < 1 (1 at σ = 1, where x̂1 drops out of μ), where vanilla
+    Flow-GRPO's |∂μ/∂v|/s ranges 0.057 → 1.49 over 10 steps at shift 3, a = 0.7."""
+    return 1.0 / _step_delta(inputs).to(inputs.log_prob.device)
+
+
+def per_step_ratio_stats(log_ratio: Tensor, raw_log_ratio: Tensor, clipped: Tensor, mask: Tensor, steps: Tensor | None) -> dict[str, Tensor]:
+    """Per-timestep statistics of one chunk, as scalar tensors named ``ratio_step/<k>/<stat>``
+    (k = the stored step index): ``mean`` and ``std`` of ρ, ``clipfrac``, and ``raw_log_mean``
+    (mean of the unguarded log π_θ − log π_old: its drift below 0 is the left shift)."""
+    out: dict[str, Tensor] = {}
+    idx = steps.tolist() if steps is not None else list(range(log_ratio.shape[1]))
+    ratio = torch.exp(log_ratio.detach().float())
+    for col, k in enumerate(idx):
+        m = mask[:, col].float()
+        if m.sum() == 0:
+            continue
+        r = ratio[:, col]
+        mu = masked_mean(r, m)
+        out[f"ratio_step/{k}/mean"] = mu
+        out[f"ratio_step/{k}/std"] = torch.sqrt(masked_mean((r - mu) ** 2, m))
+        out[f"ratio_step/{k}/clipfrac"] = masked_mean(clipped[:, col].float(), m)
+        out[f"ratio_step/{k}/raw_log_mean"] = masked_mean(raw_log_ratio[:, col].detach().float(), m)
+    return out
+
+
+@CLIP_RULES.register("ppo_clip_step_stats")
+def ppo_clip_step_stats_rule(log_ratio: Tensor, inputs: LossInputs, *, clip_range: float = 2e-6, clip_range_high: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clip (:func:`ppo_clip_loss`) that also logs :func:`per_step_ratio_stats` for every
+    stored step (GRPO-Guard; the trainer averages ``ratio_step/*`` over the chunks holding that step)."""
+    loss, info = ppo_clip_loss(log_ratio, inputs.advantages, clip_range=clip_range, clip_range_high=clip_range_high)
+    stats = per_step_ratio_stats(log_ratio, inputs.log_prob - inputs.old_log_prob, info["clipped"], inputs.mask, inputs.steps)
+    return loss, {**info, **stats}

@@ -202,24 +202,57 @@ class VLMJudge(_JudgeBase, Reward):
 
 class VLMPairwiseJudge(_JudgeBase):
     """Pairwise judge for :func:`~flowrl.rewards.pairwise_win_rates`: ``judge(a, b, prompt)`` returns
-    1.0 ('Image 1 is better'), 0.0 ('Image 2 is better') or 0.5 (tie, failed or unparseable)."""
+    1.0 ('Image 1 is better'), 0.0 ('Image 2 is better') or 0.5 (tie, failed or unparseable).
 
-    def __init__(self, base_url: str = "http://127.0.0.1:8000/v1", model: str = "default", *, template: str = PAIRWISE_TEMPLATE, api_key: str | None = None, timeout: float = 60.0, max_retries: int = 3, backoff: float = 1.0, temperature: float = 0.0, max_tokens: int = 512, jpeg_quality: int = 95):
-        self._init_client(base_url, model, api_key, timeout, max_retries, backoff, 1, temperature, max_tokens, jpeg_quality)
+    ``judge_batch(firsts, seconds, prompts)`` sends many pairs concurrently (``max_concurrency``
+    threads), each request with ``timeout`` and ``max_retries`` retries. :meth:`metrics`:
+    ``failure_rate`` (failed + unparseable / all answers), ``parse_failure_rate`` (answers that came
+    back but name no winner and no tie), ``request_failure_rate`` (no answer after the retries).
+    """
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8000/v1", model: str = "default", *, template: str = PAIRWISE_TEMPLATE, api_key: str | None = None, timeout: float = 60.0, max_retries: int = 3, backoff: float = 1.0, temperature: float = 0.0, max_tokens: int = 512, jpeg_quality: int = 95, max_concurrency: int = 8):
+        self._init_client(base_url, model, api_key, timeout, max_retries, backoff, max_concurrency, temperature, max_tokens, jpeg_quality)
         self.template = template
+        self.parse_failed = 0
+        self.request_failed = 0
+
+    @staticmethod
+    def parse(answer: str | None) -> float | None:
+        """1.0 / 0.0 for a named winner, 0.5 for a tie, None when neither can be read."""
+        text = (answer or "").lower()
+        one, two = "image 1 is better" in text, "image 2 is better" in text
+        if one != two:
+            return 1.0 if one else 0.0
+        if answer is not None and "tie" in text:
+            return 0.5
+        return None
 
     def __call__(self, image_a: Tensor, image_b: Tensor, prompt: str) -> float:
         content = [{"type": "image_url", "image_url": {"url": image_to_data_url(x, quality=self.jpeg_quality)}} for x in (image_a, image_b)]
         content.append({"type": "text", "text": self.template.format(prompt=prompt)})
         answer = self._ask(content)
-        self.calls += 1
-        text = (answer or "").lower()
-        one, two = "image 1 is better" in text, "image 2 is better" in text
-        if one != two:
-            return 1.0 if one else 0.0
-        if answer is None or "tie" not in text:
-            self.failed += 1
-        return 0.5
+        value = self.parse(answer)
+        with self.client._lock:
+            self.calls += 1
+            if value is None:
+                self.failed += 1
+                if answer is None:
+                    self.request_failed += 1
+                else:
+                    self.parse_failed += 1
+                    self.last_errors.append(f"unparseable answer: {answer[:200]!r}")
+        return 0.5 if value is None else value
+
+    def judge_batch(self, firsts: list[Tensor], seconds: list[Tensor], prompts: list[str]) -> list[float]:
+        """Judge many pairs concurrently; the i-th answer is P(firsts[i] is better)."""
+        with concurrent.futures.ThreadPoolExecutor(self.max_concurrency) as pool:
+            return list(pool.map(self, [a.detach().float().cpu() for a in firsts], [b.detach().float().cpu() for b in seconds], list(prompts)))
+
+    def metrics(self) -> dict[str, float]:
+        out = super().metrics()
+        n = max(self.calls, 1)
+        out.update(parse_failure_rate=self.parse_failed / n, request_failure_rate=self.request_failed / n)
+        return out
 
 
 __all__ = ["VLMJudge", "VLMPairwiseJudge", "ChatClient", "parse_score", "image_to_data_url", "POINTWISE_TEMPLATE", "POINTWISE_PATTERN", "PAIRWISE_TEMPLATE"]
