@@ -500,3 +500,128 @@ class TrustGRPOAdvantage:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
+
+
+# ================================================================================ G²RPO / BranchGRPO
+# Estimators of structured rollouts (flowrl.rollout "singular" and "tree"): rows are one output image
+# each, the structure is in traj.meta; they return per-row ([B]) or per-edge ([B, T]) advantages.
+
+
+def multi_granularity_advantages(rewards: Tensor, *, eps: float = 1e-4) -> Tensor:
+    """G²RPO multi-granularity advantage integration: ``rewards [G, K, Gr] → [G, K]``.
+
+    For each SDE step k and ODE-suffix granularity g, z-score the rewards over the G members,
+    z = (r − mean_G)/(std_G + eps) (population std), and sum over g: A_k = Σ_g z_{k,g} (summed, not
+    averaged: equal granularities give 2·z). A (k, g) column whose rewards are all equal gives 0.
+    G²RPO (Granular GRPO, 2025); spec/trainers.md "G²RPO multi-granularity advantage".
+    """
+    rewards = rewards.float()
+    if rewards.dim() != 3:
+        raise ValueError(f"rewards must be [G, K, Gr] (members, SDE steps, granularities); got {tuple(rewards.shape)}")
+    if rewards.shape[0] < 2:
+        raise ValueError("multi-granularity advantages need at least 2 members per group (train.num_generations ≥ 2).")
+    mean = rewards.mean(0, keepdim=True)
+    std = rewards.std(0, unbiased=False, keepdim=True)
+    return ((rewards - mean) / (std + eps)).sum(-1)
+
+
+@register_advantage("multi_granularity")
+def multi_granularity_estimator(inputs: AdvantageInputs, *, eps: float = 1e-4, clip: float | None = None) -> Tensor:
+    """G²RPO estimator over a ``singular`` rollout: rows (prompt, k, g, member) → the row with the
+    first granularity of each (member, k) gets A_k = Σ_g z_{k,g}
+    (:func:`multi_granularity_advantages`); the other granularities' rows get 0 (their step is the
+    same SDE step, trained once). ``[B]``."""
+    meta = inputs.meta
+    if "g2rpo_k" not in meta:
+        raise ValueError("the 'multi_granularity' estimator needs a G²RPO rollout: set sampler.rollout=singular (algorithm g2rpo).")
+    k, g, m = meta["g2rpo_k"], meta["g2rpo_g"], meta["g2rpo_member"]
+    local, blocks = len(k), int(inputs.rewards.shape[0]) // len(k)
+    if blocks * local != inputs.rewards.shape[0]:
+        raise ValueError(f"'multi_granularity': {inputs.rewards.shape[0]} rewards for a layout of {local} rows.")
+    K, Gr, G = int(k.max()) + 1, int(g.max()) + 1, int(m.max()) + 1
+    P = local // (K * Gr * G)
+    out = torch.zeros(inputs.rewards.shape[0], dtype=torch.float32)
+    for b in range(blocks):
+        r = inputs.rewards[b * local : (b + 1) * local].float().cpu()
+        table = torch.empty(P, G, K, Gr)
+        p = torch.arange(local) // (K * Gr * G)
+        table[p, m, k, g] = r
+        adv = torch.stack([multi_granularity_advantages(table[i], eps=eps) for i in range(P)])  # [P, G, K]
+        if clip is not None:
+            adv = adv.clamp(-clip, clip)
+        a = adv[p, m, k]
+        out[b * local : (b + 1) * local] = torch.where(g == 0, a, torch.zeros_like(a))
+    return out.to(inputs.rewards.device)
+
+
+def depth_advantages(node_rewards: Tensor, depth: Tensor, tree_id: Tensor, *, eps: float = 1e-8, min_std: float = 1e-6) -> Tensor:
+    """BranchGRPO depth-wise advantage: ``[N] → [N]``.
+
+    Inside each (tree, depth): A(n) = (r(n) − mean_d)/(std_d + eps) with the sample (n − 1) std;
+    0 where the depth holds one node or std_d < ``min_std``. Leaf rewards 0…15 of a tree split at
+    0, 3, 6, 9 (branch 2) give ±0.707 after the first split (means 3.5, 11.5; std 5.657),
+    ±1.162/±0.387 after the second (means 1.5, 5.5, 9.5, 13.5; std 5.164) and the leaves' plain
+    z-scores; each depth sums to 0. BranchGRPO (2025); spec/trainers.md "BranchGRPO depth-wise advantage".
+    """
+    node_rewards = node_rewards.float()
+    key = tree_id.long() * (int(depth.max()) + 1) + depth.long()
+    _, inverse, counts = torch.unique(key, return_inverse=True, return_counts=True)
+    n = counts.float()
+    sums = torch.zeros_like(n).index_add_(0, inverse, node_rewards)
+    mean = sums / n
+    sq = torch.zeros_like(n).index_add_(0, inverse, (node_rewards - mean[inverse]) ** 2)
+    std = torch.sqrt(sq / (n - 1).clamp(min=1))
+    adv = (node_rewards - mean[inverse]) / (std[inverse] + eps)
+    flat = (counts[inverse] < 2) | (std[inverse] < min_std)
+    return torch.where(flat, torch.zeros_like(adv), adv)
+
+
+@register_advantage("tree_depth")
+def tree_depth_estimator(inputs: AdvantageInputs, *, fusion: str = "mean", temperature: float = 1.0, clip: float | None = 5.0, width_prune: str | None = None, width_keep: float = 0.5) -> Tensor:
+    """BranchGRPO estimator over a ``tree`` rollout → per-edge advantages ``[B, T]``.
+
+    Leaf rewards (one per row) are fused up the tree (``fusion``: ``mean`` of descendants, or
+    ``log_prob`` = softmax of child-edge log-probs / temperature at splits), z-scored per depth
+    (:func:`depth_advantages`), clipped to ±``clip``; each stored edge parent → child gets the
+    child's advantage on the row that owns it (0 elsewhere). ``width_prune`` (``top``: the best
+    ``width_keep`` of each last-split sibling group; ``extremes``: best and worst ``width_keep``/2 of
+    the tree) drops the post-split chains of the other leaves from training via
+    ``meta["train_mask"]`` — it cuts backward cost only: the advantages are unchanged.
+    """
+    from flowrl.tree import fuse_rewards, width_prune_leaves
+
+    info = inputs.meta.get("tree")
+    if info is None:
+        raise ValueError("the 'tree_depth' estimator needs a tree rollout: set sampler.rollout=tree (algorithm branch_grpo).")
+    layout, P, cols = info.layout, info.num_trees, list(info.columns)
+    L = layout.num_leaves
+    local = P * L
+    total = int(inputs.rewards.shape[0])
+    if total % local or (fusion != "mean" and total != local):
+        raise ValueError(f"'tree_depth': {total} rewards for {P} trees of {L} leaves (log_prob fusion needs one process).")
+    sizes = layout.level_sizes
+    leaf = torch.arange(L)
+    adv_out, mask_out = [], []
+    for b in range(total // local):
+        r = inputs.rewards[b * local : (b + 1) * local].float().cpu().view(P, L)
+        levels = fuse_rewards(layout, r, fusion=fusion, edge_log_probs=info.edge_log_probs, temperature=temperature)
+        flat = torch.cat([lv.reshape(-1) for lv in levels])
+        depth = torch.cat([torch.full((P * n,), d) for d, n in enumerate(sizes)])
+        tree = torch.cat([torch.arange(P).repeat_interleave(n) for n in sizes])
+        node_adv = depth_advantages(flat, depth, tree)
+        if clip is not None:
+            node_adv = node_adv.clamp(-clip, clip)
+        per_level = list(torch.split(node_adv, [P * n for n in sizes]))
+        adv = torch.zeros(P, L, len(cols))
+        train = torch.ones(P, L, len(cols), dtype=torch.bool)
+        keep_leaf = width_prune_leaves(layout, r, mode=width_prune, keep=width_keep) if width_prune else None
+        for j, i in enumerate(cols):
+            child = layout.ancestor(i + 1, leaf)
+            owner = (leaf % layout.subtree_leaves(i + 1) == 0).float()
+            adv[:, :, j] = per_level[i + 1].view(P, sizes[i + 1])[:, child] * owner
+            if keep_leaf is not None and i > layout.last_split:
+                train[:, :, j] = keep_leaf
+        adv_out.append(adv.reshape(local, len(cols)))
+        mask_out.append(train.reshape(local, len(cols)))
+    inputs.meta["train_mask"] = torch.cat(mask_out)
+    return torch.cat(adv_out).to(inputs.rewards.device)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from flowrl.pipelines.base import FlowAdapter, adapter_for
 from flowrl.policy import PolicyBase, PolicyEval, Trajectories
-from flowrl.sde import KERNELS, sde_step
+from flowrl.sde import KERNELS, gaussian_log_prob, sde_step
 
 #: attention projections LoRA targets by default (Flow-GRPO's SD3 list; peft matches name suffixes).
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -158,25 +158,66 @@ class FlowPolicy(PolicyBase):
     def evaluate(self, traj: Trajectories, steps: Tensor | None = None) -> PolicyEval:
         """Re-run the current weights on stored steps → log-probs ``[B, T']``, means, stds.
 
-        Uses the stored σ, σ' and conditioning; the kernel and noise level recorded at rollout."""
+        Uses the stored σ, σ' and conditioning; the kernel and noise level recorded at rollout.
+
+        Structured rollouts (``flowrl.rollout``: singular, tree) may set in ``traj.meta``:
+        ``state_key`` ``[B, T]`` long — rows with equal keys at a step share its state and
+        conditioning, so their velocity is computed once; ``evaluate_masked_only`` — rows whose
+        ``mask`` is False at a step are not run (their log-prob is the stored one, their mean the
+        stored action: they carry no loss); ``std_scale`` ``[B, T]`` — the step's noise was scaled
+        at rollout (BranchGRPO split noise), so the log-prob and std use the scaled std."""
         if steps is None:
             steps = torch.arange(traj.num_steps)
         kind = traj.meta.get("kernel", self.sampler)
         noise_level = traj.meta.get("noise_level", self.noise_level)
+        std_scale = traj.meta.get("std_scale")
         log_probs, means, stds = [], [], []
         for j in steps.tolist():
             x = traj.states[:, j].to(self.device)
             sigma = traj.sigmas[:, j].to(self.device)
             sigma_next = traj.sigmas_next[:, j].to(self.device)
-            v = self.velocity(x.to(self.adapter.dtype), sigma, traj.cond)
+            v, active = self._stored_velocity(traj, j, x, sigma)
+            prev = traj.actions[:, j].to(self.device).float()
             out = sde_step(
                 x.float(), v.float(), sigma, sigma_next, kind=kind, noise_level=noise_level,
-                prev_sample=traj.actions[:, j].to(self.device).float(), reduce=self.log_prob_reduce,
+                prev_sample=prev, reduce=self.log_prob_reduce,
             )
-            log_probs.append(out.log_prob)
-            means.append(out.mean)
-            stds.append(out.std.flatten(1)[:, 0])
+            log_prob, mean, std = out.log_prob, out.mean, out.std
+            if std_scale is not None:
+                std = std * std_scale[:, j].to(self.device).float().view(-1, *([1] * (std.dim() - 1)))
+                log_prob = gaussian_log_prob(prev, mean, std, reduce=self.log_prob_reduce)
+            if active is not None:
+                log_prob = torch.where(active, log_prob, traj.log_probs[:, j].to(self.device).float())
+                mean = torch.where(active.view(-1, *([1] * (mean.dim() - 1))), mean, prev)
+            log_probs.append(log_prob)
+            means.append(mean)
+            stds.append(std.flatten(1)[:, 0])
         return PolicyEval(log_prob=torch.stack(log_probs, 1), mean=torch.stack(means, 1), std=torch.stack(stds, 1))
+
+    def _stored_velocity(self, traj: Trajectories, j: int, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Velocity of stored step ``j`` for every row, honouring ``meta["state_key"]`` (one
+        evaluation per distinct state) and ``meta["evaluate_masked_only"]`` → ``(v, active)``,
+        ``active`` ``[B]`` bool or None when every row was run."""
+        keys = traj.meta.get("state_key")
+        masked_only = bool(traj.meta.get("evaluate_masked_only", False))
+        if keys is None and not masked_only:
+            return self.velocity(x.to(self.adapter.dtype), sigma, traj.cond), None
+        batch = x.shape[0]
+        active = traj.mask[:, j].to(torch.bool) if masked_only else torch.ones(batch, dtype=torch.bool)
+        rows = torch.nonzero(active.cpu()).flatten()
+        v = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        if len(rows) == 0:
+            return v, active.to(x.device)
+        if keys is not None:
+            _, inverse = torch.unique(keys[rows, j].cpu(), return_inverse=True)
+            first = torch.full((int(inverse.max()) + 1,), len(rows), dtype=torch.long).scatter_reduce(0, inverse, torch.arange(len(rows)), "amin")
+            rep = rows[first]
+        else:
+            rep, inverse = rows, torch.arange(len(rows))
+        cond = {k: (c[rep.to(c.device)] if isinstance(c, Tensor) and c.dim() > 0 and c.shape[0] == batch else c) for k, c in traj.cond.items()}
+        v_rep = self.velocity(x[rep.to(x.device)].to(self.adapter.dtype), sigma[rep.to(sigma.device)], cond).float()
+        v = v.index_copy(0, rows.to(x.device), v_rep[inverse.to(x.device)])
+        return v, active.to(x.device)
 
     def save_lora(self, directory) -> None:
         """Save the transformer's LoRA in the diffusers format: stock ``pipe.load_lora_weights(dir)``
