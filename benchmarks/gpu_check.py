@@ -24,7 +24,7 @@ def ratio_check(pipe, dtype: torch.dtype, cfg: float, device: str) -> float:
     pipe.transformer.to(dtype)
     policy = FlowPolicy.from_pipeline(pipe, num_steps=6, guidance_scale=cfg, height=32, width=32)
     traj = policy.rollout(["a cat", "a dog"], group_size=4, generator=torch.Generator(device).manual_seed(0))
-    return float((policy.log_prob(traj) - traj.log_probs).abs().max())
+    return float((policy.log_prob(traj).cpu() - traj.log_probs).abs().max())
 
 
 def main() -> int:

@@ -128,7 +128,8 @@ def no_step_weight(inputs: LossInputs) -> Tensor:
 # ------------------------------------------------------------------------------------ KL terms
 def _step_delta(inputs: LossInputs) -> Tensor:
     traj, steps = inputs.traj, inputs.steps
-    return (traj.sigmas[:, steps] - traj.sigmas_next[:, steps]).float()
+    delta = (traj.sigmas[:, steps] - traj.sigmas_next[:, steps]).float()
+    return delta.to(inputs.log_prob.device)  # trajectories live on the CPU; the loss on the model's device
 
 
 def _mean_sq_diff(a: Tensor, b: Tensor) -> Tensor:
@@ -511,3 +512,109 @@ def ppo_clip_step_stats_rule(log_ratio: Tensor, inputs: LossInputs, *, clip_rang
     loss, info = ppo_clip_loss(log_ratio, inputs.advantages, clip_range=clip_range, clip_range_high=clip_range_high)
     stats = per_step_ratio_stats(log_ratio, inputs.log_prob - inputs.old_log_prob, info["clipped"], inputs.mask, inputs.steps)
     return loss, {**info, **stats}
+
+
+# ===================================================================================== SAGE-GRPO
+# spec/trainers.md "SAGE-GRPO trust region and equalizer": the gradient-norm equalizer (a step
+# weight) and the dual trust-region KL (moving anchor + stepwise term). The moving anchor and the
+# adaptive β are state, kept by the ``sage_trust_region`` objective (flowrl.trust_region).
+
+
+def kernel_std(kind: str, sigma: Tensor, sigma_next: Tensor, noise_level: float) -> Tensor:
+    """The std s of a kernel's step (it does not depend on x or v), shaped like ``sigma``."""
+    from flowrl.sde import KERNELS
+
+    zeros = torch.zeros_like(sigma)
+    std = KERNELS.get(kind)(zeros, zeros, sigma, sigma_next, float(noise_level))[1]
+    return torch.as_tensor(std, dtype=sigma.dtype, device=sigma.device).expand_as(sigma)
+
+
+def equalizer_weights(kind: str, sigma: Tensor, sigma_next: Tensor, noise_level: float, *, std: Tensor | None = None) -> Tensor:
+    """SAGE-GRPO gradient-norm equalizer c_k = median_j(g_j)/g_k over the last dim (the steps).
+
+    g_k = |∂μ/∂v|/s_k is the size of ∂log π/∂v at step k (the whitened noise times ∂μ/∂v over s;
+    sage: ∂μ/∂v = dt − ½·Var·(1−σ)/σ). After weighting, every step's log-prob gradient has the
+    same expected magnitude median(g). Shapes: ``sigma``/``sigma_next`` ``[..., T]`` → ``[..., T]``.
+    ``std`` overrides the kernel's std (e.g. scaled split noise). The median interpolates for even T.
+    """
+    from flowrl.sde import mean_velocity_gain
+
+    gain = mean_velocity_gain(kind, sigma, sigma_next, noise_level).abs()
+    s = kernel_std(kind, sigma, sigma_next, noise_level) if std is None else std
+    g = gain / s
+    if not torch.isfinite(g).all() or (g <= 0).any():
+        raise ValueError(f"the equalizer needs a positive finite |∂μ/∂v|/s at every step; the '{kind}' kernel gives {g.tolist()}.")
+    return torch.quantile(g, 0.5, dim=-1, keepdim=True) / g
+
+
+@STEP_WEIGHTS.register("sage_equalizer")
+def sage_equalizer_weight(inputs: LossInputs) -> Tensor:
+    """Registered :func:`equalizer_weights` over each row's stored steps (the median runs over all
+    of them, not just the chunk), ``[B, T']``; kernel and noise level from ``traj.meta``."""
+    traj = inputs.traj
+    meta = getattr(traj, "meta", None) or {}
+    sigma, sigma_next = traj.sigmas.float(), traj.sigmas_next.float()
+    kind, level = meta.get("kernel", "sage"), meta.get("noise_level", 0.5)
+    std = None
+    if meta.get("std_scale") is not None:
+        std = kernel_std(kind, sigma, sigma_next, level) * meta["std_scale"].float()
+    w = equalizer_weights(kind, sigma, sigma_next, level, std=std)
+    steps = inputs.steps if inputs.steps is not None else torch.arange(w.shape[1])
+    return w[:, steps].to(inputs.log_prob.device)
+
+
+@KL_TERMS.register("sage_dual")
+def sage_dual_kl(inputs: LossInputs) -> Tensor:
+    """SAGE-GRPO dual trust region per step, ``[B, T]``: w_mov·KL_mov + w_step·KL_step with
+    KL_mov = mean_dims((μ_θ − μ_anchor)²)/(2s² + 1e-6) against the moving anchor (passed as
+    ``inputs.reference``) and KL_step = log π_old − log π_θ. Weights ``extras["sage_kl_weights"]``
+    (default (1.0, 0.1), the paper's)."""
+    cur, anchor = inputs.current, inputs.reference
+    if cur is None or anchor is None or cur.mean is None or anchor.mean is None:
+        raise ValueError("the 'sage_dual' KL needs the Gaussian means of the policy and of the moving anchor (objective sage_trust_region).")
+    w_mov, w_step = inputs.extras.get("sage_kl_weights", (1.0, 0.1))
+    mov = _mean_sq_diff(cur.mean, anchor.mean) / (2 * cur.std.float() ** 2 + inputs.extras.get("sage_kl_eps", 1e-6))
+    step = inputs.old_log_prob.float() - inputs.log_prob.float()
+    return w_mov * mov + w_step * step
+
+
+# ================================================================================== DiffusionNFT
+def nft_loss_per_sample(v_theta: Tensor, v_old: Tensor, v_target: Tensor, r: Tensor, *, beta: float, x0_adaptive: bool = False, t: Tensor | None = None) -> Tensor:
+    """Per-sample DiffusionNFT loss ``[B]`` (see :func:`nft_loss`)."""
+    if beta <= 0:
+        raise ValueError(f"nft_beta must be > 0, got {beta}.")
+    v_theta, v_old, v_target = v_theta.float(), v_old.float().detach(), v_target.float()
+    r = torch.as_tensor(r, dtype=torch.float32, device=v_theta.device).reshape(-1)
+    v_pos = (1.0 - beta) * v_old + beta * v_theta  # implicit positive policy
+    v_neg = (1.0 + beta) * v_old - beta * v_theta  # implicit negative policy
+    dims = tuple(range(1, v_theta.dim()))
+    if x0_adaptive:
+        if t is None:
+            raise ValueError("nft_loss(x0_adaptive=True) needs t ([B] noise levels) to map velocities to x̂0 = x_t − t·v.")
+        tt = torch.as_tensor(t, dtype=torch.float32, device=v_theta.device).reshape(-1, *([1] * len(dims)))
+        terms = []
+        for v_pm in (v_pos, v_neg):
+            err = tt * (v_pm - v_target)  # x̂0(v±) − x0 = −t·(v± − v)
+            w = err.detach().abs().mean(dim=dims, keepdim=True).clamp(min=1e-5)  # stop-gradient adaptive weight
+            terms.append((err**2 / w).mean(dim=dims))
+        pos, neg = terms
+    else:
+        pos = ((v_pos - v_target) ** 2).mean(dim=dims)
+        neg = ((v_neg - v_target) ** 2).mean(dim=dims)
+    return (r * pos + (1.0 - r) * neg) / beta
+
+
+def nft_loss(v_theta: Tensor, v_old: Tensor, v_target: Tensor, r: Tensor, *, beta: float, x0_adaptive: bool = False, t: Tensor | None = None) -> Tensor:
+    """DiffusionNFT forward-process loss (Zheng et al. 2025, "DiffusionNFT", eq. 6), a scalar.
+
+    v⁺ = (1−β)·v_old + β·v_θ,  v⁻ = (1+β)·v_old − β·v_θ  (implicit positive / negative policies),
+    L = mean_B[ r·‖v⁺ − v‖² + (1−r)·‖v⁻ − v‖² ] / β,  v = ε − x0 the forward-process target,
+    r ∈ [0, 1] the optimality probability. ‖·‖² is a mean over non-batch dims; the 1/β keeps the
+    gradient scale independent of β (as the reference code). Per sample the minimiser is
+    v_θ = v_old + (2r − 1)(v − v_old)/β; with r ≡ ½ the gradient at v_θ = v_old is 0.
+    ``x0_adaptive=True`` (the reference's form): each term is computed on x̂0 = x_t − t·v± instead,
+    i.e. on t·(v± − v), divided by its stop-gradient mean |error| (clamped at 1e-5); needs ``t`` [B].
+    ``beta`` here is DiffusionNFT's β (config ``nft_beta``), never the KL coefficient.
+    Shapes: velocities ``[B, ...]``, ``r`` ``[B]``.
+    """
+    return nft_loss_per_sample(v_theta, v_old, v_target, r, beta=beta, x0_adaptive=x0_adaptive, t=t).mean()
