@@ -114,7 +114,7 @@ def make_objective(name: str, **params: Any) -> Any:
 
 
 #: modules that register built-in objectives, rollout schedules and reward transforms on import
-BUILTIN_COMPONENT_MODULES = ("flowrl.nft", "flowrl.co_grpo", "flowrl.rewards.pairwise")
+BUILTIN_COMPONENT_MODULES = ("flowrl.nft", "flowrl.co_grpo", "flowrl.rewards.pairwise", "flowrl.trust_region")
 
 
 def _import_builtin_components() -> None:
@@ -317,6 +317,8 @@ class Trainer:
         lo = acc.process_index * len(traj)
         adv = adv_all[lo : lo + len(traj)]
         traj.advantages = adv
+        if "train_mask" in traj.meta:  # an estimator pruned trained steps (BranchGRPO width pruning)
+            traj.mask = traj.mask & traj.meta.pop("train_mask")[lo : lo + len(traj)].to(traj.mask.device)
         traj.mask = select_train_steps(traj.mask, self.resolved.timestep_fraction, self.resolved.timestep_selection, generator_for(t.seed, it, "steps", acc.process_index))
         keep = adv.abs().flatten(1).amax(1) > 0 if adv.dim() > 1 else adv.abs() > 0
         keep &= torch.isfinite(combined)  # samples whose reward failed (tolerated by max_failures) are not trained
@@ -335,6 +337,8 @@ class Trainer:
         for k in ("model_evals",):
             if k in traj.meta and isinstance(traj.meta[k], (int, float)):
                 record[f"cost/{k}_per_sample"] = float(traj.meta[k])
+        if isinstance(traj.meta.get("transformer_calls"), (int, float)):
+            record["cost/transformer_calls"] = float(traj.meta["transformer_calls"])
         record["cost/trained_steps_per_sample"] = float(traj.mask[keep].sum() / max(int(keep.sum()), 1))
         record.update(update_metrics)
         hook = getattr(self.objective, "on_iteration_end", None)
@@ -381,6 +385,10 @@ class Trainer:
         n_updates = 0
         for epoch in range(t.inner_epochs):
             order = idx_kept[torch.randperm(len(idx_kept), generator=generator_for(t.seed, it, "shuffle", epoch))]
+            groups = traj.meta.get("minibatch_groups")
+            if groups is not None:  # rows that share states (a tree, a G²RPO step) stay contiguous
+                rank = torch.randperm(int(groups.max()) + 1, generator=generator_for(t.seed, it, "groups", epoch))
+                order = order[torch.argsort(rank[groups[order]], stable=True)]
             for start in range(0, len(order), t.train_batch_size):
                 batch = traj.select(order[start : start + t.train_batch_size])
                 total = float(batch.mask.sum())
@@ -407,6 +415,9 @@ class Trainer:
                 if self.ema is not None:
                     self.ema.update()
                 n_updates += 1
+                on_update = getattr(self.objective, "on_update", None)
+                if on_update is not None:  # per optimizer step (SAGE's moving anchor and adaptive β)
+                    on_update(self)
         self.policy.model.eval()
         out = {k: (v / max(n_updates, 1) if k != "grad_norm" else v / counts[k]) for k, v in sums.items()}
         for k, w in wsums.items():
