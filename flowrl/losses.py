@@ -583,15 +583,16 @@ def nft_loss_per_sample(v_theta: Tensor, v_old: Tensor, v_target: Tensor, r: Ten
     """Per-sample DiffusionNFT loss ``[B]`` (see :func:`nft_loss`)."""
     if beta <= 0:
         raise ValueError(f"nft_beta must be > 0, got {beta}.")
-    v_theta, v_old, v_target = v_theta.float(), v_old.float().detach(), v_target.float()
-    r = torch.as_tensor(r, dtype=torch.float32, device=v_theta.device).reshape(-1)
+    f = (lambda x: x if x.dtype == torch.float64 else x.float())  # float32 at least
+    v_theta, v_old, v_target = f(v_theta), f(v_old).detach(), f(v_target)
+    r = torch.as_tensor(r, device=v_theta.device).to(v_theta.dtype).reshape(-1)
     v_pos = (1.0 - beta) * v_old + beta * v_theta  # implicit positive policy
     v_neg = (1.0 + beta) * v_old - beta * v_theta  # implicit negative policy
     dims = tuple(range(1, v_theta.dim()))
     if x0_adaptive:
         if t is None:
             raise ValueError("nft_loss(x0_adaptive=True) needs t ([B] noise levels) to map velocities to x̂0 = x_t − t·v.")
-        tt = torch.as_tensor(t, dtype=torch.float32, device=v_theta.device).reshape(-1, *([1] * len(dims)))
+        tt = torch.as_tensor(t, device=v_theta.device).to(v_theta.dtype).reshape(-1, *([1] * len(dims)))
         terms = []
         for v_pm in (v_pos, v_neg):
             err = tt * (v_pm - v_target)  # x̂0(v±) − x0 = −t·(v± − v)
