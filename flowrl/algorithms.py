@@ -133,7 +133,8 @@ def resolve(config: Any) -> Any:
     adv_params.update(a.options)
     changes["advantage_params"] = adv_params
     loss = preset.loss
-    clip_params = dict(loss.clip_params)
+    clip_params = dict(loss.clip_params) if a.clip is None else {}
+    clip_params.update(a.clip_params)
     if a.clip_range is not None:
         clip_params["clip_range"] = a.clip_range
     if a.clip_range_high is not None:
@@ -145,6 +146,10 @@ def resolve(config: Any) -> Any:
         loss_changes["kl"] = a.kl
     if a.aggregation is not None:
         loss_changes["aggregation"] = a.aggregation
+    if a.ratio is not None:
+        loss_changes["ratio"] = a.ratio
+    if a.clip is not None:
+        loss_changes["clip"] = a.clip
     changes["loss"] = replace(loss, **loss_changes)
     obj_params = {**preset.objective_params, **(getattr(a, "objective_options", None) or {})}
     if getattr(a, "nft_beta", None) is not None:

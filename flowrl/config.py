@@ -19,6 +19,22 @@ from typing import Any, Literal
 import yaml
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``3e-4`` as a string; configs mean the number."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    __import__("re").compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str):
+    """Parse YAML the way configs mean it (``1e-4`` is a float)."""
+    return yaml.load(text, Loader=_Loader)
+
+
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names the field and the fix."""
 
@@ -102,6 +118,12 @@ class AlgorithmConfig:
     """KL coefficient against the reference policy (TRL ``beta``); 0 disables the KL term."""
     kl: str | None = None
     """KL form: gaussian (exact per-step), gaussian_reference (Flow-GRPO code: ×Δ), k3 (tokens)."""
+    ratio: str | None = None
+    """Ratio level: token (per step), sequence (GSPO), gspo_token, segment, hybrid (``flowrl.losses.RATIOS``)."""
+    clip: str | None = None
+    """Clip/weight rule (``flowrl.losses.CLIP_RULES``): ppo_clip, dispo, etr, ..."""
+    clip_params: dict[str, Any] = field(default_factory=dict)
+    """Extra options of the clip rule (merged over the preset's)."""
     aggregation: str | None = None
     """Loss aggregation: token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm."""
     timestep_fraction: float | None = None
@@ -209,7 +231,7 @@ class TrainConfig:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist.")
-        return cls.from_dict(yaml.safe_load(path.read_text()) or {})
+        return cls.from_dict(load_yaml(path.read_text()) or {})
 
     def override(self, assignments: list[str]) -> "TrainConfig":
         """Apply ``section.field=value`` strings (values parsed as YAML) and re-validate."""
@@ -224,7 +246,7 @@ class TrainConfig:
                 if p not in node or not isinstance(node[p], dict):
                     raise ConfigError(f"--set {key}: '{p}' is not a config section. Sections: {', '.join(k for k, v in data.items() if isinstance(v, dict))}.")
                 node = node[p]
-            node[parts[-1]] = yaml.safe_load(raw)
+            node[parts[-1]] = load_yaml(raw)
         return TrainConfig.from_dict(data)
 
     # ------------------------------------------------------------------------- validation

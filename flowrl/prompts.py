@@ -16,7 +16,7 @@ register_prompt_set = PROMPT_SETS.register
 def _import_builtin_sets() -> None:
     import importlib
 
-    for mod in ("flowrl.digits_data",):
+    for mod in ("flowrl.digits_data", "flowrl.rewards.verifiers"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:

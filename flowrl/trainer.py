@@ -40,6 +40,7 @@ from flowrl.advantages import AdvantageInputs, make_estimator
 from flowrl.config import ConfigError, ResolvedConfig, TrainConfig
 from flowrl.losses import LossInputs, policy_loss
 from flowrl.policy import Trajectories
+from flowrl.prompt_selection import fill_batch
 from flowrl.registry import Registry
 
 OBJECTIVES: Registry[Callable[..., Any]] = Registry("training objective")
@@ -95,6 +96,7 @@ def policy_gradient_objective(policy: Any, batch: Trajectories, steps: Tensor, c
         traj=batch,
         steps=steps,
         extras=ctx.extras,
+        rewards=batch.meta["reward"].to(current.log_prob.device).float() if isinstance(batch.meta.get("reward"), Tensor) else None,
     )
     return policy_loss(inputs, spec)
 
@@ -227,6 +229,7 @@ class Trainer:
         self.reward_set = reward_set if reward_set is not None else _build_reward_set(config)
         self.estimator = make_estimator(self.resolved.preset.advantage, **self.resolved.preset.advantage_params)
         self.objective = make_objective(self.resolved.preset.objective, **self.resolved.preset.objective_params)
+        self.selector = self._make_selector()
         self._setup_training()
         self.history: list[dict[str, float]] = []
         self.start_iteration = 0
@@ -293,21 +296,35 @@ class Trainer:
         cfg, t, preset = self.config, self.config.train, self.resolved.preset
         acc = self.accelerator
         self.policy.iteration = it
-        # 1. rollout ------------------------------------------------------------------------
+        # 1. rollout + 2. rewards (the prompt selector may filter groups and refill: DAPO) ------
         t0 = time.perf_counter()
-        prompts = self._select_prompts(it)
         self.policy.model.eval()
-        with self.autocast():  # the same precision as recomputation, so the on-policy ratio is 1
-            traj = self.policy.rollout(prompts, group_size=t.num_generations, generator=generator_for(t.seed, it, "rollout", acc.process_index))
-        t1 = time.perf_counter()
-        # 2. rewards ------------------------------------------------------------------------
-        table, names = self.reward_set.score(traj.outputs, traj.prompts, {**traj.meta, "group_ids": traj.group_ids})
-        traj.rewards, traj.reward_names = table, list(names)
-        if preset.reward_transform:
-            table, names = REWARD_TRANSFORMS.get(preset.reward_transform)(table, names, traj.group_ids, traj, **preset.reward_transform_params)
-        combined = self.reward_set.combine(table, names, traj.group_ids)
+        rollout_gen = generator_for(t.seed, it, "rollout", acc.process_index)
+        timing = {"rollout": 0.0}
+
+        def generate(indices: list[int]):
+            start = time.perf_counter()
+            with self.autocast():  # the same precision as recomputation, so the on-policy ratio is 1
+                traj = self.policy.rollout([self.train_prompts[i] for i in indices], group_size=t.num_generations, generator=rollout_gen)
+            timing["rollout"] += time.perf_counter() - start
+            table, names = self.reward_set.score(traj.outputs, traj.prompts, {**traj.meta, "group_ids": traj.group_ids})
+            traj.rewards, traj.reward_names = table, list(names)
+            if preset.reward_transform:
+                table, names = REWARD_TRANSFORMS.get(preset.reward_transform)(table, names, traj.group_ids, traj, **preset.reward_transform_params)
+            combined = self.reward_set.combine(table, names, traj.group_ids)
+            traj.meta["reward_table"], traj.meta["reward_columns"] = table, list(names)
+            return traj, combined
+
+        n_local = t.prompts_per_iteration // acc.num_processes
+        traj, combined, prompt_index, select_metrics = fill_batch(
+            self.selector, generate, n_local, generator=generator_for(t.seed, it, "prompts", acc.process_index),
+        )
+        table, names = traj.meta.pop("reward_table"), traj.meta.pop("reward_columns")
+        traj.meta["reward"] = combined  # [B] combined reward, sliced with the batch (LossInputs.rewards)
+        prompts = sorted(set(traj.prompts), key=traj.prompts.index)
+        t1 = t0 + timing["rollout"]
         # groups may span processes: gather before statistics (identity with one process)
-        group_ids = traj.group_ids + acc.process_index * len(prompts)
+        group_ids = traj.group_ids + acc.process_index * n_local
         all_rewards, all_groups = self._gather(combined), self._gather(group_ids)
         # 3. advantages ---------------------------------------------------------------------
         adv_all = self._advantages(AdvantageInputs(
@@ -326,6 +343,10 @@ class Trainer:
             keep = torch.ones_like(keep)
         # 4. update -------------------------------------------------------------------------
         update_metrics = self.update(traj, keep, it)
+        if hasattr(self.estimator, "observe_shift"):  # stateful estimators that track policy drift (SPO)
+            with torch.no_grad(), self.autocast():
+                new_lp = self.policy.log_prob(traj).float().cpu()
+            self.estimator.observe_shift(traj.prompts, traj.log_probs.float(), new_lp, traj.mask)
         t2 = time.perf_counter()
         ok = torch.isfinite(combined)
         record: dict[str, float] = {"iteration": it, "reward/mean": float(combined[ok].mean()), "reward/std": float(combined[ok].std(unbiased=False))}
@@ -503,6 +524,8 @@ class Trainer:
         est_state = self.estimator.state_dict() if hasattr(self.estimator, "state_dict") else None
         if est_state is not None:
             torch.save(est_state, tmp / "estimator.pt")
+        if hasattr(self.selector, "state_dict"):
+            torch.save(self.selector.state_dict(), tmp / "selector.pt")
         (tmp / "state.json").write_text(json.dumps({"iteration": it, "history": self.history}, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -527,6 +550,8 @@ class Trainer:
             self.objective.load_state_dict(torch.load(path / "objective.pt", weights_only=False))
         if (path / "estimator.pt").is_file() and hasattr(self.estimator, "load_state_dict"):
             self.estimator.load_state_dict(torch.load(path / "estimator.pt", weights_only=False))
+        if (path / "selector.pt").is_file() and hasattr(self.selector, "load_state_dict"):
+            self.selector.load_state_dict(torch.load(path / "selector.pt", weights_only=False))
         self.start_iteration = int(state["iteration"])
         self.history = list(state["history"])
         # rewrite metrics.jsonl to exactly the checkpoint's history (drop records past it)
@@ -545,13 +570,21 @@ class Trainer:
         return None
 
     # ------------------------------------------------------------------------------- output
-    def _select_prompts(self, it: int) -> list[str]:
-        t = self.config.train
-        n_local = t.prompts_per_iteration // self.accelerator.num_processes
-        g = generator_for(t.seed, it, "prompts")
-        idx = torch.randint(len(self.train_prompts), (t.prompts_per_iteration,), generator=g).tolist()
-        lo = self.accelerator.process_index * n_local
-        return [self.train_prompts[i] for i in idx[lo : lo + n_local]]
+    def _make_selector(self):
+        """The preset's prompt selector (``flowrl.prompt_selection``); a selector that takes a value
+        ``tracker`` shares the advantage estimator's (SPO)."""
+        import inspect
+
+        from flowrl.prompt_selection import PROMPT_SELECTORS, make_selector
+
+        name = self.resolved.preset.prompt_selection
+        params = inspect.signature(PROMPT_SELECTORS.get(name).__init__).parameters
+        kwargs: dict[str, Any] = {}
+        if "tracker" in params and getattr(self.estimator, "tracker", None) is not None:
+            kwargs["tracker"] = self.estimator.tracker
+        if "prompts" in params:
+            kwargs["prompts"] = self.train_prompts
+        return make_selector(name, len(self.train_prompts), **kwargs)
 
     def _gather(self, x: Tensor) -> Tensor:
         if self.accelerator.num_processes == 1:
