@@ -77,7 +77,7 @@ def run_one(algorithm: str, args) -> dict:
         samples, elapsed = 0, 0.0
         for h in result.history:
             samples += h.get("samples/generated", 0)
-            elapsed += h.get("time/rollout", 0) + h.get("time/update", 0)
+            elapsed += h.get("time/rollout", 0) + h.get("time/rewards", 0) + h.get("time/update", 0)
             if f"eval/{col}" in h:
                 curve.append((samples, elapsed, h[f"eval/{col}"]))
         curve.append((samples, elapsed, result.eval_after.get(col, float("nan"))))
