@@ -182,3 +182,24 @@ def test_bf16_autocast_keeps_on_policy_ratio_one(tmp_path, tiny_sd3):
     result = Trainer(cfg, policy=_policy(tiny_sd3, cfg)).train()
     assert result.history[0]["ratio/mean"] == pytest.approx(1.0, abs=1e-6)
     assert result.history[0]["ratio/max_abs_log"] < 1e-5
+
+
+def test_cli_eval_and_gallery_load_a_runs_lora(tmp_path, capsys):
+    from flowrl.cli import main
+
+    cfg = _config(tmp_path, "train.num_iterations=1", "train.learning_rate=5e-2", "loss.beta=0", "train.eval_prompts=['a cat', 'a dog']")
+    path = tmp_path / "cfg.yaml"
+    cfg.to_yaml(path)
+    assert main(["train", "--config", str(path)]) == 0
+    capsys.readouterr()
+    lora = str(tmp_path / "run" / "lora")
+    assert main(["eval", "--config", str(path), "--lora", lora]) == 0
+    tuned = capsys.readouterr().out
+    assert main(["eval", "--config", str(path)]) == 0
+    base = capsys.readouterr().out
+    assert "| jpeg_compressibility |" in tuned and tuned != base  # the LoRA changed the samples
+    assert main(["gallery", "--config", str(path), "--lora", lora, "--gallery", str(tmp_path / "g" / "index.html")]) == 0
+    page = (tmp_path / "g" / "index.html").read_text()
+    assert page.count("<figure>") == 2 and "a dog" in page
+    assert main(["sample", "--config", str(path), "--prompt", "a cat", "--out", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "s.png").is_file()
