@@ -591,3 +591,23 @@ DIFFUSION_NFT = register_preset(
         defaults={"learning_rate": 3e-4, "timestep_fraction": 1.0},
     )
 )
+
+CO_GRPO = register_preset(
+    Preset(
+        name="co_grpo",
+        doc="Co-GRPO on masked-token image models (aMUSEd; model.kind masked): one MDP over token decoding and the "
+        "schedule. A small schedule policy draws per-step Gaussian actions (σ 0.3) mapped to re-mask ratio (sigmoid), "
+        "sampling / re-mask temperature and CFG scale (softplus), residual on the stock cosine schedule; token "
+        "log-probs from the model's logits (committed tokens + Plackett–Luce re-mask order); one group z-scored "
+        "terminal advantage; PPO clip 0.2 on a token column and a schedule column per step; no KL, no "
+        "back-propagation through the decoding chain. Parameterisation after AdaNAT (inferred; the paper's is not public).",
+        kernel="token",
+        noise_level=0.0,
+        rollout="masked",
+        rollout_params={"init_std": 0.3, "residual": True},
+        advantage="group",
+        advantage_params={"std": "group", "clip": 5.0},
+        loss=LossSpec(clip="ppo_clip", clip_params={"clip_range": 0.2}, aggregation="token-mean", kl=None, beta=0.0),
+        defaults={"learning_rate": 1e-4, "timestep_fraction": 1.0},
+    )
+)

@@ -162,3 +162,38 @@ def save_and_reload(pipe: Any, directory: str | os.PathLike) -> Any:
     directory = Path(directory)
     pipe.save_pretrained(directory)
     return type(pipe).from_pretrained(directory, local_files_only=True)
+
+
+def tiny_amused_pipeline(*, seed: int = 0, codebook_size: int = 64, latent_size: int = 8):
+    """An ``AmusedPipeline`` (masked-token image model) with random tiny weights: ``VQModel`` with 3
+    blocks (scale 4, ``codebook_size`` codes), ``UVit2DModel`` (vocab = codebook + 1 mask token,
+    downsampling, so ``latent_size`` is even), CLIP text encoder with projection,
+    ``AmusedScheduler(mask_token_id=codebook_size)``. Generates ``4·latent_size`` pixels (32×32)."""
+    import warnings
+
+    from diffusers import AmusedScheduler, UVit2DModel, VQModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from diffusers import AmusedPipeline
+
+    tok = clip_tokenizer()
+    text_encoder = tiny_clip_text_encoder(vocab_size=len(tok), hidden=16, projection=16, seed=seed + 2)
+    _seeded(seed)
+    micro = 2
+    transformer = UVit2DModel(
+        hidden_size=16, use_bias=False, hidden_dropout=0.0, cond_embed_dim=16, micro_cond_encode_dim=micro,
+        micro_cond_embed_dim=5 * micro, encoder_hidden_size=16, vocab_size=codebook_size + 1, codebook_size=codebook_size,
+        in_channels=16, block_out_channels=16, num_res_blocks=1, downsample=True, upsample=True, block_num_heads=1,
+        num_hidden_layers=1, num_attention_heads=1, attention_dropout=0.0, intermediate_size=16, layer_norm_eps=1e-6,
+        ln_elementwise_affine=True, sample_size=latent_size,
+    ).eval()
+    _seeded(seed + 1)
+    vqvae = VQModel(
+        act_fn="silu", block_out_channels=[8, 8, 8], down_block_types=["DownEncoderBlock2D"] * 3, in_channels=3,
+        latent_channels=4, layers_per_block=1, norm_num_groups=8, num_vq_embeddings=codebook_size, out_channels=3,
+        sample_size=4 * latent_size, up_block_types=["UpDecoderBlock2D"] * 3, mid_block_add_attention=False,
+        lookup_from_codebook=True,
+    ).eval()
+    return AmusedPipeline(vqvae=vqvae, tokenizer=tok, text_encoder=text_encoder, transformer=transformer,
+                          scheduler=AmusedScheduler(mask_token_id=codebook_size))
