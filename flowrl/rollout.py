@@ -137,8 +137,6 @@ def window_schedule(policy, prompts, *, group_size, generator=None, window_size:
     traj = chain_rollout(policy, prompts, group_size=group_size, generator=generator, stochastic=stochastic)
     traj.meta["window_start"] = start
     traj.meta["window_size"] = int(window_size)
-    traj.meta["model_evals_total"] = traj.meta["model_evals"] * len(traj)
-    traj.meta["transformer_calls"] = float(T)
     return traj
 
 

@@ -312,5 +312,7 @@ def chain_rollout(policy: FlowPolicy, prompts: list[str], *, group_size: int, ge
             "step_index": torch.tensor([i for i, s in enumerate(stochastic) if s]).repeat(batch, 1),
             "final_latents": x.float().cpu(),
             "model_evals": float(num_steps * (2 if policy.guidance_scale > 1 else 1)),
+            "model_evals_total": float(num_steps * (2 if policy.guidance_scale > 1 else 1) * batch),
+            "transformer_calls": float(num_steps),  # one batched call per step (CFG rows included)
         },
     )
