@@ -58,6 +58,11 @@ class PretrainConfig:
     attention_head_dim: int = 16
     text_hidden_size: int = 64
     text_layers: int = 2
+    patch_size: int = 2
+    zero_init: bool = True
+    """adaLN-Zero initialisation (DiT)."""
+    timestep_sampling: str = "uniform"
+    """σ during training: "uniform" on (0, 1) or SD3's "logit_normal" (sigmoid of N(0, 1))."""
     shift: float = 1.0
     """the scheduler's static σ shift (SD3 uses 3 at 1024 px; 1 suits 16×16 pixels)."""
     num_threads: int = 1
@@ -81,12 +86,14 @@ def pretrain_digits(
     log_every: int = 250,
     prompts: list[str] | None = None,
     config: PretrainConfig | None = None,
+    callback=None,
     **overrides,
 ):
     """Train a :class:`DigitsPipeline` from scratch; save it to ``out_dir`` if given; return it.
 
     ``prompts`` defaults to ``prompt_split("pretrain")``; ``overrides`` set :class:`PretrainConfig`
-    fields. Reproducible from ``seed`` (one thread).
+    fields. Reproducible from ``seed`` (one thread). ``callback(step, ema_pipe)``, if given, is
+    called every ``log_every`` steps with a pipeline that shares the current EMA weights.
     """
     from flowrl.pipelines.digits import build_digits_pipeline
 
@@ -99,7 +106,7 @@ def pretrain_digits(
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.num_threads)
     try:
-        pipe = _train(cfg, prompts, log_every)
+        pipe = _train(cfg, prompts, log_every, callback)
     finally:
         torch.set_num_threads(prev_threads)
     if out_dir is not None:
@@ -109,7 +116,7 @@ def pretrain_digits(
     return pipe
 
 
-def _train(cfg: PretrainConfig, prompts: list[str] | None, log_every: int):
+def _train(cfg: PretrainConfig, prompts: list[str] | None, log_every: int, callback=None):
     from flowrl.pipelines.digits import build_digits_pipeline
 
     # 1. model, data, optimizer ---------------------------------------------------------------
@@ -119,6 +126,8 @@ def _train(cfg: PretrainConfig, prompts: list[str] | None, log_every: int):
         attention_head_dim=cfg.attention_head_dim,
         text_hidden_size=cfg.text_hidden_size,
         text_layers=cfg.text_layers,
+        patch_size=cfg.patch_size,
+        zero_init=cfg.zero_init,
         shift=cfg.shift,
         seed=cfg.seed,
     )
@@ -148,7 +157,10 @@ def _train(cfg: PretrainConfig, prompts: list[str] | None, log_every: int):
         drop = (torch.rand(cfg.batch_size, generator=g) < cfg.prompt_dropout).tolist()
         batch_prompts = ["" if d else p for p, d in zip(batch_prompts, drop)]
         noise = torch.randn(x0.shape, generator=g)
-        sigma = torch.rand(cfg.batch_size, generator=g)
+        if cfg.timestep_sampling == "logit_normal":
+            sigma = torch.sigmoid(torch.randn(cfg.batch_size, generator=g))
+        else:
+            sigma = torch.rand(cfg.batch_size, generator=g)
         s = sigma[:, None, None, None]
         x_sigma = (1 - s) * x0 + s * noise
         embeds, pooled = pipe.encode_prompt(batch_prompts)
@@ -168,6 +180,11 @@ def _train(cfg: PretrainConfig, prompts: list[str] | None, log_every: int):
         if log_every and (step + 1) % log_every == 0:
             print(f"step {step + 1}/{cfg.steps}  loss {running / log_every:.4f}  {time.time() - t0:.0f}s", flush=True)
             running = 0.0
+        if callback is not None and log_every and (step + 1) % log_every == 0:
+            ema_pipe = type(pipe)(transformer=ema["transformer"], scheduler=pipe.scheduler, text_encoder=ema["text_encoder"], tokenizer=pipe.tokenizer)
+            ema_pipe.set_progress_bar_config(disable=True)
+            ema.eval()
+            callback(step + 1, ema_pipe)
 
     # 3. keep the EMA weights -------------------------------------------------------------------
     modules.load_state_dict(ema.state_dict())

@@ -71,10 +71,17 @@ def build_digits_pipeline(
     attention_head_dim: int = 16,
     text_hidden_size: int = 64,
     text_layers: int = 2,
+    patch_size: int = 2,
     shift: float = 1.0,
     seed: int = 0,
+    zero_init: bool = True,
 ) -> "DigitsPipeline":
-    """A randomly initialised :class:`DigitsPipeline` (seeded), ready for pretraining."""
+    """A randomly initialised :class:`DigitsPipeline` (seeded), ready for pretraining.
+
+    ``zero_init`` zeroes every adaLN modulation and the output projection (DiT's "adaLN-Zero",
+    Peebles & Xie 2023, §3.2): each block starts as the identity and the model predicts v = 0,
+    which trains several times faster here than diffusers' default initialisation.
+    """
     torch.manual_seed(seed)
     tokenizer = build_tokenizer()
     text_config = CLIPTextConfig(
@@ -93,7 +100,7 @@ def build_digits_pipeline(
     inner = num_attention_heads * attention_head_dim
     transformer = SD3Transformer2DModel(
         sample_size=16,
-        patch_size=2,
+        patch_size=patch_size,
         in_channels=1,
         out_channels=1,
         num_layers=num_layers,
@@ -102,8 +109,13 @@ def build_digits_pipeline(
         joint_attention_dim=text_hidden_size,
         caption_projection_dim=inner,
         pooled_projection_dim=text_hidden_size,
-        pos_embed_max_size=8,
+        pos_embed_max_size=16 // patch_size,
     )
+    if zero_init:
+        for name, module in transformer.named_modules():
+            if name.endswith(("norm1.linear", "norm1_context.linear", "norm_out.linear")) or name == "proj_out":
+                torch.nn.init.zeros_(module.weight)
+                torch.nn.init.zeros_(module.bias)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
     pipe = DigitsPipeline(transformer=transformer, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer)
     pipe.text_encoder.eval()
