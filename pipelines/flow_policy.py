@@ -209,7 +209,7 @@ class FlowPolicy(PolicyBase):
         if len(rows) == 0:
             return v, active.to(x.device)
         if keys is not None:
-            _, inverse = torch.unique(keys[rows, j].cpu(), return_inverse=True)
+            _, inverse = torch.unique(keys[:, j].cpu()[rows], return_inverse=True)
             first = torch.full((int(inverse.max()) + 1,), len(rows), dtype=torch.long).scatter_reduce(0, inverse, torch.arange(len(rows)), "amin")
             rep = rows[first]
         else:
