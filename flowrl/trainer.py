@@ -322,7 +322,7 @@ class Trainer:
         table, names = traj.meta.pop("reward_table"), traj.meta.pop("reward_columns")
         traj.meta["reward"] = combined  # [B] combined reward, sliced with the batch (LossInputs.rewards)
         prompts = sorted(set(traj.prompts), key=traj.prompts.index)
-        t1 = t0 + timing["rollout"]
+        t1 = time.perf_counter()
         # groups may span processes: gather before statistics (identity with one process)
         group_ids = traj.group_ids + acc.process_index * n_local
         all_rewards, all_groups = self._gather(combined), self._gather(group_ids)
@@ -366,7 +366,9 @@ class Trainer:
         if hook is not None:
             record.update(hook(self, it) or {})
         record.update({f"reward/{k}" if not k.startswith("reward/") else k: v for k, v in self.reward_set.metrics().items()})
-        record["time/rollout"] = t1 - t0
+        record.update(select_metrics)
+        record["time/rollout"] = timing["rollout"]
+        record["time/rewards"] = (t1 - t0) - timing["rollout"]
         record["time/update"] = t2 - t1
         self._last_traj = traj
         return record
