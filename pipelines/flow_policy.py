@@ -309,6 +309,7 @@ def chain_rollout(policy: FlowPolicy, prompts: list[str], *, group_size: int, ge
         meta={
             "kernel": policy.sampler,
             "noise_level": policy.noise_level,
+            "log_prob_reduce": policy.log_prob_reduce,  # GRPO-Guard's b must use the same reduction
             "step_index": torch.tensor([i for i, s in enumerate(stochastic) if s]).repeat(batch, 1),
             "final_latents": x.float().cpu(),
             "model_evals": float(num_steps * (2 if policy.guidance_scale > 1 else 1)),
