@@ -119,7 +119,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             srv.max_active = max(srv.max_active, srv.active)
         try:
             if key == "slow" and n == 1:
-                time.sleep(0.5)
+                time.sleep(2.5)  # well past the client timeout, even on a loaded machine
             time.sleep(0.02)
             answer = "Image 1 is better" if bright[0] > bright[1] else "Image 2 is better"
             if key == "garbage":
@@ -153,7 +153,7 @@ def test_vlm_pairwise_client_survives_timeout_and_garbage(server):
     levels = torch.tensor([0.2, 0.8, 0.5, 0.35])
     images = levels.view(4, 1, 1, 1).expand(4, 3, 8, 8).contiguous()
     # through the reward: two groups, one whose every first request times out, one with garbage answers
-    reward = get("pairwise_judge", judge="vlm", base_url=url, timeout=0.25, max_retries=2, backoff=0.0, max_concurrency=4)
+    reward = get("pairwise_judge", judge="vlm", base_url=url, timeout=1.0, max_retries=2, backoff=0.0, max_concurrency=4)
     out = reward(torch.cat([images, images]), ["slow"] * 4 + ["garbage"] * 4, {"group_ids": torch.tensor([0] * 4 + [1] * 4)})
     torch.testing.assert_close(out["win_rate"][:4], win_rates(levels))  # retried after the timeout: correct ranks
     torch.testing.assert_close(out["win_rate"][4:], torch.full((4,), 0.5))  # unparseable = tie
