@@ -43,7 +43,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             return
         if key == "slow" and n == 1:
-            time.sleep(0.6)
+            time.sleep(2.5)  # well past the client timeout, even on a loaded machine
         if len(images) == 2 and "Which image" in text:
             b = [_brightness(u) for u in images]
             answer = "Image 1 is better" if b[0] > b[1] else "Image 2 is better" if b[1] > b[0] else "Tie"
@@ -79,7 +79,7 @@ def server():
 
 
 def _judge(url, **kw):
-    return get("vlm_judge", base_url=url, model="tiny-judge", timeout=0.3, max_retries=2, backoff=0.01, **kw)
+    return get("vlm_judge", base_url=url, model="tiny-judge", timeout=1.0, max_retries=2, backoff=0.01, **kw)
 
 
 def test_pointwise_scores_parse_and_failures(server):
@@ -114,7 +114,7 @@ def test_gives_up_after_max_retries_and_reports(server):
     # through a RewardSet, NaN counts as a failure and is reported under reward/<name>/...
     from flowrl.rewards import RewardError
 
-    rs = build_rewards({"vlm_judge": {"weight": 1.0, "base_url": url, "timeout": 0.3, "max_retries": 0, "backoff": 0.0, "failed_value": float("nan")}}, max_failures=1)
+    rs = build_rewards({"vlm_judge": {"weight": 1.0, "base_url": url, "timeout": 1.0, "max_retries": 0, "backoff": 0.0, "failed_value": float("nan")}}, max_failures=1)
     table, names = rs.score(torch.rand(2, 3, 8, 8), ["good", "down"])
     assert table[0, 0] == 4.5 and torch.isnan(table[1, 0])
     m = rs.metrics()
