@@ -57,7 +57,9 @@ def extract_answer(text: str) -> str | None:
     if m:
         tail = m.group(1).strip()
         nums = _NUMBER.findall(tail)
-        return nums[0].strip() if nums else tail.splitlines()[0].strip()
+        if nums:
+            return nums[0].strip()
+        return tail.splitlines()[0].strip() if tail else None  # "The answer is" with nothing after it
     nums = _NUMBER.findall(text)
     return nums[-1].strip() if nums else None
 

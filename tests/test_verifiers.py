@@ -91,3 +91,10 @@ def test_arithmetic_prompts_split():
     train, test = arithmetic_prompts("train"), arithmetic_prompts("test")
     assert len(train) == 240 and len(test) == 60 and not set(train) & set(test)
     assert solve_arithmetic("What is 9 * 9 ?") == "81" and solve_arithmetic("What is 3 / 4 ?") == "3/4"
+
+
+def test_answer_cue_with_nothing_after_it_is_no_answer():
+    from flowrl.rewards.verifiers import extract_answer
+
+    assert extract_answer("The answer is   ") is None
+    assert extract_answer("answer:\n") is None
