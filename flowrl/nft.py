@@ -178,17 +178,10 @@ class NFTObjective:
     @contextlib.contextmanager
     def old_weights(self, policy: Any):
         """Inside: the trainable weights hold θ_old (no gradients); restored on exit."""
-        params = self._params(policy)
-        live = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p, o in zip(params, self.old):
-                p.copy_(o)
-        try:
+        from flowrl.policy import weights_swapped
+
+        with weights_swapped(self._params(policy), self.old):
             yield
-        finally:
-            with torch.no_grad():
-                for p, v in zip(params, live):
-                    p.copy_(v)
 
     @torch.no_grad()
     def soft_update(self, policy: Any, step: int) -> float:

@@ -242,3 +242,23 @@ def _swap_model(policy: PolicyBase, ref: torch.nn.Module):
         yield
     finally:
         policy.model = live
+
+
+@contextlib.contextmanager
+def weights_swapped(params: Sequence[torch.nn.Parameter], values: Sequence[Tensor]):
+    """Inside: ``params`` hold ``values`` (copied in, no autograd history); their own values are
+    restored on exit. Used for EMA evaluation, DiffusionNFT's old policy and SAGE's moving anchor —
+    copies, never aliases, so an update inside cannot leak into the stored values."""
+    if len(params) != len(values):
+        raise RuntimeError(f"{len(values)} stored tensors for {len(params)} parameters: was it taken from another model or LoRA setup?")
+    with torch.no_grad():
+        live = [p.detach().clone() for p in params]
+        for p, v in zip(params, values):
+            p.copy_(v)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, v in zip(params, live):
+                p.copy_(v)
+

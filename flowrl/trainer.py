@@ -21,6 +21,7 @@ Metrics (``metrics.jsonl`` and TensorBoard, one record per iteration):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -178,11 +179,11 @@ class EMA:
         for s, p in zip(self.shadow, self.params):
             s.lerp_(p.detach(), 1.0 - self.decay)
 
-    def swap(self) -> None:
-        for s, p in zip(self.shadow, self.params):
-            tmp = p.detach().clone()
-            p.data.copy_(s)
-            s.copy_(tmp)
+    def active(self):
+        """Inside: the parameters hold the EMA weights; the live weights come back on exit."""
+        from flowrl.policy import weights_swapped
+
+        return weights_swapped(self.params, self.shadow)
 
     def state_dict(self) -> list[Tensor]:
         return [s.clone() for s in self.shadow]
@@ -455,18 +456,14 @@ class Trainer:
         """Score deterministic samples of the held-out prompts (EMA weights if enabled)."""
         t = self.config.train
         prompts = [p for p in self.eval_prompts for _ in range(t.eval_samples_per_prompt)]
-        if self.ema is not None:
-            self.ema.swap()
-        try:
-            outputs = []
-            gen = generator_for(t.seed, "eval")
+        weights = self.ema.active() if self.ema is not None else contextlib.nullcontext()
+        outputs = []
+        gen = generator_for(t.seed, "eval")
+        steps = {"num_steps": self.config.sampler.eval_num_steps} if self.config.model.kind == "flow" else {}
+        with weights:
             for start in range(0, len(prompts), 64):
-                chunk = prompts[start : start + 64]
                 with self.autocast():
-                    outputs.append(self.policy.generate(chunk, generator=gen, **({"num_steps": self.config.sampler.eval_num_steps} if self.config.model.kind == "flow" else {})))
-        finally:
-            if self.ema is not None:
-                self.ema.swap()
+                    outputs.append(self.policy.generate(prompts[start : start + 64], generator=gen, **steps))
         outputs = torch.cat(outputs) if isinstance(outputs[0], Tensor) else [o for chunk in outputs for o in chunk]
         table, names = self.reward_set.score(outputs, prompts, {"eval": True})
         self._eval_outputs = getattr(self, "_eval_outputs", {})

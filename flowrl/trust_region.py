@@ -43,18 +43,10 @@ class MovingAnchor:
         """Inside: the parameters hold the anchor's values (no autograd history); restored after."""
         if self.values is None:
             raise RuntimeError("the moving anchor has not been set; call refresh(params) first.")
-        if len(self.values) != len(params):
-            raise RuntimeError(f"the anchor holds {len(self.values)} tensors but the policy has {len(params)} trainable parameters.")
-        with torch.no_grad():
-            live = [p.detach().clone() for p in params]
-            for p, a in zip(params, self.values):
-                p.copy_(a)
-        try:
+        from flowrl.policy import weights_swapped
+
+        with weights_swapped(params, self.values):
             yield
-        finally:
-            with torch.no_grad():
-                for p, v in zip(params, live):
-                    p.copy_(v)
 
     def state_dict(self) -> list[Tensor] | None:
         return None if self.values is None else [v.clone() for v in self.values]

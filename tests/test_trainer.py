@@ -203,3 +203,20 @@ def test_cli_eval_and_gallery_load_a_runs_lora(tmp_path, capsys):
     assert page.count("<figure>") == 2 and "a dog" in page
     assert main(["sample", "--config", str(path), "--prompt", "a cat", "--out", str(tmp_path / "s.png")]) == 0
     assert (tmp_path / "s.png").is_file()
+
+
+def test_ema_weights_are_used_for_evaluation_and_live_weights_come_back(tmp_path, tiny_sd3):
+    cfg = _config(tmp_path, "train.num_iterations=2", "train.ema_decay=0.9", "train.learning_rate=5e-2", "loss.beta=0")
+    trainer = Trainer(cfg, policy=_policy(tiny_sd3, cfg))
+    trainer.train()
+    live = _trainable(trainer.policy)
+    with trainer.ema.active():
+        inside = _trainable(trainer.policy)
+    after = _trainable(trainer.policy)
+    names = [n for n in live if "lora_B" in n]
+    assert any(not torch.equal(live[n], inside[n]) for n in names)  # EMA differs from the live weights
+    for n in live:
+        torch.testing.assert_close(after[n], live[n], rtol=0, atol=0)
+    shadow = dict(zip([n for n, p in trainer.policy.model.named_parameters() if p.requires_grad], trainer.ema.shadow))
+    for n in names:
+        torch.testing.assert_close(inside[n], shadow[n], rtol=0, atol=0)
