@@ -4,7 +4,8 @@ Rectified-flow training (SD3 / Esser et al. 2024, Eq. 1 with the velocity target
 :class:`flowrl.pipelines.digits.DigitsPipeline` on scenes composed from the ``"train"`` digit images
 for the ``"pretrain"`` prompts of :mod:`flowrl.digits_data`:
 
-    x0 = 2·scene − 1,  ε ~ N(0, I),  σ ~ U(0, 1),  x_σ = (1 − σ)·x0 + σ·ε,
+    x0 = 2·scene − 1,  ε ~ N(0, I),  σ = sigmoid(n), n ~ N(0, 1)  (SD3's logit-normal),
+    x_σ = (1 − σ)·x0 + σ·ε,
     loss = ‖v_θ(x_σ, σ·1000, prompt) − (ε − x0)‖²   (mean over pixels and batch)
 
 with 10 % of prompts replaced by ``""`` (for classifier-free guidance), AdamW, linear warm-up and
@@ -44,10 +45,10 @@ class PretrainConfig:
     """Hyper-parameters of digits pretraining (defaults = the shipped model)."""
 
     seed: int = 0
-    steps: int = 3000
+    steps: int = 2800
     """optimizer steps."""
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 2e-3
     warmup: int = 100
     weight_decay: float = 0.0
     ema_decay: float = 0.999
@@ -58,10 +59,11 @@ class PretrainConfig:
     attention_head_dim: int = 16
     text_hidden_size: int = 64
     text_layers: int = 2
-    patch_size: int = 2
+    patch_size: int = 4
+    """4×4-pixel patches: 16 image tokens (a quarter of an 8×8 digit each)."""
     zero_init: bool = True
     """adaLN-Zero initialisation (DiT)."""
-    timestep_sampling: str = "uniform"
+    timestep_sampling: str = "logit_normal"
     """σ during training: "uniform" on (0, 1) or SD3's "logit_normal" (sigmoid of N(0, 1))."""
     shift: float = 1.0
     """the scheduler's static σ shift (SD3 uses 3 at 1024 px; 1 suits 16×16 pixels)."""
@@ -82,7 +84,7 @@ def pretrain_digits(
     out_dir: str | Path | None = None,
     *,
     seed: int = 0,
-    steps: int = 3000,
+    steps: int = 2800,
     log_every: int = 250,
     prompts: list[str] | None = None,
     config: PretrainConfig | None = None,

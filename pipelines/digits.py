@@ -3,7 +3,8 @@
 Built from stock components so ``FlowPolicy`` wraps it exactly like SD3:
 
 * ``transformer`` — diffusers ``SD3Transformer2DModel`` (MM-DiT) working directly in pixel space:
-  1 channel, 16×16, patch 2 (64 image tokens), no VAE. Pixels are mapped ``x = 2·img − 1``.
+  1 channel, 16×16, patch 4 (16 image tokens), 4 joint blocks of width 64, no VAE. Pixels are
+  mapped ``x = 2·img − 1``.
 * ``scheduler`` — ``FlowMatchEulerDiscreteScheduler`` (rectified flow; σ from 1 to 0).
 * ``text_encoder`` — transformers ``CLIPTextModelWithProjection`` (2 layers, width 64); its last
   hidden states feed the joint attention and its projected EOS embedding is the pooled vector.
@@ -71,7 +72,7 @@ def build_digits_pipeline(
     attention_head_dim: int = 16,
     text_hidden_size: int = 64,
     text_layers: int = 2,
-    patch_size: int = 2,
+    patch_size: int = 4,
     shift: float = 1.0,
     seed: int = 0,
     zero_init: bool = True,
@@ -245,15 +246,25 @@ def default_pipeline_dir() -> Path:
     return assets_dir() / "digits" / "pipeline"
 
 
-def load_default_digits_pipeline(device: str | torch.device | None = None, **kwargs: Any) -> DigitsPipeline:
-    """The shipped pretrained digits model (``assets/digits/pipeline``), in eval mode."""
-    path = default_pipeline_dir()
+def load_digits_pipeline(path: str | Path | None = None, device: str | torch.device | None = None, **kwargs: Any) -> DigitsPipeline:
+    """A saved :class:`DigitsPipeline` (default: the shipped one, ``assets/digits/pipeline``), in eval mode.
+
+    ``DiffusionPipeline.from_pretrained`` cannot resolve the custom class named in
+    ``model_index.json``; load digits folders through this function (or
+    ``DigitsPipeline.from_pretrained``).
+    """
+    path = Path(path) if path is not None else default_pipeline_dir()
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(
-            f"no digits pipeline at {path}. It ships with flowrl's assets; rebuild it with `flowrl pretrain-digits`."
+            f"no digits pipeline at {path}. The default one ships with flowrl's assets; rebuild it with `flowrl pretrain-digits`."
         )
     pipe = DigitsPipeline.from_pretrained(str(path), **kwargs)
     pipe.set_progress_bar_config(disable=True)
     if device is not None:
         pipe.to(device)
     return pipe
+
+
+def load_default_digits_pipeline(device: str | torch.device | None = None, **kwargs: Any) -> DigitsPipeline:
+    """The shipped pretrained digits model (``assets/digits/pipeline``), in eval mode."""
+    return load_digits_pipeline(None, device=device, **kwargs)

@@ -295,10 +295,11 @@ def test_shipped_pipeline_is_small_and_fast(base_pipe):
 
 
 def test_shipped_pipeline_leaves_room_for_rl(base_pipe, judge):
-    from flowrl.pretrain_digits import evaluate_correctness
+    from flowrl.pretrain_digits import EVAL_GUIDANCE, EVAL_STEPS, evaluate_correctness
 
-    # GenEval-style: seen prompts mostly right, held-out combinations only partly (20–70 %)
+    # GenEval-style held-out score with the RL job's sampler (8 Euler steps, no CFG): 20–70 %
     held = evaluate_correctness(base_pipe, prompt_split("heldout"), judge, samples_per_prompt=4, seed=0)
     assert 0.2 <= held["correct"] <= 0.7, held
-    seen = evaluate_correctness(base_pipe, prompt_split("pretrain")[::5], judge, samples_per_prompt=4, seed=0)
-    assert seen["correct"] > held["correct"], (seen, held)
+    recorded = json.loads((assets_dir() / "digits" / "pipeline" / "heldout_eval.json").read_text())
+    assert (recorded["num_inference_steps"], recorded["guidance_scale"]) == (EVAL_STEPS, EVAL_GUIDANCE)
+    assert abs(recorded["correct"] - held["correct"]) < 0.1  # 800 vs 200 samples of the same model
