@@ -145,7 +145,7 @@ class AlgorithmConfig:
 @dataclass
 class TrainSection:
     prompts: list[str] | str = field(default_factory=lambda: ["a photo of a cat", "a photo of a dog", "a red apple", "a blue car"])
-    """Training prompts: a list, a text file (one per line), or a built-in set (``digits:train``)."""
+    """Training prompts: a list, a text file (one per line), or a built-in set (``digits:heldout``, ``arith:train``)."""
     eval_prompts: list[str] | str | None = None
     """Held-out prompts for evaluation (same forms); None skips evaluation."""
     num_generations: int = 4

@@ -1,5 +1,5 @@
 """Prompt sources: an explicit list, a text file (one prompt per line), or a registered set
-(``name`` or ``name:split``, e.g. ``digits:train``), plus prompt selection per iteration."""
+(``name`` or ``name:split``, e.g. ``digits:heldout``), plus prompt selection per iteration."""
 
 from __future__ import annotations
 

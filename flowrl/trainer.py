@@ -668,12 +668,30 @@ def load_pipeline(spec: str, run_dir: Path, dtype: torch.dtype = torch.float32):
                 f"model.pipeline '{spec}' is neither a local folder nor a built-in "
                 f"({', '.join(PIPELINE_SOURCES.names())}). flowrl never downloads: point it at a local checkpoint."
             )
-        from diffusers import DiffusionPipeline
-
-        pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, torch_dtype=dtype)
+        pipe = _pipeline_class(path).from_pretrained(str(path), local_files_only=True, torch_dtype=dtype)
     if dtype != torch.float32 and hasattr(pipe, "to"):
         pipe = pipe.to(dtype=dtype)
     return pipe
+
+
+def _pipeline_class(path: Path):
+    """The class named in ``model_index.json``: a flowrl pipeline with a registered adapter (e.g.
+    ``DigitsPipeline``, which ``DiffusionPipeline`` cannot resolve by name), else ``DiffusionPipeline``."""
+    import json
+
+    from diffusers import DiffusionPipeline
+
+    from flowrl.pipelines.base import _ADAPTERS, _import_builtin_adapters
+
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise ConfigError(f"model.pipeline: {path} has no model_index.json; point it at a folder written by save_pretrained.")
+    name = json.loads(index.read_text()).get("_class_name")
+    _import_builtin_adapters()
+    for cls in _ADAPTERS:
+        if cls is not None and cls.__name__ == name and not cls.__module__.startswith("diffusers"):
+            return cls
+    return DiffusionPipeline
 
 
 def _import_pipeline_sources() -> None:

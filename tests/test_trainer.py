@@ -220,3 +220,14 @@ def test_ema_weights_are_used_for_evaluation_and_live_weights_come_back(tmp_path
     shadow = dict(zip([n for n, p in trainer.policy.model.named_parameters() if p.requires_grad], trainer.ema.shadow))
     for n in names:
         torch.testing.assert_close(inside[n], shadow[n], rtol=0, atol=0)
+
+
+def test_a_saved_digits_folder_loads_through_model_pipeline(tmp_path):
+    from flowrl.pipelines.digits import DigitsPipeline, load_default_digits_pipeline
+    from flowrl.trainer import load_pipeline
+
+    load_default_digits_pipeline().save_pretrained(tmp_path / "digits")
+    pipe = load_pipeline(str(tmp_path / "digits"), tmp_path)
+    assert isinstance(pipe, DigitsPipeline)
+    with pytest.raises(ConfigError, match="no model_index.json"):
+        load_pipeline(str(tmp_path), tmp_path)
