@@ -155,13 +155,15 @@ def fill_batch(
     *,
     max_rounds: int = 8,
     generator: torch.Generator | None = None,
+    concat: Callable[[list[Any]], Any] | None = None,
 ) -> tuple[Any, Tensor, list[int], dict[str, float]]:
     """Collect ``num_prompts`` kept groups (DAPO's refill loop; one round for selectors that keep all).
 
     ``generate(indices) -> (traj, rewards [B])`` rolls out and scores the prompts ``indices`` (groups
     contiguous, ``traj.group_ids`` numbering them). Each round samples as many prompts as are still
     missing, lets the selector learn from all scored groups (:meth:`update`) and keeps the groups
-    its :meth:`keep` accepts. After ``max_rounds`` the kept groups are returned even if fewer
+    its :meth:`keep` accepts (``concat`` joins the rounds' trajectories; default
+    ``Trajectories.concat``). After ``max_rounds`` the kept groups are returned even if fewer
     (metric ``select/short``). Returns ``(traj, rewards, prompt_index_per_sample, metrics)`` with
     group ids renumbered 0…n−1.
     """
@@ -193,7 +195,10 @@ def fill_batch(
             f"prompt selection kept no group in {max_rounds} rounds ({drawn} prompts drawn): every group's "
             "rewards were identical. Use easier prompts, a larger num_generations, or prompt_selection='uniform'."
         )
-    return Trajectories.concat(parts), torch.cat(rewards_parts), idx_parts, metrics
+    # rounds may differ in shape (token policies: prompt width, completion length): the policy's own
+    # concat pads them; Trajectories.concat needs equal shapes
+    joined = (concat or Trajectories.concat)(parts) if len(parts) > 1 else parts[0]
+    return joined, torch.cat(rewards_parts), idx_parts, metrics
 
 
 __all__ = [

@@ -319,6 +319,7 @@ class Trainer:
         n_local = t.prompts_per_iteration // acc.num_processes
         traj, combined, prompt_index, select_metrics = fill_batch(
             self.selector, generate, n_local, generator=generator_for(t.seed, it, "prompts", acc.process_index),
+            concat=getattr(self.policy, "concat_trajectories", None),
         )
         table, names = traj.meta.pop("reward_table"), traj.meta.pop("reward_columns")
         traj.meta["reward"] = combined  # [B] combined reward, sliced with the batch (LossInputs.rewards)

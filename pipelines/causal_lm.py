@@ -24,6 +24,7 @@ log-probs used for sampling are kept in ``meta["sampling_log_probs"]``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any, ContextManager, Sequence
 
 import torch
@@ -372,6 +373,46 @@ class TokenPolicy(PolicyBase):
             steps = torch.as_tensor(steps, device=log_prob.device)
             log_prob, entropy = log_prob[:, steps], entropy[:, steps]
         return PolicyEval(log_prob=log_prob, entropy=entropy)
+
+    def concat_trajectories(self, parts: Sequence[Trajectories]) -> Trajectories:
+        """Stack rollouts of different prompt widths ``P`` and completion lengths ``T`` (DAPO's refill
+        rounds): prompts are left-padded to the widest, completions right-padded to the longest
+        with masked pad tokens, so every row keeps its completion in the last ``T`` positions and
+        recomputed log-probs of its real tokens are unchanged."""
+        widths = {int(p.meta["prompt_length"]) for p in parts}
+        lengths = {int(p.actions.shape[1]) for p in parts}
+        if len(widths) == 1 and len(lengths) == 1:
+            return Trajectories.concat(parts)
+        P, T = max(widths), max(lengths)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        fixed = []
+        for tr in parts:
+            p, t, b = int(tr.meta["prompt_length"]), int(tr.actions.shape[1]), len(tr)
+            lp, rp = P - p, T - t
+
+            def pad2(x: Tensor, left: int, right: int, value: Any) -> Tensor:
+                return torch.nn.functional.pad(x, (left, right), value=value)
+
+            meta = dict(tr.meta)
+            meta["prompt_length"] = P
+            for key in ("sampling_log_probs", "segment_ids"):
+                if isinstance(meta.get(key), Tensor) and meta[key].dim() == 2:
+                    meta[key] = pad2(meta[key], 0, rp, 0)
+            cond = dict(tr.cond)
+            cond["attention_mask"] = pad2(tr.cond["attention_mask"], lp, rp, 0)
+            cond["position_ids"] = pad2(tr.cond["position_ids"], lp, rp, 0)
+            fixed.append(dataclasses.replace(
+                tr,
+                states=pad2(tr.states, lp, rp, pad_id),
+                actions=pad2(tr.actions, 0, rp, pad_id),
+                log_probs=pad2(tr.log_probs, 0, rp, 0.0),
+                mask=pad2(tr.mask, 0, rp, False),
+                advantages=pad2(tr.advantages, 0, rp, 0.0) if tr.advantages is not None and tr.advantages.dim() == 2 else tr.advantages,
+                cond=cond,
+                meta=meta,
+            ))
+            del b
+        return Trajectories.concat(fixed)
 
     # ------------------------------------------------------------------------------ saving
     def save_pretrained(self, path: str) -> None:

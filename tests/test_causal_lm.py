@@ -202,3 +202,16 @@ def test_save_lora_round_trip(policy, tmp_path):
     reloaded = TokenPolicy(PeftModel.from_pretrained(base, str(tmp_path / "lora")), policy.tokenizer, max_new_tokens=6)
     with torch.no_grad():
         torch.testing.assert_close(reloaded.evaluate(traj).log_prob[traj.mask], traj.log_probs[traj.mask], atol=1e-5, rtol=0)
+
+
+def test_rollouts_of_different_widths_and_lengths_concatenate_with_ratio_one(policy):
+    # DAPO's refill rounds produce rollouts with other prompt widths and completion lengths
+    short = policy.rollout(["What is 2 + 3 ?"], group_size=2, generator=torch.Generator().manual_seed(0))
+    policy.max_new_tokens = 3
+    long_prompt = policy.rollout(["What is 2 + 3 + 4 + 5 + 6 ?"], group_size=2, generator=torch.Generator().manual_seed(1))
+    assert short.meta["prompt_length"] != long_prompt.meta["prompt_length"] or short.num_steps != long_prompt.num_steps
+    both = policy.concat_trajectories([short, long_prompt])
+    assert len(both) == 4 and both.num_steps == max(short.num_steps, long_prompt.num_steps)
+    recomputed = policy.log_prob(both)
+    torch.testing.assert_close(recomputed[both.mask], both.log_probs[both.mask], rtol=0, atol=1e-5)
+    assert both.outputs == short.outputs + long_prompt.outputs
