@@ -13,10 +13,16 @@ on CPU and a resumed run continues exactly (checkpoints hold weights, optimizer,
 estimator state; they are written to a temporary folder and renamed, never half-written).
 
 Metrics (``metrics.jsonl`` and TensorBoard, one record per iteration):
-``reward/mean`` (combined reward), ``reward/<column>`` (each component), ``reward/std``,
-``adv/abs_mean``, ``samples/trained`` (samples with non-zero advantage), ``loss/policy``,
-``loss/kl`` (β·KL), ``kl/ref`` (masked mean KL to the reference), ``ratio/mean``,
-``ratio/clipfrac``, ``grad_norm``, ``time/rollout``, ``time/update``, ``eval/<column>``.
+``reward/mean`` (combined reward, mean over samples whose reward did not fail), ``reward/std``,
+``reward/<column>`` (each component, NaN-safe mean), ``reward/failures/<name>`` (failed samples so
+far), ``adv/abs_mean`` (mean |A|), ``samples/generated`` (output rows this iteration),
+``samples/trained`` (rows with non-zero advantage), ``loss/policy`` (aggregated surrogate),
+``loss/kl`` (β·KL), ``kl/ref`` (masked mean per-step KL to the reference), ``ratio/mean``
+(masked mean of π_θ/π_old), ``ratio/clipfrac`` (fraction of steps on the clipped branch),
+``grad_norm`` (before clipping), ``update/steps`` (optimizer steps), ``cost/model_evals_per_sample``
+and ``cost/trained_steps_per_sample`` (transformer evaluations and trained steps per output),
+``select/*`` (prompt selection rounds, drawn, kept), ``time/rollout``, ``time/rewards``,
+``time/update`` (seconds), ``eval/<column>`` (held-out means, deterministic samples).
 """
 
 from __future__ import annotations
