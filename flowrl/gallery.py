@@ -49,20 +49,31 @@ def before_after_grid(before: Tensor, after: Tensor, path: str | Path, *, max_it
     save_image(grid, path)
 
 
-def plot_reward_curve(history: Sequence[dict], path: str | Path) -> None:
-    """Reward (mean of the combined reward per iteration) and every ``eval/*`` point, as PNG."""
+def plot_reward_curve(history: Sequence[dict], path: str | Path, *, evals: dict[str, Sequence[tuple[float, float]]] | None = None) -> None:
+    """Train reward (mean combined reward per iteration) and held-out evaluation points, as PNG.
+
+    ``evals``: ``{column: [(iteration, value), ...]}``; ``eval/<column>`` entries found in the
+    history are added to it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     its = [r["iteration"] for r in history if "reward/mean" in r]
+    points: dict[str, list[tuple[float, float]]] = {k: list(v) for k, v in (evals or {}).items()}
+    for r in history:
+        for k, v in r.items():
+            if k.startswith("eval/") and k != "eval/num_prompts":
+                points.setdefault(k[5:], []).append((r["iteration"], v))
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(its, [r["reward/mean"] for r in history if "reward/mean" in r], label="train reward (mean)")
+    ax.plot(its, [r["reward/mean"] for r in history if "reward/mean" in r], label="train reward (mean)", alpha=0.7)
+    for name, pts in points.items():
+        pts = sorted(set(pts))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"held-out {name}")
     ax.set_xlabel("iteration")
     ax.set_ylabel("reward")
     ax.grid(alpha=0.3)
-    ax.legend(loc="best")
+    ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

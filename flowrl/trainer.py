@@ -477,6 +477,8 @@ class Trainer:
         self._eval_outputs[tag] = (outputs, prompts)
         result = {n: float(table[:, i].nanmean()) for i, n in enumerate(names)}
         result["num_prompts"] = float(len(self.eval_prompts))
+        self._evals = getattr(self, "_evals", {})
+        self._evals[tag] = result
         return result
 
     # ---------------------------------------------------------------------- checkpointing
@@ -638,8 +640,15 @@ class Trainer:
             return
         from flowrl import gallery
 
+        self._evals = getattr(self, "_evals", {})
+
         try:
-            gallery.plot_reward_curve(self.history, self.run_dir / "reward_curve.png")
+            evals: dict[str, list[tuple[float, float]]] = {}
+            for it, result in ((0, self._evals.get("base")), (self.config.train.num_iterations, self._evals.get("tuned"))):
+                for k, v in (result or {}).items():
+                    if k != "num_prompts":
+                        evals.setdefault(k, []).append((it, v))
+            gallery.plot_reward_curve(self.history, self.run_dir / "reward_curve.png", evals=evals)
             outs = getattr(self, "_eval_outputs", {})
             if "base" in outs and "tuned" in outs and isinstance(outs["base"][0], Tensor):
                 gallery.before_after_grid(outs["base"][0], outs["tuned"][0], self.run_dir / "before_after.png", max_items=16)
