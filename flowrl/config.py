@@ -160,6 +160,10 @@ class TrainSection:
     """Samples per optimizer step; gradients accumulate over samples × steps within it."""
     learning_rate: float | None = None
     """AdamW learning rate (default: the preset's; Flow-GRPO 3e-4 with LoRA)."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """Learning rate per iteration: constant, or cosine from learning_rate down to lr_min_ratio × it."""
+    lr_min_ratio: float = 0.1
+    """Final learning rate of the cosine schedule, as a fraction of learning_rate."""
     weight_decay: float = 1e-4
     """AdamW weight decay."""
     adam_betas: tuple[float, float] = (0.9, 0.999)

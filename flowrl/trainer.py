@@ -155,6 +155,18 @@ def select_train_steps(mask: Tensor, fraction: float, selection: str, generator:
     return out & mask.bool()
 
 
+def learning_rate_at(iteration: int, num_iterations: int, base: float, schedule: str, min_ratio: float) -> float:
+    """The learning rate of an iteration (1-based): ``constant``, or ``cosine``
+    lr = base·(m + (1 − m)·½(1 + cos(π·(it − 1)/(N − 1)))) from base at the first iteration to
+    m·base at the last. A pure function of the iteration, so a resumed run needs no scheduler state."""
+    if schedule == "constant" or num_iterations <= 1:
+        return base
+    if schedule == "cosine":
+        frac = (iteration - 1) / (num_iterations - 1)
+        return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+    raise ConfigError(f"train.lr_schedule must be constant or cosine, got '{schedule}'.")
+
+
 def add_lora(model: torch.nn.Module, *, rank: int, alpha: float, targets: list[str] | tuple[str, ...], seed: int) -> None:
     """Add a peft LoRA adapter on ``targets`` (name suffixes) and train only it."""
     from peft import LoraConfig
@@ -303,6 +315,9 @@ class Trainer:
         cfg, t, preset = self.config, self.config.train, self.resolved.preset
         acc = self.accelerator
         self.policy.iteration = it
+        lr = learning_rate_at(it, t.num_iterations, self.resolved.learning_rate, t.lr_schedule, t.lr_min_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         # 1. rollout + 2. rewards (the prompt selector may filter groups and refill: DAPO) ------
         t0 = time.perf_counter()
         self.policy.model.eval()
@@ -360,6 +375,7 @@ class Trainer:
         record: dict[str, float] = {"iteration": it, "reward/mean": float(combined[ok].mean()), "reward/std": float(combined[ok].std(unbiased=False))}
         for i, n in enumerate(traj.reward_names):
             record[f"reward/{n}"] = float(traj.rewards[:, i].nanmean())
+        record["lr"] = lr
         record["samples/generated"] = float(len(traj.outputs))
         record["adv/abs_mean"] = float(adv.abs().mean())
         record["samples/trained"] = float(keep.sum())

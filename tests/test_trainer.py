@@ -231,3 +231,12 @@ def test_a_saved_digits_folder_loads_through_model_pipeline(tmp_path):
     assert isinstance(pipe, DigitsPipeline)
     with pytest.raises(ConfigError, match="no model_index.json"):
         load_pipeline(str(tmp_path), tmp_path)
+
+
+def test_cosine_learning_rate_schedule():
+    from flowrl.trainer import learning_rate_at
+
+    lrs = [learning_rate_at(i, 5, 1.0, "cosine", 0.1) for i in range(1, 6)]
+    # base·(0.1 + 0.9·½(1 + cos(π·k/4))), k = 0..4
+    assert lrs == pytest.approx([1.0, 0.1 + 0.9 * 0.5 * (1 + 2**-0.5), 0.55, 0.1 + 0.9 * 0.5 * (1 - 2**-0.5), 0.1])
+    assert learning_rate_at(3, 5, 2e-3, "constant", 0.1) == 2e-3
