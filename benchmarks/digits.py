@@ -30,10 +30,22 @@ FLOW_ALGORITHMS = [
 ]
 
 
+#: what a preset needs on this task besides the shared config (8 sampling steps, G = 8): tree
+#: rollouts need G = branch^#splits and split steps inside the 8-step grid.
+OVERRIDES = {
+    "branch_grpo": ["train.num_generations=16", "train.prompts_per_iteration=4", "sampler.rollout_params={split_steps: [0, 2, 4, 6]}"],
+    "branch_grpo_mix": ["train.num_generations=16", "train.prompts_per_iteration=4", "sampler.rollout_params={split_steps: [0, 2, 4, 6]}"],
+}
+
+
 def base_config(run_dir: Path, algorithm: str, budget: int, eval_every: int, seed: int):
+    """The README job's config (same model, prompts, reward, LoRA and learning rate for every
+    algorithm — the papers' learning rates are for billion-parameter models) with the preset
+    swapped in and the number of iterations set by the sample budget."""
     from flowrl import TrainConfig
 
     cfg = TrainConfig.from_yaml(Path(__file__).resolve().parents[1] / "assets" / "configs" / "digits.yaml")
+    cfg = cfg.override([f"algorithm={algorithm}", *OVERRIDES.get(algorithm, [])])
     per_iter = cfg.train.prompts_per_iteration * cfg.train.num_generations
     iters = max(1, budget // per_iter)
     return cfg.override([
