@@ -56,21 +56,22 @@ def base_config(run_dir: Path, algorithm: str, budget: int, eval_every: int, see
 
 @torch.no_grad()
 def kl_to_base(policy, prompts: list[str], seed: int) -> float:
-    """Mean exact per-step Gaussian KL(π_θ ‖ π_base) on fresh rollouts of ``prompts``."""
+    """Mean exact per-step Gaussian KL(π_θ ‖ π_base) of flow-kernel (a = 0.7) steps on fresh rollouts of
+    ``prompts`` — one measuring stick for every preset, whatever sampler it trained with."""
     from flowrl.losses import LossInputs, gaussian_kl
 
     if not hasattr(policy, "sigma_grid"):
         return float("nan")
-    saved = policy.sampler, policy.rollout_name, policy.noise_level
-    policy.sampler, policy.rollout_name = ("flow" if policy.sampler == "ode" else policy.sampler), "full"
-    policy.noise_level = policy.noise_level or 0.7
+    # the same measuring stick for every preset: flow-kernel SDE rollouts at every step
+    saved = policy.sampler, policy.rollout_name, policy.rollout_params, policy.noise_level
+    policy.sampler, policy.rollout_name, policy.rollout_params, policy.noise_level = "flow", "full", {}, 0.7
     try:
         traj = policy.rollout(prompts, group_size=1, generator=torch.Generator().manual_seed(seed))
         cur = policy.evaluate(traj)
         with policy.reference():
             ref = policy.evaluate(traj)
     finally:
-        policy.sampler, policy.rollout_name, policy.noise_level = saved
+        policy.sampler, policy.rollout_name, policy.rollout_params, policy.noise_level = saved
     kl = gaussian_kl(LossInputs(cur.log_prob, cur.log_prob, cur.log_prob, cur.log_prob, current=cur, reference=ref))
     return float(kl.mean())
 
