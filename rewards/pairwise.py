@@ -31,11 +31,15 @@ def win_rates(scores: Tensor) -> Tensor:
     return (lower + 0.5 * ties) / (n - 1)
 
 
-def _judge(judge: Callable[..., Any], a: Any, b: Any, prompt: str) -> float:
-    p = float(judge(a, b, prompt))
+def _checked(p: Any) -> float:
+    p = float(p)
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"pairwise judge returned {p}; it must return P(first is better) in [0, 1] (tie = 0.5).")
     return p
+
+
+def _judge(judge: Callable[..., Any], a: Any, b: Any, prompt: str) -> float:
+    return _checked(judge(a, b, prompt))
 
 
 def pairwise_win_rates(
@@ -94,13 +98,8 @@ class PairwiseJudge(Protocol):
 def _judge_many(judge: Callable[..., Any], firsts: list[Any], seconds: list[Any], prompts: list[str]) -> list[float]:
     batch = getattr(judge, "judge_batch", None)
     if batch is not None:
-        out = [float(p) for p in batch(firsts, seconds, prompts)]
-    else:
-        out = [float(judge(a, b, p)) for a, b, p in zip(firsts, seconds, prompts)]
-    for p in out:
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"pairwise judge returned {p}; it must return P(first is better) in [0, 1] (tie = 0.5).")
-    return out
+        return [_checked(p) for p in batch(firsts, seconds, prompts)]
+    return [_judge(judge, a, b, p) for a, b, p in zip(firsts, seconds, prompts)]
 
 
 def pairwise_win_rates_batched(
