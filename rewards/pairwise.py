@@ -56,23 +56,8 @@ def pairwise_win_rates(
     out position bias; ``"both"`` asks both orders and averages ``p(a,b)`` with ``1 − p(b,a)``
     (twice the calls); ``"fixed"`` always shows the lower index first. ``[N]`` float32.
     """
-    if order not in ORDERS:
-        raise ValueError(f"unknown order '{order}'. Known: {', '.join(ORDERS)}.")
-    n = len(images)
-    if n == 1:
-        return torch.full((1,), 0.5)
-    wins = torch.zeros(n)
-    for i in range(n):
-        for j in range(i + 1, n):
-            if order == "both":
-                p_i = 0.5 * (_judge(judge, images[i], images[j], prompt) + 1.0 - _judge(judge, images[j], images[i], prompt))
-            elif order == "random" and bool(torch.randint(0, 2, (1,), generator=generator)):
-                p_i = 1.0 - _judge(judge, images[j], images[i], prompt)
-            else:
-                p_i = _judge(judge, images[i], images[j], prompt)
-            wins[i] += p_i
-            wins[j] += 1.0 - p_i
-    return wins / (n - 1)
+    # one implementation: the batched one calls a judge without ``judge_batch`` pair by pair
+    return pairwise_win_rates_batched(judge, images, prompt, order=order, generator=generator)
 
 
 # ====================================================================================== Pref-GRPO
