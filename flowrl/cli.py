@@ -33,7 +33,7 @@ def _pretrain_digits(args: argparse.Namespace) -> int:
 def _load_for_eval(args: argparse.Namespace):
     """Policy (with an optional LoRA folder loaded by stock diffusers), reward set and config."""
     from flowrl.config import TrainConfig
-    from flowrl.trainer import _build_reward_set, build_policy
+    from flowrl.builders import _build_reward_set, build_policy
 
     cfg = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
     if args.set:

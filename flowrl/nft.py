@@ -27,7 +27,7 @@ from torch import Tensor
 from flowrl.losses import masked_mean, nft_loss_per_sample
 from flowrl.policy import Trajectories
 from flowrl.rollout import SCHEDULES
-from flowrl.trainer import OBJECTIVES
+from flowrl.plugins import OBJECTIVES
 
 #: soft-update schedules: (flat steps, rate, cap) → d(step) = 0 if step < flat else min(rate·(step − flat), cap)
 DECAY_SCHEDULES: dict[str, tuple[float, float, float]] = {

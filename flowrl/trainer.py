@@ -30,11 +30,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import hashlib
 import json
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,26 +44,17 @@ from flowrl.advantages import AdvantageInputs, make_estimator
 from flowrl.config import ConfigError, ResolvedConfig, TrainConfig
 from flowrl.losses import LossInputs, policy_loss
 from flowrl.policy import Trajectories
+from flowrl import checkpointing
+from flowrl.builders import (  # noqa: F401  (re-exported: the loop's public helpers lived here)
+    _build_reward_set, _device, _load_prompts, add_lora, build_flow_policy, build_policy, load_pipeline,
+)
+from flowrl.checkpointing import atomic_write as _atomic_write, jsonable as _jsonable  # noqa: F401
+from flowrl.ema import EMA
+from flowrl.plugins import (  # noqa: F401  (re-exported for code written against flowrl.trainer)
+    OBJECTIVES, PIPELINE_SOURCES, POLICY_BUILDERS, REWARD_TRANSFORMS, import_builtin_components, make_objective,
+)
 from flowrl.prompt_selection import fill_batch
-from flowrl.registry import Registry
-
-OBJECTIVES: Registry[Callable[..., Any]] = Registry("training objective")
-#: name → fn(resolved: ResolvedConfig, run_dir: Path) -> Policy
-POLICY_BUILDERS: Registry[Callable[..., Any]] = Registry("policy builder")
-#: name → fn(table [B, K], names, group_ids, traj, **params) -> (table, names) transforms before advantages
-REWARD_TRANSFORMS: Registry[Callable[..., Any]] = Registry("reward transform")
-#: built-in model sources for ``model.pipeline`` (name → fn(run_dir) -> pipeline)
-PIPELINE_SOURCES: Registry[Callable[..., Any]] = Registry("pipeline source")
-
-
-def derive_seed(seed: int, *parts: Any) -> int:
-    """A stable 63-bit seed from the run seed and labels (e.g. ``(seed, iteration, "rollout")``)."""
-    h = hashlib.sha256(repr((seed,) + parts).encode()).digest()
-    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
-
-
-def generator_for(seed: int, *parts: Any, device: str | torch.device = "cpu") -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(derive_seed(seed, *parts))
+from flowrl.seeding import derive_seed, generator_for
 
 
 # ----------------------------------------------------------------------------------- objectives
@@ -108,34 +96,6 @@ def policy_gradient_objective(policy: Any, batch: Trajectories, steps: Tensor, c
     return policy_loss(inputs, spec)
 
 
-def make_objective(name: str, **params: Any) -> Any:
-    """A ready objective ``fn(policy, batch, steps, ctx) -> (loss, metrics)``: a registered class is
-    instantiated with ``params`` (it may keep state: ``state_dict``/``load_state_dict`` are
-    checkpointed, ``on_iteration_end(trainer, it) -> metrics`` runs after every update phase); a
-    function is bound with ``params``."""
-    import functools
-    import inspect
-
-    obj = OBJECTIVES.get(name)
-    if inspect.isclass(obj):
-        return obj(**params)
-    return functools.partial(obj, **params) if params else obj
-
-
-#: modules that register built-in objectives, rollout schedules and reward transforms on import
-BUILTIN_COMPONENT_MODULES = ("flowrl.nft", "flowrl.co_grpo", "flowrl.rewards.pairwise", "flowrl.trust_region")
-
-
-def _import_builtin_components() -> None:
-    import importlib
-
-    for mod in BUILTIN_COMPONENT_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name != mod:
-                raise
-
 
 # ------------------------------------------------------------------------------------ helpers
 def select_train_steps(mask: Tensor, fraction: float, selection: str, generator: torch.Generator) -> Tensor:
@@ -165,50 +125,6 @@ def learning_rate_at(iteration: int, num_iterations: int, base: float, schedule:
         frac = (iteration - 1) / (num_iterations - 1)
         return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
     raise ConfigError(f"train.lr_schedule must be constant or cosine, got '{schedule}'.")
-
-
-def add_lora(model: torch.nn.Module, *, rank: int, alpha: float, targets: list[str] | tuple[str, ...], seed: int) -> None:
-    """Add a peft LoRA adapter on ``targets`` (name suffixes) and train only it."""
-    from peft import LoraConfig
-
-    torch.manual_seed(seed)
-    present = [t for t in targets if any(n.endswith(t) for n, _ in model.named_modules())]
-    if not present:
-        raise ConfigError(
-            f"train.lora_targets {list(targets)} match no module of {type(model).__name__}. "
-            "Give module-name suffixes such as to_q, to_k, to_v, to_out.0 (or q_proj, v_proj for LMs)."
-        )
-    model.requires_grad_(False)
-    model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=present))
-    for n, p in model.named_parameters():
-        p.requires_grad_("lora_" in n)
-
-
-class EMA:
-    """Exponential moving average of the trainable parameters, swapped in for evaluation."""
-
-    def __init__(self, params: list[torch.nn.Parameter], decay: float):
-        self.params = params
-        self.decay = decay
-        self.shadow = [p.detach().clone() for p in params]
-
-    @torch.no_grad()
-    def update(self) -> None:
-        for s, p in zip(self.shadow, self.params):
-            s.lerp_(p.detach(), 1.0 - self.decay)
-
-    def active(self):
-        """Inside: the parameters hold the EMA weights; the live weights come back on exit."""
-        from flowrl.policy import weights_swapped
-
-        return weights_swapped(self.params, self.shadow)
-
-    def state_dict(self) -> list[Tensor]:
-        return [s.clone() for s in self.shadow]
-
-    def load_state_dict(self, state: list[Tensor]) -> None:
-        for s, v in zip(self.shadow, state):
-            s.copy_(v)
 
 
 @dataclass
@@ -243,7 +159,7 @@ class Trainer:
         self.run_dir = Path(t.output_dir)
         self.train_prompts = _load_prompts(t.prompts, "train.prompts")
         self.eval_prompts = _load_prompts(t.eval_prompts, "train.eval_prompts") if t.eval_prompts is not None else []
-        _import_builtin_components()
+        import_builtin_components()
         self.policy = policy if policy is not None else build_policy(self.resolved, self.run_dir)
         self.reward_set = reward_set if reward_set is not None else _build_reward_set(config)
         self.estimator = make_estimator(self.resolved.preset.advantage, **self.resolved.preset.advantage_params)
@@ -498,88 +414,19 @@ class Trainer:
         return result
 
     # ---------------------------------------------------------------------- checkpointing
+    # ---------------------------------------------------------------------- checkpointing
     def _prepare_run_dir(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "checkpoints").mkdir(exist_ok=True)
-        resolved = self.config.to_dict()
-        resolved["resolved"] = {
-            "preset": _jsonable(dataclasses.asdict(self.resolved.preset)),
-            "learning_rate": self.resolved.learning_rate,
-            "timestep_fraction": self.resolved.timestep_fraction,
-            "timestep_selection": self.resolved.timestep_selection,
-            "log_prob_reduce": self.config.sampler.log_prob_reduce,
-        }
-        import yaml
-
-        _atomic_write(self.run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
-        if not self.config.train.resume_from:
-            (self.run_dir / "metrics.jsonl").write_text("")
+        checkpointing.prepare_run_dir(self)
 
     def _resolve_checkpoint(self, spec: str) -> Path:
-        if spec == "latest":
-            ckpts = sorted((self.run_dir / "checkpoints").glob("iter_*[0-9]"))
-            if not ckpts:
-                raise FileNotFoundError(f"train.resume_from=latest but {self.run_dir / 'checkpoints'} holds no checkpoint.")
-            return ckpts[-1]
-        path = Path(spec)
-        if not (path / "state.json").is_file():
-            raise FileNotFoundError(f"train.resume_from: {path} is not a flowrl checkpoint (no state.json).")
-        return path
+        return checkpointing.resolve_checkpoint(self, spec)
 
     def save_checkpoint(self, it: int) -> Path:
-        """Write ``checkpoints/iter_NNNNNN`` atomically: trainable weights, optimizer, EMA,
-        estimator state, history. A crash mid-write leaves only a ``.tmp`` folder behind."""
-        if not self.accelerator.is_main_process:
-            return self.run_dir
-        final = self.run_dir / "checkpoints" / f"iter_{it:06d}"
-        tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        from safetensors.torch import save_file
-
-        named = {n: p.detach().cpu().contiguous() for n, p in self.policy.model.named_parameters() if p.requires_grad}
-        save_file(named, str(tmp / "trainable.safetensors"))
-        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-        if self.ema is not None:
-            torch.save(self.ema.state_dict(), tmp / "ema.pt")
-        obj_state = self.objective.state_dict() if hasattr(self.objective, "state_dict") else None
-        if obj_state is not None:
-            torch.save(obj_state, tmp / "objective.pt")
-        est_state = self.estimator.state_dict() if hasattr(self.estimator, "state_dict") else None
-        if est_state is not None:
-            torch.save(est_state, tmp / "estimator.pt")
-        if hasattr(self.selector, "state_dict"):
-            torch.save(self.selector.state_dict(), tmp / "selector.pt")
-        (tmp / "state.json").write_text(json.dumps({"iteration": it, "history": self.history}, indent=1))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        return final
+        """Write ``checkpoints/iter_NNNNNN`` atomically (see :mod:`flowrl.checkpointing`)."""
+        return checkpointing.save_checkpoint(self, it)
 
     def load_checkpoint(self, path: Path) -> None:
-        from safetensors.torch import load_file
-
-        state = json.loads((path / "state.json").read_text())
-        weights = load_file(str(path / "trainable.safetensors"))
-        params = dict(self.policy.model.named_parameters())
-        missing = [n for n in weights if n not in params]
-        if missing:
-            raise ValueError(f"checkpoint {path} has weights this model lacks (e.g. {missing[0]}); was it made with another model or LoRA setup?")
-        with torch.no_grad():
-            for n, v in weights.items():
-                params[n].copy_(v)
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-        if self.ema is not None and (path / "ema.pt").is_file():
-            self.ema.load_state_dict(torch.load(path / "ema.pt"))
-        if (path / "objective.pt").is_file() and hasattr(self.objective, "load_state_dict"):
-            self.objective.load_state_dict(torch.load(path / "objective.pt", weights_only=False))
-        if (path / "estimator.pt").is_file() and hasattr(self.estimator, "load_state_dict"):
-            self.estimator.load_state_dict(torch.load(path / "estimator.pt", weights_only=False))
-        if (path / "selector.pt").is_file() and hasattr(self.selector, "load_state_dict"):
-            self.selector.load_state_dict(torch.load(path / "selector.pt", weights_only=False))
-        self.start_iteration = int(state["iteration"])
-        self.history = list(state["history"])
-        # rewrite metrics.jsonl to exactly the checkpoint's history (drop records past it)
-        _atomic_write(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
+        checkpointing.load_checkpoint(self, path)
 
     def export_lora(self) -> Path | None:
         """Save LoRA weights in the diffusers format (``pipe.load_lora_weights(dir)`` loads them),
@@ -672,115 +519,6 @@ class Trainer:
             print(f"[flowrl] could not write plots: {exc}")
 
 
-# -------------------------------------------------------------------------------- builders
-def _load_prompts(spec: Any, field_name: str) -> list[str]:
-    from flowrl.prompts import load_prompts
-
-    try:
-        return load_prompts(spec, field=field_name)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-
-
-def _build_reward_set(config: TrainConfig):
-    from flowrl.rewards import build_rewards
-
-    return build_rewards(config.reward.rewards, combine=config.reward.combine, max_failures=config.reward.max_failures)
-
-
-def load_pipeline(spec: str, run_dir: Path, dtype: torch.dtype = torch.float32):
-    """A diffusers pipeline from a built-in name (``PIPELINE_SOURCES``) or a local folder."""
-    _import_pipeline_sources()
-    if spec in PIPELINE_SOURCES:
-        pipe = PIPELINE_SOURCES.get(spec)(run_dir)
-    else:
-        path = Path(spec)
-        if not path.is_dir():
-            raise ConfigError(
-                f"model.pipeline '{spec}' is neither a local folder nor a built-in "
-                f"({', '.join(PIPELINE_SOURCES.names())}). flowrl never downloads: point it at a local checkpoint."
-            )
-        pipe = _pipeline_class(path).from_pretrained(str(path), local_files_only=True, torch_dtype=dtype)
-    if dtype != torch.float32 and hasattr(pipe, "to"):
-        pipe = pipe.to(dtype=dtype)
-    return pipe
-
-
-def _pipeline_class(path: Path):
-    """The class named in ``model_index.json``: a flowrl pipeline with a registered adapter (e.g.
-    ``DigitsPipeline``, which ``DiffusionPipeline`` cannot resolve by name), else ``DiffusionPipeline``."""
-    import json
-
-    from diffusers import DiffusionPipeline
-
-    from flowrl.pipelines.base import _ADAPTERS, _import_builtin_adapters
-
-    index = path / "model_index.json"
-    if not index.is_file():
-        raise ConfigError(f"model.pipeline: {path} has no model_index.json; point it at a folder written by save_pretrained.")
-    name = json.loads(index.read_text()).get("_class_name")
-    _import_builtin_adapters()
-    for cls in _ADAPTERS:
-        if cls is not None and cls.__name__ == name and not cls.__module__.startswith("diffusers"):
-            return cls
-    return DiffusionPipeline
-
-
-def _import_pipeline_sources() -> None:
-    import importlib
-
-    for mod in ("flowrl.pipelines.digits",):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name != mod:
-                raise
-
-
-def _tiny_source(builder_name: str):
-    def build(run_dir: Path):
-        from flowrl.pipelines import tiny
-
-        pipe = getattr(tiny, builder_name)()
-        return tiny.save_and_reload(pipe, Path(run_dir) / "base_model")
-
-    return build
-
-
-def _digits_source(run_dir: Path):
-    from flowrl.pipelines.digits import load_default_digits_pipeline
-
-    return load_default_digits_pipeline()
-
-
-PIPELINE_SOURCES.register("digits", _digits_source)
-PIPELINE_SOURCES.register("tiny-sd3", _tiny_source("tiny_sd3_pipeline"))
-PIPELINE_SOURCES.register("tiny-flux", _tiny_source("tiny_flux_pipeline"))
-
-
-@POLICY_BUILDERS.register("flow")
-def build_flow_policy(resolved: ResolvedConfig, run_dir: Path):
-    from flowrl.pipelines.flow_policy import FlowPolicy
-
-    cfg, preset = resolved.config, resolved.preset
-    dtype = getattr(torch, cfg.model.dtype)
-    pipe = load_pipeline(cfg.model.pipeline, run_dir, dtype)
-    device = _device(cfg)
-    pipe.to(device)
-    s = cfg.sampler
-    return FlowPolicy.from_pipeline(
-        pipe, sampler=preset.kernel, noise_level=preset.noise_level, num_steps=s.num_steps, guidance_scale=s.guidance_scale,
-        height=s.height, width=s.width, rollout=preset.rollout, rollout_params=preset.rollout_params,
-        share_initial_noise=preset.share_initial_noise, store_means=bool(preset.loss.step_weight != "none" or preset.loss.ratio != "token"),
-        log_prob_reduce=s.log_prob_reduce, steps_per_backward=s.steps_per_backward,
-    )
-
-
-def _device(cfg: TrainConfig) -> torch.device:
-    if cfg.model.device != "auto":
-        return torch.device(cfg.model.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
 
 def _make_accelerator(*, cpu: bool, mixed_precision: str):
     """An ``Accelerator``; in a single process, a previous trainer's state (accelerate keeps one per
@@ -796,38 +534,12 @@ def _make_accelerator(*, cpu: bool, mixed_precision: str):
     return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
 
 
-def build_policy(resolved: ResolvedConfig, run_dir: Path):
-    kind = resolved.config.model.kind
-    if kind == "causal_lm" and kind not in POLICY_BUILDERS:
-        import flowrl.pipelines.causal_lm  # noqa: F401  (registers its builder)
-    if kind == "masked" and kind not in POLICY_BUILDERS:
-        import flowrl.pipelines.amused  # noqa: F401  (registers its builder and the tiny-amused source)
-    _import_builtin_components()
-    return POLICY_BUILDERS.get(kind)(resolved, run_dir)
-
-
 def train(config: TrainConfig | str | Path, **kwargs: Any) -> TrainResult:
     """Run a training job from a :class:`TrainConfig` (or a YAML path)."""
     if not isinstance(config, TrainConfig):
         config = TrainConfig.from_yaml(config)
     return Trainer(config, **kwargs).train()
 
-
-# --------------------------------------------------------------------------------- small utils
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (int, float, str, bool)) or x is None:
-        return x
-    return repr(x)
 
 
 def _progress(it, *, enabled: bool, total: int, initial: int):

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from flowrl.losses import LossInputs, masked_mean, policy_loss, sage_dual_kl
-from flowrl.trainer import OBJECTIVES
+from flowrl.plugins import OBJECTIVES
 
 
 class MovingAnchor:

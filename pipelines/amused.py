@@ -95,7 +95,8 @@ def co_grpo_policy(pipe: Any, *, num_steps: int = 12, guidance_scale: float = 10
 
 
 def _register() -> None:
-    from flowrl.trainer import PIPELINE_SOURCES, POLICY_BUILDERS, load_pipeline, _device
+    from flowrl.builders import _device, load_pipeline
+    from flowrl.plugins import PIPELINE_SOURCES, POLICY_BUILDERS
 
     def tiny_amused(run_dir: Path):
         from flowrl.pipelines import tiny

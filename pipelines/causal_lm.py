@@ -470,8 +470,8 @@ def with_constant_normaliser(preset: Any, max_new_tokens: int) -> Any:
     return preset
 
 
-try:  # register with the trainer (absent in a checkout without flowrl.trainer)
-    from flowrl.trainer import POLICY_BUILDERS
+try:  # register the builder (absent in a checkout without flowrl.plugins)
+    from flowrl.plugins import POLICY_BUILDERS
 
     if "causal_lm" not in POLICY_BUILDERS:
         POLICY_BUILDERS.register("causal_lm", build_causal_lm_policy)

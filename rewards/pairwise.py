@@ -165,7 +165,7 @@ def win_rate_transform(table: Tensor, names: Sequence[str], group_ids: Tensor, t
 
 
 def _register_transform() -> None:
-    from flowrl.trainer import REWARD_TRANSFORMS
+    from flowrl.plugins import REWARD_TRANSFORMS
 
     if "win_rate" not in REWARD_TRANSFORMS:
         REWARD_TRANSFORMS.register("win_rate", win_rate_transform)

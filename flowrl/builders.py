@@ -1,0 +1,149 @@
+"""Build what a config names: the pipeline (a built-in source or a local folder), the policy
+(``POLICY_BUILDERS`` by ``model.kind``), LoRA adapters, the reward set and the prompt lists."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flowrl.config import ConfigError, ResolvedConfig, TrainConfig
+from flowrl.plugins import PIPELINE_SOURCES, POLICY_BUILDERS, import_builtin_components
+
+
+def add_lora(model: torch.nn.Module, *, rank: int, alpha: float, targets: list[str] | tuple[str, ...], seed: int) -> None:
+    """Add a peft LoRA adapter on ``targets`` (name suffixes) and train only it."""
+    from peft import LoraConfig
+
+    torch.manual_seed(seed)
+    present = [t for t in targets if any(n.endswith(t) for n, _ in model.named_modules())]
+    if not present:
+        raise ConfigError(
+            f"train.lora_targets {list(targets)} match no module of {type(model).__name__}. "
+            "Give module-name suffixes such as to_q, to_k, to_v, to_out.0 (or q_proj, v_proj for LMs)."
+        )
+    model.requires_grad_(False)
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=present))
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n)
+
+
+def _load_prompts(spec: Any, field_name: str) -> list[str]:
+    from flowrl.prompts import load_prompts
+
+    try:
+        return load_prompts(spec, field=field_name)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _build_reward_set(config: TrainConfig):
+    from flowrl.rewards import build_rewards
+
+    return build_rewards(config.reward.rewards, combine=config.reward.combine, max_failures=config.reward.max_failures)
+
+
+def load_pipeline(spec: str, run_dir: Path, dtype: torch.dtype = torch.float32):
+    """A diffusers pipeline from a built-in name (``PIPELINE_SOURCES``) or a local folder."""
+    _import_pipeline_sources()
+    if spec in PIPELINE_SOURCES:
+        pipe = PIPELINE_SOURCES.get(spec)(run_dir)
+    else:
+        path = Path(spec)
+        if not path.is_dir():
+            raise ConfigError(
+                f"model.pipeline '{spec}' is neither a local folder nor a built-in "
+                f"({', '.join(PIPELINE_SOURCES.names())}). flowrl never downloads: point it at a local checkpoint."
+            )
+        pipe = _pipeline_class(path).from_pretrained(str(path), local_files_only=True, torch_dtype=dtype)
+    if dtype != torch.float32 and hasattr(pipe, "to"):
+        pipe = pipe.to(dtype=dtype)
+    return pipe
+
+
+def _pipeline_class(path: Path):
+    """The class named in ``model_index.json``: a flowrl pipeline with a registered adapter (e.g.
+    ``DigitsPipeline``, which ``DiffusionPipeline`` cannot resolve by name), else ``DiffusionPipeline``."""
+    import json
+
+    from diffusers import DiffusionPipeline
+
+    from flowrl.pipelines.base import _ADAPTERS, _import_builtin_adapters
+
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise ConfigError(f"model.pipeline: {path} has no model_index.json; point it at a folder written by save_pretrained.")
+    name = json.loads(index.read_text()).get("_class_name")
+    _import_builtin_adapters()
+    for cls in _ADAPTERS:
+        if cls is not None and cls.__name__ == name and not cls.__module__.startswith("diffusers"):
+            return cls
+    return DiffusionPipeline
+
+
+def _import_pipeline_sources() -> None:
+    import importlib
+
+    for mod in ("flowrl.pipelines.digits",):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name != mod:
+                raise
+
+
+def _tiny_source(builder_name: str):
+    def build(run_dir: Path):
+        from flowrl.pipelines import tiny
+
+        pipe = getattr(tiny, builder_name)()
+        return tiny.save_and_reload(pipe, Path(run_dir) / "base_model")
+
+    return build
+
+
+def _digits_source(run_dir: Path):
+    from flowrl.pipelines.digits import load_default_digits_pipeline
+
+    return load_default_digits_pipeline()
+
+
+PIPELINE_SOURCES.register("digits", _digits_source)
+PIPELINE_SOURCES.register("tiny-sd3", _tiny_source("tiny_sd3_pipeline"))
+PIPELINE_SOURCES.register("tiny-flux", _tiny_source("tiny_flux_pipeline"))
+
+
+@POLICY_BUILDERS.register("flow")
+def build_flow_policy(resolved: ResolvedConfig, run_dir: Path):
+    from flowrl.pipelines.flow_policy import FlowPolicy
+
+    cfg, preset = resolved.config, resolved.preset
+    dtype = getattr(torch, cfg.model.dtype)
+    pipe = load_pipeline(cfg.model.pipeline, run_dir, dtype)
+    device = _device(cfg)
+    pipe.to(device)
+    s = cfg.sampler
+    return FlowPolicy.from_pipeline(
+        pipe, sampler=preset.kernel, noise_level=preset.noise_level, num_steps=s.num_steps, guidance_scale=s.guidance_scale,
+        height=s.height, width=s.width, rollout=preset.rollout, rollout_params=preset.rollout_params,
+        share_initial_noise=preset.share_initial_noise, store_means=bool(preset.loss.step_weight != "none" or preset.loss.ratio != "token"),
+        log_prob_reduce=s.log_prob_reduce, steps_per_backward=s.steps_per_backward,
+    )
+
+
+def _device(cfg: TrainConfig) -> torch.device:
+    if cfg.model.device != "auto":
+        return torch.device(cfg.model.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build_policy(resolved: ResolvedConfig, run_dir: Path):
+    kind = resolved.config.model.kind
+    if kind == "causal_lm" and kind not in POLICY_BUILDERS:
+        import flowrl.pipelines.causal_lm  # noqa: F401  (registers its builder)
+    if kind == "masked" and kind not in POLICY_BUILDERS:
+        import flowrl.pipelines.amused  # noqa: F401  (registers its builder and the tiny-amused source)
+    import_builtin_components()
+    return POLICY_BUILDERS.get(kind)(resolved, run_dir)
+

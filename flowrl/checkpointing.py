@@ -1,0 +1,118 @@
+"""The run directory and checkpoints: the resolved config, ``checkpoints/iter_NNNNNN`` (trainable
+weights, optimizer, EMA, objective/estimator/selector state, history), written to a temporary
+folder and renamed so a crash never leaves a half-written checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, (int, float, str, bool)) or x is None:
+        return x
+    return repr(x)
+
+
+
+def prepare_run_dir(trainer: Any) -> None:
+    trainer.run_dir.mkdir(parents=True, exist_ok=True)
+    (trainer.run_dir / "checkpoints").mkdir(exist_ok=True)
+    resolved = trainer.config.to_dict()
+    resolved["resolved"] = {
+        "preset": jsonable(dataclasses.asdict(trainer.resolved.preset)),
+        "learning_rate": trainer.resolved.learning_rate,
+        "timestep_fraction": trainer.resolved.timestep_fraction,
+        "timestep_selection": trainer.resolved.timestep_selection,
+        "log_prob_reduce": trainer.config.sampler.log_prob_reduce,
+    }
+    import yaml
+
+    atomic_write(trainer.run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    if not trainer.config.train.resume_from:
+        (trainer.run_dir / "metrics.jsonl").write_text("")
+
+
+def resolve_checkpoint(trainer: Any, spec: str) -> Path:
+    if spec == "latest":
+        ckpts = sorted((trainer.run_dir / "checkpoints").glob("iter_*[0-9]"))
+        if not ckpts:
+            raise FileNotFoundError(f"train.resume_from=latest but {trainer.run_dir / 'checkpoints'} holds no checkpoint.")
+        return ckpts[-1]
+    path = Path(spec)
+    if not (path / "state.json").is_file():
+        raise FileNotFoundError(f"train.resume_from: {path} is not a flowrl checkpoint (no state.json).")
+    return path
+
+
+def save_checkpoint(trainer: Any, it: int) -> Path:
+    """Write ``checkpoints/iter_NNNNNN`` atomically: trainable weights, optimizer, EMA,
+    estimator state, history. A crash mid-write leaves only a ``.tmp`` folder behind."""
+    if not trainer.accelerator.is_main_process:
+        return trainer.run_dir
+    final = trainer.run_dir / "checkpoints" / f"iter_{it:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    from safetensors.torch import save_file
+
+    named = {n: p.detach().cpu().contiguous() for n, p in trainer.policy.model.named_parameters() if p.requires_grad}
+    save_file(named, str(tmp / "trainable.safetensors"))
+    torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
+    if trainer.ema is not None:
+        torch.save(trainer.ema.state_dict(), tmp / "ema.pt")
+    obj_state = trainer.objective.state_dict() if hasattr(trainer.objective, "state_dict") else None
+    if obj_state is not None:
+        torch.save(obj_state, tmp / "objective.pt")
+    est_state = trainer.estimator.state_dict() if hasattr(trainer.estimator, "state_dict") else None
+    if est_state is not None:
+        torch.save(est_state, tmp / "estimator.pt")
+    if hasattr(trainer.selector, "state_dict"):
+        torch.save(trainer.selector.state_dict(), tmp / "selector.pt")
+    (tmp / "state.json").write_text(json.dumps({"iteration": it, "history": trainer.history}, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+def load_checkpoint(trainer: Any, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    state = json.loads((path / "state.json").read_text())
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = dict(trainer.policy.model.named_parameters())
+    missing = [n for n in weights if n not in params]
+    if missing:
+        raise ValueError(f"checkpoint {path} has weights this model lacks (e.g. {missing[0]}); was it made with another model or LoRA setup?")
+    with torch.no_grad():
+        for n, v in weights.items():
+            params[n].copy_(v)
+    trainer.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    if trainer.ema is not None and (path / "ema.pt").is_file():
+        trainer.ema.load_state_dict(torch.load(path / "ema.pt"))
+    if (path / "objective.pt").is_file() and hasattr(trainer.objective, "load_state_dict"):
+        trainer.objective.load_state_dict(torch.load(path / "objective.pt", weights_only=False))
+    if (path / "estimator.pt").is_file() and hasattr(trainer.estimator, "load_state_dict"):
+        trainer.estimator.load_state_dict(torch.load(path / "estimator.pt", weights_only=False))
+    if (path / "selector.pt").is_file() and hasattr(trainer.selector, "load_state_dict"):
+        trainer.selector.load_state_dict(torch.load(path / "selector.pt", weights_only=False))
+    trainer.start_iteration = int(state["iteration"])
+    trainer.history = list(state["history"])
+    # rewrite metrics.jsonl to exactly the checkpoint's history (drop records past it)
+    atomic_write(trainer.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in trainer.history))
