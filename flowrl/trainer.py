@@ -203,6 +203,7 @@ class Trainer:
         if not self.params:
             raise ConfigError("the model has no trainable parameters; check train.lora_rank / train.lora_targets.")
         optimizer = torch.optim.AdamW(self.params, lr=self.resolved.learning_rate, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
+        self._bare_model = model
         self.prepared_model, self.optimizer = _prepare(self.accelerator, model, optimizer, wrap=getattr(self.policy, "forward_calls_model", True))
         self.ema = EMA(self.params, t.ema_decay) if t.ema_decay > 0 else None
 
@@ -342,13 +343,29 @@ class Trainer:
         hook = getattr(self.objective, "on_iteration_end", None)
         if hook is not None:
             record.update(hook(self, it) or {})
-        record.update({f"reward/{k}" if not k.startswith("reward/") else k: v for k, v in self.reward_set.metrics().items()})
+        record.update(self._reward_metrics(all_table, names))
         record.update(select_metrics)
         record["time/rollout"] = timing["rollout"]
         record["time/rewards"] = (t1 - t0) - timing["rollout"]
         record["time/update"] = t2 - t1
         self._last_traj = traj
         return record
+
+    def _reward_metrics(self, all_table: Tensor, names: list[str]) -> dict[str, float]:
+        """The reward set's metrics over all processes: column mean/std of the gathered table,
+        failure counts summed, a reward's own metrics averaged."""
+        local = {f"reward/{k}" if not k.startswith("reward/") else k: v for k, v in self.reward_set.metrics().items()}
+        for n in names:
+            local.pop(f"reward/{n}", None), local.pop(f"reward/{n}/std", None)
+        world = self.accelerator.num_processes
+        summed = self._sum_dicts({k: v for k, v in local.items() if math.isfinite(v)})
+        out = {k: (v if k.startswith("reward/failures/") else v / world) for k, v in summed.items()}
+        for i, n in enumerate(names):
+            v = all_table[:, i]
+            v = v[torch.isfinite(v)]
+            out[f"reward/{n}"] = float(v.mean()) if v.numel() else math.nan
+            out[f"reward/{n}/std"] = float(v.std(unbiased=False)) if v.numel() > 1 else 0.0
+        return out
 
     def _advantages(self, inputs: AdvantageInputs) -> Tensor:
         """Run the estimator; rows whose reward failed (NaN, tolerated up to ``max_failures``) are
@@ -439,17 +456,19 @@ class Trainer:
                                 continue
                             share = 0.0  # zero-weight pass: this process joins the gradient all-reduce
                         data = batch if batch is not None and l_chunk > 0 else self._zero_weight_batch(batch)
-                        loss, metrics = self.objective(self.policy, data, steps, ctx)
-                        if not torch.isfinite(loss):
-                            raise FloatingPointError(f"the loss became {float(loss)} at iteration {it}; lower train.learning_rate or check the rewards.")
+                        # DDP all-reduces in the backward of the minibatch's last chunk only (forward
+                        # and backward of the others run under no_sync: local accumulation)
                         sync = contextlib.nullcontext() if (last or world == 1) else acc.no_sync(self.prepared_model)
                         with sync:
+                            loss, metrics = self.objective(self.policy, data, steps, ctx)
+                            if not torch.isfinite(loss):
+                                raise FloatingPointError(f"the loss became {float(loss)} at iteration {it}; lower train.learning_rate or check the rewards.")
                             acc.backward(loss * (share * world))
                         if share > 0:
                             for k, v in metrics.items():
                                 sums[k] = sums.get(k, 0.0) + v * share
                                 wsums[k] = wsums.get(k, 0.0) + share
-                    if world > 1 and self.prepared_model is self.policy.model:
+                    if world > 1 and self.prepared_model is self._bare_model:
                         self._all_reduce_gradients()  # a policy not called through forward: no DDP
                     if t.max_grad_norm > 0:  # unscaled (fp16 loss scaling) and global (after the all-reduce)
                         grad_norms.append(float(acc.clip_grad_norm_(self.params, t.max_grad_norm)))
