@@ -63,8 +63,7 @@ class HunyuanVideo15Adapter(VideoAdapterMixin, FlowAdapter):
                 "flowrl needs CFG that does not depend on the step: set `pipe.guider = pipe.guider.new(start=0.0, stop=1.0)`."
             )
 
-    @property
-    def default_size(self) -> tuple[int, int]:  # type: ignore[override]
+    def stock_size(self) -> tuple[int, int]:
         """The stock default: the 16:9 bucket of the transformer's ``target_size``."""
         p = self.pipe
         return tuple(int(x) for x in p.video_processor.calculate_default_height_width(p.default_aspect_ratio[1], p.default_aspect_ratio[0], p.target_size))

@@ -44,8 +44,7 @@ class QwenImageAdapter(VideoAdapterMixin, FlowAdapter):
     negative_prompt = " "
     decode_batch_size = None
 
-    @property
-    def default_size(self) -> tuple[int, int]:  # type: ignore[override]
+    def stock_size(self) -> tuple[int, int]:
         s = self.pipe.default_sample_size * self.pipe.vae_scale_factor
         return (s, s)
 

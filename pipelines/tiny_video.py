@@ -154,3 +154,22 @@ def shrink_hunyuan_text_context(pipe, *, text_tokens: int = 24, glyph_tokens: in
     pipe.tokenizer_max_length = text_tokens
     pipe.tokenizer_2_max_length = glyph_tokens
     return pipe
+
+
+#: generation defaults of the tiny builders: latents of 2 frames × 8×8 (Wan), 2 × 4×4 (HunyuanVideo), 8×8 (Qwen-Image)
+TEST_DEFAULTS = {
+    "WanPipeline": {"size": (64, 64), "num_frames": 5},
+    "HunyuanVideo15Pipeline": {"size": (64, 64), "num_frames": 5},
+    "QwenImagePipeline": {"size": (64, 64)},
+}
+
+
+def with_test_defaults(pipe):
+    """Give a (reloaded) tiny pipeline small generation defaults (``pipe.flowrl_defaults``, read by
+    the adapters) and, for HunyuanVideo 1.5, a short text context (:func:`shrink_hunyuan_text_context`)."""
+    name = type(pipe).__name__
+    pipe.flowrl_defaults = dict(TEST_DEFAULTS.get(name, {}))
+    if name == "HunyuanVideo15Pipeline":
+        shrink_hunyuan_text_context(pipe)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

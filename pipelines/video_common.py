@@ -53,7 +53,22 @@ class VideoAdapterMixin:
 
     @property
     def frames(self) -> int:
-        return int(self.num_frames or self.default_num_frames)
+        return int(self.num_frames or self._pipe_defaults().get("num_frames") or self.default_num_frames)
+
+    def _pipe_defaults(self) -> dict:
+        """``pipe.flowrl_defaults`` (``{"size": (h, w), "num_frames": n}``): defaults a pipeline may
+        carry instead of the family's stock ones (the tiny test builders set it)."""
+        return dict(getattr(self.pipe, "flowrl_defaults", None) or {})
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        """The generation size when none is given: ``pipe.flowrl_defaults["size"]``, else the stock default."""
+        size = self._pipe_defaults().get("size")
+        return tuple(size) if size else self.stock_size()
+
+    def stock_size(self) -> tuple[int, int]:
+        """The stock pipeline's default (height, width)."""
+        raise NotImplementedError
 
     def configure(self, **options: Any) -> "VideoAdapterMixin":
         """Set adapter options (``None`` keeps the default); an unknown name raises with the list."""
@@ -74,27 +89,3 @@ class VideoAdapterMixin:
         gen_dev = generator.device if generator is not None else torch.device("cpu")
         z = torch.randn((batch, *self.latent_shape(height, width)), generator=generator, device=gen_dev, dtype=torch.float32)
         return z.to(self.device, self.dtype)
-
-    # -- memory ------------------------------------------------------------------------------
-    def enable_memory_savers(self, *, vae_tiling: bool = False, vae_slicing: bool = False, gradient_checkpointing: bool = False) -> None:
-        """VAE tiling (decode in overlapping spatial tiles) / slicing (one sample per decode call),
-        and activation checkpointing of the trained transformer's blocks (recomputed in backward)."""
-        vae = self.pipe.vae
-        if vae_tiling:
-            if not hasattr(vae, "enable_tiling"):
-                raise ValueError(f"model.vae_tiling: {type(vae).__name__} has no tiled decoding.")
-            vae.enable_tiling()
-        if vae_slicing and hasattr(vae, "enable_slicing"):
-            vae.enable_slicing()
-        if gradient_checkpointing:
-            enable_gradient_checkpointing(self.transformer)
-
-
-def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
-    """Turn on activation checkpointing of a diffusers / transformers model (peft-wrapped too)."""
-    for name in ("enable_gradient_checkpointing", "gradient_checkpointing_enable"):
-        fn = getattr(model, name, None)
-        if fn is not None:
-            fn()
-            return
-    raise ValueError(f"{type(model).__name__} does not support gradient checkpointing.")

@@ -54,7 +54,6 @@ def euler_scheduler_like(scheduler: Any):
 
 @register_adapter(WanPipeline)
 class WanAdapter(VideoAdapterMixin, FlowAdapter):
-    default_size = (480, 832)
     default_num_frames = 81
     #: the stock ``__call__`` default (its ``encode_prompt`` alone defaults to 226).
     max_sequence_length = 512
@@ -68,6 +67,9 @@ class WanAdapter(VideoAdapterMixin, FlowAdapter):
         self.euler = euler_scheduler_like(pipe.scheduler)
 
     # -- shapes --------------------------------------------------------------------------------
+    def stock_size(self) -> tuple[int, int]:
+        return (480, 832)
+
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
         p = self.pipe
         f = self.frames
