@@ -124,7 +124,7 @@ def make_estimator(name: str, **hparams: Any) -> Callable[[AdvantageInputs], Ten
 
 
 # =============================================================================== language models
-# Estimators of the LLM GRPO family (spec/llm.md). All read AdvantageInputs; the ones that only
+# Estimators of the LLM GRPO family (docs/algorithms.md). All read AdvantageInputs; the ones that only
 # transform rewards before the group z-score keep that transform in one small function.
 
 
@@ -513,7 +513,7 @@ def multi_granularity_advantages(rewards: Tensor, *, eps: float = 1e-4) -> Tenso
     For each SDE step k and ODE-suffix granularity g, z-score the rewards over the G members,
     z = (r − mean_G)/(std_G + eps) (population std), and sum over g: A_k = Σ_g z_{k,g} (summed, not
     averaged: equal granularities give 2·z). A (k, g) column whose rewards are all equal gives 0.
-    G²RPO (Granular GRPO, 2025); spec/trainers.md "G²RPO multi-granularity advantage".
+    G²RPO (Zhou et al. 2025, "Multi-Granularity Advantage Integration").
     """
     rewards = rewards.float()
     if rewards.dim() != 3:
@@ -561,7 +561,7 @@ def depth_advantages(node_rewards: Tensor, depth: Tensor, tree_id: Tensor, *, ep
     0 where the depth holds one node or std_d < ``min_std``. Leaf rewards 0…15 of a tree split at
     0, 3, 6, 9 (branch 2) give ±0.707 after the first split (means 3.5, 11.5; std 5.657),
     ±1.162/±0.387 after the second (means 1.5, 5.5, 9.5, 13.5; std 5.164) and the leaves' plain
-    z-scores; each depth sums to 0. BranchGRPO (2025); spec/trainers.md "BranchGRPO depth-wise advantage".
+    z-scores; each depth sums to 0. BranchGRPO (2025), depth-wise advantage.
     """
     node_rewards = node_rewards.float()
     key = tree_id.long() * (int(depth.max()) + 1) + depth.long()

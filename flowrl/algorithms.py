@@ -19,7 +19,7 @@ from flowrl.registry import Registry
 
 @dataclass(frozen=True)
 class Preset:
-    """One algorithm = one choice per plug point (see DESIGN.md's table).
+    """One algorithm = one choice per plug point (docs/algorithms.md lists them).
 
     kernel / noise_level: transition kernel of stochastic steps (``flowrl.sde.KERNELS``).
     rollout / rollout_params: which steps are stochastic (``flowrl.rollout.SCHEDULES``).
@@ -164,7 +164,7 @@ def resolve(config: Any) -> Any:
 
 
 # =============================================================================== language models
-# spec/llm.md: one preset per method; the token policy (flowrl.TokenPolicy) replaces the sampler.
+# One preset per method; the token policy (flowrl.TokenPolicy) replaces the sampler.
 # Numbers are the papers' (or TRL's) defaults; "inferred" marks a form the paper does not pin down.
 
 def _llm(name: str, doc: str, *, advantage: str = "group", advantage_params: dict[str, Any] | None = None, prompt_selection: str = "uniform", defaults: dict[str, Any] | None = None, **loss: Any) -> Preset:
@@ -428,7 +428,7 @@ def _config_has(section: str, name: str) -> bool:
 
 # ===================================================================================== issue 5
 # GRPO-Guard, Pref-GRPO, DiffusionNFT (flow models) and Co-GRPO (masked image models);
-# spec/trainers.md. Documented in docs/algorithms.md, section "Trainers".
+# Documented in docs/algorithms.md, section "Trainers".
 
 GRPO_GUARD = register_preset(
     replace(
@@ -465,8 +465,8 @@ PREF_GRPO = register_preset(
 
 
 # ===================================================================================== issue 4
-# Samplers: rollout schedules (flowrl.rollout) with their advantage rules; spec/sde.md "Rollout
-# schedules", spec/trainers.md. Documented in docs/algorithms.md, section "Samplers". Step options
+# Samplers: rollout schedules (flowrl.rollout) with their advantage rules.
+# Documented in docs/algorithms.md, section "Samplers". Step options
 # take an int (a step index) or a float (a fraction of sampler.num_steps), so they scale with it.
 
 FLOW_GRPO_FAST = register_preset(

@@ -1,4 +1,4 @@
-"""Co-GRPO: one MDP over masked-token decoding and its schedule (spec/trainers.md "Co-GRPO").
+"""Co-GRPO: one MDP over masked-token decoding and its schedule (Co-GRPO, 2025; docs/algorithms.md "Co-GRPO").
 
 A masked-token model (aMUSEd's ``UVit2DModel``, or any :class:`MaskedTokenModel`) unmasks a grid of
 ``L`` tokens in ``N`` steps. At step i a small :class:`SchedulePolicy` φ reads the decoder state

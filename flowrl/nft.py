@@ -1,6 +1,6 @@
 """DiffusionNFT (Zheng et al. 2025): online RL on the forward process — no likelihoods, any sampler.
 
-Pieces (spec/trainers.md "DiffusionNFT"):
+Pieces (Zheng et al. 2025; docs/algorithms.md "DiffusionNFT"):
 
 - ``x0_only`` rollout schedule: sample with any black-box ODE solver (``euler`` or ``dpm2``, a
   deterministic 2nd-order DPM-Solver++(2M) in data-prediction form on the flow path) and keep only

@@ -219,7 +219,7 @@ def sample_singular(velocity_fn: Callable[[Tensor, Tensor, Tensor], Tensor], x0:
 
 @register_schedule("singular")
 def singular_schedule(policy, prompts, *, group_size, generator=None, k_steps: Sequence[int | float] | None = None, granularities: Sequence[int] = (1, 2), eval_batch_size: int | None = None):
-    """G²RPO singular stochastic sampling (spec/sde.md "singular").
+    """G²RPO singular stochastic sampling (Zhou et al. 2025, "Singular Stochastic Sampling").
 
     Every member of a group starts from the prompt's noise and shares the ODE prefix to step k;
     at k each member takes one SDE step (the policy's kernel) with its own noise, then ODE to the
@@ -294,7 +294,7 @@ def singular_schedule(policy, prompts, *, group_size, generator=None, k_steps: S
 # --------------------------------------------------------------------------------------- tree
 @register_schedule("tree")
 def tree_schedule(policy, prompts, *, group_size, generator=None, split_steps: Sequence[int | float] = (0, 3, 6, 9), branch: int = 2, split_noise_scale: float = 1.0, window_size: int | None = None, window_range: Sequence[int | float] = (0, 1.0), slide_every: int = 25, slide_stride: int = 1, depth_prune: Sequence[int | float] = (), depth_prune_window: int | None = None, depth_prune_every: int = 1, eval_batch_size: int | None = None):
-    """BranchGRPO tree rollout (spec/sde.md "tree"), one tree per prompt; rows are its leaves.
+    """BranchGRPO tree rollout (BranchGRPO, 2025), one tree per prompt; rows are its leaves.
 
     ``split_steps``/``branch``: every node gets ``branch`` children at those steps, so a tree has
     ``branch^len(split_steps)`` leaves, which must equal ``group_size`` (train.num_generations).

@@ -75,7 +75,7 @@ def test_soft_update_follows_schedule():
 
 
 def test_dpm2_is_second_order_on_gaussian_data():
-    # x0 ~ N(m, s²): exact velocity is affine (spec/sde.md); the exact ODE maps x1 to m + s·x1
+    # x0 ~ N(m, s²): exact velocity is affine; the exact ODE maps x1 to m + s·x1
     m, s = 1.5, 0.4
 
     def vel(x, sigma):
