@@ -240,9 +240,12 @@ class Trainer:
         rollout_gen = generator_for(t.seed, it, "rollout", acc.process_index)
         timing = {"rollout": 0.0}
 
+        sampling_weights = getattr(self.objective, "sampling_weights", None)  # DiffusionNFT samples with θ_old
+
         def generate(indices: list[int]):
             start = time.perf_counter()
-            with self.autocast():  # the same precision as recomputation, so the on-policy ratio is 1
+            weights = sampling_weights(self.policy) if sampling_weights is not None else contextlib.nullcontext()
+            with weights, self.autocast():  # the same precision as recomputation, so the on-policy ratio is 1
                 traj = self.policy.rollout([self.train_prompts[i] for i in indices], group_size=t.num_generations, generator=rollout_gen)
             timing["rollout"] += time.perf_counter() - start
             table, names = self.reward_set.score(traj.outputs, traj.prompts, {**traj.meta, "group_ids": traj.group_ids})
