@@ -522,9 +522,11 @@ G2RPO = register_preset(
         FLOW_GRPO,
         name="g2rpo",
         doc="G²RPO (granular GRPO): singular stochastic sampling — each group shares the noise and the ODE prefix to "
-        "step k, every member takes one flow-SDE step (a 0.7) at k, then ODE suffixes at granularities g ∈ {1, 2}; "
-        "k over the first half of the steps (0…7 of 16). Advantage of (member, k) = Σ_g z-score over the group "
-        "(multi-granularity integration); one policy evaluation per k (shared x_k), PPO clip 1e-4, no KL, lr 1e-5. "
+        "step k, every member takes one flow-SDE step (a 0.7) at k, then ODE suffixes at granularities g ∈ {1, 2} on the "
+        "reference's coarse grid (σ[:k+2] then every g-th σ; the image is x̂0 at the last evaluated σ); k over the first "
+        "half of the steps (0…7 of 16). Advantage of (member, k) = Σ_reward models Σ_g z-score over the group (unbiased "
+        "std + 1e-8, clip ±5: multi-granularity integration per reward model); one policy evaluation per k (shared x_k), "
+        "PPO clip 1e-4, no KL, lr 1e-5. "
         "Reference: 16 steps, shift 3, G = 12 (train.num_generations=12; train.train_batch_size=12 gives the "
         "reference's one optimizer step per k).",
         kernel="flow",
@@ -532,7 +534,7 @@ G2RPO = register_preset(
         rollout="singular",
         rollout_params={"k_steps": None, "granularities": [1, 2]},
         advantage="multi_granularity",
-        advantage_params={"eps": 1e-4, "clip": None},
+        advantage_params={"eps": 1e-8, "clip": 5.0, "std": "unbiased", "per_reward": True},
         loss=LossSpec(clip="ppo_clip", clip_params={"clip_range": 1e-4}, aggregation="token-mean", kl=None, beta=0.0),
         defaults={"learning_rate": 1e-5, "timestep_fraction": 1.0},
     )

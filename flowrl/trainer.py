@@ -272,6 +272,7 @@ class Trainer:
         adv_all = self._advantages(AdvantageInputs(
             rewards=all_rewards, group_ids=all_groups, reward_table=self._gather(table), reward_names=list(names),
             mask=None, traj=traj if acc.num_processes == 1 else None, prompts=traj.prompts if acc.num_processes == 1 else None, meta=traj.meta,
+            reward_weights=self._reward_weights(names),
         ))
         lo = acc.process_index * len(traj)
         adv = adv_all[lo : lo + len(traj)]
@@ -315,6 +316,14 @@ class Trainer:
         record["time/update"] = t2 - t1
         self._last_traj = traj
         return record
+
+    def _reward_weights(self, names: list[str]) -> Tensor | None:
+        """Weight of each reward column in the combined reward (None for a reward set without them)."""
+        fn = getattr(self.reward_set, "column_weights", None)
+        try:
+            return fn(list(names)) if fn is not None else None
+        except (KeyError, ValueError):  # columns a reward transform renamed
+            return None
 
     def _advantages(self, inputs: AdvantageInputs) -> Tensor:
         """Run the estimator; rows whose reward failed (NaN, tolerated up to ``max_failures``) are
