@@ -260,10 +260,13 @@ class Trainer:
         self.policy.model.eval()
         timing = {"rollout": 0.0}
 
+        sampling_weights = getattr(self.objective, "sampling_weights", None)  # DiffusionNFT samples with θ_old
+
         def generate(indices: list[int], keys: list[Any]):
             start = time.perf_counter()
             noise = PromptGenerators(t.seed, it, "rollout", keys=keys)
-            with self.autocast():  # the same precision as recomputation, so the on-policy ratio is 1
+            weights = sampling_weights(self.policy) if sampling_weights is not None else contextlib.nullcontext()
+            with weights, self.autocast():  # the same precision as recomputation, so the on-policy ratio is 1
                 traj = self.policy.rollout([self.train_prompts[i] for i in indices], group_size=t.num_generations, generator=noise)
             timing["rollout"] += time.perf_counter() - start
             table, names = self.reward_set.score(traj.outputs, traj.prompts, {**traj.meta, "group_ids": traj.group_ids})
@@ -296,6 +299,7 @@ class Trainer:
             adv_all = self._advantages(AdvantageInputs(
                 rewards=all_rewards, group_ids=all_groups, reward_table=all_table, reward_names=list(names),
                 mask=None, traj=traj if single else None, prompts=traj.prompts if single else self._gather_list(traj.prompts), meta=traj.meta,
+                reward_weights=self._reward_weights(names),
             ))
             adv = adv_all[rows.lo : rows.hi]
             if "train_mask" in traj.meta:  # an estimator pruned trained steps (BranchGRPO width pruning)
@@ -304,6 +308,7 @@ class Trainer:
             adv = self._advantages(AdvantageInputs(
                 rewards=combined.float().cpu(), group_ids=traj.group_ids.cpu(), reward_table=table, reward_names=list(names),
                 mask=None, traj=traj, prompts=traj.prompts, meta=traj.meta,
+                reward_weights=self._reward_weights(names),
             ))
             if "train_mask" in traj.meta:
                 traj.mask = traj.mask & traj.meta.pop("train_mask").to(traj.mask.device)
@@ -366,6 +371,14 @@ class Trainer:
             out[f"reward/{n}"] = float(v.mean()) if v.numel() else math.nan
             out[f"reward/{n}/std"] = float(v.std(unbiased=False)) if v.numel() > 1 else 0.0
         return out
+
+    def _reward_weights(self, names: list[str]) -> Tensor | None:
+        """Weight of each reward column in the combined reward (None for a reward set without them)."""
+        fn = getattr(self.reward_set, "column_weights", None)
+        try:
+            return fn(list(names)) if fn is not None else None
+        except (KeyError, ValueError):  # columns a reward transform renamed
+            return None
 
     def _advantages(self, inputs: AdvantageInputs) -> Tensor:
         """Run the estimator; rows whose reward failed (NaN, tolerated up to ``max_failures``) are
@@ -658,11 +671,6 @@ class Trainer:
         if "prompts" in params:
             kwargs["prompts"] = self.train_prompts
         return make_selector(name, len(self.train_prompts), **kwargs)
-
-    def _gather(self, x: Tensor) -> Tensor:
-        if self.accelerator.num_processes == 1:
-            return x
-        return self.accelerator.gather(x.to(self.accelerator.device)).cpu()
 
     def _tensorboard(self):
         if not self.accelerator.is_main_process:
