@@ -164,6 +164,9 @@ class Trainer:
         self.config = config
         self.resolved = config.resolved()
         t = config.train
+        if t.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         cpu = config.model.device == "cpu" or (config.model.device == "auto" and not torch.cuda.is_available())
         self.accelerator = accelerator or _make_accelerator(cpu=cpu, mixed_precision=t.mixed_precision)
         nproc = self.accelerator.num_processes
@@ -202,7 +205,7 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ConfigError("the model has no trainable parameters; check train.lora_rank / train.lora_targets.")
-        optimizer = torch.optim.AdamW(self.params, lr=self.resolved.learning_rate, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
+        optimizer = make_optimizer(t.optimizer, self.params, lr=self.resolved.learning_rate, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
         self._bare_model = model
         self.prepared_model, self.optimizer = _prepare(self.accelerator, model, optimizer, wrap=getattr(self.policy, "forward_calls_model", True))
         self.ema = EMA(self.params, t.ema_decay) if t.ema_decay > 0 else None
@@ -730,6 +733,20 @@ class Trainer:
 
 
 
+def make_optimizer(name: str, params: list[torch.nn.Parameter], **kwargs: Any) -> torch.optim.Optimizer:
+    """``adamw`` (torch.optim.AdamW) or ``adamw_8bit`` (bitsandbytes.optim.AdamW8bit: the two
+    moment buffers quantised to 8 bits, Dettmers et al. 2022)."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, **kwargs)
+    if name == "adamw_8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError("train.optimizer=adamw_8bit needs bitsandbytes: pip install 'flowrl[bnb]' (CUDA only), or set train.optimizer=adamw.") from None
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    raise ConfigError(f"train.optimizer must be adamw or adamw_8bit, got '{name}'.")
+
+
 def _prepare(accelerator: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, wrap: bool):
     """``accelerator.prepare`` the trained module and the optimizer. With several processes the
     module comes back wrapped (DDP): its backward all-reduces the gradients. The wrapper forwards
@@ -737,6 +754,14 @@ def _prepare(accelerator: Any, model: torch.nn.Module, optimizer: torch.optim.Op
     policy can call it in place of the bare module during the update. Policies whose model is not
     called through its ``forward`` (``forward_calls_model = False``) are not wrapped; the trainer
     all-reduces their gradients itself before each optimizer step."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        raise ConfigError(
+            f"the accelerate config selects {accelerator.distributed_type.value}, which flowrl does not support yet: rollouts "
+            "and evaluation call the bare (unsharded) model between updates. Launch with a DDP config "
+            "(assets/accelerate/ddp.yaml or multinode_ddp.yaml); memory: LoRA, train.gradient_checkpointing, adamw_8bit."
+        )
     if not wrap or accelerator.num_processes == 1:
         return model, accelerator.prepare(optimizer)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
