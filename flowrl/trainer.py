@@ -12,6 +12,13 @@ Everything random derives from ``(seed, iteration)``, so the same config gives t
 on CPU and a resumed run continues exactly (checkpoints hold weights, optimizer, EMA and
 estimator state; they are written to a temporary folder and renamed, never half-written).
 
+Several processes (``torchrun`` / ``accelerate launch``) train one model and get a one-process
+run's result: prompts are drawn identically everywhere and split; each prompt's noise is keyed by
+its global position (:class:`~flowrl.seeding.PromptGenerators`); rewards are gathered before
+advantages; minibatches, trained-step subsets and loss normalisers are computed on the global
+batch; the accelerate-prepared (DDP) module all-reduces gradients during the update, and every
+process takes the same number of optimizer steps (zero-weight passes where it has no rows).
+
 Metrics (``metrics.jsonl`` and TensorBoard, one record per iteration):
 ``reward/mean`` (combined reward, mean over samples whose reward did not fail), ``reward/std``,
 ``reward/<column>`` (each component, NaN-safe mean), ``reward/failures/<name>`` (failed samples so

@@ -93,3 +93,39 @@ def test_two_processes_train_the_one_process_model(tmp_path):
 
 def _flat(weights: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([weights[n].flatten() for n in sorted(weights)])
+
+
+@pytest.mark.slow  # three 2-process launches: ~50 s of CPU (run with -m slow)
+@needs_torchrun
+def test_killed_two_process_run_resumes_to_the_uninterrupted_result(tmp_path):
+    """kill -9 a 2-process run after its first checkpoint, resume with resume_from=latest: the
+    metrics and the final LoRA equal an uninterrupted 2-process run's (bitwise on the CPU)."""
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    sets = SMALL + ["train.num_iterations=3", "train.save_every=1", "train.num_generations=2", "sampler.num_steps=2"]
+    cli = ["-m", "flowrl", "train", "--config", str(ROOT / "assets" / "configs" / "digits.yaml")]
+    args = lambda out, *extra: [a for s in [*sets, f"train.output_dir={out}", *extra] for a in ("--set", s)]  # noqa: E731
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    _run(_torchrun(2) + cli + args(full))
+    proc = subprocess.Popen(_torchrun(2) + cli + args(killed), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not (killed / "checkpoints" / "iter_000001").is_dir():
+            assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers, mid-run
+        proc.wait()
+    assert not (killed / "lora").exists()  # it really was interrupted
+    _run(_torchrun(2) + cli + args(killed, "train.resume_from=latest"))
+    lines = lambda d: [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines() if "reward/mean" in l]  # noqa: E731
+    keys = ["iteration", "reward/mean", "loss/policy", "grad_norm", "adv/abs_mean"]
+    assert [[r[k] for k in keys] for r in lines(killed)] == [[r[k] for k in keys] for r in lines(full)]
+    a = load_file(str(full / "lora" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(killed / "lora" / "pytorch_lora_weights.safetensors"))
+    for n in a:
+        torch.testing.assert_close(b[n], a[n], rtol=0, atol=0)
