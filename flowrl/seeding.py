@@ -21,32 +21,41 @@ def generator_for(seed: int, *parts: Any, device: str | torch.device = "cpu") ->
 
 
 
-class PromptGenerators:
+class PromptGenerators(torch.Generator):
     """One random stream per prompt, so a sample's noise depends on ``(seed, labels, key)`` only —
     not on which other prompts share its batch, nor on which process rolls it out.
 
     ``keys`` name the prompts of a batch in order (ints or tuples of ints; the trainer uses each
-    prompt's refill round and position in the iteration's *global* batch). A draw whose first dimension has ``n`` rows (``n`` a multiple of
-    the number of prompts; groups contiguous, prompt-major, as every rollout lays them out) takes
-    rows ``[i·n/P, (i+1)·n/P)`` from prompt ``i``'s stream. Draws that concern the whole batch (a
-    window position) use :attr:`shared`, derived from the labels alone. So process ``r`` of ``N``
+    prompt's refill round and position in the iteration's *global* batch). A draw through
+    :func:`randn` / :func:`rand` / :func:`multinomial` whose first dimension has ``n`` rows (``n`` a
+    multiple of the number of prompts; groups contiguous, prompt-major, as every rollout lays them
+    out) takes rows ``[i·n/P, (i+1)·n/P)`` from prompt ``i``'s stream. So process ``r`` of ``N``
     draws exactly the numbers a one-process run draws for the same prompts.
+
+    It is itself a ``torch.Generator`` seeded from the labels alone: draws that concern the whole
+    batch (a window position; :func:`batch_generator`) use it, and so does code that hands it to
+    ``torch.randn`` directly — deterministic, but then the samples depend on the batch split.
     """
 
+    def __new__(cls, seed: int = 0, *parts: Any, keys: Any = (), device: str | torch.device = "cpu"):
+        return super().__new__(cls, device)
+
     def __init__(self, seed: int, *parts: Any, keys: Any, device: str | torch.device = "cpu"):
+        self.manual_seed(derive_seed(seed, *parts, "shared"))
         self.seed, self.parts, self.keys = seed, parts, list(keys)
-        self.device = torch.device(device)
         self.generators = [generator_for(seed, *parts, "prompt", k, device=device) for k in self.keys]
-        self.shared = generator_for(seed, *parts, "shared", device=device)
+
+    @property
+    def shared(self) -> torch.Generator:
+        return self
 
     def __len__(self) -> int:
         return len(self.generators)
 
     def narrow(self, start: int, stop: int) -> "PromptGenerators":
         """The streams of prompts ``start … stop − 1`` (the same generator objects, not copies)."""
-        out = PromptGenerators.__new__(PromptGenerators)
-        out.seed, out.parts, out.keys, out.device = self.seed, self.parts, self.keys[start:stop], self.device
-        out.generators, out.shared = self.generators[start:stop], self.shared
+        out = PromptGenerators(self.seed, *self.parts, keys=[], device=self.device)
+        out.keys, out.generators = self.keys[start:stop], self.generators[start:stop]
         return out
 
     def _rows_per_prompt(self, rows: int) -> int:

@@ -299,10 +299,13 @@ class Trainer:
         traj.meta["reward"] = combined  # [B] combined reward, sliced with the batch (LossInputs.rewards)
         t1 = time.perf_counter()
         # groups never span processes; statistics are computed on the gathered rewards
-        rows = self._global_rows(traj.group_ids)
+        rows = self._global_rows(traj.group_ids, one_round=select_metrics.get("select/rounds", 1.0) <= 1)
         all_rewards, all_groups = self._gather_uneven(combined.float().cpu()), self._gather_uneven(traj.group_ids.cpu())
         names = list(names or [])
         all_table = self._gather_uneven(table.float().cpu() if table is not None else torch.zeros(0, len(names)))
+        # the reward models' own columns (before a preset's reward transform), for the metrics
+        raw_names = list(traj.reward_names)
+        all_raw = self._gather_uneven(traj.rewards.float().cpu() if traj.rewards is not None else torch.zeros(0, len(raw_names)))
         # 3. advantages ---------------------------------------------------------------------
         single = acc.num_processes == 1
         if single or not traj.meta.get("rollout_structure"):
@@ -341,8 +344,8 @@ class Trainer:
         t2 = time.perf_counter()
         ok = torch.isfinite(all_rewards)
         record: dict[str, float] = {"iteration": it, "reward/mean": float(all_rewards[ok].mean()), "reward/std": float(all_rewards[ok].std(unbiased=False))}
-        for i, n in enumerate(names):
-            record[f"reward/{n}"] = float(all_table[:, i].nanmean())
+        for i, n in enumerate(raw_names):
+            record[f"reward/{n}"] = float(all_raw[:, i].nanmean())
         record["lr"] = lr
         record["samples/generated"] = float(len(all_rewards))
         record["adv/abs_mean"] = float(adv_all.abs().mean())
@@ -358,7 +361,7 @@ class Trainer:
         hook = getattr(self.objective, "on_iteration_end", None)
         if hook is not None:
             record.update(hook(self, it) or {})
-        record.update(self._reward_metrics(all_table, names))
+        record.update(self._reward_metrics(all_raw, raw_names))
         record.update(select_metrics)
         record["time/rollout"] = timing["rollout"]
         record["time/rewards"] = (t1 - t0) - timing["rollout"]
@@ -423,7 +426,7 @@ class Trainer:
         empty backpropagates a zero-weight pass on a filler row so the all-reduce never waits."""
         t = self.config.train
         acc = self.accelerator
-        rows = rows if rows is not None else self._global_rows(traj.group_ids)
+        rows = rows if rows is not None else self._global_rows(traj.group_ids, one_round=True)
         world = acc.num_processes
         all_keep = self._gather_uneven(keep.to(torch.bool).cpu())
         canonical_keep = torch.zeros(rows.total, dtype=torch.bool)
@@ -594,15 +597,18 @@ class Trainer:
         counts = self._gather_uneven(torch.tensor([n])).tolist()
         return int(sum(counts[: self.accelerator.process_index]))
 
-    def _global_rows(self, group_ids: Tensor) -> "GlobalRows":
+    def _global_rows(self, group_ids: Tensor, *, one_round: bool = True) -> "GlobalRows":
         """Where this process's rows sit in the global batch: ``[lo, hi)`` in gathered (process)
-        order, and each gathered row's number in a one-process run's order (rows sorted by their
-        global group id; a group never spans processes)."""
+        order, and each gathered row's number in a one-process run's order. One rollout round:
+        the gathered order is that order (each process holds a contiguous share of the prompts).
+        Several refill rounds (DAPO): a one-process run holds rows by kept group, so rows are
+        sorted by their global group id (a group never spans processes)."""
         gids = self._gather_uneven(group_ids.cpu().long())
         sizes = self._gather_uneven(torch.tensor([len(group_ids)])).tolist()
         lo = int(sum(sizes[: self.accelerator.process_index]))
-        canonical = torch.empty(len(gids), dtype=torch.long)
-        canonical[torch.argsort(gids, stable=True)] = torch.arange(len(gids))
+        canonical = torch.arange(len(gids))
+        if not one_round:
+            canonical[torch.argsort(gids, stable=True)] = torch.arange(len(gids))
         return GlobalRows(lo=lo, hi=lo + len(group_ids), total=len(gids), canonical=canonical)
 
     # --------------------------------------------------------------------------- evaluation
