@@ -152,7 +152,7 @@ def test_example_configs_resolve():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1] / "assets" / "configs"
-    for name in ("hunyuan_video15_sage", "wan_t2v", "qwen_image"):
+    for name in ("hunyuan_video15_sage", "wan_t2v", "qwen_image", "sd3_flow_grpo", "flux_flow_grpo", "digits"):
         cfg = TrainConfig.from_yaml(root / f"{name}.yaml").validate()
         assert cfg.resolved().preset is not None
     sage = TrainConfig.from_yaml(root / "hunyuan_video15_sage.yaml").resolved()
