@@ -44,11 +44,13 @@ def _changed(before, policy):
 
 
 def test_two_iterations_with_a_per_frame_image_reward(tmp_path, tiny_wan):
-    cfg = _config(tmp_path, FRAME_REWARD)
+    cfg = _config(tmp_path, FRAME_REWARD, "train.eval_prompts=[a cat]", "sampler.eval_num_steps=2")
     trainer = Trainer(cfg, policy=_policy(tiny_wan, cfg))
     before = _lora(trainer.policy)
     result = trainer.train()
     assert len(result.history) == 2
+    assert set(result.eval_before) == {"jpeg_compressibility", "num_prompts"}  # evaluation scores videos too
+    assert (tmp_path / "run" / "before_after.png").is_file()  # poster frames of the base and tuned videos
     for h in result.history:
         assert h["ratio/mean"] == pytest.approx(1.0, abs=1e-5)  # one on-policy update per iteration
         assert h["reward/jpeg_compressibility"] < 0 and h["samples/generated"] == 4
