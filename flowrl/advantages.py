@@ -48,17 +48,28 @@ class AdvantageInputs:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def group_stats(values: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-sample mean, (population) std and size of the sample's group, each ``[B]``.
+STD_ESTIMATORS = ("population", "unbiased")
 
-    The std is the biased (population) one, as ``np.std`` in the Flow-GRPO reference.
+
+def _check_std_estimator(std_estimator: str) -> None:
+    if std_estimator not in STD_ESTIMATORS:
+        raise ValueError(f"unknown std_estimator '{std_estimator}'. Known: {', '.join(STD_ESTIMATORS)}.")
+
+
+def group_stats(values: Tensor, group_ids: Tensor, *, std_estimator: str = "population") -> tuple[Tensor, Tensor, Tensor]:
+    """Per-sample mean, std and size of the sample's group, each ``[B]``.
+
+    ``std_estimator="population"`` divides the squared deviations by n (``np.std``, the Flow-GRPO
+    reference); ``"unbiased"`` by n − 1 (``torch.std``: TRL's ``GRPOTrainer`` and verl).
     """
+    _check_std_estimator(std_estimator)
     values = values.float()
     _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
     sums = torch.zeros(len(counts), dtype=values.dtype, device=values.device).index_add_(0, inverse, values)
     means = sums / counts.to(values.dtype)
     sq = torch.zeros_like(means).index_add_(0, inverse, (values - means[inverse]) ** 2)
-    stds = torch.sqrt(sq / counts.to(values.dtype))
+    dof = counts.to(values.dtype) - (1.0 if std_estimator == "unbiased" else 0.0)
+    stds = torch.sqrt(sq / dof.clamp(min=1.0))
     return means[inverse], stds[inverse], counts[inverse]
 
 
@@ -69,11 +80,14 @@ def group_advantages(
     std: str = "group",
     eps: float = 1e-4,
     clip: float | None = 5.0,
+    std_estimator: str = "population",
 ) -> Tensor:
     """Flow-GRPO / DanceGRPO advantage: A = (r − mean_prompt) / (std + eps), clipped to ±clip.
 
     ``std="group"`` uses each prompt's std (Flow-GRPO per-prompt stat tracking), ``"global"`` the
-    std over the whole batch (Flow-GRPO ``global_std``), ``"none"`` no scaling (Dr.GRPO: A = r − mean).
+    std over the whole batch (Flow-GRPO ``global_std``; TRL ``scale_rewards="batch"``), ``"none"`` no
+    scaling (Dr.GRPO: A = r − mean). ``std_estimator``: ``population`` (÷n, Flow-GRPO's ``np.std``) or
+    ``unbiased`` (÷(n − 1), TRL's and verl's ``torch.std``).
     Liu et al., Flow-GRPO (2025), §4; Shao et al., DeepSeekMath (2024) eq. 3.  Shapes: ``[B] → [B]``.
     """
     rewards = rewards.float()
@@ -81,7 +95,7 @@ def group_advantages(
         raise ValueError(f"rewards and group_ids must both be [B]; got {tuple(rewards.shape)} and {tuple(group_ids.shape)}")
     if torch.isnan(rewards).any():
         raise ValueError("rewards contain NaN; the reward set should have stopped the run (see reward/failures/*).")
-    mean, group_std, counts = group_stats(rewards, group_ids)
+    mean, group_std, counts = group_stats(rewards, group_ids, std_estimator=std_estimator)
     if torch.any(counts < 2):
         raise ValueError(
             "a group has a single sample, so its advantage is undefined. Set num_generations (group size) ≥ 2."
@@ -90,7 +104,7 @@ def group_advantages(
     if std == "group":
         adv = centred / (group_std + eps)
     elif std == "global":
-        adv = centred / (rewards.std(unbiased=False) + eps)
+        adv = centred / (rewards.std(unbiased=std_estimator == "unbiased") + eps)
     elif std == "none":
         adv = centred
     else:
@@ -101,9 +115,9 @@ def group_advantages(
 
 
 @register_advantage("group")
-def group_estimator(inputs: AdvantageInputs, *, std: str = "group", eps: float = 1e-4, clip: float | None = 5.0) -> Tensor:
+def group_estimator(inputs: AdvantageInputs, *, std: str = "group", eps: float = 1e-4, clip: float | None = 5.0, std_estimator: str = "population") -> Tensor:
     """Registered form of :func:`group_advantages` (GRPO, Flow-GRPO, DanceGRPO)."""
-    return group_advantages(inputs.rewards, inputs.group_ids, std=std, eps=eps, clip=clip)
+    return group_advantages(inputs.rewards, inputs.group_ids, std=std, std_estimator=std_estimator, eps=eps, clip=clip)
 
 
 def make_estimator(name: str, **hparams: Any) -> Callable[[AdvantageInputs], Tensor]:
@@ -283,11 +297,11 @@ def noisy_verifier_correction(rewards: Tensor, *, false_positive: float, false_n
 
 
 @register_advantage("noisy_verifier")
-def noisy_verifier_estimator(inputs: AdvantageInputs, *, false_positive: float = 0.1, false_negative: float = 0.1, std: str = "none", eps: float = 1e-4, clip: float | None = None) -> Tensor:
+def noisy_verifier_estimator(inputs: AdvantageInputs, *, false_positive: float = 0.1, false_negative: float = 0.1, std: str = "none", eps: float = 1e-4, clip: float | None = None, std_estimator: str = "population") -> Tensor:
     """Group advantages of backward-corrected rewards (:func:`noisy_verifier_correction`). The
     correction is affine, so with ``std="group"`` it cancels (up to eps); hence ``std="none"``."""
     r = noisy_verifier_correction(inputs.rewards, false_positive=false_positive, false_negative=false_negative)
-    return group_advantages(r, inputs.group_ids, std=std, eps=eps, clip=clip)
+    return group_advantages(r, inputs.group_ids, std=std, std_estimator=std_estimator, eps=eps, clip=clip)
 
 
 def unlikeliness_rewards(rewards: Tensor, seq_log_prob: Tensor, group_ids: Tensor, *, beta_rank: float = 0.25, threshold: float = 0.0) -> Tensor:
@@ -307,14 +321,14 @@ def unlikeliness_rewards(rewards: Tensor, seq_log_prob: Tensor, group_ids: Tenso
 
 
 @register_advantage("unlikeliness")
-def unlikeliness_estimator(inputs: AdvantageInputs, *, beta_rank: float = 0.25, threshold: float = 0.0, std: str = "group", eps: float = 1e-4, clip: float | None = 5.0) -> Tensor:
+def unlikeliness_estimator(inputs: AdvantageInputs, *, beta_rank: float = 0.25, threshold: float = 0.0, std: str = "group", eps: float = 1e-4, clip: float | None = 5.0, std_estimator: str = "population") -> Tensor:
     """Group z-score of :func:`unlikeliness_rewards` (π_old log-probs from ``inputs.traj``)."""
     traj = inputs.traj
     if traj is None:
         raise ValueError("the 'unlikeliness' estimator needs the trajectories (old log-probs and masks).")
     seq_lp = (traj.log_probs.float() * traj.mask.float()).sum(-1) / traj.mask.float().sum(-1).clamp(min=1)
     r = unlikeliness_rewards(inputs.rewards, seq_lp.cpu(), inputs.group_ids.cpu(), beta_rank=beta_rank, threshold=threshold)
-    return group_advantages(r, inputs.group_ids, std=std, eps=eps, clip=clip)
+    return group_advantages(r, inputs.group_ids, std=std, std_estimator=std_estimator, eps=eps, clip=clip)
 
 
 def semantic_entropy(answers: list[str], group_ids: Tensor) -> Tensor:
@@ -333,7 +347,7 @@ def semantic_entropy(answers: list[str], group_ids: Tensor) -> Tensor:
 
 
 @register_advantage("seed_grpo")
-def seed_grpo_estimator(inputs: AdvantageInputs, *, alpha: float = 0.5, std: str = "group", eps: float = 1e-4, clip: float | None = 5.0) -> Tensor:
+def seed_grpo_estimator(inputs: AdvantageInputs, *, alpha: float = 0.5, std: str = "group", eps: float = 1e-4, clip: float | None = 5.0, std_estimator: str = "population") -> Tensor:
     """SEED-GRPO: A·(1 − α·SE/log G): uncertain prompts (many distinct answers) get smaller updates.
     Answers: ``meta["answers"]`` if given, else extracted from ``traj.outputs`` with
     :func:`flowrl.rewards.verifiers.extract_answer`. Mechanism certain; the linear f is inferred."""
@@ -345,7 +359,7 @@ def seed_grpo_estimator(inputs: AdvantageInputs, *, alpha: float = 0.5, std: str
         if outputs is None:
             raise ValueError("'seed_grpo' needs the completions (traj.outputs) or meta['answers'].")
         answers = [normalize_answer(extract_answer(o)) or o.strip() for o in outputs]
-    adv = group_advantages(inputs.rewards, inputs.group_ids, std=std, eps=eps, clip=clip)
+    adv = group_advantages(inputs.rewards, inputs.group_ids, std=std, std_estimator=std_estimator, eps=eps, clip=clip)
     se = semantic_entropy(list(answers), inputs.group_ids.cpu()).to(adv.device)
     return adv * (1.0 - alpha * se)
 
@@ -368,21 +382,21 @@ def grpo_lambda_rewards(correct: Tensor, lengths: Tensor, group_ids: Tensor, *, 
 
 
 @register_advantage("grpo_lambda")
-def grpo_lambda_estimator(inputs: AdvantageInputs, *, threshold: float = 0.5, lam: float = 0.5, correct_threshold: float = 0.5, std: str = "group", eps: float = 1e-4, clip: float | None = 5.0) -> Tensor:
+def grpo_lambda_estimator(inputs: AdvantageInputs, *, threshold: float = 0.5, lam: float = 0.5, correct_threshold: float = 0.5, std: str = "group", eps: float = 1e-4, clip: float | None = 5.0, std_estimator: str = "population") -> Tensor:
     """Group z-score of :func:`grpo_lambda_rewards` (correct = reward > ``correct_threshold``)."""
     r = grpo_lambda_rewards((inputs.rewards > correct_threshold).float(), _seq_lengths(inputs).cpu(), inputs.group_ids.cpu(), threshold=threshold, lam=lam)
-    return group_advantages(r.to(inputs.rewards.device), inputs.group_ids, std=std, eps=eps, clip=clip)
+    return group_advantages(r.to(inputs.rewards.device), inputs.group_ids, std=std, std_estimator=std_estimator, eps=eps, clip=clip)
 
 
 @register_advantage("posterior_grpo")
-def posterior_grpo_estimator(inputs: AdvantageInputs, *, outcome: str | int = 0, process: str | int = 1, threshold: float = 0.5, weight: float = 1.0, std: str = "group", eps: float = 1e-4, clip: float | None = 5.0) -> Tensor:
+def posterior_grpo_estimator(inputs: AdvantageInputs, *, outcome: str | int = 0, process: str | int = 1, threshold: float = 0.5, weight: float = 1.0, std: str = "group", eps: float = 1e-4, clip: float | None = 5.0, std_estimator: str = "population") -> Tensor:
     """Posterior-GRPO: r = r_outcome + 1[r_outcome > threshold]·w·r_process — the process
     (reasoning-quality) reward counts only for rollouts whose outcome is correct, so it cannot be
     hacked by wrong answers. Columns by name or index of the reward table."""
     r_out = _column(inputs, outcome, "posterior_grpo")
     r_proc = _column(inputs, process, "posterior_grpo")
     r = r_out + (r_out > threshold).float() * weight * r_proc
-    return group_advantages(r, inputs.group_ids, std=std, eps=eps, clip=clip)
+    return group_advantages(r, inputs.group_ids, std=std, std_estimator=std_estimator, eps=eps, clip=clip)
 
 
 def s_grpo_rewards(correct: Tensor) -> Tensor:
@@ -395,14 +409,14 @@ def s_grpo_rewards(correct: Tensor) -> Tensor:
 
 
 @register_advantage("s_grpo")
-def s_grpo_estimator(inputs: AdvantageInputs, *, correct_threshold: float = 0.5, std: str = "none", eps: float = 1e-4) -> Tensor:
+def s_grpo_estimator(inputs: AdvantageInputs, *, correct_threshold: float = 0.5, std: str = "none", eps: float = 1e-4, std_estimator: str = "population") -> Tensor:
     """S-GRPO: each group is one chain's exits in rollout order; rewards via :func:`s_grpo_rewards`,
     then A = r − mean (``std="none"``). Needs a rollout that cuts one chain at m exits (not built in)."""
     r = torch.zeros_like(inputs.rewards, dtype=torch.float32)
     for g in torch.unique(inputs.group_ids):
         idx = (inputs.group_ids == g).nonzero(as_tuple=True)[0]
         r[idx] = s_grpo_rewards((inputs.rewards[idx] > correct_threshold).float())
-    return group_advantages(r, inputs.group_ids, std=std, eps=eps, clip=None)
+    return group_advantages(r, inputs.group_ids, std=std, std_estimator=std_estimator, eps=eps, clip=None)
 
 
 def tempo_token_bonus(actions: Tensor, mask: Tensor, rewards: Tensor, group_ids: Tensor) -> Tensor:
@@ -447,13 +461,13 @@ def tempo_token_bonus(actions: Tensor, mask: Tensor, rewards: Tensor, group_ids:
 
 
 @register_advantage("tempo")
-def tempo_estimator(inputs: AdvantageInputs, *, bonus_scale: float = 1.0, std: str = "group", eps: float = 1e-4, clip: float | None = 5.0) -> Tensor:
+def tempo_estimator(inputs: AdvantageInputs, *, bonus_scale: float = 1.0, std: str = "group", eps: float = 1e-4, clip: float | None = 5.0, std_estimator: str = "population") -> Tensor:
     """TEMPO: per-token A_{i,t} = A_i (group z-score) + λ·(V(s_{t+1}) − V(s_t)) at branch tokens of the
     group's prefix tree (:func:`tempo_token_bonus`), ``[B, T]``. Inferred scaling (λ = bonus_scale)."""
     traj = inputs.traj
     if traj is None or traj.actions is None:
         raise ValueError("the 'tempo' estimator needs the token trajectories (traj.actions, traj.mask).")
-    adv = group_advantages(inputs.rewards, inputs.group_ids, std=std, eps=eps, clip=clip)
+    adv = group_advantages(inputs.rewards, inputs.group_ids, std=std, std_estimator=std_estimator, eps=eps, clip=clip)
     bonus = tempo_token_bonus(traj.actions.cpu(), traj.mask.cpu(), inputs.rewards.cpu(), inputs.group_ids.cpu()).to(adv.device)
     return adv[:, None] + bonus_scale * bonus
 
@@ -466,7 +480,8 @@ class TrustGRPOAdvantage:
     is annealed with the number of calls t (stateful: ``state_dict`` holds t). Mechanism certain;
     γ's pairwise form and the linear annealing are inferred."""
 
-    def __init__(self, *, answer: str | int = 0, think: str | int = 1, lambda0: float = 1.0, anneal_steps: int = 100, correct_threshold: float = 0.5, std: str = "group", eps: float = 1e-4, clip: float | None = 5.0):
+    def __init__(self, *, answer: str | int = 0, think: str | int = 1, lambda0: float = 1.0, anneal_steps: int = 100, correct_threshold: float = 0.5, std: str = "group", eps: float = 1e-4, clip: float | None = 5.0, std_estimator: str = "population"):
+        self.std_estimator = std_estimator
         self.answer, self.think = answer, think
         self.lambda0, self.anneal_steps = float(lambda0), int(anneal_steps)
         self.correct_threshold = correct_threshold
@@ -493,7 +508,7 @@ class TrustGRPOAdvantage:
         lam = self.lambda0 * max(0.0, 1.0 - self.step / max(self.anneal_steps, 1))
         self.step += 1
         self.last = {"trust/gamma": gamma, "trust/lambda": lam}
-        return group_advantages(r_ans + lam * gamma * r_think, inputs.group_ids, std=self.std, eps=self.eps, clip=self.clip)
+        return group_advantages(r_ans + lam * gamma * r_think, inputs.group_ids, std=self.std, std_estimator=self.std_estimator, eps=self.eps, clip=self.clip)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step}
