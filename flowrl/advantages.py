@@ -138,7 +138,7 @@ def make_estimator(name: str, **hparams: Any) -> Callable[[AdvantageInputs], Ten
 
 
 # =============================================================================== language models
-# Estimators of the LLM GRPO family (spec/llm.md). All read AdvantageInputs; the ones that only
+# Estimators of the LLM GRPO family (docs/algorithms.md). All read AdvantageInputs; the ones that only
 # transform rewards before the group z-score keep that transform in one small function.
 
 
@@ -640,3 +640,165 @@ def tree_depth_estimator(inputs: AdvantageInputs, *, fusion: str = "mean", tempe
         mask_out.append(train.reshape(local, len(cols)))
     inputs.meta["train_mask"] = torch.cat(mask_out)
     return torch.cat(adv_out).to(inputs.rewards.device)
+
+
+# ======================================================================================= RiskPO
+# Ren et al., "RiskPO: Risk-based Policy Optimization via Verifiable Reward for LLM Post-Training"
+# (2025). Questions are bundled; a "paper" is the j-th answer of every question in a bundle and its
+# score the sum of their rewards; the Mixed Value-at-Risk advantage of a paper credits its answers.
+
+
+def riskpo_papers(group_ids: Tensor, bundle_size: int) -> tuple[Tensor, Tensor]:
+    """Bundle the groups (questions) and form the papers, ``[B] → ([B] bundle id, [B] paper id)``.
+
+    Groups are bundled in order of first appearance, ``bundle_size`` per bundle (the last bundle may be
+    smaller); paper j of a bundle is the j-th member of each of its groups, so a bundle has as many
+    papers as its smallest group has members. Members beyond that get paper id −1 (no paper)."""
+    if bundle_size < 1:
+        raise ValueError(f"bundle_size must be ≥ 1, got {bundle_size}")
+    order: dict[int, int] = {}
+    for g in group_ids.tolist():
+        order.setdefault(int(g), len(order))
+    group_rank = torch.tensor([order[int(g)] for g in group_ids.tolist()], dtype=torch.long)
+    bundle = group_rank // bundle_size
+    member = torch.zeros_like(group_rank)
+    seen: dict[int, int] = {}
+    for i, g in enumerate(group_rank.tolist()):
+        member[i] = seen.get(g, 0)
+        seen[g] = member[i].item() + 1
+    paper = member.clone()
+    for b in torch.unique(bundle).tolist():
+        groups = torch.unique(group_rank[bundle == b])
+        n_papers = min(seen[int(g)] for g in groups)
+        paper[(bundle == b) & (member >= n_papers)] = -1
+    return bundle, paper
+
+
+def mixed_var_advantage(scores: Tensor, q_low: Tensor | float, q_high: Tensor | float, *, alpha: float, beta: float, weight: float, eps: float = 1e-6) -> Tensor:
+    """RiskPO's Mixed Value-at-Risk advantage of paper scores X (RiskPO eq. for MVaR, released code):
+
+    A_RVaR = ((X − q_α)⁺ − (X − q_β)⁺ + (q_α − q_β)) / (β − α)      (range VaR over [α, β], natural baseline)
+    A_CVaR = −(q_α − X)⁺ / α                                      (lower-tail CVaR)
+    A = (w·A_CVaR + A_RVaR) / (w + 1)
+
+    Both parts are ≤ 0: papers in the lower tail are pushed down hardest, papers above q_β get 0."""
+    X = scores.float()
+    q_low = torch.as_tensor(q_low, dtype=X.dtype)
+    q_high = torch.as_tensor(q_high, dtype=X.dtype)
+    rvar = ((X - q_low).clamp(min=0) - (X - q_high).clamp(min=0) + (q_low - q_high)) / (beta - alpha + eps)
+    cvar = -(q_low - X).clamp(min=0) / (alpha + eps)
+    return (weight * cvar + rvar) / (weight + 1.0)
+
+
+@register_advantage("riskpo")
+class RiskPOAdvantage:
+    """RiskPO (Ren et al. 2025): bundle ``bundle_size`` questions, score each paper (the j-th answer of
+    every question in the bundle) by its summed reward, take the quantiles q_α, q_β of the bundle's
+    paper scores, the Mixed-VaR advantage :func:`mixed_var_advantage`, divided by the bundle's
+    (unbiased) paper-score std (1 for a one-paper bundle); each answer of the paper gets it, divided by
+    its question's reward std (``credit="std"``; std ≤ 1e-3 counts as 1) or unchanged (``uniform``).
+    Defaults are the released Qwen2.5 math script's: α 0.2, β 0.9, w 1.5, bundle 5, credit std.
+
+    ``quantiles="batch"`` (default) takes q_α, q_β from each bundle's own papers — what the released code
+    computes the advantage with (its tracked quantiles are written after the advantage and only
+    logged). ``"tracked"`` is the paper's description: one pair (q_α, q_β) over all bundles, set to the
+    batch quantiles the first time and then moved after every batch by SGD on the pinball loss,
+    q ← q + lr_q·(τ − mean(X < q)); the advantage uses the pair from before the batch (inferred:
+    the paper does not say which batch's estimate the advantage reads). Stateful (``state_dict``)."""
+
+    def __init__(self, *, bundle_size: int = 5, alpha: float = 0.2, beta: float = 0.9, weight: float = 1.5, quantiles: str = "batch", lr_q: float = 0.1, credit: str = "std", normalize: bool = True, eps: float = 1e-6):
+        if not 0 < alpha < beta < 1:
+            raise ValueError(f"RiskPO needs 0 < alpha < beta < 1, got alpha={alpha}, beta={beta}.")
+        if quantiles not in ("batch", "tracked"):
+            raise ValueError(f"riskpo quantiles must be batch or tracked, got '{quantiles}'.")
+        if credit not in ("std", "uniform"):
+            raise ValueError(f"riskpo credit must be std or uniform, got '{credit}'.")
+        self.bundle_size, self.alpha, self.beta, self.weight = int(bundle_size), float(alpha), float(beta), float(weight)
+        self.quantiles, self.lr_q, self.credit, self.normalize, self.eps = quantiles, float(lr_q), credit, bool(normalize), float(eps)
+        self.tracked: Tensor | None = None  # [2]: q_α, q_β
+
+    def __call__(self, inputs: AdvantageInputs) -> Tensor:
+        rewards = inputs.rewards.float().cpu()
+        group_ids = inputs.group_ids.cpu()
+        bundle, paper = riskpo_papers(group_ids, self.bundle_size)
+        adv = torch.zeros_like(rewards)
+        all_scores = []
+        for b in torch.unique(bundle).tolist():
+            rows = (bundle == b) & (paper >= 0)
+            ids = paper[rows]
+            n = int(ids.max()) + 1
+            scores = torch.zeros(n).index_add_(0, ids, rewards[rows])  # paper scores
+            all_scores.append(scores)
+            if n == 1:
+                q_lo = q_hi = scores[0]
+                std = torch.tensor(1.0)
+            else:
+                q_lo, q_hi = torch.quantile(scores, torch.tensor([self.alpha, self.beta]))
+                std = scores.std()
+            if self.quantiles == "tracked" and self.tracked is not None:
+                q_lo, q_hi = self.tracked[0], self.tracked[1]
+            a = mixed_var_advantage(scores, q_lo, q_hi, alpha=self.alpha, beta=self.beta, weight=self.weight, eps=self.eps)
+            if self.normalize:
+                a = a / (std + self.eps)
+            adv[rows] = a[ids]
+        if self.credit == "std":
+            for g in torch.unique(group_ids):
+                idx = group_ids == g
+                s = rewards[idx].std() if int(idx.sum()) > 1 else torch.tensor(0.0)
+                adv[idx] = adv[idx] / ((s if s > 1e-3 else torch.tensor(1.0)) + self.eps)
+        if self.quantiles == "tracked":
+            self._track(torch.cat(all_scores))
+        return adv.to(inputs.rewards.device)
+
+    def _track(self, scores: Tensor) -> None:
+        levels = torch.tensor([self.alpha, self.beta])
+        if self.tracked is None:
+            self.tracked = torch.quantile(scores, levels)
+        else:
+            below = (scores[None, :] < self.tracked[:, None]).float().mean(1)
+            self.tracked = self.tracked + self.lr_q * (levels - below)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tracked": None if self.tracked is None else self.tracked.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tracked = None if state.get("tracked") is None else state["tracked"].clone()
+
+
+# ===================================================================================== GRPO-CARE
+def care_bonus(accuracy: Tensor, confidence: Tensor, group_ids: Tensor, *, bonus: float = 0.5, margin: float = 0.01, min_accuracy: float = 0.1) -> Tensor:
+    """GRPO-CARE consistency bonus (Chen et al. 2025, "GRPO-CARE: Consistency-Aware Reinforcement
+    Learning for Multimodal Reasoning"; the released trainer), ``[B] → [B]``. Inside each group:
+
+    - accurate = accuracy > ``min_accuracy`` and accuracy ≥ the group's mean accuracy;
+    - confident = confidence ≥ (mean confidence of the group's accurate members) − ``margin``;
+    - bonus = ``bonus``·accuracy for members both accurate and confident, else 0.
+
+    ``confidence`` is the slowly moving (EMA) reference model's likelihood of the answer given the
+    member's own reasoning (see ``flowrl.care``); a group without accurate members gets no bonus."""
+    acc, conf = accuracy.float(), confidence.float()
+    out = torch.zeros_like(acc)
+    for g in torch.unique(group_ids):
+        idx = (group_ids == g).nonzero(as_tuple=True)[0]
+        a, c = acc[idx], conf[idx]
+        accurate = (a > min_accuracy) & (a >= a.mean())
+        if not bool(accurate.any()):
+            continue
+        confident = c >= c[accurate].mean() - margin
+        out[idx] = torch.where(accurate & confident, bonus * a, torch.zeros_like(a))
+    return out
+
+
+@register_advantage("grpo_care")
+def grpo_care_estimator(inputs: AdvantageInputs, *, bonus: float = 0.5, margin: float = 0.01, accuracy: str | int = 0, min_accuracy: float = 0.1, std: str = "group", std_estimator: str = "unbiased", eps: float = 1e-4, clip: float | None = None) -> Tensor:
+    """GRPO-CARE: r = (combined reward) + :func:`care_bonus` (accuracy = reward column ``accuracy``,
+    confidence = ``meta["care_confidence"]``, written by the ``grpo_care`` objective before the
+    advantages), then the group z-score. Needs the ``grpo_care`` objective (preset ``grpo_care``)."""
+    conf = inputs.meta.get("care_confidence")
+    if conf is None:
+        raise ValueError("the 'grpo_care' estimator needs meta['care_confidence'] (the EMA reference's answer likelihoods): use the preset grpo_care, whose objective computes them.")
+    if len(conf) != len(inputs.rewards):
+        raise ValueError(f"'grpo_care': {len(conf)} confidences for {len(inputs.rewards)} rewards (GRPO-CARE runs in a single process).")
+    b = care_bonus(_column(inputs, accuracy, "grpo_care"), conf.to(inputs.rewards.device), inputs.group_ids, bonus=bonus, margin=margin, min_accuracy=min_accuracy)
+    inputs.meta["care_bonus"] = b
+    return group_advantages(inputs.rewards.float() + b, inputs.group_ids, std=std, std_estimator=std_estimator, eps=eps, clip=clip)

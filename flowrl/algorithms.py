@@ -382,6 +382,30 @@ TRUST_GRPO = _llm(
     advantage="trust_grpo", advantage_params={"lambda0": 1.0, "anneal_steps": 100, "clip": None},
 )
 
+RISKPO = _llm(
+    "riskpo",
+    "RiskPO (Ren et al. 2025, 'RiskPO: Risk-based Policy Optimization via Verifiable Reward for LLM Post-Training'): "
+    "questions bundled 5 at a time; paper j = the j-th answer of each bundled question, scored by the summed reward; "
+    "Mixed-VaR advantage (w·A_CVaR + A_RVaR)/(w + 1), w 1.5, with A_RVaR = ((X − q_α)⁺ − (X − q_β)⁺ + q_α − q_β)/(β − α) "
+    "and A_CVaR = −(q_α − X)⁺/α over the bundle's paper-score quantiles (α 0.2, β 0.9), ÷ the bundle's std, each "
+    "answer's share ÷ its question's reward std; PPO clip 0.2, token-mean, no KL (the released verl script). "
+    "Needs train.prompts_per_iteration ≥ 5 for full bundles. Tracked (SGD) quantiles: loss.options {quantiles: tracked} "
+    "(the paper's description; the released code computes the advantage from each bundle's quantiles).",
+    advantage="riskpo", advantage_params={"bundle_size": 5, "alpha": 0.2, "beta": 0.9, "weight": 1.5, "quantiles": "batch", "credit": "std"},
+    aggregation="token-mean", defaults={"learning_rate": 1e-6},
+)
+GRPO_CARE = _llm(
+    "grpo_care",
+    "GRPO-CARE (Chen et al. 2025, 'GRPO-CARE: Consistency-Aware Reinforcement Learning for Multimodal Reasoning'): "
+    "no KL; reward + consistency bonus λ_b·accuracy (λ_b 0.5) for answers that are accurate (> 0.1 and ≥ the group "
+    "mean) and whose likelihood under an EMA reference (decay 0.995 every 10 optimizer steps; exp of the mean "
+    "log-prob of the <answer> tokens given the member's own reasoning, capped at 0.95) is ≥ the mean over the group's "
+    "accurate answers − 0.01; group z-score (unbiased std); seq-mean-token-mean (the released trainer). The first "
+    "reward column is the accuracy. Single process only.",
+    advantage="grpo_care", advantage_params={"bonus": 0.5, "margin": 0.01, "accuracy": 0, "min_accuracy": 0.1, "std": "group", "std_estimator": "unbiased", "clip": None},
+    objective="grpo_care", objective_params={"decay": 0.995, "update_every": 10, "confidence_upper_bound": 0.95},
+    defaults={"learning_rate": 1e-6},
+)
 TRL_GRPO = _llm(
     "trl_grpo",
     "TRL GRPOTrainer's defaults (TRL ≥ 1.x GRPOConfig): group z-score with the unbiased std (scale_rewards "
@@ -394,7 +418,7 @@ TRL_GRPO = _llm(
 LLM_PRESETS = (
     "grpo", "dr_grpo", "dapo", "gspo", "gspo_token", "dispo", "ngrpo", "gdpo", "spo", "etr", "dhpo", "sspo",
     "unlikeliness", "noisy_verifier", "seed_grpo", "tempo", "grpo_lambda", "posterior_grpo", "s_grpo", "reg_grpo",
-    "real", "trust_grpo", "trl_grpo",
+    "real", "trust_grpo", "riskpo", "grpo_care", "trl_grpo",
 )
 
 # TRL ``loss_type`` → aggregation (TRL GRPOConfig semantics: it changes only the reduction). TRL's

@@ -221,7 +221,7 @@ def policy_loss(inputs: LossInputs, spec: LossSpec) -> tuple[Tensor, dict[str, f
 
 
 # =============================================================================== language models
-# Ratio levels, clip/weight rules for the LLM GRPO family (spec/llm.md). Every rule keeps the
+# Ratio levels, clip/weight rules for the LLM GRPO family (docs/algorithms.md). Every rule keeps the
 # CLIP_RULES signature ``fn(log_ratio [B, T], inputs, **hp) -> (loss [B, T], metrics)``; a
 # per-sequence loss is broadcast over the sequence's tokens so the aggregation picks the weighting.
 

@@ -268,6 +268,9 @@ class Trainer:
         group_ids = traj.group_ids + acc.process_index * n_local
         all_rewards, all_groups = self._gather(combined), self._gather(group_ids)
         # 3. advantages ---------------------------------------------------------------------
+        prepare = getattr(self.objective, "before_advantages", None)
+        if prepare is not None:  # objectives whose estimator reads policy evaluations (GRPO-CARE)
+            prepare(self, traj)
         adv_all = self._advantages(AdvantageInputs(
             rewards=all_rewards, group_ids=all_groups, reward_table=self._gather(table), reward_names=list(names),
             mask=None, traj=traj if acc.num_processes == 1 else None, prompts=traj.prompts if acc.num_processes == 1 else None, meta=traj.meta,

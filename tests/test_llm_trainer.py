@@ -79,6 +79,8 @@ def test_every_llm_preset_trains_through_the_trainer(tmp_path, shared_policy):
             assert record["ratio/mean"] == pytest.approx(1.0, abs=1e-5), name
         moved = sum(float((p.detach() - before[n]).abs().sum()) for n, p in shared_policy.model.named_parameters() if p.requires_grad)
         assert moved > 0, name
+        if name == "grpo_care":  # the EMA reference scored every answer before the advantages
+            assert 0 < record["care/confidence"] <= 0.95 and record["care/bonus"] >= 0
 
 
 def test_trainer_builds_the_token_policy_from_config(tmp_path):
