@@ -645,8 +645,9 @@ G2RPO = register_preset(
         "half of the steps (0…7 of 16). Advantage of (member, k) = Σ_reward models Σ_g z-score over the group (unbiased "
         "std + 1e-8, clip ±5: multi-granularity integration per reward model); one policy evaluation per k (shared x_k), "
         "PPO clip 1e-4, no KL, lr 1e-5. "
-        "Reference: 16 steps, shift 3, G = 12 (train.num_generations=12; train.train_batch_size=12 gives the "
-        "reference's one optimizer step per k).",
+        "Reference: 16 steps, shift 3, G = 12 (train.num_generations=12), one optimizer step per prompt and iteration "
+        "over all k (train.train_batch_size = 8·12 = 96 trained rows per prompt), full fine-tune at lr 2e-6 (the preset's "
+        "1e-5 is our choice for LoRA).",
         kernel="flow",
         noise_level=0.7,
         rollout="singular",
