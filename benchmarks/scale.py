@@ -37,7 +37,7 @@ def worker(out: str, iterations: int, warmup: int) -> None:
     from flowrl.trainer import Trainer
 
     cfg = TrainConfig.from_yaml(ROOT / "assets" / "configs" / "digits.yaml").override([
-        f"train.output_dir={out}/run", f"train.num_iterations={iterations}", "train.eval_prompts=null", "train.progress=false",
+        f"train.output_dir={out}/run", f"train.iterations={iterations}", "train.eval_prompts=null", "train.progress=false",
     ])
     trainer = Trainer(cfg)
     trainer._prepare_run_dir()

@@ -43,7 +43,7 @@ def main(out: str, overrides: list[str]) -> None:
         save_file(named, str(out_dir / f"rank{rank}_it{it}.safetensors"))
 
     dump(0)
-    for it in range(1, cfg.train.num_iterations + 1):
+    for it in range(1, cfg.train.iterations + 1):
         record = trainer.iteration(it)
         dump(it)
         if trainer.accelerator.is_main_process:

@@ -57,7 +57,7 @@ def test_two_processes_train_the_one_process_model(tmp_path):
     """Two prompts per iteration, one per process; the reward is flat on "two 4s", so in every
     iteration the process holding it keeps no sample (skip_zero_advantage) and must still join
     each optimizer step's all-reduce (zero-weight passes; a hang would hit the timeout)."""
-    sets = SMALL + ["train.num_iterations=2", "train.prompts=[two 4s, a 0 left of a 5]", "train.train_batch_size=2",
+    sets = SMALL + ["train.iterations=2", "train.prompts=[two 4s, a 0 left of a 5]", "train.train_batch_size=2",
                     "loss.skip_zero_advantage=true", "reward.rewards={tests._dist_worker:FlatForPairs: 1.0}"]
     one, two = tmp_path / "one", tmp_path / "two"
     _run([sys.executable, str(WORKER), str(one), *sets, f"train.output_dir={tmp_path / 'run1'}"])
@@ -105,7 +105,7 @@ def test_killed_two_process_run_resumes_to_the_uninterrupted_result(tmp_path):
 
     from safetensors.torch import load_file
 
-    sets = SMALL + ["train.num_iterations=3", "train.save_every=1", "train.num_generations=2", "sampler.num_steps=2"]
+    sets = SMALL + ["train.iterations=3", "train.save_every=1", "train.num_generations=2", "sampler.num_steps=2"]
     cli = ["-m", "flowrl", "train", "--config", str(ROOT / "assets" / "configs" / "digits.yaml")]
     args = lambda out, *extra: [a for s in [*sets, f"train.output_dir={out}", *extra] for a in ("--set", s)]  # noqa: E731
     full, killed = tmp_path / "full", tmp_path / "killed"

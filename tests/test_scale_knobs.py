@@ -14,7 +14,7 @@ from flowrl.trainer import Trainer
 
 def _config(tmp_path, *extra):
     return TrainConfig().override([
-        f"train.output_dir={tmp_path / 'run'}", "train.num_iterations=1", "sampler.num_steps=3",
+        f"train.output_dir={tmp_path / 'run'}", "train.iterations=1", "sampler.num_steps=3",
         "sampler.height=16", "sampler.width=16", "train.lora_rank=4", "train.lora_alpha=8",
         "train.num_generations=4", "train.prompts_per_iteration=2", "train.train_batch_size=8",
         "train.progress=false", "sampler.eval_num_steps=3", "loss.beta=0", "train.max_grad_norm=1e-3", *extra,
@@ -62,7 +62,7 @@ def test_fp16_loss_scaling_clips_and_logs_unscaled_gradients(tmp_path, tiny_sd3,
 
 
 def test_new_run_refuses_a_used_output_dir_and_resume_continues_it(tmp_path, tiny_sd3):
-    cfg = _config(tmp_path, "train.num_iterations=2", "train.save_every=1", "train.save_total_limit=1")
+    cfg = _config(tmp_path, "train.iterations=2", "train.save_every=1", "train.save_total_limit=1")
     Trainer(cfg, policy=_policy(tiny_sd3, cfg)).train()
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert ckpts == ["iter_000002"]  # save_total_limit=1 deleted iter_000001
@@ -71,6 +71,6 @@ def test_new_run_refuses_a_used_output_dir_and_resume_continues_it(tmp_path, tin
     # the refused run touched nothing: metrics of the first run are intact
     lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [l["iteration"] for l in lines if "reward/mean" in l] == [1, 2]
-    more = _config(tmp_path, "train.num_iterations=3", "train.resume_from=latest")
+    more = _config(tmp_path, "train.iterations=3", "train.resume_from=latest")
     result = Trainer(more, policy=_policy(tiny_sd3, more)).train()
     assert [h["iteration"] for h in result.history] == [1, 2, 3]
