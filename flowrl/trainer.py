@@ -186,7 +186,10 @@ class Trainer:
         self.train_prompts = _load_prompts(t.prompts, "train.prompts")
         self.eval_prompts = _load_prompts(t.eval_prompts, "train.eval_prompts") if t.eval_prompts is not None else []
         import_builtin_components()
-        self.policy = policy if policy is not None else build_policy(self.resolved, self.run_dir)
+        if policy is None:  # the main process first: built-in tiny sources write <run>/base_model for the others to read
+            with self.accelerator.main_process_first():
+                policy = build_policy(self.resolved, self.run_dir)
+        self.policy = policy
         if policy is not None and hasattr(policy, "check_config"):  # a given policy must agree with the config
             policy.check_config(self.resolved)
         self.reward_set = reward_set if reward_set is not None else _build_reward_set(config)
@@ -448,6 +451,8 @@ class Trainer:
             all_groups = torch.zeros(rows.total, dtype=torch.long)
             all_groups[rows.canonical] = gathered
         normaliser = "token" if (self.resolved.preset.objective == "policy_gradient" and (self.resolved.preset.loss.aggregation or "token-mean") == "token-mean") else "sample"
+        # stored steps differ between processes for token policies (completion widths): pad to the widest
+        max_steps = int(self._gather_uneven(torch.tensor([traj.num_steps if len(traj) else self._filler.num_steps])).max())
         sums: dict[str, float] = {}
         wsums: dict[str, float] = {}  # Σ chunk weights per key: 1 per update for keys every chunk reports
         grad_norms: list[float] = []
@@ -464,11 +469,10 @@ class Trainer:
                     local = local_of[order[start : start + t.train_batch_size]]
                     local = local[local >= 0]
                     batch = traj.select(local) if len(local) else None
-                    steps_total = traj.num_steps if len(traj) else self._filler.num_steps
-                    counts = torch.zeros(2 + steps_total)  # [samples, Σ mask, Σ mask per step...]
+                    counts = torch.zeros(2 + max_steps)  # [samples, Σ mask, Σ mask per step...]
                     if batch is not None:
                         m = batch.mask.float()
-                        counts[0], counts[1], counts[2:] = len(local), m.sum(), m.sum(0)
+                        counts[0], counts[1], counts[2 : 2 + m.shape[1]] = len(local), m.sum(), m.sum(0)
                     global_counts = self._sum(counts)
                     if float(global_counts[1]) == 0:
                         continue  # no trainable step in this minibatch on any process
