@@ -98,6 +98,25 @@ def policy_gradient_objective(policy: Any, batch: Trajectories, steps: Tensor, c
 
 
 # ------------------------------------------------------------------------------------ helpers
+@torch.no_grad()
+def eval_samples(policy: Any, prompts: list[str], config: TrainConfig, *, autocast: Callable[[], Any] = contextlib.nullcontext) -> tuple[Any, list[str]]:
+    """The deterministic evaluation samples of a run: ``train.eval_samples_per_prompt`` samples of
+    each prompt (consecutive), chunks of 64, ODE with ``sampler.eval_num_steps`` steps, every
+    chunk drawing from one generator seeded by ``(train.seed, "eval")``. The same prompts and config
+    give the same samples in every evaluation of a run (base, intermediate, tuned), in
+    ``flowrl eval`` and in the gallery. Returns ``(outputs, prompts repeated per sample)``."""
+    t = config.train
+    expanded = [p for p in prompts for _ in range(t.eval_samples_per_prompt)]
+    gen = generator_for(t.seed, "eval")
+    steps = {"num_steps": config.sampler.eval_num_steps} if config.model.kind == "flow" else {}
+    outputs = []
+    for start in range(0, len(expanded), 64):
+        with autocast():
+            outputs.append(policy.generate(expanded[start : start + 64], generator=gen, **steps))
+    outputs = torch.cat(outputs) if isinstance(outputs[0], Tensor) else [o for chunk in outputs for o in chunk]
+    return outputs, expanded
+
+
 def select_train_steps(mask: Tensor, fraction: float, selection: str, generator: torch.Generator) -> Tensor:
     """Trainable-step mask ``[B, T]``: the first ⌊T·fraction⌋ stored steps (Flow-GRPO, 0.99 drops
     the last), or a random ⌊T·fraction⌋ subset per sample (DanceGRPO). At least one step."""
@@ -394,19 +413,14 @@ class Trainer:
     def evaluate(self, *, tag: str = "eval") -> dict[str, float]:
         """Score deterministic samples of the held-out prompts (EMA weights if enabled)."""
         t = self.config.train
-        prompts = [p for p in self.eval_prompts for _ in range(t.eval_samples_per_prompt)]
         weights = self.ema.active() if self.ema is not None else contextlib.nullcontext()
-        outputs = []
-        gen = generator_for(t.seed, "eval")
-        steps = {"num_steps": self.config.sampler.eval_num_steps} if self.config.model.kind == "flow" else {}
         with weights:
-            for start in range(0, len(prompts), 64):
-                with self.autocast():
-                    outputs.append(self.policy.generate(prompts[start : start + 64], generator=gen, **steps))
-        outputs = torch.cat(outputs) if isinstance(outputs[0], Tensor) else [o for chunk in outputs for o in chunk]
+            outputs, prompts = eval_samples(self.policy, self.eval_prompts, self.config, autocast=self.autocast)
         table, names = self.reward_set.score(outputs, prompts, {"eval": True})
         self._eval_outputs = getattr(self, "_eval_outputs", {})
         self._eval_outputs[tag] = (outputs, prompts)
+        self._eval_tables = getattr(self, "_eval_tables", {})
+        self._eval_tables[tag] = (table, list(names))  # per sample, for `flowrl eval` / the gallery
         result = {n: float(table[:, i].nanmean()) for i, n in enumerate(names)}
         result["num_prompts"] = float(len(self.eval_prompts))
         self._evals = getattr(self, "_evals", {})
@@ -514,7 +528,12 @@ class Trainer:
             gallery.plot_reward_curve(self.history, self.run_dir / "reward_curve.png", evals=evals)
             outs = getattr(self, "_eval_outputs", {})
             if "base" in outs and "tuned" in outs and isinstance(outs["base"][0], Tensor):
-                gallery.before_after_grid(outs["base"][0], outs["tuned"][0], self.run_dir / "before_after.png", max_items=16)
+                k, n = self.config.train.eval_samples_per_prompt, self.config.train.num_iterations
+                tuned = f"tuned{' (EMA)' if self.ema is not None else ''}, iteration {n}"
+                gallery.before_after_grid(  # the first sample of each prompt: same prompt, same noise
+                    outs["base"][0][::k], outs["tuned"][0][::k], self.run_dir / "before_after.png", max_items=16,
+                    prompts=outs["base"][1][::k], labels=("base", tuned), title=f"{self.run_dir.name}: base vs {tuned} (same noise)",
+                )
         except Exception as exc:  # plots are a convenience; never lose a run for them
             print(f"[flowrl] could not write plots: {exc}")
 
