@@ -232,9 +232,9 @@ def _save_media(sample: Any, stem: Path) -> tuple[str, int, int] | None:
         except ImportError:
             media = None
         writer = getattr(media, "save_video", None) if media is not None else None
-        if writer is not None:
+        if writer is not None:  # mp4 when an H.264 encoder is installed, else animated WebP
             written = writer(sample, stem.with_suffix(".mp4"))
-            path = Path(written) if isinstance(written, (str, Path)) else stem.with_suffix(".mp4")
+            path = Path(written["video"] if isinstance(written, dict) else written)
             return path.name, int(sample.shape[-2]), int(sample.shape[-1])
         frames = [_to_pil(f, 1) for f in sample]
         path = stem.with_suffix(".webp")

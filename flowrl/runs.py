@@ -10,8 +10,8 @@ settings (samples per prompt, seed, evaluation steps) through the trainer's own 
 (:meth:`flowrl.trainer.Trainer.evaluate`), so the run's final number comes back exactly.
 
 Which weights a run evaluated: the EMA of the trained weights when ``train.ema_decay > 0`` (the
-live weights otherwise). ``lora/`` holds them when the export says so (an export record in the
-folder) or when EMA is off; otherwise the final checkpoint (which stores the EMA) is used.
+live weights otherwise). ``lora/`` holds them when ``<run>/weights.json`` says so (or, for runs
+without that record, when EMA is off); otherwise the final checkpoint (which stores the EMA).
 """
 
 from __future__ import annotations
@@ -122,20 +122,15 @@ class Run:
         return sorted((self.dir / "checkpoints").glob(CHECKPOINT_GLOB))
 
     def export_record(self) -> dict[str, Any] | None:
-        """What the run wrote about the weights in ``lora/`` (a JSON record next to them), if any."""
-        if self.dir is None:
+        """``<run>/weights.json``: which weights the run evaluated (``evaluated``: ``ema`` or
+        ``live``) and which ``lora/`` holds (``lora_weights``); None for runs written before it."""
+        if self.dir is None or not (self.dir / "weights.json").is_file():
             return None
-        lora = self.dir / "lora"
-        for path in sorted(lora.glob("*.json")) if lora.is_dir() else []:
-            if path.name == "adapter_config.json":
-                continue
-            try:
-                data = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
-                continue
-            if isinstance(data, dict):
-                return data
-        return None
+        try:
+            data = json.loads((self.dir / "weights.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        return data if isinstance(data, dict) else None
 
     def base_weights(self) -> Weights:
         return Weights("base", run=self.name)
@@ -147,16 +142,17 @@ class Run:
         t = self.config.train
         ema = t.ema_decay > 0
         lora = self.dir / "lora"
+        has_lora = lora.is_dir() and any(lora.iterdir())
         record = self.export_record()
-        if lora.is_dir() and any(lora.iterdir()):
-            if record is not None and _record_is_evaluated(record, ema):
-                return Weights("lora", lora, run=self.name, iteration=_record_iteration(record, t.num_iterations), ema=ema)
-            if not ema:
-                return Weights("lora", lora, run=self.name, iteration=t.num_iterations, ema=False)
+        if has_lora and record is not None and record.get("lora_weights"):
+            if record.get("lora_weights") == record.get("evaluated", "ema" if ema else "live"):
+                return Weights("lora", lora, run=self.name, iteration=t.num_iterations, ema=record["lora_weights"] == "ema")
+        elif has_lora and not ema:  # no record: lora/ holds the live weights, which EMA-free runs evaluate
+            return Weights("lora", lora, run=self.name, iteration=t.num_iterations, ema=False)
         ckpts = self.checkpoints()
-        if ckpts:
+        if ckpts:  # the last checkpoint stores the trained weights and their EMA
             return self.checkpoint_weights(ckpts[-1])
-        if lora.is_dir() and any(lora.iterdir()):  # EMA on but only live weights exported: best available
+        if has_lora:  # EMA on but only the live weights exported: the closest there is
             return Weights("lora", lora, run=self.name, iteration=t.num_iterations, ema=False)
         raise FileNotFoundError(f"run {self.dir} has neither lora/ nor checkpoints/: it did not finish (or saved nothing).")
 
@@ -165,41 +161,20 @@ class Run:
         if not path.is_dir():
             raise FileNotFoundError(f"--checkpoint {path}: no such folder (a run's checkpoints/iter_NNNNNN).")
         it = int(path.name.split("_")[-1]) if path.name.split("_")[-1].isdigit() else None
-        ema = self.config.train.ema_decay > 0 and any(path.glob("ema*"))
-        return Weights("checkpoint", path, run=self.name, iteration=it, ema=ema)
+        return Weights("checkpoint", path, run=self.name, iteration=it, ema=self.config.train.ema_decay > 0)
 
     def lora_weights(self, path: str | Path) -> Weights:
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"--lora {path}: no such folder (a run's lora/ folder, or one saved by save_lora_weights).")
         if self.dir is not None and path.resolve() == (self.dir / "lora").resolve():
-            final = self.evaluated_weights()
-            if final.kind == "lora":
-                return final
-            return Weights("lora", path, run=self.name, iteration=self.config.train.num_iterations, ema=False)
+            record = self.export_record() or {}
+            return Weights("lora", path, run=self.name, iteration=self.config.train.num_iterations, ema=record.get("lora_weights") == "ema")
         return Weights("lora", path, run=path.parent.name)
 
     def intermediate_weights(self) -> list[Weights]:
         """Checkpoints before the last iteration (the gallery's ``--checkpoints`` columns)."""
         return [w for w in map(self.checkpoint_weights, self.checkpoints()) if w.iteration is None or w.iteration < self.config.train.num_iterations]
-
-
-def _record_is_evaluated(record: dict[str, Any], ema: bool) -> bool:
-    """Does an export record say ``lora/`` holds the evaluated weights (the EMA when EMA is on)?"""
-    for key in ("evaluated", "is_evaluated", "evaluated_weights"):
-        if isinstance(record.get(key), bool):
-            return record[key]
-    text = " ".join(str(record.get(k, "")) for k in ("weights", "exported", "source", "kind")).lower()
-    if isinstance(record.get("ema"), bool):
-        return record["ema"] == ema
-    return ("ema" in text) == ema if text.strip() else not ema
-
-
-def _record_iteration(record: dict[str, Any], default: int) -> int:
-    for key in ("iteration", "step", "global_step"):
-        if isinstance(record.get(key), int):
-            return record[key]
-    return default
 
 
 def load_run(run_dir: str | Path) -> Run:

@@ -225,3 +225,28 @@ def test_compare_view_and_screenshot(site, tmp_path):
     artifacts = ROOT / "artifacts"
     artifacts.mkdir(exist_ok=True)
     shutil.copyfile(shot, artifacts / "gallery.png")
+
+
+def test_video_cells_and_categories_without_a_browser(tmp_path):
+    """write_site on hand-made results: video samples become players (mp4) or animated WebP,
+    categories reach the filter, and NaN scores show as n/a."""
+    from flowrl import runs
+    from flowrl.gallery import write_site
+
+    def result(j, scale):
+        table = torch.tensor([[0.5 * scale], [float("nan")], [0.25 * scale], [0.75 * scale]])
+        w = runs.Weights("base") if j == 0 else runs.Weights("lora", Path("x/lora"), run="x", iteration=5)
+        return runs.EvalResult(w, {}, table, ["r"], ["p <i>0</i>", "p1"], [{"category": "a&b"}, {"category": "c"}], 2,
+                               outputs=torch.rand(4, 3, 3, 8, 8))  # 4 videos of 3 frames
+    index = write_site([result(0, 1.0), result(1, 2.0)], [], tmp_path / "site")
+    page = index.read_text()
+    media = sorted(p.suffix for p in (tmp_path / "site" / "media").iterdir() if ".poster" not in p.name)
+    assert len(media) == 8 and set(media) <= {".mp4", ".webp"}
+    if ".mp4" in media:
+        assert page.count("<video") == 8 and "controls muted loop" in page
+    else:
+        assert page.count('.webp"') >= 8
+    assert '<option value="a&amp;b">a&amp;b</option>' in page and "p &lt;i&gt;0&lt;/i&gt;" in page
+    assert 'data-value="n/a"' not in page  # a prompt's mean ignores its failed sample ...
+    # p0: base (0.5, NaN) → 0.5, tuned (1.0, NaN) → 1.0; p1: base (0.25, 0.75) → 0.5, tuned → 1.0
+    assert page.count('r <b>1.000</b> <span class="delta up">+0.500</span>') == 2
