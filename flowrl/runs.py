@@ -110,8 +110,12 @@ class Run:
         if weights.kind == "base":
             return next((v for it, v in evals if it == 0), None)
         final = self.evaluated_weights()
-        if weights.kind == final.kind and weights.path == final.path and evals[-1][0] == self.config.train.num_iterations and evals[-1][0] > 0:
+        same = lambda a, b: a is not None and b is not None and Path(a).resolve() == Path(b).resolve()  # noqa: E731
+        if weights.kind == final.kind and same(weights.path, final.path) and evals[-1][0] == self.config.train.num_iterations > 0:
             return evals[-1][1]
+        if weights.kind == "checkpoint" and weights.iteration and self.dir is not None and same(Path(weights.path).parent, self.dir / "checkpoints"):
+            # an intermediate evaluation (train.eval_every) saw the state this checkpoint stores
+            return next((v for it, v in evals if it == weights.iteration), None)
         return None
 
     # --------------------------------------------------------------------------- weights

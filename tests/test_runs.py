@@ -19,11 +19,12 @@ EVAL_PROMPTS = ["a 3 left of a 7", "two 5s", "a 1 above a 4", "a 9", "a 0 left o
 
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
-    """A short LoRA + EMA run of the README's digits job (3 iterations, 6 evaluation prompts)."""
+    """A short LoRA + EMA run of the README's digits job (3 iterations, 6 evaluation prompts; an
+    evaluation and a checkpoint at iteration 2)."""
     out = tmp_path_factory.mktemp("digits") / "run"
     cfg = TrainConfig.from_yaml(CONFIG).override([
         f"train.output_dir={out}", "train.num_iterations=3", "train.prompts_per_iteration=2", "train.num_generations=4",
-        "train.train_batch_size=8", "train.eval_every=0", "train.save_every=0", "train.progress=false",
+        "train.train_batch_size=8", "train.eval_every=2", "train.save_every=2", "train.progress=false",
         "train.eval_samples_per_prompt=2", f"train.eval_prompts={json.dumps(EVAL_PROMPTS)}",
         # rank = alpha: the exported LoRA (scale folded into B) is then bit-identical to the trained one
         "train.lora_rank=4", "train.lora_alpha=4", "train.learning_rate=3e-3", "train.seed=3",
@@ -81,6 +82,10 @@ def test_base_and_checkpoint_weights_reproduce_their_evaluations(digits_run, tmp
     ckpt = runs.evaluate(run, run.checkpoint_weights(out / "checkpoints" / "iter_000003"))
     assert ckpt.summary["digits/prob"] == result.eval_after["digits/prob"]  # the checkpoint's EMA
     assert base.summary["digits/prob"] != result.eval_after["digits/prob"]  # training changed the samples
+    # an intermediate checkpoint reproduces the evaluation logged at its iteration (train.eval_every)
+    mid = run.checkpoint_weights(out / "checkpoints" / "iter_000002")
+    logged = run.reported(mid)
+    assert logged is not None and runs.evaluate(run, mid).summary["digits/prob"] == logged["digits/prob"]
 
 
 def test_lora_flag_loads_the_exported_adapter_into_the_digits_pipeline(digits_run, tmp_path, capsys):
