@@ -86,10 +86,19 @@ def _sample(args: argparse.Namespace) -> int:
     outputs, prompts = runs.generate(run, weights, config=cfg)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    title = f"{weights.title} · seed {cfg.train.seed}"
     if not hasattr(outputs, "dim"):  # language models: text
         out.write_text("".join(f"### {p}\n{o}\n\n" for p, o in zip(prompts, outputs)))
+    elif outputs.dim() == 5:  # video [B, F, C, H, W]: one file per sample (+ poster) and a grid of posters
+        from flowrl import media
+
+        folder = out.with_suffix("")
+        written = [media.save_video(v, folder / f"{i:04d}", fps=args.fps, format=args.video_format)["video"] for i, v in enumerate(outputs)]
+        gallery.save_labeled_grid(outputs[:, 0], out, captions=prompts, title=title)
+        print(f"wrote {len(prompts)} videos of {weights.title} to {folder}/ ({written[0].suffix[1:]}, with .poster.png frames) and their posters to {out}")
+        return 0
     else:
-        gallery.save_labeled_grid(outputs, out, captions=prompts, title=f"{weights.title} · seed {cfg.train.seed}")
+        gallery.save_labeled_grid(outputs, out, captions=prompts, title=title)
     print(f"wrote {len(prompts)} samples of {weights.title} to {out}")
     return 0
 
@@ -140,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. train.learning_rate=1e-4")
     p.set_defaults(fn=_train)
     for name, fn, help_text in (
-        ("sample", _sample, "sample a run's (or a config's) evaluation prompts into one labelled PNG grid"),
+        ("sample", _sample, "sample a run's (or a config's) evaluation prompts into one labelled PNG grid; videos into mp4/WebP files"),
         ("eval", _eval, "evaluate a run's weights as the run did; writes eval.json and prints a table"),
     ):
         p = sub.add_parser(name, help=help_text)
@@ -152,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--base", action="store_true", help="the base model (no trained weights)")
         _eval_setting_args(p)
         if name == "sample":
-            p.add_argument("--out", default="samples.png")
+            p.add_argument("--out", default="samples.png", help="PNG grid; video models also write <out without .png>/NNNN.mp4 (or .webp)")
+            p.add_argument("--fps", type=float, default=16.0, help="video frame rate of the written files")
+            p.add_argument("--video-format", default="auto", choices=["auto", "mp4", "webp"], help="auto: mp4 when PyAV is installed, else animated WebP")
         else:
             p.add_argument("--out", default="eval.json", help="where to write the JSON report (default ./eval.json)")
             p.add_argument("--category", help="metadata column to break results down by (default: category, else tag)")

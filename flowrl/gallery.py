@@ -147,6 +147,8 @@ def before_after_grid(before: Tensor, after: Tensor, path: str | Path, *, max_it
                       labels: tuple[str, str] = ("base", "tuned"), title: str = "") -> None:
     """Blocks of three rows: the prompts, base samples, tuned samples (same prompts and noise),
     each image row labelled with the weights that made it."""
+    if before.dim() == 5:  # video [B, F, C, H, W]: the first frame (the poster) of each
+        before, after = before[:, 0], after[:, 0]
     n = min(max_items, len(before), len(after))
     per_row = 8
     rows: list[list[Any]] = []
