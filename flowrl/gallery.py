@@ -237,7 +237,7 @@ def _save_media(sample: Any, stem: Path) -> tuple[str, int, int] | None:
         if writer is not None:  # mp4 when an H.264 encoder is installed, else animated WebP
             written = writer(sample, stem.with_suffix(".mp4"))
             path = Path(written["video"] if isinstance(written, dict) else written)
-            return path.name, int(sample.shape[-2]), int(sample.shape[-1])
+            return path.name, int(sample.shape[-2]), int(sample.shape[-1])  # (+ <stem>.poster.png, the first frame)
         frames = [_to_pil(f, 1) for f in sample]
         path = stem.with_suffix(".webp")
         frames[0].save(path, save_all=True, append_images=frames[1:], duration=125, loop=0, lossless=True)
@@ -399,7 +399,7 @@ def write_site(results: Sequence[Any], runs: Sequence[Any], out: str | Path, *, 
     data = {"columns": cols, "rewards": names, "rows": rows, "runs": run_info, "settings": settings or {},
             "category_column": category, "samples_per_prompt": k}
     path = out / "index.html"
-    path.write_text(_render_page(data), encoding="utf-8")
+    path.write_text(_render_page(data, out), encoding="utf-8")
     return path
 
 
@@ -413,7 +413,7 @@ def _fmt(v: Any, signed: bool = False) -> str:
     return f"{v:.3f}"
 
 
-def _render_page(data: dict) -> str:
+def _render_page(data: dict, out_dir: Path) -> str:
     """The page: controls, a header row with each column's aggregate, one table row per prompt
     (rendered here, so the page is complete before any script runs), the runs' curves and
     configs, and the script for sorting, filtering and comparing (state in the URL hash)."""
@@ -443,7 +443,9 @@ def _render_page(data: dict) -> str:
                 w = m["w"] * scale if small else min(m["w"], 256 if not many else 128)
                 cls = "pix" if small else "thumb"
                 if m["src"].endswith((".mp4", ".webm")):
-                    media.append(f'<video class="{cls}" src="{e(m["src"])}" width="{w}" controls muted loop playsinline></video>')
+                    poster = m["src"].rsplit(".", 1)[0] + ".poster.png"
+                    has_poster = f' poster="{e(poster)}"' if (out_dir / poster).is_file() else ""
+                    media.append(f'<video class="{cls}" src="{e(m["src"])}" width="{w}"{has_poster} controls muted loop playsinline></video>')
                 elif small:  # shown enlarged, pixelated; a click picks the cell for comparison
                     media.append(f'<img class="{cls}" src="{e(m["src"])}" width="{w}" alt="sample">')
                 else:  # shown as a thumbnail, linked at full size
