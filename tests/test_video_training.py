@@ -18,7 +18,7 @@ FRAME_REWARD = "reward.rewards={jpeg_compressibility: {weight: 1.0, frames: ever
 
 def _config(tmp_path, *extra):
     return TrainConfig().override([
-        f"train.output_dir={tmp_path / 'run'}", "train.num_iterations=2", "sampler.num_steps=3", "model.device=cpu",
+        f"train.output_dir={tmp_path / 'run'}", "train.iterations=2", "sampler.num_steps=3", "model.device=cpu",
         "train.lora_rank=4", "train.lora_alpha=8", "train.num_generations=2", "train.prompts_per_iteration=2",
         "train.train_batch_size=4", "train.progress=false", "train.learning_rate=1e-3",
         "train.prompts=[a cat, a dog runs]", *extra,
@@ -93,7 +93,7 @@ def test_two_iterations_sage_grpo_with_videoalign(tmp_path, tiny_hunyuan_video, 
     ("diffusion_nft", []),
 ])
 def test_video_presets_train(tmp_path, tiny_wan, preset, extra):
-    cfg = _config(tmp_path, f"algorithm={preset}", "train.num_iterations=1", *(extra or [FRAME_REWARD]))
+    cfg = _config(tmp_path, f"algorithm={preset}", "train.iterations=1", *(extra or [FRAME_REWARD]))
     trainer = Trainer(cfg, policy=_policy(tiny_wan, cfg))
     before = _lora(trainer.policy)
     h = trainer.train().history[0]
@@ -105,7 +105,7 @@ def test_video_presets_train(tmp_path, tiny_wan, preset, extra):
 
 
 def test_timestep_fraction_trains_a_subset_of_steps(tmp_path, tiny_wan):
-    cfg = _config(tmp_path, FRAME_REWARD, "algorithm=dance_grpo", "train.num_iterations=1", "sampler.num_steps=4",
+    cfg = _config(tmp_path, FRAME_REWARD, "algorithm=dance_grpo", "train.iterations=1", "sampler.num_steps=4",
                   "loss.timestep_fraction=0.5", "loss.timestep_selection=random")
     trainer = Trainer(cfg, policy=_policy(tiny_wan, cfg))
     h = trainer.train().history[0]
@@ -119,7 +119,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, tiny_wan):
 
     grads = []
     for ckpt in (False, True):
-        cfg = _config(tmp_path, FRAME_REWARD, "model.pipeline=tiny-wan", f"train.gradient_checkpointing={str(ckpt).lower()}", "train.num_iterations=0")
+        cfg = _config(tmp_path, FRAME_REWARD, "model.pipeline=tiny-wan", f"train.gradient_checkpointing={str(ckpt).lower()}", "train.iterations=0")
         trainer = Trainer(cfg)
         policy = trainer.policy
         assert policy.model.gradient_checkpointing is ckpt
