@@ -111,7 +111,7 @@ class Run:
             return next((v for it, v in evals if it == 0), None)
         final = self.evaluated_weights()
         same = lambda a, b: a is not None and b is not None and Path(a).resolve() == Path(b).resolve()  # noqa: E731
-        if weights.kind == final.kind and same(weights.path, final.path) and evals[-1][0] == self.config.train.num_iterations > 0:
+        if weights.kind == final.kind and same(weights.path, final.path) and evals[-1][0] == self.config.train.iterations > 0:
             return evals[-1][1]
         if weights.kind == "checkpoint" and weights.iteration and self.dir is not None and same(Path(weights.path).parent, self.dir / "checkpoints"):
             # an intermediate evaluation (train.eval_every) saw the state this checkpoint stores
@@ -150,14 +150,14 @@ class Run:
         record = self.export_record()
         if has_lora and record is not None and record.get("lora_weights"):
             if record.get("lora_weights") == record.get("evaluated", "ema" if ema else "live"):
-                return Weights("lora", lora, run=self.name, iteration=t.num_iterations, ema=record["lora_weights"] == "ema")
+                return Weights("lora", lora, run=self.name, iteration=t.iterations, ema=record["lora_weights"] == "ema")
         elif has_lora and not ema:  # no record: lora/ holds the live weights, which EMA-free runs evaluate
-            return Weights("lora", lora, run=self.name, iteration=t.num_iterations, ema=False)
+            return Weights("lora", lora, run=self.name, iteration=t.iterations, ema=False)
         ckpts = self.checkpoints()
         if ckpts:  # the last checkpoint stores the trained weights and their EMA
             return self.checkpoint_weights(ckpts[-1])
         if has_lora:  # EMA on but only the live weights exported: the closest there is
-            return Weights("lora", lora, run=self.name, iteration=t.num_iterations, ema=False)
+            return Weights("lora", lora, run=self.name, iteration=t.iterations, ema=False)
         raise FileNotFoundError(f"run {self.dir} has neither lora/ nor checkpoints/: it did not finish (or saved nothing).")
 
     def checkpoint_weights(self, path: str | Path) -> Weights:
@@ -173,12 +173,12 @@ class Run:
             raise FileNotFoundError(f"--lora {path}: no such folder (a run's lora/ folder, or one saved by save_lora_weights).")
         if self.dir is not None and path.resolve() == (self.dir / "lora").resolve():
             record = self.export_record() or {}
-            return Weights("lora", path, run=self.name, iteration=self.config.train.num_iterations, ema=record.get("lora_weights") == "ema")
+            return Weights("lora", path, run=self.name, iteration=self.config.train.iterations, ema=record.get("lora_weights") == "ema")
         return Weights("lora", path, run=path.parent.name)
 
     def intermediate_weights(self) -> list[Weights]:
         """Checkpoints before the last iteration (the gallery's ``--checkpoints`` columns)."""
-        return [w for w in map(self.checkpoint_weights, self.checkpoints()) if w.iteration is None or w.iteration < self.config.train.num_iterations]
+        return [w for w in map(self.checkpoint_weights, self.checkpoints()) if w.iteration is None or w.iteration < self.config.train.iterations]
 
 
 def load_run(run_dir: str | Path) -> Run:

@@ -554,7 +554,7 @@ class Trainer:
             gallery.plot_reward_curve(self.history, self.run_dir / "reward_curve.png", evals=evals)
             outs = getattr(self, "_eval_outputs", {})
             if "base" in outs and "tuned" in outs and isinstance(outs["base"][0], Tensor):
-                k, n = self.config.train.eval_samples_per_prompt, self.config.train.num_iterations
+                k, n = self.config.train.eval_samples_per_prompt, self.config.train.iterations
                 tuned = f"tuned{' (EMA)' if self.ema is not None else ''}, iteration {n}"
                 gallery.before_after_grid(  # the first sample of each prompt: same prompt, same noise
                     outs["base"][0][::k], outs["tuned"][0][::k], self.run_dir / "before_after.png", max_items=16,

@@ -136,7 +136,7 @@ def site(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("gallery")
     cfg = TrainConfig.from_yaml(CONFIG).override([
-        f"train.output_dir={base / 'run'}", "train.num_iterations=2", "train.save_every=1", "train.prompts_per_iteration=2",
+        f"train.output_dir={base / 'run'}", "train.iterations=2", "train.save_every=1", "train.prompts_per_iteration=2",
         "train.num_generations=4", "train.train_batch_size=8", "train.eval_every=0", "train.progress=false",
         "train.eval_samples_per_prompt=2", f"train.eval_prompts={json.dumps(EVAL_PROMPTS)}",
         "train.lora_rank=4", "train.lora_alpha=4", "train.learning_rate=3e-3",

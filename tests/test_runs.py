@@ -23,7 +23,7 @@ def digits_run(tmp_path_factory):
     evaluation and a checkpoint at iteration 2)."""
     out = tmp_path_factory.mktemp("digits") / "run"
     cfg = TrainConfig.from_yaml(CONFIG).override([
-        f"train.output_dir={out}", "train.num_iterations=3", "train.prompts_per_iteration=2", "train.num_generations=4",
+        f"train.output_dir={out}", "train.iterations=3", "train.prompts_per_iteration=2", "train.num_generations=4",
         "train.train_batch_size=8", "train.eval_every=2", "train.save_every=2", "train.progress=false",
         "train.eval_samples_per_prompt=2", f"train.eval_prompts={json.dumps(EVAL_PROMPTS)}",
         # rank = alpha: the exported LoRA (scale folded into B) is then bit-identical to the trained one
