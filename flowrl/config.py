@@ -94,6 +94,10 @@ class SamplerConfig:
     """Language models: completion length limit."""
     temperature: float = 1.0
     """Language models: sampling temperature (log-probs are taken at this temperature)."""
+    shift: float | None = None
+    """Time shift of the σ grid: the scheduler's ``shift`` (Wan's UniPC: ``flow_shift``); SAGE-GRPO
+    uses 5 on HunyuanVideo 1.5. Default: the pipeline's scheduler config. Not for schedulers with
+    dynamic shifting (Flux, Qwen-Image: their shift follows the image size)."""
     num_frames: int | None = None
     """Video models: frames per sample (default: the model's; Wan 81, HunyuanVideo 1.5 121; both
     need 4k + 1)."""
@@ -321,6 +325,10 @@ class TrainConfig:
             raise ConfigError(f"train.ema_update_every must be ≥ 1 (1 = every optimizer step), got {t.ema_update_every}.")
         if s.num_steps < 1:
             raise ConfigError("sampler.num_steps must be ≥ 1.")
+        if s.shift is not None and not s.shift > 0:
+            raise ConfigError(f"sampler.shift must be > 0 (1 = no shift), got {s.shift}.")
+        if s.num_frames is not None and s.num_frames < 1:
+            raise ConfigError(f"sampler.num_frames must be ≥ 1, got {s.num_frames}.")
         if s.noise_level is not None and s.noise_level < 0:
             raise ConfigError(f"sampler.noise_level must be ≥ 0, got {s.noise_level}.")
         if s.guidance_scale < 1.0 and s.guidance_scale != 0.0:

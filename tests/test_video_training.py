@@ -44,11 +44,13 @@ def _changed(before, policy):
 
 
 def test_two_iterations_with_a_per_frame_image_reward(tmp_path, tiny_wan):
-    cfg = _config(tmp_path, FRAME_REWARD)
+    cfg = _config(tmp_path, FRAME_REWARD, "train.eval_prompts=[a cat]", "sampler.eval_num_steps=2")
     trainer = Trainer(cfg, policy=_policy(tiny_wan, cfg))
     before = _lora(trainer.policy)
     result = trainer.train()
     assert len(result.history) == 2
+    assert set(result.eval_before) == {"jpeg_compressibility", "num_prompts"}  # evaluation scores videos too
+    assert (tmp_path / "run" / "before_after.png").is_file()  # poster frames of the base and tuned videos
     for h in result.history:
         assert h["ratio/mean"] == pytest.approx(1.0, abs=1e-5)  # one on-policy update per iteration
         assert h["reward/jpeg_compressibility"] < 0 and h["samples/generated"] == 4
@@ -146,3 +148,33 @@ def test_vae_tiling_and_decode_chunks_from_the_config(tmp_path, tiny_wan):
     policy.adapter.decode_batch_size = None
     torch.testing.assert_close(chunked, policy.decode(x), rtol=0, atol=1e-6)  # chunks change nothing
     assert chunked.shape == (3, 9, 3, 32, 32)
+
+
+def test_example_configs_resolve():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "assets" / "configs"
+    for name in ("hunyuan_video15_sage", "wan_t2v", "qwen_image", "sd3_flow_grpo", "flux_flow_grpo", "digits"):
+        cfg = TrainConfig.from_yaml(root / f"{name}.yaml").validate()
+        assert cfg.resolved().preset is not None
+    sage = TrainConfig.from_yaml(root / "hunyuan_video15_sage.yaml").resolved()
+    # the paper's settings: 20 steps, shift 5, η 0.5, CFG 6, G = 4, lr 1e-5
+    s = sage.config.sampler
+    assert (s.num_steps, s.shift, sage.preset.noise_level, s.guidance_scale, sage.config.train.num_generations, sage.learning_rate) == (20, 5.0, 0.5, 6.0, 4, 1e-5)
+
+
+def test_sampler_shift_sets_the_grid_and_refuses_dynamic_shifting(tmp_path):
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from flowrl.builders import build_policy
+    from flowrl.config import ConfigError
+
+    cfg = _config(tmp_path, FRAME_REWARD, "model.pipeline=tiny-hunyuan-video", "sampler.shift=7.0", "sampler.num_steps=4")
+    policy = build_policy(cfg.resolved(), tmp_path)
+    ref = FlowMatchEulerDiscreteScheduler(shift=7.0)
+    ref.set_timesteps(sigmas=list(np.linspace(1.0, 0.0, 5)[:-1]))
+    torch.testing.assert_close(policy.sigma_grid(), ref.sigmas.float())
+    cfg = _config(tmp_path, FRAME_REWARD, "model.pipeline=tiny-qwen-image", "sampler.shift=3.0")
+    with pytest.raises(ConfigError, match="sampler.shift.*dynamically"):
+        build_policy(cfg.resolved(), tmp_path / "q")
