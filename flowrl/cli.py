@@ -19,6 +19,8 @@ def _train(args: argparse.Namespace) -> int:
     print(f"run directory: {result.run_dir}")
     if last:
         print(f"final train reward {last.get('reward/mean', float('nan')):.4f}, kl {last.get('kl/ref', 0.0):.3e}")
+    if result.breakdown:
+        print(result.breakdown)
     if result.summary:
         print(result.summary)
     return 0
