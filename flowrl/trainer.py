@@ -160,6 +160,7 @@ class Trainer:
                 f"set it to a multiple of {nproc}."
             )
         self.run_dir = Path(t.output_dir)
+        tracking.tracker_names(t.report_to)  # unknown or missing trackers fail before any work
         self.train_set = _load_prompt_set(t.prompts, "train.prompts", t.prompt_column)
         self.eval_set = _load_prompt_set(t.eval_prompts, "train.eval_prompts", t.prompt_column)
         self.train_prompts, self.eval_prompts = self.train_set.prompts, self.eval_set.prompts
