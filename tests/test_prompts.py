@@ -202,3 +202,12 @@ def test_each_reward_call_gets_the_metadata_of_its_own_samples(tmp_path, tiny_sd
     assert after["num_prompts/even"] == 3 and after["num_prompts/odd"] == 3 and after["num_samples"] == 12
     assert after["echo/even"] == pytest.approx((0 + 2 + 4) / 3, abs=0.02) and after["echo/odd"] == pytest.approx(7.0, abs=0.02)
     assert "echo by category: even base" in result.breakdown
+
+
+def test_arith_set_rows_carry_answers_that_exact_match_reads():
+    from flowrl.rewards.verifiers import ExactMatch
+
+    ps = load_prompt_set("arith:test")
+    meta = reward_meta(ps.metadata[:3])
+    outputs = [f"The answer is {a}" for a in meta["answer"][:2]] + ["The answer is 999"]
+    assert ExactMatch()(outputs, ps.prompts[:3], meta).tolist() == [1.0, 1.0, 0.0]  # no solver, no answers dict
