@@ -522,7 +522,7 @@ class Trainer:
         t = self.config.train
         if not trackers or t.eval_images <= 0:
             return
-        step = 0 if tag == "base" else t.num_iterations if tag == "tuned" else int(tag[4:]) if tag.startswith("iter") and tag[4:].isdigit() else None
+        step = 0 if tag == "base" else t.iterations if tag == "tuned" else int(tag[4:]) if tag.startswith("iter") and tag[4:].isdigit() else None
         every = t.eval_samples_per_prompt  # the first sample of each prompt
         images = tracking.preview_images(outputs[::every] if isinstance(outputs, Tensor) else outputs, count=t.eval_images)
         if images is not None:

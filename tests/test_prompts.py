@@ -158,7 +158,7 @@ def _trainer(tmp_path, tiny_sd3, prompts, *extra):
     from flowrl.trainer import Trainer
 
     cfg = TrainConfig().override([
-        f"train.output_dir={tmp_path / 'run'}", "train.num_iterations=2", "sampler.num_steps=2", "sampler.eval_num_steps=2",
+        f"train.output_dir={tmp_path / 'run'}", "train.iterations=2", "sampler.num_steps=2", "sampler.eval_num_steps=2",
         "sampler.height=16", "sampler.width=16", "train.lora_rank=2", "train.lora_alpha=2", "train.num_generations=3",
         "train.prompts_per_iteration=2", "train.train_batch_size=12", "train.progress=false", "train.report_to=none",
         "train.eval_samples_per_prompt=2", *extra,
@@ -182,7 +182,7 @@ def test_each_reward_call_gets_the_metadata_of_its_own_samples(tmp_path, tiny_sd
 
     echo = importlib.import_module("tests.test_prompts").MetaEcho  # the class the reward set built
     echo.calls = []
-    trainer = _trainer(tmp_path, tiny_sd3, rows, "train.num_iterations=3")
+    trainer = _trainer(tmp_path, tiny_sd3, rows, "train.iterations=3")
     trainer.selector = make_selector("dapo", len(trainer.train_prompts))
     result = trainer.train()
     assert any(h["select/rounds"] > 1 for h in result.history)  # refills happened

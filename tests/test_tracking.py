@@ -38,7 +38,7 @@ def test_tensorboard_gets_metrics_and_eval_images_at_every_evaluation(tmp_path, 
     from flowrl.trainer import Trainer
 
     cfg = TrainConfig().override([
-        f"train.output_dir={tmp_path / 'run'}", "train.num_iterations=2", "train.eval_every=1", "sampler.num_steps=2",
+        f"train.output_dir={tmp_path / 'run'}", "train.iterations=2", "train.eval_every=1", "sampler.num_steps=2",
         "sampler.eval_num_steps=2", "sampler.height=16", "sampler.width=16", "train.lora_rank=2", "train.lora_alpha=2",
         "train.num_generations=2", "train.prompts_per_iteration=1", "train.train_batch_size=2", "train.progress=false",
         "train.eval_prompts=[a cat, a dog, a red apple]", "train.eval_samples_per_prompt=2", "train.eval_images=2",
@@ -64,7 +64,7 @@ def test_report_to_none_logs_metrics_jsonl_only(tmp_path, tiny_sd3):
     from flowrl.trainer import Trainer
 
     cfg = TrainConfig().override([
-        f"train.output_dir={tmp_path / 'run'}", "train.num_iterations=1", "sampler.num_steps=2", "sampler.height=16",
+        f"train.output_dir={tmp_path / 'run'}", "train.iterations=1", "sampler.num_steps=2", "sampler.height=16",
         "sampler.width=16", "train.lora_rank=2", "train.num_generations=2", "train.prompts_per_iteration=1",
         "train.train_batch_size=2", "train.progress=false", "train.report_to=none",
     ])
