@@ -42,7 +42,8 @@ def load_prompts(spec: list[str] | str | None, *, field: str = "train.prompts") 
             )
         prompts = list(PROMPT_SETS.get(name)(split or None))
     if not prompts:
-        raise ValueError(f"{field} resolved to no prompts.")
+        source = f"the file {Path(spec).resolve()} holds no prompt (one per line; blank lines are skipped)" if isinstance(spec, str) and Path(spec).is_file() else f"{spec!r} holds no prompt"
+        raise ValueError(f"{field}: {source}; give at least one prompt.")
     return prompts
 
 

@@ -160,8 +160,11 @@ class Trainer:
         self.train_prompts = _load_prompts(t.prompts, "train.prompts")
         self.eval_prompts = _load_prompts(t.eval_prompts, "train.eval_prompts") if t.eval_prompts is not None else []
         import_builtin_components()
-        self.policy = policy if policy is not None else build_policy(self.resolved, self.run_dir)
-        self.reward_set = reward_set if reward_set is not None else _build_reward_set(config)
+        show = t.progress and self.accelerator.is_main_process
+        with _phase(f"loading rewards ({', '.join(map(str, config.reward.rewards))})", enabled=show and reward_set is None):
+            self.reward_set = reward_set if reward_set is not None else _build_reward_set(config)  # first: fails fast on a bad reward
+        with _phase(f"loading model {config.model.pipeline}", enabled=show and policy is None):
+            self.policy = policy if policy is not None else build_policy(self.resolved, self.run_dir)
         self.estimator = make_estimator(self.resolved.preset.advantage, **self.resolved.preset.advantage_params)
         self.objective = make_objective(self.resolved.preset.objective, **self.resolved.preset.objective_params)
         self.selector = self._make_selector()
@@ -210,7 +213,7 @@ class Trainer:
                 record.update({f"eval/{k}": v for k, v in self.evaluate(tag=f"iter{it}").items()})
             self._log(record, writer)
             if hasattr(bar, "set_postfix"):
-                bar.set_postfix(reward=f"{record['reward/mean']:.3f}", kl=f"{record.get('kl/ref', 0.0):.2e}")
+                bar.set_postfix(progress_postfix(record))
             if t.save_every and it % t.save_every == 0:
                 self.save_checkpoint(it)
         if t.num_iterations > self.start_iteration and not (t.save_every and t.num_iterations % t.save_every == 0):
@@ -345,7 +348,7 @@ class Trainer:
             return {"update/steps": 0.0}
         self.policy.model.train()
         ctx = UpdateContext(resolved=self.resolved, iteration=it, autocast=self.autocast)
-        n_updates = 0
+        n_updates = skipped = 0
         for epoch in range(t.inner_epochs):
             order = idx_kept[torch.randperm(len(idx_kept), generator=generator_for(t.seed, it, "shuffle", epoch))]
             groups = traj.meta.get("minibatch_groups")
@@ -357,20 +360,28 @@ class Trainer:
                 total = float(batch.mask.sum())
                 if total == 0:
                     continue
+                bad: str | None = None
                 for steps in self.policy.step_chunks(batch):
                     weight = float(batch.mask[:, steps].sum()) / total
                     if weight == 0:
                         continue
                     loss, metrics = self.objective(self.policy, batch, steps, ctx)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"the loss became {float(loss)} at iteration {it}; lower train.learning_rate or check the rewards.")
-                    self.accelerator.backward(loss * weight)
+                    if not torch.isfinite(loss) and bad is None:
+                        bad = _nonfinite_where(loss, batch, steps, metrics)
+                    self.accelerator.backward(loss * weight)  # even when non-finite: every process takes the same path
                     for k, v in metrics.items():
                         sums[k] = sums.get(k, 0.0) + v * weight
                         counts[k] = counts.get(k, 0) + 1
                         wsums[k] = wsums.get(k, 0.0) + weight
+                gn = torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm) if t.max_grad_norm > 0 else _grad_norm(self.params)
+                if bad is None and not torch.isfinite(gn):
+                    bad = f"gradient norm {float(gn)}"
+                if self._any_process(bad is not None):  # skip the step: NaN/inf would corrupt weights and Adam state
+                    self.optimizer.zero_grad(set_to_none=True)
+                    skipped += 1
+                    self._skip_nonfinite(it, start // t.train_batch_size, bad or "another process", skipped)
+                    continue
                 if t.max_grad_norm > 0:
-                    gn = torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm)
                     sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(gn)
                     counts["grad_norm"] = counts.get("grad_norm", 0) + 1
                 self.optimizer.step()
@@ -387,7 +398,33 @@ class Trainer:
             if w > 0 and abs(w - n_updates) > 1e-6:  # reported by some chunks only (e.g. ratio_step/<k>/*)
                 out[k] = sums[k] / w
         out["update/steps"] = float(n_updates)
+        out["update/skipped_nonfinite"] = float(skipped)
         return out
+
+    def _any_process(self, flag: bool) -> bool:
+        """``flag`` on any process (so every process skips the same optimizer steps)."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        total = self.accelerator.reduce(torch.tensor([float(flag)], device=self.accelerator.device), reduction="sum")
+        return bool(total.item() > 0)
+
+    def _skip_nonfinite(self, it: int, minibatch: int, where: str, skipped_now: int) -> None:
+        """Count a skipped optimizer step, say where it happened, and stop past
+        ``train.max_nonfinite_updates`` (counted over the whole run, resumes included)."""
+        limit = self.config.train.max_nonfinite_updates
+        total = skipped_now + int(sum(h.get("update/skipped_nonfinite", 0.0) for h in self.history))
+        msg = f"iteration {it}, minibatch {minibatch}: {where}"
+        if total > limit:
+            raise NonFiniteUpdateError(
+                f"{total} optimizer steps had NaN/inf values (more than train.max_nonfinite_updates={limit}); the last at {msg}. "
+                "Lower train.learning_rate, use model.dtype=float32, check the rewards, or raise train.max_nonfinite_updates."
+            )
+        if self.accelerator.is_main_process:
+            import sys
+
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"[flowrl] skipped an optimizer step ({total}/{limit} allowed): NaN/inf at {msg}", file=sys.stderr)
 
     # --------------------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -399,10 +436,15 @@ class Trainer:
         outputs = []
         gen = generator_for(t.seed, "eval")
         steps = {"num_steps": self.config.sampler.eval_num_steps} if self.config.model.kind == "flow" else {}
+        bar = _progress(None, enabled=t.progress and self.accelerator.is_main_process, total=len(prompts), desc=f"eval ({tag})", unit="sample", leave=False)
         with weights:
             for start in range(0, len(prompts), 64):
                 with self.autocast():
                     outputs.append(self.policy.generate(prompts[start : start + 64], generator=gen, **steps))
+                if bar is not None:
+                    bar.update(len(prompts[start : start + 64]))
+        if bar is not None:
+            bar.close()
         outputs = torch.cat(outputs) if isinstance(outputs[0], Tensor) else [o for chunk in outputs for o in chunk]
         table, names = self.reward_set.score(outputs, prompts, {"eval": True})
         self._eval_outputs = getattr(self, "_eval_outputs", {})
@@ -542,9 +584,56 @@ def train(config: TrainConfig | str | Path, **kwargs: Any) -> TrainResult:
 
 
 
-def _progress(it, *, enabled: bool, total: int, initial: int):
+def _progress(it, *, enabled: bool, total: int, initial: int = 0, desc: str = "flowrl", **kwargs: Any):
+    """A tqdm bar over ``it`` (or a manual one when ``it`` is None); ``it`` itself (None) when disabled."""
     if not enabled:
         return it
     from tqdm.auto import tqdm
 
-    return tqdm(it, total=total, initial=initial, desc="flowrl", dynamic_ncols=True)
+    return tqdm(it, total=total, initial=initial, desc=desc, dynamic_ncols=True, **kwargs)
+
+
+@contextlib.contextmanager
+def _phase(desc: str, *, enabled: bool):
+    """A one-step bar around a long silent phase (model loading): shows what runs and how long."""
+    bar = _progress(None, enabled=enabled, total=1, desc=desc, leave=False, bar_format="{desc}: {elapsed}")
+    try:
+        yield
+    finally:
+        if bar is not None:
+            bar.update(1)
+            bar.close()
+
+
+def progress_postfix(record: dict[str, float]) -> dict[str, str]:
+    """What the progress bar shows: the mean reward, and the KL to the reference only when it was
+    measured (β > 0); a run without a KL term shows no ``kl`` rather than a made-up 0."""
+    out = {"reward": f"{record['reward/mean']:.3f}"}
+    if "kl/ref" in record and math.isfinite(record["kl/ref"]):
+        out["kl"] = f"{record['kl/ref']:.2e}"
+    if record.get("update/skipped_nonfinite"):
+        out["skipped"] = f"{int(record['update/skipped_nonfinite'])}"
+    return out
+
+
+class NonFiniteUpdateError(FloatingPointError):
+    """More optimizer steps than ``train.max_nonfinite_updates`` had NaN/inf log-probs, loss or gradients."""
+
+
+def _grad_norm(params: list[Tensor]) -> Tensor:
+    """Total 2-norm of the gradients (NaN/inf if any gradient is); 0 when there are none."""
+    norms = [torch.linalg.vector_norm(p.grad.detach().float()) for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+
+def _nonfinite_where(loss: Tensor, batch: Trajectories, steps: Tensor, metrics: dict[str, float]) -> str:
+    """Where a non-finite loss comes from: the rollout's log-probs, the recomputed ones, or the loss."""
+    rows = ", ".join(repr(p) for p in list(dict.fromkeys(batch.prompts))[:3])
+    parts = [f"loss {float(loss)} on prompts {rows}, steps {steps.tolist() if isinstance(steps, Tensor) else steps}"]
+    old = batch.log_probs[:, steps]
+    if not torch.isfinite(old).all():
+        parts.append(f"rollout log-probs non-finite in {int((~torch.isfinite(old)).any(1).sum())} samples")
+    bad_metrics = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad_metrics:
+        parts.append("non-finite " + ", ".join(bad_metrics))
+    return "; ".join(parts)

@@ -150,9 +150,13 @@ def resolve(name: str) -> Any:
     if ":" in name:
         return load_dotted(name)
     known = sorted(set(REWARDS.names()) | set(plugins))
+    import difflib
+
+    close = difflib.get_close_matches(name, known, n=3)
+    suggestion = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
     broken = "".join(f" (built-in module {m} failed to import: {e})" for m, e in _lazy_errors.items() if e and "No module named 'flowrl.rewards." not in e)
     raise ValueError(
-        f"unknown reward '{name}'. Known: {', '.join(known) or '(none)'}; or give a dotted path "
+        f"unknown reward '{name}'{suggestion}. Known: {', '.join(known) or '(none)'}; or give a dotted path "
         f"'pkg.module:Class', or install a plug-in in entry-point group '{ENTRY_POINT_GROUP}'.{broken}"
     )
 
@@ -514,11 +518,22 @@ def build_rewards(
             raise ValueError(f"reward '{key}' weight must be a number; got {weight!r}.") from None
         if not math.isfinite(weight):
             raise ValueError(f"reward '{key}' weight must be finite; got {weight}.")
-        cls = resolve(key)
+        cls = _resolve_for_config(key)
         for dk, dv in defaults.items():
             if dk not in kwargs and _accepts(cls, dk):
                 kwargs[dk] = dv
-        reward = get(key, **kwargs)
+        _check_paths(key, kwargs)
+        try:
+            reward = get(key, **kwargs)
+        except OSError as exc:  # weights that are neither a local path nor in the Hugging Face cache
+            from flowrl.config import ConfigError
+
+            paths = {k: v for k, v in kwargs.items() if isinstance(v, str) and k.lower().endswith(_PATH_KEYS)}
+            named = ", ".join(f"{k}={v!r}" for k, v in paths.items()) or "its weights"
+            raise ConfigError(
+                f"reward.rewards.{key}: could not load {named}: {_first_line(exc)}. Give a local folder or file "
+                "(flowrl never downloads; a Hugging Face id works only if it is in the local cache)."
+            ) from None
         col = _column_name(key, reward)
         if col in rewards:
             raise ValueError(f"two rewards are both named '{col}'; give the class a distinct `name`.")
@@ -527,6 +542,46 @@ def build_rewards(
         if cw:
             comp_w[col] = {str(k): float(v) for k, v in cw.items()}
     return RewardSet(rewards, weights, combine=combine, max_failures=max_failures, component_weights=comp_w, eps=eps)
+
+
+_PATH_KEYS = ("path", "checkpoint", "file", "dir")
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0].rstrip(".") if lines else type(exc).__name__
+
+
+def _resolve_for_config(key: str) -> Any:
+    """:func:`resolve` with config errors: an unknown name suggests close ones, a dotted path whose
+    module cannot be imported says how to make it importable."""
+    from flowrl.config import ConfigError
+
+    try:
+        return resolve(key)
+    except ImportError as exc:  # the message says how to make the module importable
+        raise ConfigError(f"reward.rewards.{key}: {_first_line(exc)}.") from None
+    except ValueError as exc:  # unknown name: the message lists known ones and close matches
+        raise ConfigError(f"reward.rewards.{key}: {_first_line(exc)}") from None
+
+
+def _check_paths(key: str, kwargs: Mapping[str, Any]) -> None:
+    """A path-like option (``path``, ``processor_path``, ``checkpoint``, ...) that is written as a
+    local path (absolute, ``./``, ``../``, ``~``) must exist."""
+    import os
+
+    from flowrl.config import ConfigError
+
+    for k, v in kwargs.items():
+        if not (isinstance(k, str) and k.lower().endswith(_PATH_KEYS) and isinstance(v, (str, os.PathLike))):
+            continue
+        text = os.fspath(v)
+        local = os.path.isabs(os.path.expanduser(text)) or text.startswith(("./", "../", "~"))
+        if local and not os.path.exists(os.path.expanduser(text)):
+            raise ConfigError(
+                f"reward.rewards.{key}.{k}: {text} does not exist. Point it at the downloaded weights "
+                "(relative paths in a config file are taken from the config file's folder)."
+            )
 
 
 def _accepts(obj: Any, kwarg: str) -> bool:
