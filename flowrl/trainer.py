@@ -629,7 +629,7 @@ def _grad_norm(params: list[Tensor]) -> Tensor:
 def _nonfinite_where(loss: Tensor, batch: Trajectories, steps: Tensor, metrics: dict[str, float]) -> str:
     """Where a non-finite loss comes from: the rollout's log-probs, the recomputed ones, or the loss."""
     rows = ", ".join(repr(p) for p in list(dict.fromkeys(batch.prompts))[:3])
-    parts = [f"loss {float(loss)} on prompts {rows}, steps {steps.tolist() if isinstance(steps, Tensor) else steps}"]
+    parts = [f"loss {float(loss.detach())} on prompts {rows}, steps {steps.tolist() if isinstance(steps, Tensor) else steps}"]
     old = batch.log_probs[:, steps]
     if not torch.isfinite(old).all():
         parts.append(f"rollout log-probs non-finite in {int((~torch.isfinite(old)).any(1).sum())} samples")

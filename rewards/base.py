@@ -52,6 +52,9 @@ class Reward:
     - ``scale``: a note of the output range, e.g. ``"cosine ~0.2-0.4"``.
     - ``component_weights``: for dict-returning rewards, default weight of each component inside
       the reward's total (missing components weigh 1; 0 logs a component without using it).
+    - ``isolate_failures``: when a call on a batch raises, score its samples one by one so only the
+      failing ones become NaN (True); False for rewards whose score depends on the whole batch
+      (in-group comparisons).
     """
 
     name: str = "reward"
@@ -61,6 +64,7 @@ class Reward:
     batch_size: int | None = None
     scale: str = "unspecified"
     component_weights: Mapping[str, float] | None = None
+    isolate_failures: bool = True
 
     def __call__(self, outputs: Any, prompts: list[str], meta: dict | None = None) -> Tensor | dict[str, Tensor]:
         raise NotImplementedError(f"{type(self).__name__} must implement __call__(outputs, prompts, meta=None).")
@@ -314,8 +318,10 @@ class RewardSet:
         """Evaluate every reward; returns ``(table [B, K] float32 CPU, column names)``.
 
         A dict-returning reward gives one column per component, named ``<name>/<component>``.
-        Each reward sees batches of at most its ``batch_size``. Samples whose call raised or whose
-        score is NaN/inf become NaN and count as failures; past ``max_failures`` this raises
+        Each reward sees batches of at most its ``batch_size``. When a call raises, its samples are
+        scored one by one (unless the reward sets ``isolate_failures = False``), so only the samples
+        that fail on their own are lost. Samples whose call raised or whose score is NaN/inf become
+        NaN and count as failures (the error names the prompt); past ``max_failures`` this raises
         :class:`RewardError`.
         """
         n = batch_size_of(outputs)
@@ -337,17 +343,32 @@ class RewardSet:
         device = getattr(reward, "device", None)
         pieces: list[tuple[int, int, Any]] = []
         first_error: str | None = None
-        for start in range(0, n, bs):
-            stop = min(start + bs, n)
+
+        def call(start: int, stop: int) -> tuple[Any, str | None]:
             out = slice_batch(outputs, start, stop, n)
             if self.move_to_device and device is not None and isinstance(out, Tensor):
                 out = out.to(device)
             try:
                 with torch.no_grad():  # RL scoring; call a differentiable reward directly for gradients
-                    result = reward(out, prompts[start:stop], slice_batch(meta, start, stop, n) if meta else meta)
+                    return reward(out, prompts[start:stop], slice_batch(meta, start, stop, n) if meta else meta), None
             except Exception as exc:  # noqa: BLE001 - counted, reported, re-raised past the threshold
-                first_error = first_error or f"{type(exc).__name__}: {exc}"
-                result = None
+                where = f"prompt {prompts[start]!r}" if stop - start == 1 else f"a batch of {stop - start} from prompt {prompts[start]!r}"
+                return None, f"{type(exc).__name__}: {exc} ({where})"
+
+        isolate = bool(getattr(reward, "isolate_failures", True))
+        for start in range(0, n, bs):
+            stop = min(start + bs, n)
+            result, error = call(start, stop)
+            if result is None and isolate and stop - start > 1:
+                # one bad sample must not spoil the batch: score the samples one by one
+                for i in range(start, stop):
+                    one, err = call(i, i + 1)
+                    if one is None:
+                        first_error = first_error or err
+                    pieces.append((i, i + 1, one))
+                continue
+            if result is None:
+                first_error = first_error or error
             pieces.append((start, stop, result))
 
         # 2. assemble columns (component names from the first successful piece, or a previous call)
