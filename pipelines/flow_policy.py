@@ -42,6 +42,8 @@ class FlowPolicy(PolicyBase):
         store_means: keep μ_old per step (GRPO-Guard needs it).
         log_prob_reduce: ``mean`` (Flow-GRPO) or ``sum`` over latent dims.
         steps_per_backward: stored steps per backward pass in training (memory knob).
+        adapter_options: options of the model family's adapter (video: ``num_frames``,
+            ``negative_prompt``, ``decode_batch_size``; see ``pipelines/video_common.py``).
     """
 
     default_lora_targets = DEFAULT_LORA_TARGETS
@@ -63,11 +65,17 @@ class FlowPolicy(PolicyBase):
         log_prob_reduce: str = "mean",
         steps_per_backward: int | None = 1,
         adapter: FlowAdapter | None = None,
+        adapter_options: dict[str, Any] | None = None,
     ):
         KERNELS.get(sampler)  # validates the name
         if num_steps < 1:
             raise ValueError(f"num_steps must be ≥ 1, got {num_steps}")
         self.adapter = adapter if adapter is not None else adapter_for(pipe)
+        if adapter_options:
+            configure = getattr(self.adapter, "configure", None)
+            if configure is None:
+                raise ValueError(f"{type(self.adapter).__name__} takes no adapter options (got {sorted(adapter_options)}).")
+            configure(**adapter_options)
         self.pipe = pipe
         self.sampler = sampler
         self.noise_level = float(noise_level)
