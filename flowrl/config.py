@@ -515,7 +515,10 @@ def _reward_shorthand(value: dict[str, Any]) -> dict[str, Any]:
     if not extra:
         return value
     out = {k: v for k, v in value.items() if k in known}
-    out["rewards"] = {**(out.get("rewards") or {}), **extra}
+    listed = out.get("rewards") or {}
+    if not isinstance(listed, dict):
+        raise ConfigError(f"reward.rewards must map reward names to weights, e.g. {{jpeg_compressibility: 1.0}}; got {listed!r}.")
+    out["rewards"] = {**listed, **extra}
     return out
 
 

@@ -178,7 +178,7 @@ def _names_a_field(message: str, data) -> bool:
     return bool(words & _KNOWN_NAMES) or any(k and k in message for k in keys)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(
     st.lists(_section, max_size=4).map(lambda items: {sec: body for sec, body in items}),
     st.dictionaries(st.one_of(st.sampled_from(list(_FIELDS) + ["algorithm"]), st.text(max_size=6)), _values, max_size=4),
@@ -193,7 +193,7 @@ def test_random_configs_validate_or_fail_with_a_config_error_naming_a_field(data
         assert _names_a_field(str(exc), data), str(exc)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100, deadline=None, derandomize=True)
 @given(st.text(max_size=80))
 def test_random_yaml_text_fails_only_with_config_error(tmp_path_factory, text):
     path = tmp_path_factory.mktemp("yaml") / "c.yaml"
@@ -204,7 +204,7 @@ def test_random_yaml_text_fails_only_with_config_error(tmp_path_factory, text):
         assert str(path) in str(exc) or _names_a_field(str(exc), None), str(exc)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100, deadline=None, derandomize=True)
 @given(st.sampled_from([f"{sec}.{name}" for sec, names in _FIELDS.items() for name in names]), _scalars)
 def test_any_single_override_validates_or_names_its_field(key, value):
     import yaml
