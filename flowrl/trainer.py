@@ -19,7 +19,9 @@ far), ``adv/abs_mean`` (mean |A|), ``samples/generated`` (output rows this itera
 ``samples/trained`` (rows with non-zero advantage), ``loss/policy`` (aggregated surrogate),
 ``loss/kl`` (β·KL), ``kl/ref`` (masked mean per-step KL to the reference), ``ratio/mean``
 (masked mean of π_θ/π_old), ``ratio/clipfrac`` (fraction of steps on the clipped branch),
-``grad_norm`` (before clipping), ``update/steps`` (optimizer steps), ``cost/model_evals_per_sample``
+``grad_norm`` (before clipping), ``update/steps`` (optimizer steps), ``update/skipped_nonfinite``
+(optimizer steps skipped because a log-prob, the loss or a gradient was NaN/inf; past
+``train.max_nonfinite_updates`` in a run the loop stops with :class:`NonFiniteUpdateError`), ``cost/model_evals_per_sample``
 and ``cost/trained_steps_per_sample`` (transformer evaluations and trained steps per output),
 ``select/*`` (prompt selection rounds, drawn, kept), ``time/rollout``, ``time/rewards``,
 ``time/update`` (seconds), ``eval/<column>`` (held-out means, deterministic samples).
