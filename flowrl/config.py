@@ -95,6 +95,10 @@ class SamplerConfig:
     """Language models: completion length limit."""
     temperature: float = 1.0
     """Language models: sampling temperature (log-probs are taken at this temperature)."""
+    shift: float | None = None
+    """Time shift of the σ grid: the scheduler's ``shift`` (Wan's UniPC: ``flow_shift``); SAGE-GRPO
+    uses 5 on HunyuanVideo 1.5. Default: the pipeline's scheduler config. Not for schedulers with
+    dynamic shifting (Flux, Qwen-Image: their shift follows the image size)."""
     num_frames: int | None = None
     """Video models: frames per sample (default: the model's; Wan 81, HunyuanVideo 1.5 121; both
     need 4k + 1)."""
@@ -124,6 +128,9 @@ class AlgorithmConfig:
     """Advantage estimator name (group, ...)."""
     std: Literal["group", "global", "none"] | None = None
     """Advantage scaling: per-prompt std, batch std (Flow-GRPO global_std), or none (Dr.GRPO)."""
+    std_estimator: Literal["population", "unbiased"] | None = None
+    """The std of that scaling: ``population`` (÷n, Flow-GRPO's ``np.std``; the diffusion presets) or
+    ``unbiased`` (÷(n − 1), TRL's and verl's ``torch.std``; the language-model presets). Default: the preset's."""
     adv_clip_max: float | None = None
     """Clip advantages to ±adv_clip_max (Flow-GRPO: 5)."""
     clip_range: float | None = None
@@ -131,9 +138,14 @@ class AlgorithmConfig:
     clip_range_high: float | None = None
     """Upper ε for clip-higher (DAPO 0.28; TRL ``epsilon_high``)."""
     beta: float | None = None
-    """KL coefficient against the reference policy (TRL ``beta``); 0 disables the KL term."""
+    """KL coefficient against the reference policy (TRL ``beta``); 0 disables the KL term. With β > 0
+    and no KL form (``kl`` unset here and in the preset), language models get ``k3`` (as TRL); other
+    models stop with an error asking for ``loss.kl``."""
     kl: str | None = None
     """KL form: gaussian (exact per-step), gaussian_reference (Flow-GRPO code: ×Δ), k3 (tokens)."""
+    kl_ratio_weight: bool | None = None
+    """Multiply the per-step KL by the importance ratio π_θ/π_old (TRL ``use_bias_correction_kl``, on by
+    default in TRL ≥ 1.x; DeepSeek-V3.2's unbiased KL gradient). Default: the preset's (off)."""
     ratio: str | None = None
     """Ratio level: token (per step), sequence (GSPO), gspo_token, segment, hybrid (``flowrl.losses.RATIOS``)."""
     clip: str | None = None
@@ -146,8 +158,12 @@ class AlgorithmConfig:
     """Fraction of stored steps trained (first ⌊T·f⌋; 0.99 drops the last, near-deterministic step)."""
     timestep_selection: Literal["first", "random"] | None = None
     """first: the first ⌊T·f⌋ steps (Flow-GRPO); random: a random subset per sample (DanceGRPO)."""
-    skip_zero_advantage: bool = True
-    """Drop samples whose advantage is 0 from the update (their gradient is 0 anyway)."""
+    skip_zero_advantage: bool | None = None
+    """Leave samples whose advantage is exactly 0 out of the update (default: the preset's — on for the
+    Flow-GRPO-style diffusion presets, as their reference does; off for the language-model presets, as
+    TRL and verl keep those rows). It is not free: with β > 0 such rows still carry the KL term's
+    gradient, and dropping them changes the per-sequence denominators of the seq-mean aggregations
+    (GRPO's mean over sequences, Dr.GRPO's G·L_max)."""
     options: dict[str, Any] = field(default_factory=dict)
     """Extra options passed to the advantage estimator (merged over the preset's)."""
     nft_beta: float | None = None
@@ -168,10 +184,12 @@ class TrainSection:
     """Group size G: samples per prompt (Flow-GRPO 24 on SD3.5-M; ≥ 2)."""
     prompts_per_iteration: int = 2
     """Prompts (groups) per iteration, over all processes; must divide by the process count."""
-    num_iterations: int = 10
-    """Rollout → update iterations."""
+    iterations: int = 10
+    """Rollout → update iterations: the length of the run. Not TRL's ``num_iterations`` (updates per
+    batch, μ), which is ``train.inner_epochs`` here."""
     inner_epochs: int = 1
-    """Passes over each iteration's samples (Flow-GRPO: 1; the 2nd+ are off-policy)."""
+    """Passes over each iteration's samples, i.e. TRL's ``num_iterations`` μ (Flow-GRPO: 1; the 2nd+
+    are off-policy)."""
     train_batch_size: int = 8
     """Samples per optimizer step; gradients accumulate over samples × steps within it."""
     learning_rate: float | None = None
@@ -196,7 +214,12 @@ class TrainSection:
     lora_targets: list[str] | None = None
     """Module-name suffixes that get LoRA (default: the attention projections)."""
     ema_decay: float = 0.0
-    """EMA of trained weights used for evaluation (0 disables; Flow-GRPO uses 0.9)."""
+    """EMA of the trained weights, used for evaluation and exported to lora/ (0 disables; Flow-GRPO
+    uses 0.9 with ema_ramp and ema_update_every 8). <run>/weights.json says which weights lora/ holds."""
+    ema_ramp: bool = False
+    """Flow-GRPO's EMA warm-up: decay at optimizer step t is min(ema_decay, (1 + t)/(10 + t))."""
+    ema_update_every: int = 1
+    """Update the EMA after every N-th optimizer step (Flow-GRPO: 8)."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """accelerate autocast for forward passes (weights stay in model.dtype)."""
     gradient_checkpointing: bool = False
@@ -433,7 +456,7 @@ def _range_checks(cfg: "TrainConfig") -> list[tuple[str, Any, Callable[[Any], bo
     return [
         ("train.learning_rate", t.learning_rate, _positive, "a positive number (e.g. 3e-4 with LoRA; 0 would train nothing)"),
         ("train.prompts_per_iteration", t.prompts_per_iteration, lambda x: x >= 1, "≥ 1"),
-        ("train.num_iterations", t.num_iterations, lambda x: x >= 0, "≥ 0"),
+        ("train.iterations", t.iterations, lambda x: x >= 0, "≥ 0"),
         ("train.train_batch_size", t.train_batch_size, lambda x: x >= 1, "≥ 1"),
         ("train.inner_epochs", t.inner_epochs, lambda x: x >= 1, "≥ 1"),
         ("train.lr_min_ratio", t.lr_min_ratio, lambda x: _finite(x) and 0.0 <= x <= 1.0, "in [0, 1] (a fraction of train.learning_rate)"),
@@ -445,12 +468,16 @@ def _range_checks(cfg: "TrainConfig") -> list[tuple[str, Any, Callable[[Any], bo
         ("train.lora_rank", t.lora_rank, lambda x: x >= 0, "≥ 0 (0 = full fine-tune)"),
         ("train.lora_alpha", t.lora_alpha, _positive, "a positive number (LoRA scale = alpha / rank)"),
         ("train.ema_decay", t.ema_decay, unit, "in [0, 1) (0 disables the EMA; Flow-GRPO uses 0.9)"),
+        ("train.ema_update_every", t.ema_update_every, lambda x: x >= 1, "≥ 1 (1 = every optimizer step)"),
         ("train.save_every", t.save_every, lambda x: x >= 0, "≥ 0 (0 saves only at the end)"),
         ("train.eval_every", t.eval_every, lambda x: x >= 0, "≥ 0 (0 evaluates only before and after training)"),
         ("train.eval_samples_per_prompt", t.eval_samples_per_prompt, lambda x: x >= 1, "≥ 1"),
         ("sampler.num_steps", s.num_steps, lambda x: x >= 1, "≥ 1"),
         ("sampler.eval_num_steps", s.eval_num_steps, lambda x: x >= 1, "≥ 1"),
         ("sampler.noise_level", s.noise_level, _non_negative, "≥ 0"),
+        ("sampler.shift", s.shift, _positive, "> 0 (1 = no shift)"),
+        ("sampler.num_frames", s.num_frames, lambda x: x >= 1, "≥ 1"),
+        ("model.decode_batch_size", cfg.model.decode_batch_size, lambda x: x >= 1, "≥ 1 (or unset: decode the whole batch at once)"),
         ("sampler.guidance_scale", s.guidance_scale, _finite, "a finite number"),
         ("sampler.height", s.height, lambda x: x >= 1, "a positive number of pixels (or unset: the model's)"),
         ("sampler.width", s.width, lambda x: x >= 1, "a positive number of pixels (or unset: the model's)"),

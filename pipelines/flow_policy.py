@@ -263,10 +263,19 @@ class FlowPolicy(PolicyBase):
         return self.decode(x)
 
 
-def chain_rollout(policy: FlowPolicy, prompts: list[str], *, group_size: int, generator: torch.Generator | None, stochastic: Sequence[bool] | None = None) -> Trajectories:
+def chain_rollout(policy: FlowPolicy, prompts: list[str], *, group_size: int, generator: torch.Generator | None, stochastic: Sequence[bool] | None = None, grid: Tensor | None = None, ode_solver: str = "euler") -> Trajectories:
     """Sample one chain per sample; steps with ``stochastic[i]`` use the policy's kernel and are
-    stored, the others are Euler ODE steps (window schedules). ``stochastic=None``: all steps."""
-    grid = policy.sigma_grid()
+    stored, the others are deterministic ODE steps (window schedules). ``stochastic=None``: all steps.
+
+    ``grid``: the σ grid (default: the policy's). ``ode_solver``: ``euler`` for every ODE step, or
+    ``dpm2`` (MixGRPO-Flash): DPM-Solver++(2M) for the ODE steps *after* the last stochastic step
+    (:func:`flowrl.sde.dpm2_step`, multistep on the x̂0 predictions of the previous steps, the
+    window's included, as the MixGRPO reference); ODE steps before the window stay Euler."""
+    from flowrl.sde import dpm2_step
+
+    if ode_solver not in ("euler", "dpm2"):
+        raise ValueError(f"unknown ode_solver '{ode_solver}'. Known: euler, dpm2.")
+    grid = policy.sigma_grid() if grid is None else grid
     num_steps = len(grid) - 1
     stochastic = list(stochastic) if stochastic is not None else [True] * num_steps
     if len(stochastic) != num_steps:
@@ -277,10 +286,16 @@ def chain_rollout(policy: FlowPolicy, prompts: list[str], *, group_size: int, ge
     cond = {k: v.repeat_interleave(group_size, dim=0) for k, v in cond_unique.items()}
     x = policy.initial_noise(len(prompts), group_size, generator)
     states, actions, log_probs, means, sig, sig_next = [], [], [], [], [], []
+    last_sde = max([i for i, s in enumerate(stochastic) if s], default=-1)
+    prev_x0 = prev_sigma = None
     for i in range(num_steps):
         sigma = grid[i].expand(batch).to(policy.device)
         sigma_next = grid[i + 1].expand(batch).to(policy.device)
         v = policy.velocity(x, sigma, cond)
+        x0_pred = None
+        if ode_solver == "dpm2":
+            shape = (-1,) + (1,) * (x.dim() - 1)
+            x0_pred = x.float() - sigma.view(shape) * v.float()
         if stochastic[i]:
             noise = policy.draw_noise(x.shape, generator)
             out = policy.transition(x.float(), v.float(), sigma, sigma_next, noise=noise)
@@ -294,8 +309,13 @@ def chain_rollout(policy: FlowPolicy, prompts: list[str], *, group_size: int, ge
                 means.append(out.mean.float().cpu())
             sig.append(sigma.cpu())
             sig_next.append(sigma_next.cpu())
+        elif x0_pred is not None and i > last_sde:  # MixGRPO-Flash: 2nd-order multistep after the window
+            x_next = dpm2_step(x.float(), x0_pred, sigma.view(shape), sigma_next.view(shape), prev_x0,
+                               None if prev_sigma is None else prev_sigma.view(shape)).to(x.dtype)
         else:
             x_next = policy.transition(x.float(), v.float(), sigma, sigma_next, kind="ode").prev_sample.to(x.dtype)
+        if x0_pred is not None:
+            prev_x0, prev_sigma = x0_pred, sigma
         x = x_next
     images = policy.decode(x)
     num_prompts = len(prompts)

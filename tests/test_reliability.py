@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _tiny(tmp_path, *extra):
     return TrainConfig().override([
-        f"train.output_dir={tmp_path / 'run'}", "train.num_iterations=2", "sampler.num_steps=2", "sampler.height=16",
+        f"train.output_dir={tmp_path / 'run'}", "train.iterations=2", "sampler.num_steps=2", "sampler.height=16",
         "sampler.width=16", "train.lora_rank=4", "train.lora_alpha=8", "train.num_generations=4",
         "train.prompts_per_iteration=2", "train.train_batch_size=4", "train.progress=false", "sampler.eval_num_steps=2", *extra,
     ])
@@ -143,7 +143,7 @@ def test_relative_input_paths_are_taken_from_the_config_folder(tmp_path, monkeyp
     assert cfg.train.output_dir == "out"  # outputs: relative to the working directory
     assert cfg.resolved_paths["relative_to"] == str(conf) and "train.prompts" in cfg.resolved_paths
     # overrides keep the record; the run writes it into config.yaml (resolved.paths)
-    cfg = cfg.override(["train.resume_from=null", "train.num_iterations=0", f"train.output_dir={tmp_path / 'run'}"])
+    cfg = cfg.override(["train.resume_from=null", "train.iterations=0", f"train.output_dir={tmp_path / 'run'}"])
     from flowrl import checkpointing
 
     class _T:  # what prepare_run_dir reads
@@ -261,7 +261,7 @@ def test_a_reward_that_needs_the_whole_batch_is_not_split():
 def test_failed_samples_are_not_trained_and_the_rest_are(tmp_path, tiny_sd3):
     from flowrl.trainer import Trainer
 
-    cfg = _tiny(tmp_path, "train.num_iterations=1", "train.prompts=['a cat', 'a bad dog']", "reward.max_failures=8")
+    cfg = _tiny(tmp_path, "train.iterations=1", "train.prompts=['a cat', 'a bad dog']", "reward.max_failures=8")
     rs = build_rewards({"tests.test_reliability:FailsOnBadPrompt": 1.0}, max_failures=8)
     result = Trainer(cfg, policy=_policy(tiny_sd3, cfg), reward_set=rs).train()
     h = result.history[0]
@@ -287,7 +287,7 @@ def _poisoned(objective, *, at_iteration, kind):
 def test_nonfinite_update_is_skipped_counted_and_the_run_goes_on(tmp_path, tiny_sd3, capsys, kind):
     from flowrl.trainer import Trainer
 
-    cfg = _tiny(tmp_path, "train.num_iterations=3", "train.learning_rate=1e-2", "train.max_nonfinite_updates=2")
+    cfg = _tiny(tmp_path, "train.iterations=3", "train.learning_rate=1e-2", "train.max_nonfinite_updates=2")
     trainer = Trainer(cfg, policy=_policy(tiny_sd3, cfg))
     trainer.objective = _poisoned(trainer.objective, at_iteration=2, kind=kind)
     snapshots = []
@@ -315,7 +315,7 @@ def test_nonfinite_update_is_skipped_counted_and_the_run_goes_on(tmp_path, tiny_
 def test_too_many_nonfinite_updates_stop_with_a_clear_message(tmp_path, tiny_sd3):
     from flowrl.trainer import NonFiniteUpdateError, Trainer
 
-    cfg = _tiny(tmp_path, "train.num_iterations=2", "train.max_nonfinite_updates=0")
+    cfg = _tiny(tmp_path, "train.iterations=2", "train.max_nonfinite_updates=0")
     trainer = Trainer(cfg, policy=_policy(tiny_sd3, cfg))
     trainer.objective = _poisoned(trainer.objective, at_iteration=1, kind="loss")
     with pytest.raises(NonFiniteUpdateError, match=r"train.max_nonfinite_updates=0.*iteration 1, minibatch 0: loss nan on prompts"):
@@ -357,7 +357,7 @@ def saved_run(tmp_path_factory, tiny_sd3):
     from flowrl.trainer import Trainer
 
     tmp = tmp_path_factory.mktemp("saved")
-    cfg = _tiny(tmp, "train.num_iterations=1", "train.ema_decay=0.5")
+    cfg = _tiny(tmp, "train.iterations=1", "train.ema_decay=0.5")
     Trainer(cfg, policy=_policy(tiny_sd3, cfg)).train()
     return tmp, cfg
 
@@ -384,7 +384,7 @@ def test_damaged_checkpoint_gives_a_clear_error_naming_the_file(tmp_path, saved_
     else:
         f.write_text("{not json")
     monkeypatch.chdir(tmp_path)
-    cfg = _tiny(tmp_path, "train.num_iterations=2", "train.ema_decay=0.5", f"train.resume_from={ckpt}")
+    cfg = _tiny(tmp_path, "train.iterations=2", "train.ema_decay=0.5", f"train.resume_from={ckpt}")
     with pytest.raises(CheckpointError) as info:
         Trainer(cfg, policy=_policy(tiny_sd3, cfg)).train()
     assert str(f) in str(info.value) and "\n" not in str(info.value)
@@ -414,12 +414,12 @@ def test_progress_shows_kl_only_when_measured(tmp_path, tiny_sd3, capsys):
     assert progress_postfix({"reward/mean": 0.5, "kl/ref": 0.0012})["kl"] == "1.20e-03"
     assert "kl" not in final_line({"reward/mean": 0.5}) and "no KL term" in final_line({"reward/mean": 0.5})
     assert "kl 1.000e-03" in final_line({"reward/mean": 0.5, "kl/ref": 1e-3})
-    cfg = _tiny(tmp_path, "train.num_iterations=1", "loss.beta=0", "train.progress=true", "train.eval_prompts=['a cat']")
+    cfg = _tiny(tmp_path, "train.iterations=1", "loss.beta=0", "train.progress=true", "train.eval_prompts=['a cat']")
     result = Trainer(cfg, policy=_policy(tiny_sd3, cfg)).train()
     err = capsys.readouterr().err
     assert "kl/ref" not in result.history[0] and "reward=" in err and "kl=" not in err
     assert "eval (base)" in err and "eval (tuned)" in err  # the evaluations show progress
-    cfg = _tiny(tmp_path, "train.num_iterations=1", "loss.beta=0.04", "train.progress=true", f"train.output_dir={tmp_path / 'kl'}")
+    cfg = _tiny(tmp_path, "train.iterations=1", "loss.beta=0.04", "train.progress=true", f"train.output_dir={tmp_path / 'kl'}")
     Trainer(cfg, policy=_policy(tiny_sd3, cfg)).train()
     assert "kl=" in capsys.readouterr().err
 
@@ -437,7 +437,7 @@ def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run_bitwise(tmp_pat
 
     iterations = 4
     kill_after = random.randint(1, iterations - 1)  # pytest-randomly seeds `random`: the seed is in the header
-    cfg = _tiny(tmp_path, f"train.num_iterations={iterations}", "train.save_every=1", "train.learning_rate=1e-2",
+    cfg = _tiny(tmp_path, f"train.iterations={iterations}", "train.save_every=1", "train.learning_rate=1e-2",
                 "loss.beta=0.04", "train.ema_decay=0.5", "train.lora_rank=2", "train.lora_alpha=4")
     path = tmp_path / "cfg.yaml"
     cfg.to_yaml(path)

@@ -13,7 +13,7 @@ from flowrl.trainer import Trainer
 
 def _config(tmp_path, *extra):
     return TrainConfig().override([
-        f"train.output_dir={tmp_path / 'run'}", "train.num_iterations=2", "sampler.num_steps=4",
+        f"train.output_dir={tmp_path / 'run'}", "train.iterations=2", "sampler.num_steps=4",
         "sampler.height=16", "sampler.width=16", "train.lora_rank=4", "train.lora_alpha=8",
         "train.num_generations=4", "train.prompts_per_iteration=2", "train.train_batch_size=8",
         "train.progress=false", "sampler.eval_num_steps=4", *extra,
@@ -40,7 +40,7 @@ class ZeroReward:
 def test_zero_advantage_update_changes_nothing(tmp_path, tiny_sd3):
     from flowrl.rewards import build_rewards
 
-    cfg = _config(tmp_path, "train.num_iterations=1", "loss.skip_zero_advantage=false", "train.weight_decay=0")
+    cfg = _config(tmp_path, "train.iterations=1", "loss.skip_zero_advantage=false", "train.weight_decay=0")
     trainer = Trainer(cfg, policy=_policy(tiny_sd3, cfg), reward_set=build_rewards({"tests.test_trainer:ZeroReward": 1.0}))
     before = _trainable(trainer.policy)
     traj = trainer.policy.rollout(["a cat"], group_size=4, generator=torch.Generator().manual_seed(0))
@@ -61,7 +61,7 @@ def test_grpo_raises_jpeg_compressibility(tmp_path, tiny_sd3):
     # jpeg_incompressibility moved compressibility by +0.013, -0.002, +0.017, -0.002 (seeds 0-3): part
     # of the gain is drift common to any update at this learning rate, so this test is a smoke test of
     # the direction; the digits test is the learning test.
-    cfg = _config(tmp_path, "train.num_iterations=10", "sampler.height=32", "sampler.width=32", "train.lora_rank=8",
+    cfg = _config(tmp_path, "train.iterations=10", "sampler.height=32", "sampler.width=32", "train.lora_rank=8",
                   "train.lora_alpha=16", "train.learning_rate=3e-2", "train.num_generations=8", "train.train_batch_size=16",
                   "loss.beta=0", "reward.rewards={jpeg_compressibility: 1.0}", "train.eval_samples_per_prompt=4",
                   "train.eval_prompts=['a photo of a cat', 'a photo of a dog', 'a red apple', 'a blue car']")
@@ -73,8 +73,8 @@ def test_grpo_raises_jpeg_compressibility(tmp_path, tiny_sd3):
 
 def test_same_seed_same_numbers_and_exact_resume(tmp_path, tiny_sd3):
     def run(path, iters, resume=None):
-        extra = [f"train.output_dir={path}", f"train.num_iterations={iters}", "train.save_every=2", "loss.beta=0.04",
-                 "train.learning_rate=1e-2", "train.ema_decay=0.5"]
+        extra = [f"train.output_dir={path}", f"train.iterations={iters}", "train.save_every=2", "loss.beta=0.04",
+                 "train.learning_rate=1e-2", "train.ema_decay=0.5", "train.ema_ramp=true", "train.ema_update_every=2"]
         if resume:
             extra.append(f"train.resume_from={resume}")
         cfg = _config(tmp_path, *extra)
@@ -91,6 +91,9 @@ def test_same_seed_same_numbers_and_exact_resume(tmp_path, tiny_sd3):
     a, b = _trainable(t_full.policy), _trainable(t_res.policy)
     for n in a:
         torch.testing.assert_close(a[n], b[n], rtol=0, atol=0)
+    assert t_res.ema.steps == t_full.ema.steps > 0  # the EMA (and its ramp) continues where it stopped
+    for x, y in zip(t_full.ema.shadow, t_res.ema.shadow):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
     lines = [json.loads(l) for l in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
     assert [l["iteration"] for l in lines if "reward/mean" in l] == [1, 2, 3, 4]
     assert full.history[-1]["kl/ref"] > 0
@@ -125,7 +128,7 @@ def test_nan_reward_stops_with_clear_error_and_no_half_checkpoint(tmp_path, tiny
     from flowrl.rewards import RewardError, build_rewards
 
     NaNAtSecondCall.calls = 0
-    cfg = _config(tmp_path, "train.num_iterations=3", "train.save_every=1")
+    cfg = _config(tmp_path, "train.iterations=3", "train.save_every=1")
     trainer = Trainer(cfg, policy=_policy(tiny_sd3, cfg), reward_set=build_rewards({"tests.test_trainer:NaNAtSecondCall": 1.0}))
     with pytest.raises(RewardError, match="nan_later|NaN"):
         trainer.train()
@@ -152,7 +155,7 @@ def test_bad_inputs_get_errors_naming_the_field(tmp_path):
 def test_cli_train_runs_and_prints_summary(tmp_path, capsys):
     from flowrl.cli import main
 
-    cfg = _config(tmp_path, "train.num_iterations=1", "train.eval_prompts=['a cat']")
+    cfg = _config(tmp_path, "train.iterations=1", "train.eval_prompts=['a cat']")
     path = tmp_path / "cfg.yaml"
     cfg.to_yaml(path)
     assert main(["train", "--config", str(path), "--set", "train.learning_rate=1e-3"]) == 0
@@ -176,7 +179,7 @@ class FirstSampleFails:
 def test_tolerated_reward_failures_are_counted_and_not_trained(tmp_path, tiny_sd3):
     from flowrl.rewards import build_rewards
 
-    cfg = _config(tmp_path, "train.num_iterations=2")
+    cfg = _config(tmp_path, "train.iterations=2")
     rs = build_rewards({"tests.test_trainer:FirstSampleFails": 1.0}, max_failures=10)
     result = Trainer(cfg, policy=_policy(tiny_sd3, cfg), reward_set=rs).train()
     assert [h["samples/trained"] for h in result.history] == [7.0, 7.0]
@@ -185,7 +188,7 @@ def test_tolerated_reward_failures_are_counted_and_not_trained(tmp_path, tiny_sd
 
 
 def test_bf16_autocast_keeps_on_policy_ratio_one(tmp_path, tiny_sd3):
-    cfg = _config(tmp_path, "train.num_iterations=1", "train.mixed_precision=bf16", "model.device=cpu")
+    cfg = _config(tmp_path, "train.iterations=1", "train.mixed_precision=bf16", "model.device=cpu")
     result = Trainer(cfg, policy=_policy(tiny_sd3, cfg)).train()
     assert result.history[0]["ratio/mean"] == pytest.approx(1.0, abs=1e-6)
     assert result.history[0]["ratio/max_abs_log"] < 1e-5
@@ -194,7 +197,7 @@ def test_bf16_autocast_keeps_on_policy_ratio_one(tmp_path, tiny_sd3):
 def test_cli_eval_and_gallery_load_a_runs_lora(tmp_path, capsys):
     from flowrl.cli import main
 
-    cfg = _config(tmp_path, "train.num_iterations=1", "train.learning_rate=5e-2", "loss.beta=0", "train.eval_prompts=['a cat', 'a dog']")
+    cfg = _config(tmp_path, "train.iterations=1", "train.learning_rate=5e-2", "loss.beta=0", "train.eval_prompts=['a cat', 'a dog']")
     path = tmp_path / "cfg.yaml"
     cfg.to_yaml(path)
     assert main(["train", "--config", str(path)]) == 0
@@ -213,7 +216,7 @@ def test_cli_eval_and_gallery_load_a_runs_lora(tmp_path, capsys):
 
 
 def test_ema_weights_are_used_for_evaluation_and_live_weights_come_back(tmp_path, tiny_sd3):
-    cfg = _config(tmp_path, "train.num_iterations=2", "train.ema_decay=0.9", "train.learning_rate=5e-2", "loss.beta=0")
+    cfg = _config(tmp_path, "train.iterations=2", "train.ema_decay=0.9", "train.learning_rate=5e-2", "loss.beta=0")
     trainer = Trainer(cfg, policy=_policy(tiny_sd3, cfg))
     trainer.train()
     live = _trainable(trainer.policy)
@@ -227,6 +230,39 @@ def test_ema_weights_are_used_for_evaluation_and_live_weights_come_back(tmp_path
     shadow = dict(zip([n for n, p in trainer.policy.model.named_parameters() if p.requires_grad], trainer.ema.shadow))
     for n in names:
         torch.testing.assert_close(inside[n], shadow[n], rtol=0, atol=0)
+    # the exported lora/ holds the evaluated (EMA) weights, and the run says so
+    info = json.loads((tmp_path / "run" / "weights.json").read_text())
+    assert info["evaluated"] == info["lora_weights"] == "ema" and info["ema"]["decay"] == 0.9
+    pipe = copy.deepcopy(tiny_sd3)
+    pipe.load_lora_weights(str(tmp_path / "run" / "lora"))
+    stock = FlowPolicy.from_pipeline(pipe, num_steps=4, height=16, width=16).generate(["a cat"], generator=torch.Generator().manual_seed(0))
+    with trainer.ema.active():
+        evaluated = trainer.policy.generate(["a cat"], generator=torch.Generator().manual_seed(0))
+    live_images = trainer.policy.generate(["a cat"], generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(stock, evaluated, atol=1e-5, rtol=0)
+    assert (stock - live_images).abs().max() > 1e-4  # not the live weights
+
+
+def test_flow_grpo_ema_ramps_its_decay_and_updates_every_n_steps():
+    from flowrl.ema import EMA, ema_decay_at
+
+    assert [ema_decay_at(t, 0.9, ramp=True) for t in (1, 2, 80, 100)] == pytest.approx([2 / 11, 3 / 12, 0.9, 0.9])
+    assert ema_decay_at(1, 0.9, ramp=False) == 0.9
+    w = torch.nn.Parameter(torch.zeros(3))
+    ema = EMA([w], 0.9, ramp=True, update_every=2)
+    want = torch.zeros(3)
+    for t in range(1, 7):
+        with torch.no_grad():
+            w.add_(1.0)  # the optimizer step
+        ema.update()
+        if t % 2 == 0:  # steps 2, 4, 6: d = 3/12, 5/14, 7/16
+            d = (1 + t) / (10 + t)
+            want = d * want + (1 - d) * w.detach()
+        torch.testing.assert_close(ema.shadow[0], want)
+    state = ema.state_dict()
+    other = EMA([torch.nn.Parameter(torch.zeros(3))], 0.9, ramp=True, update_every=2)
+    other.load_state_dict(state)
+    assert other.steps == 6 and torch.equal(other.shadow[0], ema.shadow[0])
 
 
 def test_a_saved_digits_folder_loads_through_model_pipeline(tmp_path):
