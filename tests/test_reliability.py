@@ -78,7 +78,7 @@ def test_bad_numbers_are_one_line_errors_naming_field_and_fix(tmp_path, capsys, 
 
 def test_yaml_syntax_error_names_file_and_line(tmp_path, capsys):
     path = tmp_path / "bad.yaml"
-    path.write_text("train:\n  num_iterations: 2\n  prompts: [a cat\n  seed: 1\n")
+    path.write_text("train:\n  iterations: 2\n  prompts: [a cat\n  seed: 1\n")
     line = _cli_error(capsys, ["train", "--config", str(path)])
     assert str(path) in line and "line 4" in line and "YAML syntax error" in line, line
 
