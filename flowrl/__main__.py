@@ -1,4 +1,4 @@
-"""``python -m flowrl ...``: the same command line as the ``flowrl`` script."""
+"""``python -m flowrl ...`` (also what ``torchrun -m flowrl`` and ``accelerate launch -m flowrl`` run)."""
 
 import sys
 

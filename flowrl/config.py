@@ -241,6 +241,13 @@ class TrainSection:
     """Show a progress bar with reward and KL."""
     report: str | None = None
     """Reward column summarised in the final line (e.g. ``digits/correct``); default: the first."""
+    save_total_limit: int | None = None
+    """Keep at most this many checkpoints (the oldest are deleted); None keeps all."""
+    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
+    """``adamw`` (torch) or ``adamw_8bit`` (bitsandbytes' 8-bit AdamW: optimizer state in 8 bits;
+    needs the ``bnb`` extra and a CUDA device)."""
+    allow_tf32: bool = False
+    """Let CUDA matmuls and convolutions use TF32 (faster on Ampere+ GPUs, ~1e-3 relative error)."""
 
 
 @dataclass
@@ -469,6 +476,7 @@ def _range_checks(cfg: "TrainConfig") -> list[tuple[str, Any, Callable[[Any], bo
         ("train.lora_alpha", t.lora_alpha, _positive, "a positive number (LoRA scale = alpha / rank)"),
         ("train.ema_decay", t.ema_decay, unit, "in [0, 1) (0 disables the EMA; Flow-GRPO uses 0.9)"),
         ("train.ema_update_every", t.ema_update_every, lambda x: x >= 1, "≥ 1 (1 = every optimizer step)"),
+        ("train.save_total_limit", t.save_total_limit, lambda x: x >= 1, "≥ 1 or null (keep every checkpoint)"),
         ("train.save_every", t.save_every, lambda x: x >= 0, "≥ 0 (0 saves only at the end)"),
         ("train.eval_every", t.eval_every, lambda x: x >= 0, "≥ 0 (0 evaluates only before and after training)"),
         ("train.eval_samples_per_prompt", t.eval_samples_per_prompt, lambda x: x >= 1, "≥ 1"),
