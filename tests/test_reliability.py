@@ -146,8 +146,14 @@ def test_relative_input_paths_are_taken_from_the_config_folder(tmp_path, monkeyp
     cfg = cfg.override(["train.resume_from=null", "train.iterations=0", f"train.output_dir={tmp_path / 'run'}"])
     from flowrl import checkpointing
 
+    class _Acc:
+        is_main_process = True
+
+        def wait_for_everyone(self):
+            pass
+
     class _T:  # what prepare_run_dir reads
-        config, resolved, run_dir = cfg, cfg.resolved(), tmp_path / "run"
+        config, resolved, run_dir, accelerator = cfg, cfg.resolved(), tmp_path / "run", _Acc()
 
     checkpointing.prepare_run_dir(_T)
     import yaml
