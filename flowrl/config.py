@@ -284,6 +284,9 @@ class TrainConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"a config must be a mapping of sections (model, sampler, reward, loss, train), got {type(data).__name__}.")
         data = dict(data)
+        # a run's saved config.yaml records the preset's filled-in values under `resolved:`; they
+        # derive from the other sections, so a saved config is a valid input as it is
+        data.pop("resolved", None)
         aliases = _trl_aliases()
         if aliases is not None:
             try:
