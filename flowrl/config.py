@@ -80,7 +80,14 @@ class SamplerConfig:
     log_prob_reduce: Literal["mean", "sum"] = "mean"
     """Reduction of a step's Gaussian log-density over latent dims (mean: Flow-GRPO's convention)."""
     steps_per_backward: int = 1
-    """Stored steps per backward pass (memory knob; gradients are accumulated over all of them)."""
+    """Stored steps whose loss is aggregated together (1: Flow-GRPO's per-timestep loss). Several
+    such chunks share one transformer call and one backward pass, up to ``train.max_rows_per_call``."""
+    max_sequence_length: int | None = None
+    """Text-encoder (T5) token length of the prompt conditioning; default: the stock pipeline's
+    (SD3 256, Flux 512; Flow-GRPO trains SD3 with 128)."""
+    prompt_cache_mb: float = 512.0
+    """Budget of the prompt-embedding cache: a fixed prompt set is encoded once and reused while the
+    text encoders' weights do not change (0 disables)."""
     max_new_tokens: int = 32
     """Language models: completion length limit."""
     temperature: float = 1.0
@@ -170,6 +177,12 @@ class TrainSection:
     """AdamW betas."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 disables)."""
+    max_rows_per_call: int | None = 64
+    """Most transformer rows (samples × stored steps, CFG rows counted twice) one recomputation call
+    may hold in the update. Stored steps of a minibatch are recomputed together up to this many rows,
+    with one backward pass: fewer, larger calls (faster), more activation memory. None: no limit;
+    ``2 × train_batch_size`` with CFG reproduces the per-timestep loop's memory. Composes with
+    gradient checkpointing."""
     lora_rank: int = 32
     """LoRA rank (0 = full fine-tune; the reference is then a frozen copy)."""
     lora_alpha: float = 64.0
@@ -279,6 +292,12 @@ class TrainConfig:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}.")
         if s.num_steps < 1:
             raise ConfigError("sampler.num_steps must be ≥ 1.")
+        if t.max_rows_per_call is not None and t.max_rows_per_call < 1:
+            raise ConfigError(f"train.max_rows_per_call must be ≥ 1 or null (no limit), got {t.max_rows_per_call}.")
+        if s.max_sequence_length is not None and s.max_sequence_length < 1:
+            raise ConfigError(f"sampler.max_sequence_length must be ≥ 1 or null (the pipeline's default), got {s.max_sequence_length}.")
+        if s.prompt_cache_mb < 0:
+            raise ConfigError(f"sampler.prompt_cache_mb must be ≥ 0 (0 disables the cache), got {s.prompt_cache_mb}.")
         if s.noise_level is not None and s.noise_level < 0:
             raise ConfigError(f"sampler.noise_level must be ≥ 0, got {s.noise_level}.")
         if s.guidance_scale < 1.0 and s.guidance_scale != 0.0:

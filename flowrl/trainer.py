@@ -43,7 +43,7 @@ from torch import Tensor
 from flowrl.advantages import AdvantageInputs, make_estimator
 from flowrl.config import ConfigError, ResolvedConfig, TrainConfig
 from flowrl.losses import LossInputs, policy_loss
-from flowrl.policy import Trajectories
+from flowrl.policy import Trajectories, group_step_chunks, slice_eval
 from flowrl import checkpointing
 from flowrl.builders import (  # noqa: F401  (re-exported: the loop's public helpers lived here)
     _build_reward_set, _device, _load_prompts, add_lora, build_flow_policy, build_policy, load_pipeline,
@@ -72,28 +72,66 @@ class UpdateContext:
 def policy_gradient_objective(policy: Any, batch: Trajectories, steps: Tensor, ctx: UpdateContext) -> tuple[Tensor, dict[str, float]]:
     """Ratio-based objective of every GRPO-type preset: evaluate the current policy on the stored
     steps, evaluate the reference if a KL term is on, and assemble ``preset.loss``."""
+    return policy_gradient_chunks(policy, batch, [steps], ctx)[0]
+
+
+def policy_gradient_chunks(policy: Any, batch: Trajectories, chunks: list[Tensor], ctx: UpdateContext) -> list[tuple[Tensor, dict[str, float]]]:
+    """:func:`policy_gradient_objective` of several step chunks with one evaluation of their steps
+    (one transformer call for all of them, and one for the reference): each chunk's loss is the
+    one the per-chunk call would give; only the cost changes."""
     spec = ctx.resolved.preset.loss
+    union = torch.cat(list(chunks))
     with ctx.autocast():
-        current = policy.evaluate(batch, steps)
-    reference = None
+        current_all = policy.evaluate(batch, union)
+    reference_all = None
     if spec.kl and spec.beta > 0:
         with torch.no_grad(), policy.reference(), ctx.autocast():
-            reference = policy.evaluate(batch, steps)
-    adv = batch.advantages
-    adv = adv[:, steps] if adv.dim() == 2 else adv[:, None].expand(-1, len(steps))
-    inputs = LossInputs(
-        log_prob=current.log_prob.float(),
-        old_log_prob=batch.log_probs[:, steps].to(current.log_prob.device).float(),
-        advantages=adv.to(current.log_prob.device).float(),
-        mask=batch.mask[:, steps].to(current.log_prob.device).float(),
-        current=current,
-        reference=reference,
-        traj=batch,
-        steps=steps,
-        extras=ctx.extras,
-        rewards=batch.meta["reward"].to(current.log_prob.device).float() if isinstance(batch.meta.get("reward"), Tensor) else None,
-    )
-    return policy_loss(inputs, spec)
+            reference_all = policy.evaluate(batch, union)
+    out, start = [], 0
+    for steps in chunks:
+        cols = slice(start, start + len(steps))
+        start += len(steps)
+        current = slice_eval(current_all, cols)
+        adv = batch.advantages
+        adv = adv[:, steps] if adv.dim() == 2 else adv[:, None].expand(-1, len(steps))
+        inputs = LossInputs(
+            log_prob=current.log_prob.float(),
+            old_log_prob=batch.log_probs[:, steps].to(current.log_prob.device).float(),
+            advantages=adv.to(current.log_prob.device).float(),
+            mask=batch.mask[:, steps].to(current.log_prob.device).float(),
+            current=current,
+            reference=slice_eval(reference_all, cols),
+            traj=batch,
+            steps=steps,
+            extras=ctx.extras,
+            rewards=batch.meta["reward"].to(current.log_prob.device).float() if isinstance(batch.meta.get("reward"), Tensor) else None,
+        )
+        out.append(policy_loss(inputs, spec))
+    return out
+
+
+policy_gradient_objective.evaluate_chunks = policy_gradient_chunks  # type: ignore[attr-defined]
+
+
+def objective_chunk_losses(objective: Any, policy: Any, batch: Trajectories, chunks: list[Tensor], ctx: UpdateContext) -> list[tuple[Tensor, dict[str, float]]]:
+    """``(loss, metrics)`` of each step chunk: in one evaluation when the objective has an
+    ``evaluate_chunks`` form (:func:`policy_gradient_chunks`), else one call per chunk."""
+    batched = batched_form(objective)
+    if batched is not None and len(chunks) > 1:
+        fn, kwargs = batched
+        return fn(policy, batch, chunks, ctx, **kwargs)
+    return [objective(policy, batch, steps, ctx) for steps in chunks]
+
+
+def batched_form(objective: Any) -> tuple[Callable[..., Any], dict[str, Any]] | None:
+    """The objective's multi-chunk form and the keywords it is bound with, or None."""
+    fn = getattr(objective, "evaluate_chunks", None)
+    if fn is not None:
+        return fn, {}
+    inner = getattr(objective, "func", None)  # functools.partial from make_objective
+    if inner is not None and getattr(inner, "evaluate_chunks", None) is not None:
+        return inner.evaluate_chunks, dict(objective.keywords)
+    return None
 
 
 
@@ -357,18 +395,21 @@ class Trainer:
                 total = float(batch.mask.sum())
                 if total == 0:
                     continue
-                for steps in self.policy.step_chunks(batch):
-                    weight = float(batch.mask[:, steps].sum()) / total
-                    if weight == 0:
-                        continue
-                    loss, metrics = self.objective(self.policy, batch, steps, ctx)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"the loss became {float(loss)} at iteration {it}; lower train.learning_rate or check the rewards.")
-                    self.accelerator.backward(loss * weight)
-                    for k, v in metrics.items():
-                        sums[k] = sums.get(k, 0.0) + v * weight
-                        counts[k] = counts.get(k, 0) + 1
-                        wsums[k] = wsums.get(k, 0.0) + weight
+                chunks = [c for c in self.policy.step_chunks(batch) if float(batch.mask[:, c].sum()) > 0]
+                # chunks whose rows fit in train.max_rows_per_call share one transformer call and one backward
+                rows = getattr(self.policy, "rows_per_step", len)(batch) if batched_form(self.objective) else None
+                for group in group_step_chunks(chunks, rows or 1, t.max_rows_per_call if rows else 0):
+                    group_loss = 0.0
+                    for steps, (loss, metrics) in zip(group, objective_chunk_losses(self.objective, self.policy, batch, group, ctx)):
+                        weight = float(batch.mask[:, steps].sum()) / total
+                        if not torch.isfinite(loss):
+                            raise FloatingPointError(f"the loss became {float(loss)} at iteration {it}; lower train.learning_rate or check the rewards.")
+                        group_loss = group_loss + loss * weight
+                        for k, v in metrics.items():
+                            sums[k] = sums.get(k, 0.0) + v * weight
+                            counts[k] = counts.get(k, 0) + 1
+                            wsums[k] = wsums.get(k, 0.0) + weight
+                    self.accelerator.backward(group_loss)
                 if t.max_grad_norm > 0:
                     gn = torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm)
                     sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(gn)
