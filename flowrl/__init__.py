@@ -1,6 +1,6 @@
 """flowrl: reinforcement learning for flow-matching generative models and causal LMs.
 
-Public names (see ``shared/API.md``): :class:`FlowPolicy`, :class:`TokenPolicy`,
+Public names (README.md shows their use): :class:`FlowPolicy`, :class:`TokenPolicy`,
 :class:`Trajectories`, :class:`TrainConfig`, :func:`train`.
 """
 

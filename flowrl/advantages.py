@@ -36,6 +36,8 @@ class AdvantageInputs:
     mask: ``[B, T]`` trainable steps; traj: the full :class:`~flowrl.policy.Trajectories`.
     prompts: the ``B`` prompts (for per-prompt state such as SPO's value tracker).
     meta: free per-batch data (e.g. tree structure for BranchGRPO).
+    reward_weights: ``[K]`` weight of each ``reward_table`` column in the combined reward (None:
+    unknown, e.g. a hand-made reward set).
     """
 
     rewards: Tensor
@@ -46,6 +48,7 @@ class AdvantageInputs:
     traj: Any = None
     prompts: list[str] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    reward_weights: Tensor | None = None
 
 
 def group_stats(values: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -124,7 +127,7 @@ def make_estimator(name: str, **hparams: Any) -> Callable[[AdvantageInputs], Ten
 
 
 # =============================================================================== language models
-# Estimators of the LLM GRPO family (spec/llm.md). All read AdvantageInputs; the ones that only
+# Estimators of the LLM GRPO family (docs/algorithms.md). All read AdvantageInputs; the ones that only
 # transform rewards before the group z-score keep that transform in one small function.
 
 
@@ -507,30 +510,38 @@ class TrustGRPOAdvantage:
 # each, the structure is in traj.meta; they return per-row ([B]) or per-edge ([B, T]) advantages.
 
 
-def multi_granularity_advantages(rewards: Tensor, *, eps: float = 1e-4) -> Tensor:
+def multi_granularity_advantages(rewards: Tensor, *, eps: float = 1e-4, std: str = "population") -> Tensor:
     """G²RPO multi-granularity advantage integration: ``rewards [G, K, Gr] → [G, K]``.
 
     For each SDE step k and ODE-suffix granularity g, z-score the rewards over the G members,
-    z = (r − mean_G)/(std_G + eps) (population std), and sum over g: A_k = Σ_g z_{k,g} (summed, not
-    averaged: equal granularities give 2·z). A (k, g) column whose rewards are all equal gives 0.
-    G²RPO (Granular GRPO, 2025); spec/trainers.md "G²RPO multi-granularity advantage".
+    z = (r − mean_G)/(std_G + eps) (``std``: ``population`` or ``unbiased``, the reference's
+    ``torch.std``), and sum over g: A_k = Σ_g z_{k,g} (summed, not averaged: equal granularities
+    give 2·z). A (k, g) column whose rewards are all equal gives 0.
+    G²RPO (Zhou et al. 2025, "Multi-Granularity Advantage Integration").
     """
     rewards = rewards.float()
     if rewards.dim() != 3:
         raise ValueError(f"rewards must be [G, K, Gr] (members, SDE steps, granularities); got {tuple(rewards.shape)}")
     if rewards.shape[0] < 2:
         raise ValueError("multi-granularity advantages need at least 2 members per group (train.num_generations ≥ 2).")
+    if std not in ("population", "unbiased"):
+        raise ValueError(f"multi_granularity std must be population or unbiased, got '{std}'.")
     mean = rewards.mean(0, keepdim=True)
-    std = rewards.std(0, unbiased=False, keepdim=True)
-    return ((rewards - mean) / (std + eps)).sum(-1)
+    sd = rewards.std(0, unbiased=std == "unbiased", keepdim=True)
+    return ((rewards - mean) / (sd + eps)).sum(-1)
 
 
 @register_advantage("multi_granularity")
-def multi_granularity_estimator(inputs: AdvantageInputs, *, eps: float = 1e-4, clip: float | None = None) -> Tensor:
+def multi_granularity_estimator(inputs: AdvantageInputs, *, eps: float = 1e-4, clip: float | None = None, std: str = "population", per_reward: bool = True, weights: dict[str, float] | None = None) -> Tensor:
     """G²RPO estimator over a ``singular`` rollout: rows (prompt, k, g, member) → the row with the
     first granularity of each (member, k) gets A_k = Σ_g z_{k,g}
     (:func:`multi_granularity_advantages`); the other granularities' rows get 0 (their step is the
-    same SDE step, trained once). ``[B]``."""
+    same SDE step, trained once). ``[B]``.
+
+    ``per_reward`` (the reference): with several reward columns, z-score each reward model's column
+    on its own and sum, A = Σ_c w_c·Σ_g z_{c,k,g}, w_c the column's weight (``weights`` by column
+    name, else the reward set's weights, else 1; weight-0 columns are left out). Otherwise (or with
+    one column and no table) the combined reward is z-scored. ``clip`` bounds |A| (reference 5)."""
     meta = inputs.meta
     if "g2rpo_k" not in meta:
         raise ValueError("the 'multi_granularity' estimator needs a G²RPO rollout: set sampler.rollout=singular (algorithm g2rpo).")
@@ -538,15 +549,28 @@ def multi_granularity_estimator(inputs: AdvantageInputs, *, eps: float = 1e-4, c
     local, blocks = len(k), int(inputs.rewards.shape[0]) // len(k)
     if blocks * local != inputs.rewards.shape[0]:
         raise ValueError(f"'multi_granularity': {inputs.rewards.shape[0]} rewards for a layout of {local} rows.")
+    columns: list[tuple[Tensor, float]] = [(inputs.rewards, 1.0)]
+    table = inputs.reward_table
+    if per_reward and table is not None and table.dim() == 2 and table.shape[1] > 0:
+        names = inputs.reward_names or [str(c) for c in range(table.shape[1])]
+        if weights is not None:
+            w = [float(weights.get(n, 1.0)) for n in names]
+        elif inputs.reward_weights is not None and len(inputs.reward_weights) == table.shape[1]:
+            w = [float(x) for x in inputs.reward_weights]
+        else:
+            w = [1.0] * table.shape[1]
+        columns = [(table[:, c], w[c]) for c in range(table.shape[1]) if w[c] != 0]
     K, Gr, G = int(k.max()) + 1, int(g.max()) + 1, int(m.max()) + 1
     P = local // (K * Gr * G)
+    p = torch.arange(local) // (K * Gr * G)
     out = torch.zeros(inputs.rewards.shape[0], dtype=torch.float32)
     for b in range(blocks):
-        r = inputs.rewards[b * local : (b + 1) * local].float().cpu()
-        table = torch.empty(P, G, K, Gr)
-        p = torch.arange(local) // (K * Gr * G)
-        table[p, m, k, g] = r
-        adv = torch.stack([multi_granularity_advantages(table[i], eps=eps) for i in range(P)])  # [P, G, K]
+        adv = torch.zeros(P, G, K)
+        for values, weight in columns:
+            r = values[b * local : (b + 1) * local].float().cpu()
+            grid = torch.empty(P, G, K, Gr)
+            grid[p, m, k, g] = r
+            adv += weight * torch.stack([multi_granularity_advantages(grid[i], eps=eps, std=std) for i in range(P)])  # [P, G, K]
         if clip is not None:
             adv = adv.clamp(-clip, clip)
         a = adv[p, m, k]
@@ -561,7 +585,7 @@ def depth_advantages(node_rewards: Tensor, depth: Tensor, tree_id: Tensor, *, ep
     0 where the depth holds one node or std_d < ``min_std``. Leaf rewards 0…15 of a tree split at
     0, 3, 6, 9 (branch 2) give ±0.707 after the first split (means 3.5, 11.5; std 5.657),
     ±1.162/±0.387 after the second (means 1.5, 5.5, 9.5, 13.5; std 5.164) and the leaves' plain
-    z-scores; each depth sums to 0. BranchGRPO (2025); spec/trainers.md "BranchGRPO depth-wise advantage".
+    z-scores; each depth sums to 0. BranchGRPO (2025), depth-wise advantage.
     """
     node_rewards = node_rewards.float()
     key = tree_id.long() * (int(depth.max()) + 1) + depth.long()

@@ -19,7 +19,7 @@ from flowrl.registry import Registry
 
 @dataclass(frozen=True)
 class Preset:
-    """One algorithm = one choice per plug point (see DESIGN.md's table).
+    """One algorithm = one choice per plug point (docs/algorithms.md lists them).
 
     kernel / noise_level: transition kernel of stochastic steps (``flowrl.sde.KERNELS``).
     rollout / rollout_params: which steps are stochastic (``flowrl.rollout.SCHEDULES``).
@@ -164,7 +164,7 @@ def resolve(config: Any) -> Any:
 
 
 # =============================================================================== language models
-# spec/llm.md: one preset per method; the token policy (flowrl.TokenPolicy) replaces the sampler.
+# One preset per method; the token policy (flowrl.TokenPolicy) replaces the sampler.
 # Numbers are the papers' (or TRL's) defaults; "inferred" marks a form the paper does not pin down.
 
 def _llm(name: str, doc: str, *, advantage: str = "group", advantage_params: dict[str, Any] | None = None, prompt_selection: str = "uniform", defaults: dict[str, Any] | None = None, **loss: Any) -> Preset:
@@ -428,7 +428,7 @@ def _config_has(section: str, name: str) -> bool:
 
 # ===================================================================================== issue 5
 # GRPO-Guard, Pref-GRPO, DiffusionNFT (flow models) and Co-GRPO (masked image models);
-# spec/trainers.md. Documented in docs/algorithms.md, section "Trainers".
+# Documented in docs/algorithms.md, section "Trainers".
 
 GRPO_GUARD = register_preset(
     replace(
@@ -465,8 +465,8 @@ PREF_GRPO = register_preset(
 
 
 # ===================================================================================== issue 4
-# Samplers: rollout schedules (flowrl.rollout) with their advantage rules; spec/sde.md "Rollout
-# schedules", spec/trainers.md. Documented in docs/algorithms.md, section "Samplers". Step options
+# Samplers: rollout schedules (flowrl.rollout) with their advantage rules.
+# Documented in docs/algorithms.md, section "Samplers". Step options
 # take an int (a step index) or a float (a fraction of sampler.num_steps), so they scale with it.
 
 FLOW_GRPO_FAST = register_preset(
@@ -522,9 +522,11 @@ G2RPO = register_preset(
         FLOW_GRPO,
         name="g2rpo",
         doc="G²RPO (granular GRPO): singular stochastic sampling — each group shares the noise and the ODE prefix to "
-        "step k, every member takes one flow-SDE step (a 0.7) at k, then ODE suffixes at granularities g ∈ {1, 2}; "
-        "k over the first half of the steps (0…7 of 16). Advantage of (member, k) = Σ_g z-score over the group "
-        "(multi-granularity integration); one policy evaluation per k (shared x_k), PPO clip 1e-4, no KL, lr 1e-5. "
+        "step k, every member takes one flow-SDE step (a 0.7) at k, then ODE suffixes at granularities g ∈ {1, 2} on the "
+        "reference's coarse grid (σ[:k+2] then every g-th σ; the image is x̂0 at the last evaluated σ); k over the first "
+        "half of the steps (0…7 of 16). Advantage of (member, k) = Σ_reward models Σ_g z-score over the group (unbiased "
+        "std + 1e-8, clip ±5: multi-granularity integration per reward model); one policy evaluation per k (shared x_k), "
+        "PPO clip 1e-4, no KL, lr 1e-5. "
         "Reference: 16 steps, shift 3, G = 12 (train.num_generations=12; train.train_batch_size=12 gives the "
         "reference's one optimizer step per k).",
         kernel="flow",
@@ -532,7 +534,7 @@ G2RPO = register_preset(
         rollout="singular",
         rollout_params={"k_steps": None, "granularities": [1, 2]},
         advantage="multi_granularity",
-        advantage_params={"eps": 1e-4, "clip": None},
+        advantage_params={"eps": 1e-8, "clip": 5.0, "std": "unbiased", "per_reward": True},
         loss=LossSpec(clip="ppo_clip", clip_params={"clip_range": 1e-4}, aggregation="token-mean", kl=None, beta=0.0),
         defaults={"learning_rate": 1e-5, "timestep_fraction": 1.0},
     )
@@ -573,10 +575,10 @@ BRANCH_GRPO_MIX = register_preset(
 DIFFUSION_NFT = register_preset(
     Preset(
         name="diffusion_nft",
-        doc="DiffusionNFT (Zheng et al. 2025): rollouts with a deterministic black-box solver (DPM-Solver++(2M), "
-        "CFG-free), only x0 kept; r = clip(A, −5, 5)/10 + ½ with A = (R − mean_prompt)/(std_batch + 1e-4); the "
-        "forward-process NFT loss (x̂0-adaptive form) between v_θ and a separate old policy soft-updated after each "
-        "iteration with d = min(0.001·step, 0.5); nft_beta 1.0 (0.1 for OCR / multi-reward), distinct from the KL "
+        doc="DiffusionNFT (Zheng et al. 2025): rollouts sampled with the old policy θ_old by a deterministic black-box "
+        "solver (DPM-Solver++(2M), CFG-free), only x0 kept; r = clip(A, −5, 5)/10 + ½ with A = (R − mean_prompt)/(std_batch + 1e-4); the "
+        "forward-process NFT loss (x̂0-adaptive form) on a random 9 of 10 timesteps per sample, between v_θ and "
+        "θ_old, soft-updated after each iteration with d = min(0.001·optimizer steps so far, 0.5); nft_beta 1.0 (0.1 for OCR / multi-reward), distinct from the KL "
         "weight beta 1e-4 (velocity-space, to the LoRA-disabled reference). Reported: GenEval 0.24 → 0.98 within "
         "1k steps, up to 25× more efficient than Flow-GRPO. Samples with A = 0 are skipped (loss.skip_zero_advantage).",
         kernel="ode",
@@ -588,7 +590,7 @@ DIFFUSION_NFT = register_preset(
         loss=LossSpec(clip="ppo_clip", clip_params={}, aggregation="token-mean", kl="velocity", beta=1e-4),
         objective="nft",
         objective_params={"nft_beta": 1.0, "x0_adaptive": True, "decay": "linear", "adv_clip_max": 5.0, "loss_scale": 5.0},
-        defaults={"learning_rate": 3e-4, "timestep_fraction": 1.0},
+        defaults={"learning_rate": 3e-4, "timestep_fraction": 0.99, "timestep_selection": "random"},
     )
 )
 

@@ -1,4 +1,4 @@
-"""Co-GRPO: one MDP over masked-token decoding and its schedule (spec/trainers.md "Co-GRPO").
+"""Co-GRPO: one MDP over masked-token decoding and its schedule (Co-GRPO, 2025; docs/algorithms.md "Co-GRPO").
 
 A masked-token model (aMUSEd's ``UVit2DModel``, or any :class:`MaskedTokenModel`) unmasks a grid of
 ``L`` tokens in ``N`` steps. At step i a small :class:`SchedulePolicy` φ reads the decoder state
@@ -18,7 +18,10 @@ selection has the log-prob Σ_m [s_{π_m} − logsumexp_{j ∉ π_<m} s_j], s = 
 
 Trajectory log-prob (AdaNAT-style; the paper's exact parameterisation is not public — inferred):
 two columns per step, so each gets its own PPO ratio:
-column i (token policy θ): Σ_{committed at i} log p_θ(token | x_i, w_i, τ_s,i) + log PL(order | s);
+column i (token policy θ): Σ_{masked at i} log p_θ(token | x_i, w_i, τ_s,i) + log PL(order | s) — every
+masked position's sampled token counts, committed or not: the uncommitted ones decide the commit
+order through their confidences, so leaving them out (as a "committed tokens only" column would)
+is not the density of what was sampled and biases the score-function gradient;
 column N + i (schedule policy φ): log N(a_i; μ_φ(f_i), σ_φ²) summed over the 4 action dims.
 Log-probs come from the model's logits at the stored state; the decoding chain is never
 back-propagated through (states are stored tokens). One group-normalised terminal advantage drives
@@ -141,8 +144,10 @@ def step_features(tokens: Tensor, cond_logits: Tensor, mask_id: int, i: int, num
 
 
 def token_step_log_prob(logits_c: Tensor, logits_u: Tensor | None, controls: Tensor, tokens: Tensor, sampled: Tensor, order: Tensor, k: Tensor, mask_id: int, last: bool) -> tuple[Tensor, Tensor]:
-    """Column i of the token policy: Σ_committed log p(token) + log PL(order) (not at the last step,
-    where every masked position commits), and the per-position log-probs ``[B, L, V]``. ``[B]``."""
+    """Column i of the token policy, the log-density of what step i sampled: Σ over every masked
+    position of log p(sampled token) (committed or not — the uncommitted tokens set the confidences
+    that decide the order) + log PL(order) (not at the last step, where every masked position
+    commits); and the per-position log-probs ``[B, L, V]``. ``[B]``."""
     logits = logits_c.float()
     if logits_u is not None:
         w = controls[:, 3].view(-1, 1, 1)
@@ -150,11 +155,7 @@ def token_step_log_prob(logits_c: Tensor, logits_u: Tensor | None, controls: Ten
     logp = torch.log_softmax(logits / controls[:, 1].view(-1, 1, 1), -1)
     unknown = tokens == mask_id
     tok_lp = torch.gather(logp, 2, sampled.clamp(max=logp.shape[-1] - 1)[..., None])[..., 0]  # [B, L]
-    pos = torch.arange(tokens.shape[1], device=tokens.device)
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, pos.expand_as(order))
-    committed = unknown & ((rank < k[:, None]) | last)
-    total = (tok_lp * committed).sum(1)
+    total = (tok_lp * unknown).sum(1)
     if not last:
         total = total + plackett_luce_log_prob(tok_lp / controls[:, 2:3], order, k, unknown)
     return total, logp

@@ -214,7 +214,7 @@ def policy_loss(inputs: LossInputs, spec: LossSpec) -> tuple[Tensor, dict[str, f
 
 
 # =============================================================================== language models
-# Ratio levels, clip/weight rules for the LLM GRPO family (spec/llm.md). Every rule keeps the
+# Ratio levels, clip/weight rules for the LLM GRPO family (docs/algorithms.md). Every rule keeps the
 # CLIP_RULES signature ``fn(log_ratio [B, T], inputs, **hp) -> (loss [B, T], metrics)``; a
 # per-sequence loss is broadcast over the sequence's tokens so the aggregation picks the weighting.
 
@@ -422,7 +422,7 @@ def real_rule(log_ratio: Tensor, inputs: LossInputs, *, tau: float = 0.1, margin
 
 
 # =================================================================================== GRPO-Guard
-# spec/trainers.md "GRPO-Guard": store μ_old at rollout, RatioNorm (the guarded log-ratio), the
+# GRPO-Guard (2025): store μ_old at rollout, RatioNorm (the guarded log-ratio), the
 # 1/|dt| step reweighting and per-step ratio statistics.
 
 
@@ -515,7 +515,7 @@ def ppo_clip_step_stats_rule(log_ratio: Tensor, inputs: LossInputs, *, clip_rang
 
 
 # ===================================================================================== SAGE-GRPO
-# spec/trainers.md "SAGE-GRPO trust region and equalizer": the gradient-norm equalizer (a step
+# SAGE-GRPO trust region and equalizer: the gradient-norm equalizer (a step
 # weight) and the dual trust-region KL (moving anchor + stepwise term). The moving anchor and the
 # adaptive β are state, kept by the ``sage_trust_region`` objective (flowrl.trust_region).
 

@@ -1,6 +1,6 @@
 """DiffusionNFT (Zheng et al. 2025): online RL on the forward process — no likelihoods, any sampler.
 
-Pieces (spec/trainers.md "DiffusionNFT"):
+Pieces (Zheng et al. 2025; docs/algorithms.md "DiffusionNFT"):
 
 - ``x0_only`` rollout schedule: sample with any black-box ODE solver (``euler`` or ``dpm2``, a
   deterministic 2nd-order DPM-Solver++(2M) in data-prediction form on the flow path) and keep only
@@ -10,8 +10,15 @@ Pieces (spec/trainers.md "DiffusionNFT"):
 - :class:`NFTObjective` (``OBJECTIVES["nft"]``): x_t = (1−t)·x0 + t·ε at t from the sampler's grid,
   :func:`flowrl.losses.nft_loss` between the current velocity and the old policy's, optional
   velocity-space KL to the reference weighted by the preset's ``loss.beta``.
-- The old policy: a shadow copy of the trainable (LoRA) weights — a second adapter — soft-updated
-  after every iteration, θ_old ← d·θ_old + (1−d)·θ, with d from :func:`soft_update_decay`.
+- The old policy θ_old: a shadow copy of the trainable (LoRA) weights — a second adapter. Each
+  iteration's rollouts are sampled **with θ_old** (the trainer runs the rollout inside
+  :meth:`NFTObjective.sampling_weights`; DiffusionNFT Algorithm 1, and the reference switches to
+  its "old" adapter before sampling), which is why the loss's implicit positive/negative policies
+  are centred on v_old. After every iteration θ_old ← d·θ_old + (1−d)·θ, with d from
+  :func:`soft_update_decay` at the number of optimizer steps taken so far (the reference's
+  ``global_step``), not the iteration count; they differ when an iteration takes several steps.
+- Trained timesteps: the preset trains a random ⌊0.99·T⌋ of the T slots per sample (9 of 10), as
+  the reference's ``timestep_fraction`` 0.99 over a per-sample permutation of the timesteps.
 
 DiffusionNFT's β is ``nft_beta`` everywhere (config ``loss.nft_beta``); ``beta`` stays the KL weight.
 """
@@ -39,8 +46,9 @@ SOLVERS = ("euler", "dpm2")
 
 
 def soft_update_decay(step: int, schedule: str | Sequence[float] = "linear") -> float:
-    """Decay d of θ_old ← d·θ_old + (1−d)·θ after iteration ``step`` (1-based). ``schedule`` is a
-    name in :data:`DECAY_SCHEDULES` or a ``(flat, rate, cap)`` triple."""
+    """Decay d of θ_old ← d·θ_old + (1−d)·θ when ``step`` optimizer steps have been taken in
+    total (the reference's ``global_step``). ``schedule`` is a name in :data:`DECAY_SCHEDULES` or a
+    ``(flat, rate, cap)`` triple."""
     if isinstance(schedule, str):
         if schedule not in DECAY_SCHEDULES:
             raise ValueError(f"unknown soft-update schedule '{schedule}'. Known: {', '.join(DECAY_SCHEDULES)}, or (flat, rate, cap).")
@@ -148,15 +156,16 @@ class NFTObjective:
         x0_adaptive: the reference's x̂0-space, adaptively weighted form of the loss (default) or
             the plain v-space form.
         decay: soft-update schedule of the old policy (``on_policy``, ``linear``, ``delayed``, or
-            a ``(flat, rate, cap)`` triple).
+            a ``(flat, rate, cap)`` triple), evaluated at the total number of optimizer steps.
         adv_clip_max: c in r = clip(A, −c, c)/(2c) + ½.
         loss_scale: constant factor on the NFT loss (the reference multiplies by adv_clip_max = 5;
             it sets the balance against the KL term).
 
     The KL weight is the preset's ``loss.beta`` (1e-4 in the reference): β_KL·mean((v_θ − v_ref)²)
     with the reference (LoRA disabled). The old policy is a shadow of the trainable weights
-    (snapshotted at the first update), swapped in under ``no_grad`` for v_old; ``state_dict`` holds
-    it so resume is exact. Metrics: ``loss/policy``, ``nft/r_mean``, ``nft/v_gap`` (mean (v_θ − v_old)²),
+    (snapshotted before the first rollout), swapped in under ``no_grad`` for the rollouts
+    (:meth:`sampling_weights`) and for v_old; ``state_dict`` holds it and the optimizer-step count
+    so resume is exact. Metrics: ``loss/policy``, ``nft/r_mean``, ``nft/v_gap`` (mean (v_θ − v_old)²),
     ``kl/ref``, ``loss/kl``, and ``nft/decay`` per iteration.
     """
 
@@ -167,6 +176,8 @@ class NFTObjective:
         self.nft_beta, self.x0_adaptive, self.decay = float(nft_beta), bool(x0_adaptive), decay
         self.adv_clip_max, self.loss_scale = float(adv_clip_max), float(loss_scale)
         self.old: list[Tensor] | None = None
+        #: optimizer steps taken so far (the reference's ``global_step``; indexes the decay)
+        self.updates = 0
 
     # -- old policy -------------------------------------------------------------------------
     def _params(self, policy: Any) -> list[torch.nn.Parameter]:
@@ -183,6 +194,13 @@ class NFTObjective:
         with weights_swapped(self._params(policy), self.old):
             yield
 
+    def sampling_weights(self, policy: Any):
+        """The trainer samples each iteration's rollouts inside this: the weights hold θ_old
+        (snapshotted from the current weights before the first rollout)."""
+        if self.old is None:
+            self.snapshot(policy)
+        return self.old_weights(policy)
+
     @torch.no_grad()
     def soft_update(self, policy: Any, step: int) -> float:
         d = soft_update_decay(step, self.decay)
@@ -192,14 +210,19 @@ class NFTObjective:
             o.mul_(d).add_(p.detach(), alpha=1.0 - d)
         return d
 
+    def on_update(self, trainer: Any) -> None:
+        """Called by the trainer after every optimizer step."""
+        self.updates += 1
+
     def on_iteration_end(self, trainer: Any, it: int) -> dict[str, float]:
-        return {"nft/decay": self.soft_update(trainer.policy, it)}
+        return {"nft/decay": self.soft_update(trainer.policy, self.updates)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"old": None if self.old is None else [o.clone() for o in self.old]}
+        return {"old": None if self.old is None else [o.clone() for o in self.old], "updates": self.updates}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.old = None if state.get("old") is None else [o.clone() for o in state["old"]]
+        self.updates = int(state.get("updates", 0))
 
     # -- loss -------------------------------------------------------------------------------
     def __call__(self, policy: Any, batch: Trajectories, steps: Tensor, ctx: Any) -> tuple[Tensor, dict[str, float]]:

@@ -1,6 +1,6 @@
 """Prompt selection: which prompts each iteration rolls out, and which groups it keeps.
 
-The sixth plug point of spec/llm.md, separate from the loss. A selector is a registered class
+The sixth plug point (docs/algorithms.md), separate from the loss. A selector is a registered class
 built over the prompt set (``len(dataset)`` prompts, addressed by index so per-prompt metadata such
 as ground-truth answers follows):
 

@@ -142,13 +142,18 @@ def window_schedule(policy, prompts, *, group_size, generator=None, window_size:
 
 # ----------------------------------------------------------------------------------- singular
 def suffix_indices(num_steps: int, k: int, g: int) -> list[int]:
-    """Grid indices of G²RPO's ODE suffix after the SDE step at ``k``: every ``g``-th σ from k + 1,
-    always ending at the last grid point T (σ = 0). e.g. T=16, k=3, g=2 → [4, 6, 8, 10, 12, 14, 16]."""
+    """Grid indices of G²RPO's ODE suffix after the SDE step at ``k`` (σ_k → σ_{k+1}), as the
+    reference builds its coarse grid: σ[:k+2] followed by every ``g``-th σ after it, i.e. the points
+    k+1, k+2, k+2+g, … ≤ T. The model is evaluated at every point but the last and the image is x̂0
+    from the last evaluated σ, which is exactly one Euler step to σ = 0: so the returned path ends
+    at T (replacing the last point when it is not T). e.g. T=16, k=3, g=2: reference points
+    [4, 5, 7, 9, 11, 13, 15] → [4, 5, 7, 9, 11, 13, 16]; g = 1 is the full grid from k + 1."""
     if g < 1:
         raise ValueError(f"granularity must be ≥ 1, got {g}")
-    idx = list(range(k + 1, num_steps, g))
-    if not idx or idx[-1] != num_steps:
-        idx.append(num_steps)
+    idx = [k + 1] + list(range(k + 2, num_steps + 1, g))
+    idx = [i for i in idx if i <= num_steps]
+    if len(idx) > 1:
+        idx[-1] = num_steps
     return idx
 
 
@@ -219,12 +224,13 @@ def sample_singular(velocity_fn: Callable[[Tensor, Tensor, Tensor], Tensor], x0:
 
 @register_schedule("singular")
 def singular_schedule(policy, prompts, *, group_size, generator=None, k_steps: Sequence[int | float] | None = None, granularities: Sequence[int] = (1, 2), eval_batch_size: int | None = None):
-    """G²RPO singular stochastic sampling (spec/sde.md "singular").
+    """G²RPO singular stochastic sampling (Zhou et al. 2025, "Singular Stochastic Sampling").
 
     Every member of a group starts from the prompt's noise and shares the ODE prefix to step k;
-    at k each member takes one SDE step (the policy's kernel) with its own noise, then ODE to the
-    end at each granularity g (every g-th σ). Defaults: k ∈ first half of the steps (0…7 of 16),
-    g ∈ {1, 2}.
+    at k each member takes one SDE step (the policy's kernel) with its own noise, then ODE at each
+    granularity g on the reference's coarse grid (:func:`suffix_indices`: one step to σ_{k+2}, then
+    every g-th σ, the image x̂0 from the last evaluated σ). Defaults: k ∈ first half of the steps
+    (0…7 of 16), g ∈ {1, 2}.
 
     Rows (one image each) are ordered (prompt, k, g, member); the stored step of a row is its SDE
     step at k (state x_k shared by the group: ``state_key`` → one velocity per (prompt, k) in
@@ -294,7 +300,7 @@ def singular_schedule(policy, prompts, *, group_size, generator=None, k_steps: S
 # --------------------------------------------------------------------------------------- tree
 @register_schedule("tree")
 def tree_schedule(policy, prompts, *, group_size, generator=None, split_steps: Sequence[int | float] = (0, 3, 6, 9), branch: int = 2, split_noise_scale: float = 1.0, window_size: int | None = None, window_range: Sequence[int | float] = (0, 1.0), slide_every: int = 25, slide_stride: int = 1, depth_prune: Sequence[int | float] = (), depth_prune_window: int | None = None, depth_prune_every: int = 1, eval_batch_size: int | None = None):
-    """BranchGRPO tree rollout (spec/sde.md "tree"), one tree per prompt; rows are its leaves.
+    """BranchGRPO tree rollout (BranchGRPO, 2025), one tree per prompt; rows are its leaves.
 
     ``split_steps``/``branch``: every node gets ``branch`` children at those steps, so a tree has
     ``branch^len(split_steps)`` leaves, which must equal ``group_size`` (train.num_generations).

@@ -1,6 +1,6 @@
 """Transition kernels of flow-matching samplers: mean, std and log-prob of one step.
 
-Conventions (DESIGN.md): σ runs from 1 (noise) to 0 (data), ``x_σ = (1−σ)·x0 + σ·ε``,
+Conventions (docs/algorithms.md): σ runs from 1 (noise) to 0 (data), ``x_σ = (1−σ)·x0 + σ·ε``,
 ``v = ε − x0``, ``dt = σ' − σ < 0``, ``Δ = −dt``, ``x̂0 = x − σ·v``, ``x̂1 = x + (1−σ)·v``,
 ``score = −x̂1/σ``. A step's log-prob is the full Gaussian log-density of the next sample, computed
 in float32 and averaged over all non-batch dims (the Flow-GRPO reduction; ``reduce="sum"`` sums).

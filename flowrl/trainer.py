@@ -278,9 +278,12 @@ class Trainer:
         rollout_gen = generator_for(t.seed, it, "rollout", acc.process_index)
         timing = {"rollout": 0.0}
 
+        sampling_weights = getattr(self.objective, "sampling_weights", None)  # DiffusionNFT samples with θ_old
+
         def generate(indices: list[int]):
             start = time.perf_counter()
-            with self.autocast():  # the same precision as recomputation, so the on-policy ratio is 1
+            weights = sampling_weights(self.policy) if sampling_weights is not None else contextlib.nullcontext()
+            with weights, self.autocast():  # the same precision as recomputation, so the on-policy ratio is 1
                 traj = self.policy.rollout([self.train_prompts[i] for i in indices], group_size=t.num_generations, generator=rollout_gen)
             timing["rollout"] += time.perf_counter() - start
             table, names = self.reward_set.score(traj.outputs, traj.prompts, {**traj.meta, "group_ids": traj.group_ids})
@@ -307,6 +310,7 @@ class Trainer:
         adv_all = self._advantages(AdvantageInputs(
             rewards=all_rewards, group_ids=all_groups, reward_table=self._gather(table), reward_names=list(names),
             mask=None, traj=traj if acc.num_processes == 1 else None, prompts=traj.prompts if acc.num_processes == 1 else None, meta=traj.meta,
+            reward_weights=self._reward_weights(names),
         ))
         lo = acc.process_index * len(traj)
         adv = adv_all[lo : lo + len(traj)]
@@ -350,6 +354,14 @@ class Trainer:
         record["time/update"] = t2 - t1
         self._last_traj = traj
         return record
+
+    def _reward_weights(self, names: list[str]) -> Tensor | None:
+        """Weight of each reward column in the combined reward (None for a reward set without them)."""
+        fn = getattr(self.reward_set, "column_weights", None)
+        try:
+            return fn(list(names)) if fn is not None else None
+        except (KeyError, ValueError):  # columns a reward transform renamed
+            return None
 
     def _advantages(self, inputs: AdvantageInputs) -> Tensor:
         """Run the estimator; rows whose reward failed (NaN, tolerated up to ``max_failures``) are

@@ -1,5 +1,5 @@
-"""BranchGRPO tree rollouts: layout, cost model, sampler and reward fusion (spec/sde.md "tree",
-spec/trainers.md "BranchGRPO depth-wise advantage").
+"""BranchGRPO tree rollouts: layout, cost model, sampler and reward fusion (BranchGRPO, 2025;
+docs/algorithms.md "BranchGRPO").
 
 One root per prompt starts from one noise; at every step each node advances one transition; at a
 *split* step every node gets ``branch`` children (independent noises from the same mean), elsewhere

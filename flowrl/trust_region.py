@@ -1,4 +1,4 @@
-"""SAGE-GRPO's dual trust region as a training objective (spec/trainers.md "SAGE-GRPO").
+"""SAGE-GRPO's dual trust region as a training objective (docs/algorithms.md "SAGE-GRPO").
 
 L = mean(c_k · clipped PPO) + β·(1.0·KL_mov + 0.1·KL_step):
 

@@ -5,7 +5,7 @@ Implements :class:`flowrl.co_grpo.MaskedTokenModel`: prompt encoding as the pipe
 micro-conditioning (width, height, crop 0 0, aesthetic 6), the transformer's logits reshaped
 ``[B, V, h, w] → [B, h·w, V]``, and VQ decoding of token grids. The stateful
 ``AmusedScheduler.step`` is never called: it returns no logits, so :class:`~flowrl.co_grpo.CoGRPOPolicy`
-runs the same unmasking loop itself (facts: ``shared/spec/tiny-models.md``).
+runs the same unmasking loop itself.
 
 The trainer builds it for ``model.kind: masked`` (``POLICY_BUILDERS["masked"]``); ``model.pipeline``
 is a local aMUSEd folder or the built-in ``tiny-amused``.

@@ -4,7 +4,7 @@ protocol as the diffusion policies.
 A completion of ``T`` tokens is a trajectory of ``T`` steps whose per-step log-prob is
 ``log softmax(logits / temperature)[token]`` (float32). Everything downstream — advantage
 estimators, ratio levels, clip rules, aggregation — is shared with the flow policies
-(``spec/llm.md``).
+(docs/algorithms.md, "Language models").
 
 Layout of a rollout (``B = len(prompts) · group_size``, groups contiguous):
 

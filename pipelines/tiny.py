@@ -4,7 +4,6 @@ Used by tests and the quick-start smoke job. Everything is built in memory (no h
 from in-memory vocabularies (or open_clip's shipped CLIP BPE file for the real 49,408-token CLIP
 tokenizer), models with seeded random weights. ``save_and_reload`` writes a pipeline with
 ``save_pretrained`` and loads it back with ``from_pretrained`` so the real loading path is used.
-Facts and configs: ``shared/spec/tiny-models.md``.
 """
 
 from __future__ import annotations

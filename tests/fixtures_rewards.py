@@ -95,7 +95,7 @@ QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|
 def tiny_qwen2vl_reward(*, output_dim: int = 1, seed: int = 0):
     """Tiny Qwen2-VL reward model (real architecture) + byte-level Qwen2 tokenizer + processor.
 
-    Facts from shared/spec/tiny-models.md: vision hidden_size = text hidden size, mrope_section
+    Constraints of the architecture: vision hidden_size = text hidden size, mrope_section
     sums to head_dim/2, processor pixel limits small enough not to upscale frames.
     """
     from open_clip.tokenizer import bytes_to_unicode

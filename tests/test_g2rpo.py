@@ -16,12 +16,45 @@ def _policy(pipe, cfg=1.0, **params):
 
 def test_suffix_index_sets():
     assert suffix_indices(16, 3, 1) == list(range(4, 17))
-    assert suffix_indices(16, 3, 2) == [4, 6, 8, 10, 12, 14, 16]
-    assert suffix_indices(16, 4, 2) == [5, 7, 9, 11, 13, 15, 16]  # always ends at σ = 0 (index T)
+    # the reference's coarse grid σ[:k+2] + σ[k+2::g]: one fine step to k+2, then every g-th σ; its
+    # last point (15) is not evaluated and x̂0 there is an Euler step to σ = 0, hence 16
+    assert suffix_indices(16, 3, 2) == [4, 5, 7, 9, 11, 13, 16]
+    assert suffix_indices(16, 4, 2) == [5, 6, 8, 10, 12, 14, 16]
     assert suffix_indices(16, 15, 2) == [16]  # SDE at the last step: no ODE suffix
-    assert suffix_indices(4, 0, 2) == [1, 3, 4]
+    assert suffix_indices(4, 0, 2) == [1, 2, 4]
     with pytest.raises(ValueError, match="granularity"):
         suffix_indices(4, 0, 0)
+
+
+def _reference_suffix(velocity, x, grid, k, g):
+    """The reference's ODE after the SDE step at k: grid σ[:k+2] ++ σ[k+2::g], Euler from index
+    k+1, and the image is x̂0 = x − σ·v at the last evaluated σ."""
+    sig = torch.cat([grid[: k + 2], grid[k + 2 :: g]])
+    x0 = x
+    for i in range(k + 1, len(sig) - 1):
+        v = velocity(x, sig[i].expand(x.shape[0]))
+        x0 = x - sig[i] * v
+        x = x + (sig[i + 1] - sig[i]) * v
+    return x0
+
+
+def test_suffixes_reproduce_the_reference_coarse_grid():
+    T = 16
+    t = torch.linspace(1, 0, T + 1)
+    grid = 3 * t / (1 + 2 * t)  # shift 3
+
+    def velocity(x, sigma, rows=None):
+        return torch.tanh(x) * (1 + sigma.view(-1, 1)) - 0.5 * x  # nonlinear: the grid matters
+
+    x0 = torch.randn(1, 6, generator=torch.Generator().manual_seed(0))
+    ks, grans = [0, 3, 4, 7], [1, 2, 3]
+    noise = torch.randn(1, len(ks), 2, 6, generator=torch.Generator().manual_seed(1))
+    res = sample_singular(velocity, x0, grid, k_steps=ks, granularities=grans, group_size=2, kind="flow",
+                          noise_level=0.7, noise_fn=lambda shape: noise.reshape(shape))
+    for ki, k in enumerate(ks):
+        for gi, g in enumerate(grans):
+            want = _reference_suffix(velocity, res["action"][0, ki], grid, k, g)
+            torch.testing.assert_close(res["final"][0, ki, gi], want, atol=1e-5, rtol=0, msg=f"k={k} g={g}")
 
 
 def test_cost_of_the_reference_setting_vs_dancegrpo():
@@ -125,6 +158,34 @@ def test_estimator_maps_rows_and_trains_each_step_once():
     assert got[:, :, 1].abs().max() == 0  # the second granularity's rows carry no (duplicate) gradient
     with pytest.raises(ValueError, match="sampler.rollout=singular"):
         make_estimator("multi_granularity")(AdvantageInputs(rewards=rewards, group_ids=idx, meta={}))
+
+
+def test_estimator_z_scores_each_reward_model_before_summing():
+    """As the reference (HPS + CLIP): A = Σ_models Σ_g z, not Σ_g z of the summed reward, which a
+    large-scale model would dominate; the reward set's weights scale each model's part."""
+    P, K, Gr, G = 1, 2, 2, 4
+    B = P * K * Gr * G
+    idx = torch.arange(B)
+    meta = {"g2rpo_k": (idx // (Gr * G)) % K, "g2rpo_g": (idx // G) % Gr, "g2rpo_member": idx % G}
+    gen = torch.Generator().manual_seed(3)
+    table = torch.stack([10 * torch.randn(B, generator=gen), 0.01 * torch.randn(B, generator=gen)], 1)  # scales 10 and 0.01
+    est = make_estimator("multi_granularity", eps=1e-8, std="unbiased", clip=None)
+
+    def part(col):
+        t = col.view(P, K, Gr, G).permute(0, 3, 1, 2)[0]  # [G, K, Gr]
+        return multi_granularity_advantages(t, eps=1e-8, std="unbiased")  # [G, K]
+
+    got = est(AdvantageInputs(rewards=table.sum(1), group_ids=idx // (K * Gr * G), meta=meta, reward_table=table, reward_names=["hps", "clip"]))
+    want = part(table[:, 0]) + part(table[:, 1])
+    torch.testing.assert_close(got.view(K, Gr, G)[:, 0].T, want, atol=1e-5, rtol=0)
+    combined = part(table.sum(1))
+    assert (combined - want).abs().max() > 0.5  # z-scoring the sum differs: the small-scale model is drowned
+    weighted = est(AdvantageInputs(rewards=table.sum(1), group_ids=idx // (K * Gr * G), meta=meta, reward_table=table,
+                                   reward_names=["hps", "clip"], reward_weights=torch.tensor([1.0, 0.5])))
+    torch.testing.assert_close(weighted.view(K, Gr, G)[:, 0].T, part(table[:, 0]) + 0.5 * part(table[:, 1]), atol=1e-5, rtol=0)
+    # the unbiased std is the reference's torch.std: z = (r − mean)/std_unbiased
+    r = torch.tensor([0.0, 1.0, 2.0]).view(3, 1, 1)
+    assert multi_granularity_advantages(r, eps=0.0, std="unbiased")[:, 0].tolist() == pytest.approx([-1.0, 0.0, 1.0])
 
 
 def test_step_options_are_validated_with_clear_errors(tiny_sd3):

@@ -66,7 +66,9 @@ def test_soft_update_follows_schedule():
     for step in range(1, 6):
         with torch.no_grad():
             pol.model.weight.add_(1.0)
+        obj.on_update(None)  # one optimizer step per iteration here
         d = obj.on_iteration_end(type("T", (), {"policy": pol})(), step)["nft/decay"]
+        assert d == pytest.approx(soft_update_decay(step, "linear"))
         old = d * old + (1 - d) * pol.model.weight.detach()
         torch.testing.assert_close(obj.old[0], old)
     with obj.old_weights(pol):  # swapped in, then restored
@@ -75,7 +77,7 @@ def test_soft_update_follows_schedule():
 
 
 def test_dpm2_is_second_order_on_gaussian_data():
-    # x0 ~ N(m, s²): exact velocity is affine (spec/sde.md); the exact ODE maps x1 to m + s·x1
+    # x0 ~ N(m, s²): exact velocity is affine; the exact ODE maps x1 to m + s·x1
     m, s = 1.5, 0.4
 
     def vel(x, sigma):
@@ -180,7 +182,10 @@ def test_toy_flow_moves_mass_to_rewarded_mode_without_drifting_it(tmp_path):
     assert w[1] > 0.95
     assert policy.model.means[1].item() == pytest.approx(2.0, abs=0.1)  # the kept mode stays where it was
     assert policy.model.log_s[1].exp().item() == pytest.approx(0.3, abs=0.05)
-    assert [h["nft/decay"] for h in result.history[:3]] == pytest.approx([0.001, 0.002, 0.003])
+    # the decay is indexed by optimizer steps (20 per iteration here: inner_epochs=20), not iterations
+    steps = [h["update/steps"] for h in result.history[:3]]
+    assert steps == [20.0, 20.0, 20.0]
+    assert [h["nft/decay"] for h in result.history[:3]] == pytest.approx([0.02, 0.04, 0.06])
 
 
 def _cfg(tmp_path, pipeline, *extra):
@@ -212,3 +217,44 @@ def test_diffusion_nft_preset_on_tiny_pipelines(tmp_path, pipeline):
         # and nft_beta is a config field of its own
         t2 = Trainer(_cfg(tmp_path / "b", pipeline, "loss.nft_beta=0.1", "train.num_iterations=0"))
         assert t2.objective.nft_beta == 0.1 and t2.resolved.preset.loss.beta == 1e-4
+
+
+def test_rollouts_are_sampled_with_the_old_policy(tmp_path):
+    """A decay that keeps θ_old at the initial weights (d = min(steps, 1) = 1 after the first
+    optimizer step): a later iteration's rollouts equal the initial model's for the same seed, while
+    the trained weights sample something else (the control that catches sampling with θ)."""
+    from flowrl.policy import weights_swapped
+    from flowrl.seeding import generator_for
+    from flowrl.trainer import Trainer
+
+    trainer = Trainer(_cfg(tmp_path, "tiny-sd3", "train.num_iterations=3", "train.learning_rate=5e-2", "loss.beta=0",
+                           "loss.objective_options={decay: [0, 1.0, 1.0]}"))
+    initial = [p.detach().clone() for p in trainer.params]
+    result = trainer.train()
+    assert [h["nft/decay"] for h in result.history] == [1.0, 1.0, 1.0]
+    assert max((p.detach() - q).abs().max().item() for p, q in zip(trainer.params, initial)) > 1e-3  # θ moved
+    traj = trainer._last_traj  # iteration 3's rollouts
+    prompts = sorted(set(traj.prompts), key=traj.prompts.index)
+    group = len(traj) // len(prompts)
+
+    def rollout():
+        with torch.no_grad():
+            return trainer.policy.rollout(prompts, group_size=group, generator=generator_for(trainer.config.train.seed, 3, "rollout", 0))
+
+    with weights_swapped(trainer.params, initial):
+        base = rollout()
+    torch.testing.assert_close(traj.meta["final_latents"], base.meta["final_latents"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(traj.outputs, base.outputs, atol=1e-5, rtol=0)
+    current = rollout()  # the trained weights, same seed: different samples
+    assert (current.meta["final_latents"] - base.meta["final_latents"]).abs().max() > 1e-3
+
+
+def test_preset_trains_a_random_nine_of_ten_timesteps():
+    from flowrl import TrainConfig
+    from flowrl.trainer import select_train_steps
+
+    r = TrainConfig().override(["algorithm=diffusion_nft"]).resolved()
+    assert (r.timestep_fraction, r.timestep_selection) == (0.99, "random")  # the reference's timestep_fraction 0.99
+    mask = select_train_steps(torch.ones(16, 10, dtype=torch.bool), r.timestep_fraction, r.timestep_selection, torch.Generator().manual_seed(0))
+    assert mask.sum(1).tolist() == [9] * 16
+    assert len({tuple(row.tolist()) for row in mask}) > 1  # a different slot is left out per sample

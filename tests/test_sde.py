@@ -1,4 +1,4 @@
-"""Transition kernels against their math (spec/sde.md, 'Checks that need no weights')."""
+"""Transition kernels against their math (closed forms that need no weights)."""
 
 import math
 
