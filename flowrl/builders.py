@@ -109,9 +109,22 @@ def _digits_source(run_dir: Path):
     return load_default_digits_pipeline()
 
 
+def _tiny_video_source(builder_name: str):
+    def build(run_dir: Path):
+        from flowrl.pipelines import tiny, tiny_video
+
+        pipe = tiny.save_and_reload(getattr(tiny_video, builder_name)(), Path(run_dir) / "base_model")
+        return tiny_video.with_test_defaults(pipe)
+
+    return build
+
+
 PIPELINE_SOURCES.register("digits", _digits_source)
 PIPELINE_SOURCES.register("tiny-sd3", _tiny_source("tiny_sd3_pipeline"))
 PIPELINE_SOURCES.register("tiny-flux", _tiny_source("tiny_flux_pipeline"))
+PIPELINE_SOURCES.register("tiny-wan", _tiny_video_source("tiny_wan_pipeline"))
+PIPELINE_SOURCES.register("tiny-hunyuan-video", _tiny_video_source("tiny_hunyuan_video15_pipeline"))
+PIPELINE_SOURCES.register("tiny-qwen-image", _tiny_video_source("tiny_qwen_image_pipeline"))
 
 
 @POLICY_BUILDERS.register("flow")
@@ -124,13 +137,56 @@ def build_flow_policy(resolved: ResolvedConfig, run_dir: Path):
     device = _device(cfg)
     pipe.to(device)
     s = cfg.sampler
-    return FlowPolicy.from_pipeline(
+    options = {"num_frames": s.num_frames, "negative_prompt": s.negative_prompt, "decode_batch_size": cfg.model.decode_batch_size}
+    options = {k: v for k, v in options.items() if v is not None}
+    policy = FlowPolicy.from_pipeline(
         pipe, sampler=preset.kernel, noise_level=preset.noise_level, num_steps=s.num_steps, guidance_scale=s.guidance_scale,
         height=s.height, width=s.width, rollout=preset.rollout, rollout_params=preset.rollout_params,
         share_initial_noise=preset.share_initial_noise, store_means=bool(preset.loss.step_weight != "none" or preset.loss.ratio != "token"),
-        log_prob_reduce=s.log_prob_reduce, steps_per_backward=s.steps_per_backward,
+        log_prob_reduce=s.log_prob_reduce, steps_per_backward=s.steps_per_backward, adapter_options=_checked_adapter_options(pipe, options),
         max_rows_per_call=cfg.train.max_rows_per_call, max_sequence_length=s.max_sequence_length, prompt_cache_mb=s.prompt_cache_mb,
     )
+    apply_memory_options(policy, cfg)
+    return policy
+
+
+def _checked_adapter_options(pipe: Any, options: dict[str, Any]) -> dict[str, Any] | None:
+    """Adapter options from the config; a clear error naming the field when the model family takes none."""
+    if not options:
+        return None
+    from flowrl.pipelines.base import adapter_for
+
+    if not hasattr(adapter_for(pipe), "configure"):
+        fields = {"num_frames": "sampler.num_frames", "negative_prompt": "sampler.negative_prompt", "decode_batch_size": "model.decode_batch_size"}
+        raise ConfigError(
+            f"{', '.join(fields[k] for k in options)} only apply to video / Qwen-Image models; "
+            f"{type(pipe).__name__} does not take them. Remove them from the config."
+        )
+    return options
+
+
+def apply_memory_options(policy: Any, cfg: TrainConfig) -> None:
+    """``model.vae_tiling`` / ``model.vae_slicing`` on the pipeline's VAE and
+    ``train.gradient_checkpointing`` on the trained model."""
+    vae = getattr(getattr(policy, "pipe", None), "vae", None)
+    for flag, method in (("vae_tiling", "enable_tiling"), ("vae_slicing", "enable_slicing")):
+        if getattr(cfg.model, flag, False):
+            if vae is None or not hasattr(vae, method):
+                raise ConfigError(f"model.{flag}: {type(vae).__name__ if vae is not None else 'this model'} has no {method}(); set it to false.")
+            getattr(vae, method)()
+    if getattr(cfg.train, "gradient_checkpointing", False):
+        enable_gradient_checkpointing(policy.model)
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Activation checkpointing of a diffusers (``enable_gradient_checkpointing``) or transformers
+    (``gradient_checkpointing_enable``) model."""
+    for name in ("enable_gradient_checkpointing", "gradient_checkpointing_enable"):
+        fn = getattr(model, name, None)
+        if fn is not None:
+            fn()
+            return
+    raise ConfigError(f"train.gradient_checkpointing: {type(model).__name__} does not support gradient checkpointing; set it to false.")
 
 
 def _device(cfg: TrainConfig) -> torch.device:

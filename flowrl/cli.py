@@ -70,6 +70,14 @@ def _sample(args: argparse.Namespace) -> int:
     images = _generate(policy, prompts, cfg, args.seed)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if images.dim() == 5:  # video [B, F, C, H, W]: one file per sample (+ poster) and a grid of posters
+        from flowrl import media
+
+        folder = out.with_suffix("")
+        written = [media.save_video(v, folder / f"{i:04d}", fps=args.fps, format=args.video_format)["video"] for i, v in enumerate(images)]
+        gallery.save_image(gallery.image_grid(images[:, 0], nrow=8, upscale=max(1, 64 // images.shape[-1])), out)
+        print(f"wrote {len(prompts)} videos to {folder}/ ({written[0].suffix[1:]}, with .poster.png frames) and their posters to {out}")
+        return 0
     gallery.save_image(gallery.image_grid(images, nrow=8, upscale=max(1, 64 // images.shape[-1])), out)
     print(f"wrote {len(prompts)} samples to {out}")
     return 0
@@ -100,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. train.learning_rate=1e-4")
     p.set_defaults(fn=_train)
     for name, fn, help_text in (
-        ("sample", _sample, "sample images (ODE, eval steps) into one PNG grid"),
+        ("sample", _sample, "sample images (ODE, eval steps) into one PNG grid; videos into mp4/WebP files"),
         ("eval", _eval, "score samples of the eval prompts with the config's rewards"),
         ("gallery", _eval, "eval plus an HTML gallery of every sample with its score"),
     ):
@@ -111,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: train.eval_prompts")
         p.add_argument("--seed", type=int, default=0)
         if name == "sample":
-            p.add_argument("--out", default="samples.png")
+            p.add_argument("--out", default="samples.png", help="PNG grid; video models also write <out without .png>/NNNN.mp4 (or .webp)")
+            p.add_argument("--fps", type=float, default=16.0, help="video frame rate of the written files")
+            p.add_argument("--video-format", default="auto", choices=["auto", "mp4", "webp"], help="auto: mp4 when PyAV is installed, else animated WebP")
         else:
             p.add_argument("--gallery", default="gallery/index.html" if name == "gallery" else None, help="write an HTML gallery here")
         p.set_defaults(fn=fn)

@@ -43,7 +43,8 @@ class ConfigError(ValueError):
 class ModelConfig:
     pipeline: str = "tiny-sd3"
     """What to train: a local diffusers pipeline folder, a causal-LM folder (``kind: causal_lm``),
-    or a built-in: ``digits`` (the shipped embedded default), ``tiny-sd3``, ``tiny-flux``."""
+    or a built-in: ``digits`` (the shipped embedded default), ``tiny-sd3``, ``tiny-flux``, ``tiny-wan``,
+    ``tiny-hunyuan-video``, ``tiny-qwen-image`` (random tiny test models of each family)."""
     kind: Literal["flow", "causal_lm", "masked"] = "flow"
     """``flow`` wraps a diffusers flow pipeline in FlowPolicy; ``causal_lm`` a transformers LM in TokenPolicy;
     ``masked`` a masked-token image model (aMUSEd) in the Co-GRPO policy (``pipelines/amused.py``)."""
@@ -53,6 +54,14 @@ class ModelConfig:
     """Weights dtype of the trained model (rollouts run in it; log-probs always in float32)."""
     device: str = "auto"
     """``auto`` (accelerate's choice), ``cpu``, ``cuda``, ``cuda:1``..."""
+    vae_tiling: bool = False
+    """Decode with the VAE in overlapping spatial tiles (``vae.enable_tiling()``): less memory for
+    large frames, tiny seams possible."""
+    vae_slicing: bool = False
+    """Decode a batch one sample at a time inside the VAE (``vae.enable_slicing()``)."""
+    decode_batch_size: int | None = None
+    """Video / Qwen-Image models: samples per VAE decode call after a rollout (default: 1 for
+    video, all for images). Smaller bounds decode memory; the output is the same."""
 
 
 @dataclass
@@ -92,6 +101,12 @@ class SamplerConfig:
     """Language models: completion length limit."""
     temperature: float = 1.0
     """Language models: sampling temperature (log-probs are taken at this temperature)."""
+    num_frames: int | None = None
+    """Video models: frames per sample (default: the model's; Wan 81, HunyuanVideo 1.5 121; both
+    need 4k + 1)."""
+    negative_prompt: str | None = None
+    """Negative prompt of CFG for the families that take one (Wan, HunyuanVideo 1.5, Qwen-Image);
+    default: the stock pipeline's ("" for Wan and HunyuanVideo, " " for Qwen-Image)."""
 
 
 @dataclass
@@ -193,6 +208,9 @@ class TrainSection:
     """EMA of trained weights used for evaluation (0 disables; Flow-GRPO uses 0.9)."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """accelerate autocast for forward passes (weights stay in model.dtype)."""
+    gradient_checkpointing: bool = False
+    """Recompute the trained model's activations in the backward pass instead of storing them
+    (less memory, about a third more compute per update)."""
     seed: int = 0
     """Everything random derives from (seed, iteration): same seed, same numbers; exact resume."""
     output_dir: str = "runs/flowrl"

@@ -38,6 +38,8 @@ def save_image(image: Tensor, path: str | Path) -> None:
 
 def before_after_grid(before: Tensor, after: Tensor, path: str | Path, *, max_items: int = 16) -> None:
     """Two rows per block: base samples on top, tuned samples (same prompts and noise) below."""
+    if before.dim() == 5:  # video [B, F, C, H, W]: the first frame (the poster) of each
+        before, after = before[:, 0], after[:, 0]
     n = min(max_items, len(before), len(after))
     up = max(1, 64 // max(before.shape[-1], 1))
     rows = []

@@ -46,7 +46,7 @@ def adapter_for(pipe: Any) -> "FlowAdapter":
 def _import_builtin_adapters() -> None:
     import importlib
 
-    for mod in ("sd3", "flux", "digits", "wan"):
+    for mod in ("sd3", "flux", "digits", "wan", "hunyuan_video", "qwen_image"):
         try:
             importlib.import_module(f"flowrl.pipelines.{mod}")
         except ModuleNotFoundError as exc:  # an adapter module not written yet, or an optional dep

@@ -50,6 +50,8 @@ class FlowPolicy(PolicyBase):
             Flux 512).
         prompt_cache_mb: budget of the prompt-embedding cache (reused while the text encoders are
             frozen; 0 disables it).
+        adapter_options: options of the model family's adapter (video: ``num_frames``,
+            ``negative_prompt``, ``decode_batch_size``; see ``pipelines/video_common.py``).
     """
 
     default_lora_targets = DEFAULT_LORA_TARGETS
@@ -74,11 +76,17 @@ class FlowPolicy(PolicyBase):
         max_sequence_length: int | None = None,
         prompt_cache_mb: float | None = None,
         adapter: FlowAdapter | None = None,
+        adapter_options: dict[str, Any] | None = None,
     ):
         KERNELS.get(sampler)  # validates the name
         if num_steps < 1:
             raise ValueError(f"num_steps must be ≥ 1, got {num_steps}")
         self.adapter = adapter if adapter is not None else adapter_for(pipe)
+        if adapter_options:
+            configure = getattr(self.adapter, "configure", None)
+            if configure is None:
+                raise ValueError(f"{type(self.adapter).__name__} takes no adapter options (got {sorted(adapter_options)}).")
+            configure(**adapter_options)
         self.pipe = pipe
         self.sampler = sampler
         self.noise_level = float(noise_level)

@@ -163,8 +163,15 @@ def get(name: str, **kwargs: Any) -> Any:
     A class (or a function registered as a factory via a class) is called with ``kwargs``; a plain
     function ``fn(outputs, prompts, meta=None, **kw)`` is wrapped in :class:`FunctionReward` with
     ``kwargs`` bound. Anything else callable (an already built instance) is returned as is.
+    The frame options ``frames``, ``frame_every``, ``frame_aggregate``, ``frame_batch_size`` wrap
+    the reward in :class:`~flowrl.rewards.frames.FrameReward` (an image reward on video frames).
     """
+    from .frames import FrameReward, split_frame_options
+
     obj = resolve(name)
+    kwargs, frame_options = split_frame_options(kwargs)
+    if frame_options:  # an image reward on chosen frames of videos (rewards/frames.py)
+        return FrameReward(get(name, **kwargs), **frame_options)
     if inspect.isclass(obj):
         try:
             reward = obj(**kwargs)

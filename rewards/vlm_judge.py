@@ -208,11 +208,13 @@ class VLMPairwiseJudge(_JudgeBase):
     threads), each request with ``timeout`` and ``max_retries`` retries. :meth:`metrics`:
     ``failure_rate`` (failed + unparseable / all answers), ``parse_failure_rate`` (answers that came
     back but name no winner and no tie), ``request_failure_rate`` (no answer after the retries).
+    Videos ``[F, C, H, W]`` are shown as ``max_frames`` evenly spaced frames of each.
     """
 
-    def __init__(self, base_url: str = "http://127.0.0.1:8000/v1", model: str = "default", *, template: str = PAIRWISE_TEMPLATE, api_key: str | None = None, timeout: float = 60.0, max_retries: int = 3, backoff: float = 1.0, temperature: float = 0.0, max_tokens: int = 512, jpeg_quality: int = 95, max_concurrency: int = 8):
+    def __init__(self, base_url: str = "http://127.0.0.1:8000/v1", model: str = "default", *, template: str = PAIRWISE_TEMPLATE, api_key: str | None = None, timeout: float = 60.0, max_retries: int = 3, backoff: float = 1.0, temperature: float = 0.0, max_tokens: int = 512, jpeg_quality: int = 95, max_concurrency: int = 8, max_frames: int = 4):
         self._init_client(base_url, model, api_key, timeout, max_retries, backoff, max_concurrency, temperature, max_tokens, jpeg_quality)
         self.template = template
+        self.max_frames = max_frames
         self.parse_failed = 0
         self.request_failed = 0
 
@@ -227,8 +229,20 @@ class VLMPairwiseJudge(_JudgeBase):
             return 0.5
         return None
 
+    def _content(self, image_a: Tensor, image_b: Tensor) -> list[dict]:
+        """Both images; videos ``[F, C, H, W]`` as ``max_frames`` evenly spaced frames each, the
+        first sample's frames labelled "Image 1", the second's "Image 2"."""
+        if image_a.dim() == 3:
+            return [{"type": "image_url", "image_url": {"url": image_to_data_url(x, quality=self.jpeg_quality)}} for x in (image_a, image_b)]
+        content: list[dict] = []
+        for label, video in (("Image 1", image_a), ("Image 2", image_b)):
+            idx = torch.linspace(0, video.shape[0] - 1, min(self.max_frames, video.shape[0])).round().long()
+            content.append({"type": "text", "text": f"{label} ({len(idx)} frames of a video):"})
+            content += [{"type": "image_url", "image_url": {"url": image_to_data_url(video[i], quality=self.jpeg_quality)}} for i in idx]
+        return content
+
     def __call__(self, image_a: Tensor, image_b: Tensor, prompt: str) -> float:
-        content = [{"type": "image_url", "image_url": {"url": image_to_data_url(x, quality=self.jpeg_quality)}} for x in (image_a, image_b)]
+        content = self._content(image_a, image_b)
         content.append({"type": "text", "text": self.template.format(prompt=prompt)})
         answer = self._ask(content)
         value = self.parse(answer)
