@@ -205,7 +205,12 @@ class TrainSection:
     lora_targets: list[str] | None = None
     """Module-name suffixes that get LoRA (default: the attention projections)."""
     ema_decay: float = 0.0
-    """EMA of trained weights used for evaluation (0 disables; Flow-GRPO uses 0.9)."""
+    """EMA of the trained weights, used for evaluation and exported to lora/ (0 disables; Flow-GRPO
+    uses 0.9 with ema_ramp and ema_update_every 8). <run>/weights.json says which weights lora/ holds."""
+    ema_ramp: bool = False
+    """Flow-GRPO's EMA warm-up: decay at optimizer step t is min(ema_decay, (1 + t)/(10 + t))."""
+    ema_update_every: int = 1
+    """Update the EMA after every N-th optimizer step (Flow-GRPO: 8)."""
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     """accelerate autocast for forward passes (weights stay in model.dtype)."""
     gradient_checkpointing: bool = False
@@ -308,6 +313,8 @@ class TrainConfig:
             raise ConfigError("train.lora_rank must be ≥ 0 (0 = full fine-tune).")
         if not 0.0 <= t.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}.")
+        if t.ema_update_every < 1:
+            raise ConfigError(f"train.ema_update_every must be ≥ 1 (1 = every optimizer step), got {t.ema_update_every}.")
         if s.num_steps < 1:
             raise ConfigError("sampler.num_steps must be ≥ 1.")
         if t.max_rows_per_call is not None and t.max_rows_per_call < 1:

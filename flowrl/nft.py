@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from flowrl.losses import masked_mean, nft_loss_per_sample
+from flowrl.sde import dpm2_step  # noqa: F401  (public here too: the solver of x0_only rollouts)
 from flowrl.policy import Trajectories
 from flowrl.rollout import SCHEDULES
 from flowrl.plugins import OBJECTIVES
@@ -66,24 +67,6 @@ def nft_optimality(advantages: Tensor, *, clip: float = 5.0) -> Tensor:
 def euler_step(x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor) -> Tensor:
     """x + (σ' − σ)·v (σ, σ' broadcastable to x)."""
     return x + (sigma_next - sigma) * v
-
-
-def dpm2_step(x: Tensor, x0_pred: Tensor, sigma: Tensor, sigma_next: Tensor, prev_x0_pred: Tensor | None = None, sigma_prev: Tensor | None = None) -> Tensor:
-    """One DPM-Solver++(2M) step on the flow path (α = 1 − σ, λ = log(α/σ)), data prediction.
-
-    First order (DDIM): x' = (σ'/σ)·x + (α' − σ'·α/σ)·D with D = x̂0; at σ = 1 this is σ'·x + α'·x̂0
-    (= the Euler step), at σ' = 0 it returns x̂0. Second order (Lu et al. 2022, DPM-Solver++ Alg. 2):
-    D = (1 + 1/(2r))·x̂0 − 1/(2r)·x̂0_prev, r = h_prev/h, used when a previous prediction exists,
-    σ_prev < 1 and σ' > 0 (first order at both ends, as diffusers' ``lower_order_final``)."""
-    alpha, alpha_next = 1.0 - sigma, 1.0 - sigma_next
-    d = x0_pred
-    if prev_x0_pred is not None and sigma_prev is not None and bool(torch.all(sigma_prev < 1)) and bool(torch.all(sigma_next > 0)) and bool(torch.all(sigma < 1)):
-        lam = lambda s: torch.log((1.0 - s) / s)
-        h = lam(sigma_next) - lam(sigma)
-        h_prev = lam(sigma) - lam(sigma_prev)
-        r = h_prev / h
-        d = (1 + 1 / (2 * r)) * x0_pred - (1 / (2 * r)) * prev_x0_pred
-    return (sigma_next / sigma) * x + (alpha_next - sigma_next * alpha / sigma) * d
 
 
 def solve(velocity: Callable[[Tensor, Tensor], Tensor], x: Tensor, grid: Tensor, *, solver: str = "dpm2") -> Tensor:

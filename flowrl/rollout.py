@@ -121,22 +121,44 @@ def window_position(num_steps: int, *, window_size: int, window_range: Sequence[
     raise ValueError(f"unknown window mode '{mode}'. Known: random, sliding.")
 
 
+def compress_after(grid: Tensor, last: int, ratio: float) -> Tensor:
+    """MixGRPO-Flash's shorter ODE after the SDE window: keep ``grid[:last + 2]`` (up to the σ the
+    last window step lands on) and replace the rest with n = max(⌊(T − last)·ratio⌋, 2) points from
+    σ_{last+1} to 0 — the reference rebuilds n points ``linspace`` in unshifted time and shifts
+    them; we take the grid's own points at the rounded evenly spaced indices, which is the same
+    grid when (T − last − 1) divides by n − 1 (T = 25, window 0…3, ratio 0.4: indices 4, 7, …, 25)
+    and keeps the model's own shift otherwise. ``ratio`` 1 keeps the grid."""
+    T = len(grid) - 1
+    if not 0 < ratio <= 1:
+        raise ValueError(f"sampler.rollout_params.post_compress_ratio must be in (0, 1], got {ratio}.")
+    if ratio >= 1 or last + 1 >= T:
+        return grid
+    n = max(int((T - last) * ratio), 2)
+    idx = torch.linspace(last + 1, T, n).round().long().unique()
+    return torch.cat([grid[: last + 1], grid[idx]])
+
+
 @register_schedule("window")
-def window_schedule(policy, prompts, *, group_size, generator=None, window_size: int = 2, window_range: Sequence[int | float] = (0, 0.5), mode: str = "random", slide_every: int = 25, slide_stride: int = 1):
+def window_schedule(policy, prompts, *, group_size, generator=None, window_size: int = 2, window_range: Sequence[int | float] = (0, 0.5), mode: str = "random", slide_every: int = 25, slide_stride: int = 1, ode_solver: str = "euler", post_compress_ratio: float = 1.0):
     """SDE on ``window_size`` consecutive steps, ODE elsewhere; only window steps are stored.
 
     Flow-GRPO-Fast: ``mode=random``, window 2 inside the first half. MixGRPO: ``mode=sliding``
     (window 4, moved one step every 25 iterations). The model still runs at every step:
     ``model_evals`` = num_steps (×2 with CFG) per sample; trained steps = window_size.
+    MixGRPO-Flash: ``ode_solver=dpm2`` integrates the steps after the window with DPM-Solver++(2M)
+    and ``post_compress_ratio`` < 1 takes fewer of them (:func:`compress_after`; reference 0.4), so
+    ``model_evals`` drops; the window's steps, and so the trained log-probs, are unchanged.
     """
     from flowrl.pipelines.flow_policy import chain_rollout
 
     T = policy.num_steps
     start = window_position(T, window_size=window_size, window_range=window_range, mode=mode, iteration=getattr(policy, "iteration", 0), slide_every=slide_every, slide_stride=slide_stride, generator=generator)
-    stochastic = [start <= i < start + window_size for i in range(T)]
-    traj = chain_rollout(policy, prompts, group_size=group_size, generator=generator, stochastic=stochastic)
+    grid = compress_after(policy.sigma_grid(), start + window_size - 1, float(post_compress_ratio))
+    stochastic = [start <= i < start + window_size for i in range(len(grid) - 1)]
+    traj = chain_rollout(policy, prompts, group_size=group_size, generator=generator, stochastic=stochastic, grid=grid, ode_solver=ode_solver)
     traj.meta["window_start"] = start
     traj.meta["window_size"] = int(window_size)
+    traj.meta["ode_solver"] = ode_solver
     return traj
 
 

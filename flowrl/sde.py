@@ -244,6 +244,25 @@ def check_steps(kind: str, sigmas: Tensor, sigmas_next: Tensor, noise_level: flo
         )
 
 
+def dpm2_step(x: Tensor, x0_pred: Tensor, sigma: Tensor, sigma_next: Tensor, prev_x0_pred: Tensor | None = None, sigma_prev: Tensor | None = None) -> Tensor:
+    """One DPM-Solver++(2M) step on the flow path (α = 1 − σ, λ = log(α/σ)), data prediction.
+
+    First order (DDIM): x' = (σ'/σ)·x + (α' − σ'·α/σ)·D with D = x̂0; at σ = 1 this is σ'·x + α'·x̂0
+    (= the Euler step), at σ' = 0 it returns x̂0. Second order (Lu et al. 2022, DPM-Solver++ Alg. 2):
+    D = (1 + 1/(2r))·x̂0 − 1/(2r)·x̂0_prev, r = h_prev/h, used when a previous prediction exists,
+    σ_prev < 1 and σ' > 0 (first order at both ends, as diffusers' ``lower_order_final``).
+    Used by DiffusionNFT's x0_only rollouts and by MixGRPO-Flash after the SDE window."""
+    alpha, alpha_next = 1.0 - sigma, 1.0 - sigma_next
+    d = x0_pred
+    if prev_x0_pred is not None and sigma_prev is not None and bool(torch.all(sigma_prev < 1)) and bool(torch.all(sigma_next > 0)) and bool(torch.all(sigma < 1)):
+        lam = lambda s: torch.log((1.0 - s) / s)
+        h = lam(sigma_next) - lam(sigma)
+        h_prev = lam(sigma) - lam(sigma_prev)
+        r = h_prev / h
+        d = (1 + 1 / (2 * r)) * x0_pred - (1 / (2 * r)) * prev_x0_pred
+    return (sigma_next / sigma) * x + (alpha_next - sigma_next * alpha / sigma) * d
+
+
 def mean_velocity_gain(kind: str, sigma: Tensor, sigma_next: Tensor, noise_level: float) -> Tensor:
     """∂μ/∂v of a kernel (a scalar per step): flow/dance dt·(1 + σ_t²(1−σ)/(2σ)); sage
     dt − ½·Var·(1−σ)/σ; ode dt. Used by gradient-reweighting rules (GRPO-Guard, SAGE equalizer)."""

@@ -226,7 +226,7 @@ class Trainer:
             raise ConfigError("the model has no trainable parameters; check train.lora_rank / train.lora_targets.")
         self.optimizer = torch.optim.AdamW(self.params, lr=self.resolved.learning_rate, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
         self.optimizer = self.accelerator.prepare(self.optimizer)
-        self.ema = EMA(self.params, t.ema_decay) if t.ema_decay > 0 else None
+        self.ema = EMA(self.params, t.ema_decay, ramp=t.ema_ramp, update_every=t.ema_update_every) if t.ema_decay > 0 else None
 
     def autocast(self):
         return self.accelerator.autocast()
@@ -482,16 +482,26 @@ class Trainer:
         checkpointing.load_checkpoint(self, path)
 
     def export_lora(self) -> Path | None:
-        """Save LoRA weights in the diffusers format (``pipe.load_lora_weights(dir)`` loads them),
-        or the peft format for language models."""
-        if self.config.train.lora_rank == 0 or not self.accelerator.is_main_process:
+        """Save the evaluated weights' LoRA — the EMA weights when ``train.ema_decay`` > 0, else the
+        live ones — in the diffusers format (``pipe.load_lora_weights(dir)`` loads them), or the
+        peft format for language models; ``<run>/weights.json`` records which."""
+        if not self.accelerator.is_main_process:
             return None
         out = self.run_dir / "lora"
         saver = getattr(self.policy, "save_lora", None)
-        if saver is not None:
-            saver(out)
-            return out
-        return None
+        exported = None
+        if self.config.train.lora_rank > 0 and saver is not None:
+            with self.ema.active() if self.ema is not None else contextlib.nullcontext():
+                saver(out)
+            exported = out
+        info = {
+            "evaluated": "ema" if self.ema is not None else "live",
+            "lora": "lora" if exported is not None else None,
+            "lora_weights": ("ema" if self.ema is not None else "live") if exported is not None else None,
+            "ema": self.ema.describe() if self.ema is not None else None,
+        }
+        _atomic_write(self.run_dir / "weights.json", json.dumps(info, indent=1) + "\n")
+        return exported
 
     # ------------------------------------------------------------------------------- output
     def _make_selector(self):

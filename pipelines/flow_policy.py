@@ -334,15 +334,25 @@ class FlowPolicy(PolicyBase):
         return self.decode(x)
 
 
-def chain_rollout(policy: FlowPolicy, prompts: list[str], *, group_size: int, generator: torch.Generator | None, stochastic: Sequence[bool] | None = None) -> Trajectories:
+def chain_rollout(policy: FlowPolicy, prompts: list[str], *, group_size: int, generator: torch.Generator | None, stochastic: Sequence[bool] | None = None, grid: Tensor | None = None, ode_solver: str = "euler") -> Trajectories:
     """Sample one chain per sample; steps with ``stochastic[i]`` use the policy's kernel and are
-    stored, the others are Euler ODE steps (window schedules). ``stochastic=None``: all steps.
+    stored, the others are deterministic ODE steps (window schedules). ``stochastic=None``: all steps.
+
+    ``grid``: the σ grid (default: the policy's). ``ode_solver``: ``euler`` for every ODE step, or
+    ``dpm2`` (MixGRPO-Flash): DPM-Solver++(2M) for the ODE steps *after* the last stochastic step
+    (:func:`flowrl.sde.dpm2_step`, multistep on the x̂0 predictions of the previous steps, the
+    window's included, as the MixGRPO reference); ODE steps before the window stay Euler.
 
     Cost: one text-encoder call for the batch's distinct prompts and the negative (cached across
     calls), one transformer call (CFG rows batched) and one kernel evaluation per step. The SDE
     noise is drawn before the loop and every state stays on the model's device until the loop
-    ends, so nothing reads back to the host while denoising; the trajectory moves to the CPU once."""
-    grid = policy.sigma_grid()
+    ends, so nothing reads back to the host while denoising (Euler/SDE steps); the trajectory
+    moves to the CPU once."""
+    from flowrl.sde import dpm2_step
+
+    if ode_solver not in ("euler", "dpm2"):
+        raise ValueError(f"unknown ode_solver '{ode_solver}'. Known: euler, dpm2.")
+    grid = policy.sigma_grid() if grid is None else grid.float().cpu()
     num_steps = len(grid) - 1
     stochastic = list(stochastic) if stochastic is not None else [True] * num_steps
     if len(stochastic) != num_steps:
@@ -360,9 +370,13 @@ def chain_rollout(policy: FlowPolicy, prompts: list[str], *, group_size: int, ge
     noises = [policy.draw_noise(x.shape, generator) for _ in stored]  # the draws the loop used to make, in order
     grid_dev = grid.to(policy.device)
     states, actions, log_probs, means = [], [], [], []
+    last_sde = stored[-1]
+    prev_x0 = prev_sigma = None
+    shape = (-1,) + (1,) * (x.dim() - 1)
     for i in range(num_steps):
         sigma, sigma_next = grid_dev[i].expand(batch), grid_dev[i + 1].expand(batch)
         v = policy.velocity(x, sigma, cond)
+        x0_pred = x.float() - sigma.view(shape) * v.float() if ode_solver == "dpm2" else None
         if stochastic[i]:
             out = policy.transition(x.float(), v.float(), sigma, sigma_next, noise=noises[len(states)], validate=False)
             x_next = out.prev_sample.to(x.dtype)
@@ -373,8 +387,13 @@ def chain_rollout(policy: FlowPolicy, prompts: list[str], *, group_size: int, ge
             log_probs.append(lp)
             if policy.store_means:
                 means.append(out.mean.float())
+        elif x0_pred is not None and i > last_sde:  # MixGRPO-Flash: 2nd-order multistep after the window
+            x_next = dpm2_step(x.float(), x0_pred, sigma.view(shape), sigma_next.view(shape), prev_x0,
+                               None if prev_sigma is None else prev_sigma.view(shape)).to(x.dtype)
         else:
             x_next = policy.transition(x.float(), v.float(), sigma, sigma_next, kind="ode", validate=False).prev_sample.to(x.dtype)
+        if x0_pred is not None:
+            prev_x0, prev_sigma = x0_pred, sigma
         x = x_next
     images = policy.decode(x)
     num_prompts = len(prompts)

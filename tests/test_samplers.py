@@ -10,7 +10,7 @@ from flowrl import FlowPolicy, TrainConfig
 from flowrl.algorithms import PRESETS
 from flowrl.trainer import Trainer
 
-SAMPLER_PRESETS = ("flow_grpo_fast", "mix_grpo", "sage_grpo", "g2rpo", "branch_grpo", "branch_grpo_mix")
+SAMPLER_PRESETS = ("flow_grpo_fast", "mix_grpo", "mix_grpo_flash", "sage_grpo", "g2rpo", "branch_grpo", "branch_grpo_mix")
 
 #: overrides that fit each preset on 4 steps with 4 samples per prompt, and the costs they imply
 CASES = {
@@ -18,6 +18,8 @@ CASES = {
     "flow_grpo_fast": ([], 4.0, 2.0),
     # window of 4 over 4 steps
     "mix_grpo": ([], 4.0, 4.0),
+    # window of 2 at steps 0, 1; after it DPM-Solver++(2M) on max(⌊3·0.4⌋, 2) = 2 points (σ_2, 0): 3 steps
+    "mix_grpo_flash": (["sampler.rollout_params={window_size: 2}"], 3.0, 2.0),
     # full SDE, timestep_fraction 0.99 drops the last step
     "sage_grpo": ([], 4.0, 3.0),
     # k ∈ {0, 1}: per prompt 2 prefix + 4·(k0: 3 + 2, k1: 2 + 1) = 34 evals over 16 images; one step per image trained
@@ -83,3 +85,89 @@ def test_structured_presets_explain_their_group_size(tmp_path, tiny_sd3):
     cfg = _config(tmp_path, "branch_grpo")  # the paper's splits 0, 3, 6, 9 need 10+ steps
     with pytest.raises(ValueError, match="split_steps=6 is step 6, outside 0…3"):
         Trainer(cfg, policy=_policy(tiny_sd3, cfg)).train()
+
+
+class _LinearFieldPolicy(FlowPolicy):
+    """A FlowPolicy over a closed-form flow: data x0 ~ N(μ, s²) per dim, x_σ = (1−σ)·x0 + σ·ε. Its
+    exact velocity is affine in x, v = −μ + (sd'(σ)/sd(σ))·(x − (1−σ)μ), sd² = (1−σ)²s² + σ², and
+    the exact ODE maps x_σ to x0 = μ + s·(x_σ − (1−σ)μ)/sd(σ)."""
+
+    mu, s = 1.5, 0.4
+
+    def __init__(self, num_steps=10, **rollout_params):
+        self.sampler, self.noise_level, self.num_steps, self.guidance_scale = "flow", 0.7, num_steps, 1.0
+        self.rollout_name, self.rollout_params, self.iteration = "window", rollout_params, 1
+        self.store_means, self.log_prob_reduce, self.share_initial_noise = False, "mean", False
+        self.adapter = type("Adapter", (), {"dtype": torch.float32})()
+
+    @property
+    def device(self):
+        return torch.device("cpu")
+
+    def sigma_grid(self, num_steps=None):
+        return torch.linspace(1, 0, (num_steps or self.num_steps) + 1)
+
+    def encode(self, prompts):
+        return {"dummy": torch.zeros(len(prompts), 1)}
+
+    def _sd(self, sigma):
+        return torch.sqrt((1 - sigma) ** 2 * self.s**2 + sigma**2)
+
+    def velocity(self, latents, sigma, cond):
+        sg = sigma.view(-1, 1).float()
+        sd = self._sd(sg)
+        dsd = (-(1 - sg) * self.s**2 + sg) / sd
+        return -self.mu + dsd / sd * (latents.float() - (1 - sg) * self.mu)
+
+    def exact_x0(self, x, sigma):
+        sg = sigma.view(-1, 1)
+        return self.mu + self.s * (x - (1 - sg) * self.mu) / self._sd(sg)
+
+    def initial_noise(self, num_prompts, group_size, generator):
+        return torch.randn(num_prompts * group_size, 8, generator=generator)
+
+    def decode(self, latents):
+        return latents
+
+
+@pytest.mark.parametrize("window_start", [0, 2])
+def test_flash_solver_beats_euler_after_the_window_and_keeps_ratio_one(window_start):
+    """MixGRPO-Flash's DPM-Solver++(2M) after the SDE window, at the same number of steps as Euler,
+    lands closer to the exact ODE solution from the state the window left; the window's stored steps
+    and their recomputed log-probs are unchanged (ratio 1)."""
+    params = dict(window_size=2, window_range=[window_start, window_start + 2], mode="sliding")
+    errors, trajs = {}, {}
+    for solver in ("euler", "dpm2"):
+        policy = _LinearFieldPolicy(**params, ode_solver=solver)
+        traj = policy.rollout(["p"], group_size=16, generator=torch.Generator().manual_seed(0))
+        exact = policy.exact_x0(traj.actions[:, -1], traj.sigmas_next[:, -1])  # from where the window ended
+        errors[solver] = float((traj.meta["final_latents"] - exact).abs().max())
+        assert traj.meta["model_evals"] == 10.0  # equal steps
+        torch.testing.assert_close(policy.log_prob(traj), traj.log_probs, atol=1e-6, rtol=0)  # ratio 1
+        trajs[solver] = traj
+    assert errors["dpm2"] < errors["euler"] / 4, errors  # measured: euler 0.17–0.22, dpm2 0.02–0.03
+    for field in ("states", "actions", "log_probs", "sigmas"):  # the window is the same under both solvers
+        torch.testing.assert_close(getattr(trajs["dpm2"], field), getattr(trajs["euler"], field), atol=0, rtol=0)
+    # compressed as the preset (ratio 0.4) at the reference's 25 steps: fewer evaluations, and at
+    # equal (compressed) steps still more accurate than Euler
+    compressed = {}
+    for solver in ("euler", "dpm2"):
+        policy = _LinearFieldPolicy(25, **params, ode_solver=solver, post_compress_ratio=0.4)
+        traj = policy.rollout(["p"], group_size=16, generator=torch.Generator().manual_seed(0))
+        exact = policy.exact_x0(traj.actions[:, -1], traj.sigmas_next[:, -1])
+        assert traj.meta["model_evals"] < 25
+        compressed[solver] = float((traj.meta["final_latents"] - exact).abs().max())
+    assert compressed["dpm2"] < compressed["euler"] / 2, compressed  # measured: euler 0.21–0.24, dpm2 0.06
+
+
+def test_compressed_post_window_grid_matches_the_reference_points():
+    from flowrl.rollout import compress_after
+
+    t = torch.linspace(1, 0, 26)
+    grid = 3 * t / (1 + 2 * t)
+    out = compress_after(grid, 3, 0.4)  # T = 25, window 0…3: ⌊22·0.4⌋ = 8 points from σ_4 to 0
+    torch.testing.assert_close(out, torch.cat([grid[:4], grid[torch.arange(4, 26, 3)]]))
+    assert out[-1] == 0 and len(out) - 1 == 3 + 8 - 1 + 1  # 4 window/prefix steps + 7 after
+    assert torch.equal(compress_after(grid, 3, 1.0), grid) and torch.equal(compress_after(grid, 24, 0.4), grid)
+    with pytest.raises(ValueError, match="post_compress_ratio"):
+        compress_after(grid, 3, 0.0)

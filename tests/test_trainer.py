@@ -67,7 +67,7 @@ def test_grpo_raises_jpeg_compressibility(tmp_path, tiny_sd3):
 def test_same_seed_same_numbers_and_exact_resume(tmp_path, tiny_sd3):
     def run(path, iters, resume=None):
         extra = [f"train.output_dir={path}", f"train.num_iterations={iters}", "train.save_every=2", "loss.beta=0.04",
-                 "train.learning_rate=1e-2", "train.ema_decay=0.5"]
+                 "train.learning_rate=1e-2", "train.ema_decay=0.5", "train.ema_ramp=true", "train.ema_update_every=2"]
         if resume:
             extra.append(f"train.resume_from={resume}")
         cfg = _config(tmp_path, *extra)
@@ -84,6 +84,9 @@ def test_same_seed_same_numbers_and_exact_resume(tmp_path, tiny_sd3):
     a, b = _trainable(t_full.policy), _trainable(t_res.policy)
     for n in a:
         torch.testing.assert_close(a[n], b[n], rtol=0, atol=0)
+    assert t_res.ema.steps == t_full.ema.steps > 0  # the EMA (and its ramp) continues where it stopped
+    for x, y in zip(t_full.ema.shadow, t_res.ema.shadow):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
     lines = [json.loads(l) for l in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
     assert [l["iteration"] for l in lines if "reward/mean" in l] == [1, 2, 3, 4]
     assert full.history[-1]["kl/ref"] > 0
@@ -220,6 +223,39 @@ def test_ema_weights_are_used_for_evaluation_and_live_weights_come_back(tmp_path
     shadow = dict(zip([n for n, p in trainer.policy.model.named_parameters() if p.requires_grad], trainer.ema.shadow))
     for n in names:
         torch.testing.assert_close(inside[n], shadow[n], rtol=0, atol=0)
+    # the exported lora/ holds the evaluated (EMA) weights, and the run says so
+    info = json.loads((tmp_path / "run" / "weights.json").read_text())
+    assert info["evaluated"] == info["lora_weights"] == "ema" and info["ema"]["decay"] == 0.9
+    pipe = copy.deepcopy(tiny_sd3)
+    pipe.load_lora_weights(str(tmp_path / "run" / "lora"))
+    stock = FlowPolicy.from_pipeline(pipe, num_steps=4, height=16, width=16).generate(["a cat"], generator=torch.Generator().manual_seed(0))
+    with trainer.ema.active():
+        evaluated = trainer.policy.generate(["a cat"], generator=torch.Generator().manual_seed(0))
+    live_images = trainer.policy.generate(["a cat"], generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(stock, evaluated, atol=1e-5, rtol=0)
+    assert (stock - live_images).abs().max() > 1e-4  # not the live weights
+
+
+def test_flow_grpo_ema_ramps_its_decay_and_updates_every_n_steps():
+    from flowrl.ema import EMA, ema_decay_at
+
+    assert [ema_decay_at(t, 0.9, ramp=True) for t in (1, 2, 80, 100)] == pytest.approx([2 / 11, 3 / 12, 0.9, 0.9])
+    assert ema_decay_at(1, 0.9, ramp=False) == 0.9
+    w = torch.nn.Parameter(torch.zeros(3))
+    ema = EMA([w], 0.9, ramp=True, update_every=2)
+    want = torch.zeros(3)
+    for t in range(1, 7):
+        with torch.no_grad():
+            w.add_(1.0)  # the optimizer step
+        ema.update()
+        if t % 2 == 0:  # steps 2, 4, 6: d = 3/12, 5/14, 7/16
+            d = (1 + t) / (10 + t)
+            want = d * want + (1 - d) * w.detach()
+        torch.testing.assert_close(ema.shadow[0], want)
+    state = ema.state_dict()
+    other = EMA([torch.nn.Parameter(torch.zeros(3))], 0.9, ramp=True, update_every=2)
+    other.load_state_dict(state)
+    assert other.steps == 6 and torch.equal(other.shadow[0], ema.shadow[0])
 
 
 def test_a_saved_digits_folder_loads_through_model_pipeline(tmp_path):
