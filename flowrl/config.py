@@ -192,6 +192,12 @@ class TrainSection:
     """AdamW betas."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 disables)."""
+    rollout_batch_size: int | None = None
+    """Prompts per rollout call (None: all of the iteration's prompts in one call). With several
+    calls, each call's rewards are scored in a background worker while the next call rolls out
+    (``overlap_rewards``); the numbers are the same either way. Flat rollouts only (not tree/singular)."""
+    overlap_rewards: bool = True
+    """Score a rollout call's outputs while the next call rolls out (needs ``rollout_batch_size``)."""
     max_rows_per_call: int | None = 64
     """Most transformer rows (samples × stored steps, CFG rows counted twice) one recomputation call
     may hold in the update. Stored steps of a minibatch are recomputed together up to this many rows,
@@ -317,6 +323,8 @@ class TrainConfig:
             raise ConfigError(f"train.ema_update_every must be ≥ 1 (1 = every optimizer step), got {t.ema_update_every}.")
         if s.num_steps < 1:
             raise ConfigError("sampler.num_steps must be ≥ 1.")
+        if t.rollout_batch_size is not None and t.rollout_batch_size < 1:
+            raise ConfigError(f"train.rollout_batch_size must be ≥ 1 or null (one call per iteration), got {t.rollout_batch_size}.")
         if t.max_rows_per_call is not None and t.max_rows_per_call < 1:
             raise ConfigError(f"train.max_rows_per_call must be ≥ 1 or null (no limit), got {t.max_rows_per_call}.")
         if s.max_sequence_length is not None and s.max_sequence_length < 1:

@@ -22,7 +22,8 @@ far), ``adv/abs_mean`` (mean |A|), ``samples/generated`` (output rows this itera
 ``grad_norm`` (before clipping), ``update/steps`` (optimizer steps), ``cost/model_evals_per_sample``
 and ``cost/trained_steps_per_sample`` (transformer evaluations and trained steps per output),
 ``select/*`` (prompt selection rounds, drawn, kept), ``time/rollout``, ``time/rewards``,
-``time/update`` (seconds), ``eval/<column>`` (held-out means, deterministic samples).
+``time/update`` (seconds; ``time/rewards`` is what the loop waited for rewards beyond the
+rollout, so it shrinks when scoring overlaps later rollout calls: ``train.rollout_batch_size``), ``eval/<column>`` (held-out means, deterministic samples).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from flowrl.ema import EMA
 from flowrl.plugins import (  # noqa: F401  (re-exported for code written against flowrl.trainer)
     OBJECTIVES, PIPELINE_SOURCES, POLICY_BUILDERS, REWARD_TRANSFORMS, import_builtin_components, make_objective,
 )
+from flowrl.overlap import rollout_in_calls
 from flowrl.prompt_selection import fill_batch
 from flowrl.seeding import derive_seed, generator_for
 
@@ -280,13 +282,24 @@ class Trainer:
 
         sampling_weights = getattr(self.objective, "sampling_weights", None)  # DiffusionNFT samples with θ_old
 
-        def generate(indices: list[int]):
+        def rollout_call(indices: list[int]):
             start = time.perf_counter()
             weights = sampling_weights(self.policy) if sampling_weights is not None else contextlib.nullcontext()
             with weights, self.autocast():  # the same precision as recomputation, so the on-policy ratio is 1
                 traj = self.policy.rollout([self.train_prompts[i] for i in indices], group_size=t.num_generations, generator=rollout_gen)
             timing["rollout"] += time.perf_counter() - start
-            table, names = self.reward_set.score(traj.outputs, traj.prompts, {**traj.meta, "group_ids": traj.group_ids})
+            return traj
+
+        def score(traj, background: bool = False):
+            fn = self.reward_set.score_async if background else self.reward_set.score
+            return fn(traj.outputs, traj.prompts, {**traj.meta, "group_ids": traj.group_ids})
+
+        def generate(indices: list[int]):
+            # calls of train.rollout_batch_size prompts; a call's rewards are scored while the next rolls out
+            traj, table, names = rollout_in_calls(
+                rollout_call, score, indices, prompts_per_call=t.rollout_batch_size, concat=getattr(self.policy, "concat_trajectories", None),
+                score_async=(lambda tr: score(tr, background=True)) if t.overlap_rewards else None,
+            )
             traj.rewards, traj.reward_names = table, list(names)
             if preset.reward_transform:
                 table, names = REWARD_TRANSFORMS.get(preset.reward_transform)(table, names, traj.group_ids, traj, **preset.reward_transform_params)
