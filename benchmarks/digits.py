@@ -49,7 +49,7 @@ def base_config(run_dir: Path, algorithm: str, budget: int, eval_every: int, see
     per_iter = cfg.train.prompts_per_iteration * cfg.train.num_generations
     iters = max(1, budget // per_iter)
     return cfg.override([
-        f"algorithm={algorithm}", f"train.output_dir={run_dir}", f"train.num_iterations={iters}",
+        f"algorithm={algorithm}", f"train.output_dir={run_dir}", f"train.iterations={iters}",
         f"train.eval_every={eval_every}", f"train.seed={seed}", "train.progress=false", "train.save_every=0",
     ])
 

@@ -55,7 +55,7 @@ def main() -> int:
         print("|---|---|---|---|---|---|---|")
         for mp in ("no", "bf16"):
             cfg = TrainConfig().override([
-                f"train.output_dir={Path(d) / ('run_' + mp)}", "train.num_iterations=6", "sampler.num_steps=6",
+                f"train.output_dir={Path(d) / ('run_' + mp)}", "train.iterations=6", "sampler.num_steps=6",
                 "sampler.height=32", "sampler.width=32", "train.lora_rank=8", "train.lora_alpha=16",
                 "train.learning_rate=3e-2", "train.num_generations=8", "train.prompts_per_iteration=2",
                 "train.train_batch_size=16", "train.progress=false", f"train.mixed_precision={mp}", f"model.device={device}",

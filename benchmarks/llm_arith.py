@@ -69,7 +69,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from flowrl.config import TrainConfig
-    from flowrl.pipelines.causal_lm import TokenPolicy, with_constant_normaliser
+    from flowrl.pipelines.causal_lm import TokenPolicy
     from flowrl.rewards import build_rewards
     from flowrl.rewards.verifiers import ExactMatch, arithmetic_prompts
     from flowrl.trainer import Trainer
@@ -97,13 +97,12 @@ def main() -> None:
             "reward": {"rewards": {"exact_match": {"weight": 1.0, "solver": "arithmetic"}}},
             "train": {
                 "prompts": train_prompts, "num_generations": args.num_generations, "prompts_per_iteration": args.prompts_per_iteration,
-                "num_iterations": args.iterations, "train_batch_size": args.num_generations * args.prompts_per_iteration,
+                "iterations": args.iterations, "train_batch_size": args.num_generations * args.prompts_per_iteration,
                 "lora_rank": args.lora_rank, "learning_rate": args.learning_rate, "seed": args.seed, "progress": False,
                 "output_dir": tempfile.mkdtemp(prefix=f"llm_arith_{algo}_"),
             },
         })
         trainer = Trainer(cfg, policy=policy, reward_set=build_rewards({"exact_match": {"weight": 1.0, "solver": "arithmetic"}}))
-        trainer.resolved.preset = with_constant_normaliser(trainer.resolved.preset, args.max_new_tokens)
         t1 = time.perf_counter()
         result = trainer.train()
         train_s = time.perf_counter() - t1

@@ -33,7 +33,7 @@ def run(name: str, overrides: list[str], pipe, *, size: int, iters: int) -> dict
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig().override([
-            f"train.output_dir={tmp}", f"train.num_iterations={iters + 1}", f"sampler.height={size}", f"sampler.width={size}",
+            f"train.output_dir={tmp}", f"train.iterations={iters + 1}", f"sampler.height={size}", f"sampler.width={size}",
             "train.lora_rank=4", "train.lora_alpha=8", "train.prompts_per_iteration=1", "train.progress=false",
             "reward.rewards={jpeg_compressibility: 1.0}", *overrides,
         ])

@@ -51,17 +51,28 @@ class AdvantageInputs:
     reward_weights: Tensor | None = None
 
 
-def group_stats(values: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-sample mean, (population) std and size of the sample's group, each ``[B]``.
+STD_ESTIMATORS = ("population", "unbiased")
 
-    The std is the biased (population) one, as ``np.std`` in the Flow-GRPO reference.
+
+def _check_std_estimator(std_estimator: str) -> None:
+    if std_estimator not in STD_ESTIMATORS:
+        raise ValueError(f"unknown std_estimator '{std_estimator}'. Known: {', '.join(STD_ESTIMATORS)}.")
+
+
+def group_stats(values: Tensor, group_ids: Tensor, *, std_estimator: str = "population") -> tuple[Tensor, Tensor, Tensor]:
+    """Per-sample mean, std and size of the sample's group, each ``[B]``.
+
+    ``std_estimator="population"`` divides the squared deviations by n (``np.std``, the Flow-GRPO
+    reference); ``"unbiased"`` by n − 1 (``torch.std``: TRL's ``GRPOTrainer`` and verl).
     """
+    _check_std_estimator(std_estimator)
     values = values.float()
     _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
     sums = torch.zeros(len(counts), dtype=values.dtype, device=values.device).index_add_(0, inverse, values)
     means = sums / counts.to(values.dtype)
     sq = torch.zeros_like(means).index_add_(0, inverse, (values - means[inverse]) ** 2)
-    stds = torch.sqrt(sq / counts.to(values.dtype))
+    dof = counts.to(values.dtype) - (1.0 if std_estimator == "unbiased" else 0.0)
+    stds = torch.sqrt(sq / dof.clamp(min=1.0))
     return means[inverse], stds[inverse], counts[inverse]
 
 
@@ -72,11 +83,14 @@ def group_advantages(
     std: str = "group",
     eps: float = 1e-4,
     clip: float | None = 5.0,
+    std_estimator: str = "population",
 ) -> Tensor:
     """Flow-GRPO / DanceGRPO advantage: A = (r − mean_prompt) / (std + eps), clipped to ±clip.
 
     ``std="group"`` uses each prompt's std (Flow-GRPO per-prompt stat tracking), ``"global"`` the
-    std over the whole batch (Flow-GRPO ``global_std``), ``"none"`` no scaling (Dr.GRPO: A = r − mean).
+    std over the whole batch (Flow-GRPO ``global_std``; TRL ``scale_rewards="batch"``), ``"none"`` no
+    scaling (Dr.GRPO: A = r − mean). ``std_estimator``: ``population`` (÷n, Flow-GRPO's ``np.std``) or
+    ``unbiased`` (÷(n − 1), TRL's and verl's ``torch.std``).
     Liu et al., Flow-GRPO (2025), §4; Shao et al., DeepSeekMath (2024) eq. 3.  Shapes: ``[B] → [B]``.
     """
     rewards = rewards.float()
@@ -84,7 +98,7 @@ def group_advantages(
         raise ValueError(f"rewards and group_ids must both be [B]; got {tuple(rewards.shape)} and {tuple(group_ids.shape)}")
     if torch.isnan(rewards).any():
         raise ValueError("rewards contain NaN; the reward set should have stopped the run (see reward/failures/*).")
-    mean, group_std, counts = group_stats(rewards, group_ids)
+    mean, group_std, counts = group_stats(rewards, group_ids, std_estimator=std_estimator)
     if torch.any(counts < 2):
         raise ValueError(
             "a group has a single sample, so its advantage is undefined. Set num_generations (group size) ≥ 2."
@@ -93,7 +107,7 @@ def group_advantages(
     if std == "group":
         adv = centred / (group_std + eps)
     elif std == "global":
-        adv = centred / (rewards.std(unbiased=False) + eps)
+        adv = centred / (rewards.std(unbiased=std_estimator == "unbiased") + eps)
     elif std == "none":
         adv = centred
     else:
@@ -104,9 +118,9 @@ def group_advantages(
 
 
 @register_advantage("group")
-def group_estimator(inputs: AdvantageInputs, *, std: str = "group", eps: float = 1e-4, clip: float | None = 5.0) -> Tensor:
+def group_estimator(inputs: AdvantageInputs, *, std: str = "group", eps: float = 1e-4, clip: float | None = 5.0, std_estimator: str = "population") -> Tensor:
     """Registered form of :func:`group_advantages` (GRPO, Flow-GRPO, DanceGRPO)."""
-    return group_advantages(inputs.rewards, inputs.group_ids, std=std, eps=eps, clip=clip)
+    return group_advantages(inputs.rewards, inputs.group_ids, std=std, std_estimator=std_estimator, eps=eps, clip=clip)
 
 
 def make_estimator(name: str, **hparams: Any) -> Callable[[AdvantageInputs], Tensor]:
@@ -286,11 +300,11 @@ def noisy_verifier_correction(rewards: Tensor, *, false_positive: float, false_n
 
 
 @register_advantage("noisy_verifier")
-def noisy_verifier_estimator(inputs: AdvantageInputs, *, false_positive: float = 0.1, false_negative: float = 0.1, std: str = "none", eps: float = 1e-4, clip: float | None = None) -> Tensor:
+def noisy_verifier_estimator(inputs: AdvantageInputs, *, false_positive: float = 0.1, false_negative: float = 0.1, std: str = "none", eps: float = 1e-4, clip: float | None = None, std_estimator: str = "population") -> Tensor:
     """Group advantages of backward-corrected rewards (:func:`noisy_verifier_correction`). The
     correction is affine, so with ``std="group"`` it cancels (up to eps); hence ``std="none"``."""
     r = noisy_verifier_correction(inputs.rewards, false_positive=false_positive, false_negative=false_negative)
-    return group_advantages(r, inputs.group_ids, std=std, eps=eps, clip=clip)
+    return group_advantages(r, inputs.group_ids, std=std, std_estimator=std_estimator, eps=eps, clip=clip)
 
 
 def unlikeliness_rewards(rewards: Tensor, seq_log_prob: Tensor, group_ids: Tensor, *, beta_rank: float = 0.25, threshold: float = 0.0) -> Tensor:
@@ -310,14 +324,14 @@ def unlikeliness_rewards(rewards: Tensor, seq_log_prob: Tensor, group_ids: Tenso
 
 
 @register_advantage("unlikeliness")
-def unlikeliness_estimator(inputs: AdvantageInputs, *, beta_rank: float = 0.25, threshold: float = 0.0, std: str = "group", eps: float = 1e-4, clip: float | None = 5.0) -> Tensor:
+def unlikeliness_estimator(inputs: AdvantageInputs, *, beta_rank: float = 0.25, threshold: float = 0.0, std: str = "group", eps: float = 1e-4, clip: float | None = 5.0, std_estimator: str = "population") -> Tensor:
     """Group z-score of :func:`unlikeliness_rewards` (π_old log-probs from ``inputs.traj``)."""
     traj = inputs.traj
     if traj is None:
         raise ValueError("the 'unlikeliness' estimator needs the trajectories (old log-probs and masks).")
     seq_lp = (traj.log_probs.float() * traj.mask.float()).sum(-1) / traj.mask.float().sum(-1).clamp(min=1)
     r = unlikeliness_rewards(inputs.rewards, seq_lp.cpu(), inputs.group_ids.cpu(), beta_rank=beta_rank, threshold=threshold)
-    return group_advantages(r, inputs.group_ids, std=std, eps=eps, clip=clip)
+    return group_advantages(r, inputs.group_ids, std=std, std_estimator=std_estimator, eps=eps, clip=clip)
 
 
 def semantic_entropy(answers: list[str], group_ids: Tensor) -> Tensor:
@@ -336,7 +350,7 @@ def semantic_entropy(answers: list[str], group_ids: Tensor) -> Tensor:
 
 
 @register_advantage("seed_grpo")
-def seed_grpo_estimator(inputs: AdvantageInputs, *, alpha: float = 0.5, std: str = "group", eps: float = 1e-4, clip: float | None = 5.0) -> Tensor:
+def seed_grpo_estimator(inputs: AdvantageInputs, *, alpha: float = 0.5, std: str = "group", eps: float = 1e-4, clip: float | None = 5.0, std_estimator: str = "population") -> Tensor:
     """SEED-GRPO: A·(1 − α·SE/log G): uncertain prompts (many distinct answers) get smaller updates.
     Answers: ``meta["answers"]`` if given, else extracted from ``traj.outputs`` with
     :func:`flowrl.rewards.verifiers.extract_answer`. Mechanism certain; the linear f is inferred."""
@@ -348,7 +362,7 @@ def seed_grpo_estimator(inputs: AdvantageInputs, *, alpha: float = 0.5, std: str
         if outputs is None:
             raise ValueError("'seed_grpo' needs the completions (traj.outputs) or meta['answers'].")
         answers = [normalize_answer(extract_answer(o)) or o.strip() for o in outputs]
-    adv = group_advantages(inputs.rewards, inputs.group_ids, std=std, eps=eps, clip=clip)
+    adv = group_advantages(inputs.rewards, inputs.group_ids, std=std, std_estimator=std_estimator, eps=eps, clip=clip)
     se = semantic_entropy(list(answers), inputs.group_ids.cpu()).to(adv.device)
     return adv * (1.0 - alpha * se)
 
@@ -371,21 +385,21 @@ def grpo_lambda_rewards(correct: Tensor, lengths: Tensor, group_ids: Tensor, *, 
 
 
 @register_advantage("grpo_lambda")
-def grpo_lambda_estimator(inputs: AdvantageInputs, *, threshold: float = 0.5, lam: float = 0.5, correct_threshold: float = 0.5, std: str = "group", eps: float = 1e-4, clip: float | None = 5.0) -> Tensor:
+def grpo_lambda_estimator(inputs: AdvantageInputs, *, threshold: float = 0.5, lam: float = 0.5, correct_threshold: float = 0.5, std: str = "group", eps: float = 1e-4, clip: float | None = 5.0, std_estimator: str = "population") -> Tensor:
     """Group z-score of :func:`grpo_lambda_rewards` (correct = reward > ``correct_threshold``)."""
     r = grpo_lambda_rewards((inputs.rewards > correct_threshold).float(), _seq_lengths(inputs).cpu(), inputs.group_ids.cpu(), threshold=threshold, lam=lam)
-    return group_advantages(r.to(inputs.rewards.device), inputs.group_ids, std=std, eps=eps, clip=clip)
+    return group_advantages(r.to(inputs.rewards.device), inputs.group_ids, std=std, std_estimator=std_estimator, eps=eps, clip=clip)
 
 
 @register_advantage("posterior_grpo")
-def posterior_grpo_estimator(inputs: AdvantageInputs, *, outcome: str | int = 0, process: str | int = 1, threshold: float = 0.5, weight: float = 1.0, std: str = "group", eps: float = 1e-4, clip: float | None = 5.0) -> Tensor:
+def posterior_grpo_estimator(inputs: AdvantageInputs, *, outcome: str | int = 0, process: str | int = 1, threshold: float = 0.5, weight: float = 1.0, std: str = "group", eps: float = 1e-4, clip: float | None = 5.0, std_estimator: str = "population") -> Tensor:
     """Posterior-GRPO: r = r_outcome + 1[r_outcome > threshold]·w·r_process — the process
     (reasoning-quality) reward counts only for rollouts whose outcome is correct, so it cannot be
     hacked by wrong answers. Columns by name or index of the reward table."""
     r_out = _column(inputs, outcome, "posterior_grpo")
     r_proc = _column(inputs, process, "posterior_grpo")
     r = r_out + (r_out > threshold).float() * weight * r_proc
-    return group_advantages(r, inputs.group_ids, std=std, eps=eps, clip=clip)
+    return group_advantages(r, inputs.group_ids, std=std, std_estimator=std_estimator, eps=eps, clip=clip)
 
 
 def s_grpo_rewards(correct: Tensor) -> Tensor:
@@ -398,14 +412,14 @@ def s_grpo_rewards(correct: Tensor) -> Tensor:
 
 
 @register_advantage("s_grpo")
-def s_grpo_estimator(inputs: AdvantageInputs, *, correct_threshold: float = 0.5, std: str = "none", eps: float = 1e-4) -> Tensor:
+def s_grpo_estimator(inputs: AdvantageInputs, *, correct_threshold: float = 0.5, std: str = "none", eps: float = 1e-4, std_estimator: str = "population") -> Tensor:
     """S-GRPO: each group is one chain's exits in rollout order; rewards via :func:`s_grpo_rewards`,
     then A = r − mean (``std="none"``). Needs a rollout that cuts one chain at m exits (not built in)."""
     r = torch.zeros_like(inputs.rewards, dtype=torch.float32)
     for g in torch.unique(inputs.group_ids):
         idx = (inputs.group_ids == g).nonzero(as_tuple=True)[0]
         r[idx] = s_grpo_rewards((inputs.rewards[idx] > correct_threshold).float())
-    return group_advantages(r, inputs.group_ids, std=std, eps=eps, clip=None)
+    return group_advantages(r, inputs.group_ids, std=std, std_estimator=std_estimator, eps=eps, clip=None)
 
 
 def tempo_token_bonus(actions: Tensor, mask: Tensor, rewards: Tensor, group_ids: Tensor) -> Tensor:
@@ -450,13 +464,13 @@ def tempo_token_bonus(actions: Tensor, mask: Tensor, rewards: Tensor, group_ids:
 
 
 @register_advantage("tempo")
-def tempo_estimator(inputs: AdvantageInputs, *, bonus_scale: float = 1.0, std: str = "group", eps: float = 1e-4, clip: float | None = 5.0) -> Tensor:
+def tempo_estimator(inputs: AdvantageInputs, *, bonus_scale: float = 1.0, std: str = "group", eps: float = 1e-4, clip: float | None = 5.0, std_estimator: str = "population") -> Tensor:
     """TEMPO: per-token A_{i,t} = A_i (group z-score) + λ·(V(s_{t+1}) − V(s_t)) at branch tokens of the
     group's prefix tree (:func:`tempo_token_bonus`), ``[B, T]``. Inferred scaling (λ = bonus_scale)."""
     traj = inputs.traj
     if traj is None or traj.actions is None:
         raise ValueError("the 'tempo' estimator needs the token trajectories (traj.actions, traj.mask).")
-    adv = group_advantages(inputs.rewards, inputs.group_ids, std=std, eps=eps, clip=clip)
+    adv = group_advantages(inputs.rewards, inputs.group_ids, std=std, std_estimator=std_estimator, eps=eps, clip=clip)
     bonus = tempo_token_bonus(traj.actions.cpu(), traj.mask.cpu(), inputs.rewards.cpu(), inputs.group_ids.cpu()).to(adv.device)
     return adv[:, None] + bonus_scale * bonus
 
@@ -469,7 +483,8 @@ class TrustGRPOAdvantage:
     is annealed with the number of calls t (stateful: ``state_dict`` holds t). Mechanism certain;
     γ's pairwise form and the linear annealing are inferred."""
 
-    def __init__(self, *, answer: str | int = 0, think: str | int = 1, lambda0: float = 1.0, anneal_steps: int = 100, correct_threshold: float = 0.5, std: str = "group", eps: float = 1e-4, clip: float | None = 5.0):
+    def __init__(self, *, answer: str | int = 0, think: str | int = 1, lambda0: float = 1.0, anneal_steps: int = 100, correct_threshold: float = 0.5, std: str = "group", eps: float = 1e-4, clip: float | None = 5.0, std_estimator: str = "population"):
+        self.std_estimator = std_estimator
         self.answer, self.think = answer, think
         self.lambda0, self.anneal_steps = float(lambda0), int(anneal_steps)
         self.correct_threshold = correct_threshold
@@ -496,7 +511,7 @@ class TrustGRPOAdvantage:
         lam = self.lambda0 * max(0.0, 1.0 - self.step / max(self.anneal_steps, 1))
         self.step += 1
         self.last = {"trust/gamma": gamma, "trust/lambda": lam}
-        return group_advantages(r_ans + lam * gamma * r_think, inputs.group_ids, std=self.std, eps=self.eps, clip=self.clip)
+        return group_advantages(r_ans + lam * gamma * r_think, inputs.group_ids, std=self.std, std_estimator=self.std_estimator, eps=self.eps, clip=self.clip)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step}
@@ -649,3 +664,165 @@ def tree_depth_estimator(inputs: AdvantageInputs, *, fusion: str = "mean", tempe
         mask_out.append(train.reshape(local, len(cols)))
     inputs.meta["train_mask"] = torch.cat(mask_out)
     return torch.cat(adv_out).to(inputs.rewards.device)
+
+
+# ======================================================================================= RiskPO
+# Ren et al., "RiskPO: Risk-based Policy Optimization via Verifiable Reward for LLM Post-Training"
+# (2025). Questions are bundled; a "paper" is the j-th answer of every question in a bundle and its
+# score the sum of their rewards; the Mixed Value-at-Risk advantage of a paper credits its answers.
+
+
+def riskpo_papers(group_ids: Tensor, bundle_size: int) -> tuple[Tensor, Tensor]:
+    """Bundle the groups (questions) and form the papers, ``[B] → ([B] bundle id, [B] paper id)``.
+
+    Groups are bundled in order of first appearance, ``bundle_size`` per bundle (the last bundle may be
+    smaller); paper j of a bundle is the j-th member of each of its groups, so a bundle has as many
+    papers as its smallest group has members. Members beyond that get paper id −1 (no paper)."""
+    if bundle_size < 1:
+        raise ValueError(f"bundle_size must be ≥ 1, got {bundle_size}")
+    order: dict[int, int] = {}
+    for g in group_ids.tolist():
+        order.setdefault(int(g), len(order))
+    group_rank = torch.tensor([order[int(g)] for g in group_ids.tolist()], dtype=torch.long)
+    bundle = group_rank // bundle_size
+    member = torch.zeros_like(group_rank)
+    seen: dict[int, int] = {}
+    for i, g in enumerate(group_rank.tolist()):
+        member[i] = seen.get(g, 0)
+        seen[g] = member[i].item() + 1
+    paper = member.clone()
+    for b in torch.unique(bundle).tolist():
+        groups = torch.unique(group_rank[bundle == b])
+        n_papers = min(seen[int(g)] for g in groups)
+        paper[(bundle == b) & (member >= n_papers)] = -1
+    return bundle, paper
+
+
+def mixed_var_advantage(scores: Tensor, q_low: Tensor | float, q_high: Tensor | float, *, alpha: float, beta: float, weight: float, eps: float = 1e-6) -> Tensor:
+    """RiskPO's Mixed Value-at-Risk advantage of paper scores X (RiskPO eq. for MVaR, released code):
+
+    A_RVaR = ((X − q_α)⁺ − (X − q_β)⁺ + (q_α − q_β)) / (β − α)      (range VaR over [α, β], natural baseline)
+    A_CVaR = −(q_α − X)⁺ / α                                      (lower-tail CVaR)
+    A = (w·A_CVaR + A_RVaR) / (w + 1)
+
+    Both parts are ≤ 0: papers in the lower tail are pushed down hardest, papers above q_β get 0."""
+    X = scores.float()
+    q_low = torch.as_tensor(q_low, dtype=X.dtype)
+    q_high = torch.as_tensor(q_high, dtype=X.dtype)
+    rvar = ((X - q_low).clamp(min=0) - (X - q_high).clamp(min=0) + (q_low - q_high)) / (beta - alpha + eps)
+    cvar = -(q_low - X).clamp(min=0) / (alpha + eps)
+    return (weight * cvar + rvar) / (weight + 1.0)
+
+
+@register_advantage("riskpo")
+class RiskPOAdvantage:
+    """RiskPO (Ren et al. 2025): bundle ``bundle_size`` questions, score each paper (the j-th answer of
+    every question in the bundle) by its summed reward, take the quantiles q_α, q_β of the bundle's
+    paper scores, the Mixed-VaR advantage :func:`mixed_var_advantage`, divided by the bundle's
+    (unbiased) paper-score std (1 for a one-paper bundle); each answer of the paper gets it, divided by
+    its question's reward std (``credit="std"``; std ≤ 1e-3 counts as 1) or unchanged (``uniform``).
+    Defaults are the released Qwen2.5 math script's: α 0.2, β 0.9, w 1.5, bundle 5, credit std.
+
+    ``quantiles="batch"`` (default) takes q_α, q_β from each bundle's own papers — what the released code
+    computes the advantage with (its tracked quantiles are written after the advantage and only
+    logged). ``"tracked"`` is the paper's description: one pair (q_α, q_β) over all bundles, set to the
+    batch quantiles the first time and then moved after every batch by SGD on the pinball loss,
+    q ← q + lr_q·(τ − mean(X < q)); the advantage uses the pair from before the batch (inferred:
+    the paper does not say which batch's estimate the advantage reads). Stateful (``state_dict``)."""
+
+    def __init__(self, *, bundle_size: int = 5, alpha: float = 0.2, beta: float = 0.9, weight: float = 1.5, quantiles: str = "batch", lr_q: float = 0.1, credit: str = "std", normalize: bool = True, eps: float = 1e-6):
+        if not 0 < alpha < beta < 1:
+            raise ValueError(f"RiskPO needs 0 < alpha < beta < 1, got alpha={alpha}, beta={beta}.")
+        if quantiles not in ("batch", "tracked"):
+            raise ValueError(f"riskpo quantiles must be batch or tracked, got '{quantiles}'.")
+        if credit not in ("std", "uniform"):
+            raise ValueError(f"riskpo credit must be std or uniform, got '{credit}'.")
+        self.bundle_size, self.alpha, self.beta, self.weight = int(bundle_size), float(alpha), float(beta), float(weight)
+        self.quantiles, self.lr_q, self.credit, self.normalize, self.eps = quantiles, float(lr_q), credit, bool(normalize), float(eps)
+        self.tracked: Tensor | None = None  # [2]: q_α, q_β
+
+    def __call__(self, inputs: AdvantageInputs) -> Tensor:
+        rewards = inputs.rewards.float().cpu()
+        group_ids = inputs.group_ids.cpu()
+        bundle, paper = riskpo_papers(group_ids, self.bundle_size)
+        adv = torch.zeros_like(rewards)
+        all_scores = []
+        for b in torch.unique(bundle).tolist():
+            rows = (bundle == b) & (paper >= 0)
+            ids = paper[rows]
+            n = int(ids.max()) + 1
+            scores = torch.zeros(n).index_add_(0, ids, rewards[rows])  # paper scores
+            all_scores.append(scores)
+            if n == 1:
+                q_lo = q_hi = scores[0]
+                std = torch.tensor(1.0)
+            else:
+                q_lo, q_hi = torch.quantile(scores, torch.tensor([self.alpha, self.beta]))
+                std = scores.std()
+            if self.quantiles == "tracked" and self.tracked is not None:
+                q_lo, q_hi = self.tracked[0], self.tracked[1]
+            a = mixed_var_advantage(scores, q_lo, q_hi, alpha=self.alpha, beta=self.beta, weight=self.weight, eps=self.eps)
+            if self.normalize:
+                a = a / (std + self.eps)
+            adv[rows] = a[ids]
+        if self.credit == "std":
+            for g in torch.unique(group_ids):
+                idx = group_ids == g
+                s = rewards[idx].std() if int(idx.sum()) > 1 else torch.tensor(0.0)
+                adv[idx] = adv[idx] / ((s if s > 1e-3 else torch.tensor(1.0)) + self.eps)
+        if self.quantiles == "tracked":
+            self._track(torch.cat(all_scores))
+        return adv.to(inputs.rewards.device)
+
+    def _track(self, scores: Tensor) -> None:
+        levels = torch.tensor([self.alpha, self.beta])
+        if self.tracked is None:
+            self.tracked = torch.quantile(scores, levels)
+        else:
+            below = (scores[None, :] < self.tracked[:, None]).float().mean(1)
+            self.tracked = self.tracked + self.lr_q * (levels - below)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tracked": None if self.tracked is None else self.tracked.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tracked = None if state.get("tracked") is None else state["tracked"].clone()
+
+
+# ===================================================================================== GRPO-CARE
+def care_bonus(accuracy: Tensor, confidence: Tensor, group_ids: Tensor, *, bonus: float = 0.5, margin: float = 0.01, min_accuracy: float = 0.1) -> Tensor:
+    """GRPO-CARE consistency bonus (Chen et al. 2025, "GRPO-CARE: Consistency-Aware Reinforcement
+    Learning for Multimodal Reasoning"; the released trainer), ``[B] → [B]``. Inside each group:
+
+    - accurate = accuracy > ``min_accuracy`` and accuracy ≥ the group's mean accuracy;
+    - confident = confidence ≥ (mean confidence of the group's accurate members) − ``margin``;
+    - bonus = ``bonus``·accuracy for members both accurate and confident, else 0.
+
+    ``confidence`` is the slowly moving (EMA) reference model's likelihood of the answer given the
+    member's own reasoning (see ``flowrl.care``); a group without accurate members gets no bonus."""
+    acc, conf = accuracy.float(), confidence.float()
+    out = torch.zeros_like(acc)
+    for g in torch.unique(group_ids):
+        idx = (group_ids == g).nonzero(as_tuple=True)[0]
+        a, c = acc[idx], conf[idx]
+        accurate = (a > min_accuracy) & (a >= a.mean())
+        if not bool(accurate.any()):
+            continue
+        confident = c >= c[accurate].mean() - margin
+        out[idx] = torch.where(accurate & confident, bonus * a, torch.zeros_like(a))
+    return out
+
+
+@register_advantage("grpo_care")
+def grpo_care_estimator(inputs: AdvantageInputs, *, bonus: float = 0.5, margin: float = 0.01, accuracy: str | int = 0, min_accuracy: float = 0.1, std: str = "group", std_estimator: str = "unbiased", eps: float = 1e-4, clip: float | None = None) -> Tensor:
+    """GRPO-CARE: r = (combined reward) + :func:`care_bonus` (accuracy = reward column ``accuracy``,
+    confidence = ``meta["care_confidence"]``, written by the ``grpo_care`` objective before the
+    advantages), then the group z-score. Needs the ``grpo_care`` objective (preset ``grpo_care``)."""
+    conf = inputs.meta.get("care_confidence")
+    if conf is None:
+        raise ValueError("the 'grpo_care' estimator needs meta['care_confidence'] (the EMA reference's answer likelihoods): use the preset grpo_care, whose objective computes them.")
+    if len(conf) != len(inputs.rewards):
+        raise ValueError(f"'grpo_care': {len(conf)} confidences for {len(inputs.rewards)} rewards (GRPO-CARE runs in a single process).")
+    b = care_bonus(_column(inputs, accuracy, "grpo_care"), conf.to(inputs.rewards.device), inputs.group_ids, bonus=bonus, margin=margin, min_accuracy=min_accuracy)
+    inputs.meta["care_bonus"] = b
+    return group_advantages(inputs.rewards.float() + b, inputs.group_ids, std=std, std_estimator=std_estimator, eps=eps, clip=clip)

@@ -53,6 +53,9 @@ class Preset:
     reward_transform_params: dict[str, Any] = field(default_factory=dict)
     #: constructor/keyword options of ``objective`` (e.g. DiffusionNFT's ``nft_beta``).
     objective_params: dict[str, Any] = field(default_factory=dict)
+    #: leave samples with advantage exactly 0 out of the update (Flow-GRPO's diffusion reference does;
+    #: TRL and verl keep them, so the language-model presets set False). See ``loss.skip_zero_advantage``.
+    skip_zero_advantage: bool = True
 
 
 PRESETS: Registry[Preset] = Registry("algorithm preset")
@@ -128,6 +131,13 @@ def resolve(config: Any) -> Any:
     adv_params = dict(preset.advantage_params)
     if a.std is not None:
         adv_params["std"] = a.std
+    if a.std_estimator is not None:
+        if not _accepts(changes.get("advantage", preset.advantage), "std_estimator"):
+            raise ConfigError(
+                f"loss.std_estimator: the advantage estimator '{changes.get('advantage', preset.advantage)}' has no std "
+                "option (it normalises in its own way); remove loss.std_estimator."
+            )
+        adv_params["std_estimator"] = a.std_estimator
     if a.adv_clip_max is not None:
         adv_params["clip"] = a.adv_clip_max
     adv_params.update(a.options)
@@ -150,7 +160,12 @@ def resolve(config: Any) -> Any:
         loss_changes["ratio"] = a.ratio
     if a.clip is not None:
         loss_changes["clip"] = a.clip
-    changes["loss"] = replace(loss, **loss_changes)
+    if a.kl_ratio_weight is not None:
+        loss_changes["kl_ratio_weight"] = a.kl_ratio_weight
+    new_loss = replace(loss, **loss_changes)
+    changes["loss"] = _resolve_loss(new_loss, config, preset.name, preset.objective)
+    if a.skip_zero_advantage is not None:
+        changes["skip_zero_advantage"] = a.skip_zero_advantage
     obj_params = {**preset.objective_params, **(getattr(a, "objective_options", None) or {})}
     if getattr(a, "nft_beta", None) is not None:
         obj_params["nft_beta"] = a.nft_beta  # DiffusionNFT's β (never the KL coefficient `beta`)
@@ -163,20 +178,69 @@ def resolve(config: Any) -> Any:
     return ResolvedConfig(config=config, preset=preset, learning_rate=float(lr), timestep_fraction=float(frac), timestep_selection=sel)
 
 
+def _resolve_loss(loss: LossSpec, config: Any, preset_name: str, objective: str = "policy_gradient") -> LossSpec:
+    """Settle what the preset and the overrides leave implicit, so the resolved config (and the run
+    directory's record of it) is the loss that runs, whoever builds the policy:
+
+    - β > 0 without a KL form: language models get TRL's ``k3``; other models stop with an error
+      (their KL form — Gaussian per step, velocity, ... — is a choice, not a default).
+    - Dr.GRPO's ``seq-mean-token-sum-norm`` on a language model without ``max_len``: the constant
+      normaliser L_max is ``sampler.max_new_tokens`` (TRL's ``max_completion_length``), not the batch's
+      completion width, which shrinks when every completion stops early.
+    """
+    from flowrl.config import ConfigError
+    from flowrl.losses import KL_TERMS
+
+    token_policy = config.model.kind == "causal_lm"
+    if loss.beta > 0 and not loss.kl:
+        if not token_policy:
+            raise ConfigError(
+                f"loss.beta is {loss.beta} but algorithm '{preset_name}' has no KL term to weight: set loss.kl "
+                f"({', '.join(KL_TERMS.names())}) or loss.beta=0."
+            )
+        loss = replace(loss, kl="k3")
+    if objective == "policy_gradient" and loss.kl and loss.kl not in KL_TERMS:  # other objectives own their KL
+        raise ConfigError(f"loss.kl '{loss.kl}' is unknown. Known: {', '.join(KL_TERMS.names())}.")
+    if token_policy and loss.aggregation == "seq-mean-token-sum-norm" and loss.max_len is None:
+        loss = replace(loss, max_len=int(config.sampler.max_new_tokens))
+    return loss
+
+
 # =============================================================================== language models
 # One preset per method; the token policy (flowrl.TokenPolicy) replaces the sampler.
 # Numbers are the papers' (or TRL's) defaults; "inferred" marks a form the paper does not pin down.
 
-def _llm(name: str, doc: str, *, advantage: str = "group", advantage_params: dict[str, Any] | None = None, prompt_selection: str = "uniform", defaults: dict[str, Any] | None = None, **loss: Any) -> Preset:
+def _llm(name: str, doc: str, *, advantage: str = "group", advantage_params: dict[str, Any] | None = None, prompt_selection: str = "uniform", defaults: dict[str, Any] | None = None, objective: str = "policy_gradient", objective_params: dict[str, Any] | None = None, **loss: Any) -> Preset:
+    """A language-model preset: PPO clip ε 0.2 per token, GRPO's seq-mean-token-mean, no KL, zero-advantage
+    rows kept (as TRL and verl), and the unbiased group std (TRL's and verl's ``torch.std``) wherever the
+    estimator takes one."""
     spec = dict(ratio="token", clip="ppo_clip", clip_params={"clip_range": 0.2}, aggregation="seq-mean-token-mean", kl=None, beta=0.0)
     spec.update(loss)
+    adv_params = {"std": "group", "clip": None} if advantage_params is None else dict(advantage_params)
+    if "std_estimator" not in adv_params and _accepts(advantage, "std_estimator"):
+        adv_params["std_estimator"] = "unbiased"
     return register_preset(
         Preset(
             name=name, doc=doc, kernel="token", noise_level=0.0, advantage=advantage,
-            advantage_params={"std": "group", "clip": None} if advantage_params is None else advantage_params,
-            loss=LossSpec(**spec), prompt_selection=prompt_selection, defaults={"learning_rate": 1e-5, **(defaults or {})},
+            advantage_params=adv_params, loss=LossSpec(**spec), prompt_selection=prompt_selection,
+            defaults={"learning_rate": 1e-5, **(defaults or {})}, objective=objective,
+            objective_params=dict(objective_params or {}), skip_zero_advantage=False,
         )
     )
+
+
+def _accepts(advantage: str, option: str) -> bool:
+    """Whether the registered advantage estimator ``advantage`` takes the keyword ``option``."""
+    import inspect
+
+    from flowrl.advantages import ADVANTAGES
+
+    try:
+        obj = ADVANTAGES.get(advantage)
+    except ValueError:
+        return False
+    params = inspect.signature(obj.__init__ if inspect.isclass(obj) else obj).parameters
+    return option in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 GRPO = _llm(
@@ -257,8 +321,9 @@ SSPO = _llm(
 UNLIKELINESS = _llm(
     "unlikeliness",
     "Unlikeliness reward (He et al. 2025): correct rollouts ranked by mean token log-prob under π_old, "
-    "r̃ = r·(1 − 0.25·rank/G) (likely ones discounted); GRPO loss with 2 PPO epochs (train.inner_epochs 2).",
-    advantage="unlikeliness", advantage_params={"beta_rank": 0.25, "clip": None}, defaults={"inner_epochs": 2},
+    "r̃ = r·(1 − 0.25·rank/G) (likely ones discounted); GRPO loss. The paper trains 2 PPO epochs per batch: "
+    "set train.inner_epochs=2 (TRL num_iterations=2).",
+    advantage="unlikeliness", advantage_params={"beta_rank": 0.25, "clip": None},
 )
 NOISY_VERIFIER = _llm(
     "noisy_verifier",
@@ -317,113 +382,153 @@ TRUST_GRPO = _llm(
     advantage="trust_grpo", advantage_params={"lambda0": 1.0, "anneal_steps": 100, "clip": None},
 )
 
+RISKPO = _llm(
+    "riskpo",
+    "RiskPO (Ren et al. 2025, 'RiskPO: Risk-based Policy Optimization via Verifiable Reward for LLM Post-Training'): "
+    "questions bundled 5 at a time; paper j = the j-th answer of each bundled question, scored by the summed reward; "
+    "Mixed-VaR advantage (w·A_CVaR + A_RVaR)/(w + 1), w 1.5, with A_RVaR = ((X − q_α)⁺ − (X − q_β)⁺ + q_α − q_β)/(β − α) "
+    "and A_CVaR = −(q_α − X)⁺/α over the bundle's paper-score quantiles (α 0.2, β 0.9), ÷ the bundle's std, each "
+    "answer's share ÷ its question's reward std; PPO clip 0.2, token-mean, no KL (the released verl script). "
+    "Needs train.prompts_per_iteration ≥ 5 for full bundles. Tracked (SGD) quantiles: loss.options {quantiles: tracked} "
+    "(the paper's description; the released code computes the advantage from each bundle's quantiles).",
+    advantage="riskpo", advantage_params={"bundle_size": 5, "alpha": 0.2, "beta": 0.9, "weight": 1.5, "quantiles": "batch", "credit": "std"},
+    aggregation="token-mean", defaults={"learning_rate": 1e-6},
+)
+GRPO_CARE = _llm(
+    "grpo_care",
+    "GRPO-CARE (Chen et al. 2025, 'GRPO-CARE: Consistency-Aware Reinforcement Learning for Multimodal Reasoning'): "
+    "no KL; reward + consistency bonus λ_b·accuracy (λ_b 0.5) for answers that are accurate (> 0.1 and ≥ the group "
+    "mean) and whose likelihood under an EMA reference (decay 0.995 every 10 optimizer steps; exp of the mean "
+    "log-prob of the <answer> tokens given the member's own reasoning, capped at 0.95) is ≥ the mean over the group's "
+    "accurate answers − 0.01; group z-score (unbiased std); seq-mean-token-mean (the released trainer). The first "
+    "reward column is the accuracy. Single process only.",
+    advantage="grpo_care", advantage_params={"bonus": 0.5, "margin": 0.01, "accuracy": 0, "min_accuracy": 0.1, "std": "group", "std_estimator": "unbiased", "clip": None},
+    objective="grpo_care", objective_params={"decay": 0.995, "update_every": 10, "confidence_upper_bound": 0.95},
+    defaults={"learning_rate": 1e-6},
+)
+TRL_GRPO = _llm(
+    "trl_grpo",
+    "TRL GRPOTrainer's defaults (TRL ≥ 1.x GRPOConfig): group z-score with the unbiased std (scale_rewards "
+    "'group'), PPO clip ε 0.2 per token, loss_type 'dapo' (token-mean over the optimizer step's batch), β 0 — "
+    "with β > 0 the k3 KL is weighted by the importance ratio (use_bias_correction_kl) — lr 1e-6. A config "
+    "written with TRL's field names and no algorithm gets this preset, so unset fields take TRL's defaults.",
+    aggregation="token-mean", kl_ratio_weight=True, defaults={"learning_rate": 1e-6},
+)
+
 LLM_PRESETS = (
     "grpo", "dr_grpo", "dapo", "gspo", "gspo_token", "dispo", "ngrpo", "gdpo", "spo", "etr", "dhpo", "sspo",
     "unlikeliness", "noisy_verifier", "seed_grpo", "tempo", "grpo_lambda", "posterior_grpo", "s_grpo", "reg_grpo",
-    "real", "trust_grpo",
+    "real", "trust_grpo", "riskpo", "grpo_care", "trl_grpo",
 )
 
-# TRL ``loss_type`` → aggregation (TRL GRPOConfig semantics: it changes only the reduction).
+# TRL ``loss_type`` → aggregation (TRL GRPOConfig semantics: it changes only the reduction). TRL's
+# "dapo" normalises by the tokens of the whole accumulated batch and "bnpo" by those of the local
+# micro-batch; flowrl's token-mean runs over one optimizer step's samples, so both coincide with it
+# when one optimizer step is one batch on one process.
 TRL_LOSS_TYPES = {
     "grpo": "seq-mean-token-mean",
     "bnpo": "token-mean",
     "dapo": "token-mean",
     "dr_grpo": "seq-mean-token-sum-norm",
 }
-TRL_IS_LEVELS = {"token": "token", "sequence": "sequence", "sequence_token": "gspo_token"}
-TRL_IS_PRESETS = {"sequence": "gspo", "sequence_token": "gspo_token"}
+TRL_IS_LEVELS = {"token": "token", "sequence": "sequence"}
 TRL_SCALE_REWARDS = {"group": "group", "batch": "global", "none": "none", True: "group", False: "none"}
+#: TRL names accepted at the top level or inside loss / sampler sections
+_TRL_SECTION_KEYS = ("epsilon", "epsilon_high", "scale_rewards", "loss_type", "importance_sampling_level", "max_completion_length", "use_bias_correction_kl")
+#: TRL names accepted at the top level only (flowrl has a field of that name, or of another meaning, elsewhere)
+_TRL_TOP_KEYS = ("num_generations", "beta", "temperature", "num_iterations")
 
 
 def trl_aliases(d: dict[str, Any]) -> dict[str, Any]:
-    """Map TRL ``GRPOConfig`` names onto flowrl's config (a new dict; the input is not modified).
+    """Map TRL ``GRPOConfig`` names onto flowrl's config, with TRL's meanings (a new dict; the input is
+    not modified). A name flowrl cannot give TRL's meaning is refused with a :class:`ConfigError`.
 
-    Accepted at the top level or inside the ``loss`` / ``train`` / ``sampler`` sections:
+    At the top level only:
 
     - ``num_generations`` → ``train.num_generations`` (group size G);
-    - ``epsilon`` / ``epsilon_high`` → ``loss.clip_range`` / ``loss.clip_range_high``;
-    - ``beta`` (top level) → ``loss.beta``;
-    - ``scale_rewards`` group/batch/none (or true/false) → ``loss.std`` group/global/none;
-    - ``loss_type`` grpo/bnpo/dapo/dr_grpo → ``loss.aggregation`` (as in TRL, only the reduction);
-    - ``importance_sampling_level`` token/sequence/sequence_token → ``loss.ratio`` token/sequence/
-      gspo_token when the config has that field, else (with ``algorithm`` unset) the preset gspo /
-      gspo_token;
-    - ``max_completion_length`` → ``sampler.max_new_tokens``; ``temperature`` → ``sampler.temperature``.
+    - ``beta`` → ``loss.beta``; ``temperature`` → ``sampler.temperature``;
+    - ``num_iterations`` (μ, updates per generated batch) → ``train.inner_epochs``. The run length is
+      ``train.iterations``; ``train.num_iterations`` is refused because its meaning is ambiguous.
 
-    A name given twice with different values (alias and flowrl name) is an error naming both.
+    At the top level or inside ``loss`` / ``sampler``:
+
+    - ``epsilon`` / ``epsilon_high`` → ``loss.clip_range`` / ``loss.clip_range_high``;
+    - ``scale_rewards`` group/batch/none (or true/false) → ``loss.std`` group/global/none;
+    - ``loss_type`` grpo/bnpo/dapo/dr_grpo → ``loss.aggregation`` (as in TRL, only the reduction;
+      TRL's cispo, sapo, luspo and vespo are refused);
+    - ``importance_sampling_level`` token/sequence → ``loss.ratio`` token/sequence (TRL has no other
+      level: GSPO-token is ``loss.ratio: gspo_token``);
+    - ``use_bias_correction_kl`` → ``loss.kl_ratio_weight``;
+    - ``max_completion_length`` → ``sampler.max_new_tokens`` (also Dr.GRPO's constant normaliser).
+
+    A config that uses any TRL name and sets no ``algorithm`` gets the preset ``trl_grpo`` (TRL's
+    defaults), so what it leaves unset means what it means in TRL. A name given twice with different
+    values (alias and flowrl name) is an error naming both.
     """
+    from flowrl.config import ConfigError
+
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items()}
+    train = out.get("train")
+    if isinstance(train, dict) and "num_iterations" in train:
+        raise ConfigError(
+            "train.num_iterations is ambiguous: in TRL, num_iterations is the number of updates per generated "
+            "batch (μ), which flowrl calls train.inner_epochs; the length of the run is train.iterations. "
+            "Write one of those (or TRL's num_iterations at the top level, meaning μ)."
+        )
     found: dict[str, Any] = {}
-    for section in (None, "loss", "train", "sampler"):
+    for section in (None, "loss", "sampler"):
         src = out if section is None else out.get(section)
         if not isinstance(src, dict):
             continue
-        for key in ("num_generations", "epsilon", "epsilon_high", "scale_rewards", "loss_type", "importance_sampling_level", "max_completion_length"):
-            if section == "train" and key == "num_generations":
-                continue  # a flowrl field there already
+        for key in _TRL_SECTION_KEYS + (_TRL_TOP_KEYS if section is None else ()):
             if key in src:
+                if key in found and found[key] != src[key]:
+                    raise ConfigError(f"TRL's '{key}' is given twice with different values ({found[key]!r}, {src[key]!r}).")
                 found[key] = src.pop(key)
-        if section is None:
-            for key in ("beta", "temperature"):
-                if key in src:
-                    found[key] = src.pop(key)
     if not found:
         return out
 
     def put(section: str, key: str, value: Any, alias: str) -> None:
         sec = out.setdefault(section, {})
         if not isinstance(sec, dict):
-            raise ValueError(f"config section '{section}' must be a mapping to take TRL's '{alias}'.")
+            raise ConfigError(f"config section '{section}' must be a mapping to take TRL's '{alias}'.")
         if key in sec and sec[key] is not None and sec[key] != value:
-            raise ValueError(f"'{alias}' ({value!r}) conflicts with {section}.{key} ({sec[key]!r}); give only one of them.")
+            raise ConfigError(f"'{alias}' ({value!r}) conflicts with {section}.{key} ({sec[key]!r}); give only one of them.")
         sec[key] = value
 
-    def pick(table: dict[Any, str], alias: str) -> str:
+    def pick(table: dict[Any, str], alias: str, note: str = "") -> str:
         value = found[alias]
+        if isinstance(value, bool) and not any(isinstance(k, bool) for k in table):
+            value = str(value).lower()
         if value not in table:
-            raise ValueError(f"{alias} '{value}' is not understood; known: {', '.join(map(str, table))}.")
+            raise ConfigError(f"{alias} '{value}' is not supported; known: {', '.join(str(k) for k in table)}.{note}")
         return table[value]
 
     if "num_generations" in found:
         put("train", "num_generations", found["num_generations"], "num_generations")
+    if "num_iterations" in found:
+        put("train", "inner_epochs", found["num_iterations"], "num_iterations")
     if "epsilon" in found:
         put("loss", "clip_range", found["epsilon"], "epsilon")
     if "epsilon_high" in found:
         put("loss", "clip_range_high", found["epsilon_high"], "epsilon_high")
     if "beta" in found:
         put("loss", "beta", found["beta"], "beta")
+    if "use_bias_correction_kl" in found:
+        put("loss", "kl_ratio_weight", found["use_bias_correction_kl"], "use_bias_correction_kl")
     if "scale_rewards" in found:
         put("loss", "std", pick(TRL_SCALE_REWARDS, "scale_rewards"), "scale_rewards")
     if "loss_type" in found:
-        put("loss", "aggregation", pick(TRL_LOSS_TYPES, "loss_type"), "loss_type")
+        put("loss", "aggregation", pick(TRL_LOSS_TYPES, "loss_type", " (TRL's other loss types have no flowrl equivalent.)"), "loss_type")
+    if "importance_sampling_level" in found:
+        note = " 'sequence_token' is not a TRL value; GSPO-token is loss.ratio: gspo_token (algorithm gspo_token)." if found["importance_sampling_level"] == "sequence_token" else ""
+        put("loss", "ratio", pick(TRL_IS_LEVELS, "importance_sampling_level", note), "importance_sampling_level")
     if "max_completion_length" in found:
         put("sampler", "max_new_tokens", found["max_completion_length"], "max_completion_length")
     if "temperature" in found:
         put("sampler", "temperature", found["temperature"], "temperature")
-    if "importance_sampling_level" in found:
-        level = pick(TRL_IS_LEVELS, "importance_sampling_level")
-        if _config_has("loss", "ratio"):
-            put("loss", "ratio", level, "importance_sampling_level")
-        elif level != "token":
-            preset = TRL_IS_PRESETS[found["importance_sampling_level"]]
-            if out.get("algorithm") not in (None, preset):
-                raise ValueError(
-                    f"importance_sampling_level '{found['importance_sampling_level']}' needs algorithm '{preset}' "
-                    f"(this config has no loss.ratio field), but algorithm is '{out['algorithm']}'."
-                )
-            out["algorithm"] = preset
+    out.setdefault("algorithm", "trl_grpo")
     return out
-
-
-def _config_has(section: str, name: str) -> bool:
-    try:
-        from dataclasses import fields
-
-        from flowrl import config as cfg
-    except ImportError:
-        return False
-    cls = {"loss": getattr(cfg, "AlgorithmConfig", None)}.get(section)
-    return cls is not None and any(f.name == name for f in fields(cls))
 
 
 # ===================================================================================== issue 5
@@ -540,8 +645,9 @@ G2RPO = register_preset(
         "half of the steps (0…7 of 16). Advantage of (member, k) = Σ_reward models Σ_g z-score over the group (unbiased "
         "std + 1e-8, clip ±5: multi-granularity integration per reward model); one policy evaluation per k (shared x_k), "
         "PPO clip 1e-4, no KL, lr 1e-5. "
-        "Reference: 16 steps, shift 3, G = 12 (train.num_generations=12; train.train_batch_size=12 gives the "
-        "reference's one optimizer step per k).",
+        "Reference: 16 steps, shift 3, G = 12 (train.num_generations=12), one optimizer step per prompt and iteration "
+        "over all k (train.train_batch_size = 8·12 = 96 trained rows per prompt), full fine-tune at lr 2e-6 (the preset's "
+        "1e-5 is our choice for LoRA).",
         kernel="flow",
         noise_level=0.7,
         rollout="singular",

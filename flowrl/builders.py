@@ -137,6 +137,8 @@ def build_flow_policy(resolved: ResolvedConfig, run_dir: Path):
     device = _device(cfg)
     pipe.to(device)
     s = cfg.sampler
+    if s.shift is not None:
+        set_scheduler_shift(pipe, s.shift)
     options = {"num_frames": s.num_frames, "negative_prompt": s.negative_prompt, "decode_batch_size": cfg.model.decode_batch_size}
     options = {k: v for k, v in options.items() if v is not None}
     policy = FlowPolicy.from_pipeline(
@@ -148,6 +150,21 @@ def build_flow_policy(resolved: ResolvedConfig, run_dir: Path):
     )
     apply_memory_options(policy, cfg)
     return policy
+
+
+def set_scheduler_shift(pipe: Any, shift: float) -> None:
+    """Replace ``pipe.scheduler`` by a copy with time shift ``shift`` (``shift``, or ``flow_shift``
+    for UniPC with flow sigmas); ``sampler.shift`` in the config."""
+    config = pipe.scheduler.config
+    if config.get("use_dynamic_shifting", False):
+        raise ConfigError(
+            f"sampler.shift: {type(pipe.scheduler).__name__} of {type(pipe).__name__} shifts dynamically with the image "
+            "size (mu); a fixed shift does not apply. Remove sampler.shift."
+        )
+    key = "flow_shift" if "flow_shift" in config else "shift"
+    if key not in config:
+        raise ConfigError(f"sampler.shift: {type(pipe.scheduler).__name__} has no time shift; remove sampler.shift.")
+    pipe.scheduler = type(pipe.scheduler).from_config(config, **{key: float(shift)})
 
 
 def _checked_adapter_options(pipe: Any, options: dict[str, Any]) -> dict[str, Any] | None:

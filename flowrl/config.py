@@ -101,6 +101,10 @@ class SamplerConfig:
     """Language models: completion length limit."""
     temperature: float = 1.0
     """Language models: sampling temperature (log-probs are taken at this temperature)."""
+    shift: float | None = None
+    """Time shift of the σ grid: the scheduler's ``shift`` (Wan's UniPC: ``flow_shift``); SAGE-GRPO
+    uses 5 on HunyuanVideo 1.5. Default: the pipeline's scheduler config. Not for schedulers with
+    dynamic shifting (Flux, Qwen-Image: their shift follows the image size)."""
     num_frames: int | None = None
     """Video models: frames per sample (default: the model's; Wan 81, HunyuanVideo 1.5 121; both
     need 4k + 1)."""
@@ -130,6 +134,9 @@ class AlgorithmConfig:
     """Advantage estimator name (group, ...)."""
     std: Literal["group", "global", "none"] | None = None
     """Advantage scaling: per-prompt std, batch std (Flow-GRPO global_std), or none (Dr.GRPO)."""
+    std_estimator: Literal["population", "unbiased"] | None = None
+    """The std of that scaling: ``population`` (÷n, Flow-GRPO's ``np.std``; the diffusion presets) or
+    ``unbiased`` (÷(n − 1), TRL's and verl's ``torch.std``; the language-model presets). Default: the preset's."""
     adv_clip_max: float | None = None
     """Clip advantages to ±adv_clip_max (Flow-GRPO: 5)."""
     clip_range: float | None = None
@@ -137,9 +144,14 @@ class AlgorithmConfig:
     clip_range_high: float | None = None
     """Upper ε for clip-higher (DAPO 0.28; TRL ``epsilon_high``)."""
     beta: float | None = None
-    """KL coefficient against the reference policy (TRL ``beta``); 0 disables the KL term."""
+    """KL coefficient against the reference policy (TRL ``beta``); 0 disables the KL term. With β > 0
+    and no KL form (``kl`` unset here and in the preset), language models get ``k3`` (as TRL); other
+    models stop with an error asking for ``loss.kl``."""
     kl: str | None = None
     """KL form: gaussian (exact per-step), gaussian_reference (Flow-GRPO code: ×Δ), k3 (tokens)."""
+    kl_ratio_weight: bool | None = None
+    """Multiply the per-step KL by the importance ratio π_θ/π_old (TRL ``use_bias_correction_kl``, on by
+    default in TRL ≥ 1.x; DeepSeek-V3.2's unbiased KL gradient). Default: the preset's (off)."""
     ratio: str | None = None
     """Ratio level: token (per step), sequence (GSPO), gspo_token, segment, hybrid (``flowrl.losses.RATIOS``)."""
     clip: str | None = None
@@ -152,8 +164,12 @@ class AlgorithmConfig:
     """Fraction of stored steps trained (first ⌊T·f⌋; 0.99 drops the last, near-deterministic step)."""
     timestep_selection: Literal["first", "random"] | None = None
     """first: the first ⌊T·f⌋ steps (Flow-GRPO); random: a random subset per sample (DanceGRPO)."""
-    skip_zero_advantage: bool = True
-    """Drop samples whose advantage is 0 from the update (their gradient is 0 anyway)."""
+    skip_zero_advantage: bool | None = None
+    """Leave samples whose advantage is exactly 0 out of the update (default: the preset's — on for the
+    Flow-GRPO-style diffusion presets, as their reference does; off for the language-model presets, as
+    TRL and verl keep those rows). It is not free: with β > 0 such rows still carry the KL term's
+    gradient, and dropping them changes the per-sequence denominators of the seq-mean aggregations
+    (GRPO's mean over sequences, Dr.GRPO's G·L_max)."""
     options: dict[str, Any] = field(default_factory=dict)
     """Extra options passed to the advantage estimator (merged over the preset's)."""
     nft_beta: float | None = None
@@ -174,10 +190,12 @@ class TrainSection:
     """Group size G: samples per prompt (Flow-GRPO 24 on SD3.5-M; ≥ 2)."""
     prompts_per_iteration: int = 2
     """Prompts (groups) per iteration, over all processes; must divide by the process count."""
-    num_iterations: int = 10
-    """Rollout → update iterations."""
+    iterations: int = 10
+    """Rollout → update iterations: the length of the run. Not TRL's ``num_iterations`` (updates per
+    batch, μ), which is ``train.inner_epochs`` here."""
     inner_epochs: int = 1
-    """Passes over each iteration's samples (Flow-GRPO: 1; the 2nd+ are off-policy)."""
+    """Passes over each iteration's samples, i.e. TRL's ``num_iterations`` μ (Flow-GRPO: 1; the 2nd+
+    are off-policy)."""
     train_batch_size: int = 8
     """Samples per optimizer step; gradients accumulate over samples × steps within it."""
     learning_rate: float | None = None
@@ -309,8 +327,8 @@ class TrainConfig:
             )
         if t.prompts_per_iteration < 1:
             raise ConfigError("train.prompts_per_iteration must be ≥ 1.")
-        if t.num_iterations < 0:
-            raise ConfigError("train.num_iterations must be ≥ 0.")
+        if t.iterations < 0:
+            raise ConfigError("train.iterations must be ≥ 0.")
         if t.train_batch_size < 1:
             raise ConfigError("train.train_batch_size must be ≥ 1.")
         if t.inner_epochs < 1:
@@ -331,6 +349,10 @@ class TrainConfig:
             raise ConfigError(f"sampler.max_sequence_length must be ≥ 1 or null (the pipeline's default), got {s.max_sequence_length}.")
         if s.prompt_cache_mb < 0:
             raise ConfigError(f"sampler.prompt_cache_mb must be ≥ 0 (0 disables the cache), got {s.prompt_cache_mb}.")
+        if s.shift is not None and not s.shift > 0:
+            raise ConfigError(f"sampler.shift must be > 0 (1 = no shift), got {s.shift}.")
+        if s.num_frames is not None and s.num_frames < 1:
+            raise ConfigError(f"sampler.num_frames must be ≥ 1, got {s.num_frames}.")
         if s.noise_level is not None and s.noise_level < 0:
             raise ConfigError(f"sampler.noise_level must be ≥ 0, got {s.noise_level}.")
         if s.guidance_scale < 1.0 and s.guidance_scale != 0.0:

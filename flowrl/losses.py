@@ -180,10 +180,15 @@ class LossSpec:
     max_len: int | None = None
     kl: str | None = None
     beta: float = 0.0
+    #: multiply the per-step KL by the importance ratio ρ of the ratio level (with its gradient), as
+    #: TRL's ``use_bias_correction_kl`` (DeepSeek-V3.2): the k3 gradient then estimates ∇KL(π_θ‖π_ref)
+    #: without bias off-policy too.
+    kl_ratio_weight: bool = False
 
 
 def policy_loss(inputs: LossInputs, spec: LossSpec) -> tuple[Tensor, dict[str, float]]:
-    """ratio → clip rule → step weights → aggregation (+ β·KL). Returns ``(scalar, metrics)``.
+    """ratio → clip rule → step weights → aggregation (+ β·KL, optionally ρ-weighted). Returns
+    ``(scalar, metrics)``.
 
     Metrics: ``loss/policy``, ``ratio/mean`` (masked mean of ρ), ``ratio/clipfrac`` (fraction of
     masked steps where the clipped branch was taken), ``kl/ref`` (masked mean KL, if any),
@@ -206,6 +211,8 @@ def policy_loss(inputs: LossInputs, spec: LossSpec) -> tuple[Tensor, dict[str, f
             metrics[k] = float(v)
     if spec.kl and spec.beta > 0:
         kl = KL_TERMS.get(spec.kl)(inputs)
+        if spec.kl_ratio_weight:
+            kl = kl * torch.exp(log_ratio)
         kl_loss = aggregate(kl, mask, spec.aggregation, max_len=spec.max_len)
         loss = loss + spec.beta * kl_loss
         metrics["kl/ref"] = float(masked_mean(kl.detach(), mask))

@@ -27,7 +27,9 @@ PIPELINE_SOURCES: Registry[Callable[..., Any]] = Registry("pipeline source")
 def make_objective(name: str, **params: Any) -> Any:
     """A ready objective ``fn(policy, batch, steps, ctx) -> (loss, metrics)``: a registered class is
     instantiated with ``params`` (it may keep state: ``state_dict``/``load_state_dict`` are
-    checkpointed, ``on_iteration_end(trainer, it) -> metrics`` runs after every update phase); a
+    checkpointed, ``before_advantages(trainer, traj)`` runs after the rewards and before the advantages,
+    ``on_update(trainer)`` after every optimizer step, ``on_iteration_end(trainer, it) -> metrics`` after
+    every update phase); a
     function is bound with ``params``."""
     import functools
     import inspect
@@ -39,7 +41,7 @@ def make_objective(name: str, **params: Any) -> Any:
 
 
 #: modules that register built-in objectives, rollout schedules and reward transforms on import
-BUILTIN_COMPONENT_MODULES = ("flowrl.nft", "flowrl.co_grpo", "flowrl.rewards.pairwise", "flowrl.trust_region")
+BUILTIN_COMPONENT_MODULES = ("flowrl.nft", "flowrl.co_grpo", "flowrl.rewards.pairwise", "flowrl.trust_region", "flowrl.care")
 
 
 def import_builtin_components() -> None:

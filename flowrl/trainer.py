@@ -201,6 +201,8 @@ class Trainer:
         self.eval_prompts = _load_prompts(t.eval_prompts, "train.eval_prompts") if t.eval_prompts is not None else []
         import_builtin_components()
         self.policy = policy if policy is not None else build_policy(self.resolved, self.run_dir)
+        if policy is not None and hasattr(policy, "check_config"):  # a given policy must agree with the config
+            policy.check_config(self.resolved)
         self.reward_set = reward_set if reward_set is not None else _build_reward_set(config)
         self.estimator = make_estimator(self.resolved.preset.advantage, **self.resolved.preset.advantage_params)
         self.objective = make_objective(self.resolved.preset.objective, **self.resolved.preset.objective_params)
@@ -243,22 +245,22 @@ class Trainer:
         eval_before = self.evaluate(tag="base") if self.eval_prompts and self.start_iteration == 0 else {}
         if eval_before:
             self._log({"iteration": 0, **{f"eval/{k}": v for k, v in eval_before.items()}}, writer)
-        bar = _progress(range(self.start_iteration + 1, t.num_iterations + 1), enabled=t.progress and self.accelerator.is_main_process, total=t.num_iterations, initial=self.start_iteration)
+        bar = _progress(range(self.start_iteration + 1, t.iterations + 1), enabled=t.progress and self.accelerator.is_main_process, total=t.iterations, initial=self.start_iteration)
         for it in bar:
             record = self.iteration(it)
-            if self.eval_prompts and t.eval_every and it % t.eval_every == 0 and it != t.num_iterations:
+            if self.eval_prompts and t.eval_every and it % t.eval_every == 0 and it != t.iterations:
                 record.update({f"eval/{k}": v for k, v in self.evaluate(tag=f"iter{it}").items()})
             self._log(record, writer)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(reward=f"{record['reward/mean']:.3f}", kl=f"{record.get('kl/ref', 0.0):.2e}")
             if t.save_every and it % t.save_every == 0:
                 self.save_checkpoint(it)
-        if t.num_iterations > self.start_iteration and not (t.save_every and t.num_iterations % t.save_every == 0):
-            self.save_checkpoint(t.num_iterations)
+        if t.iterations > self.start_iteration and not (t.save_every and t.iterations % t.save_every == 0):
+            self.save_checkpoint(t.iterations)
         eval_after = {}
         if self.eval_prompts:
             eval_after = self.evaluate(tag="tuned")
-            self._log({"iteration": t.num_iterations, **{f"eval/{k}": v for k, v in eval_after.items()}}, writer)
+            self._log({"iteration": t.iterations, **{f"eval/{k}": v for k, v in eval_after.items()}}, writer)
         self.export_lora()
         if writer is not None:
             writer.close()
@@ -271,7 +273,7 @@ class Trainer:
         cfg, t, preset = self.config, self.config.train, self.resolved.preset
         acc = self.accelerator
         self.policy.iteration = it
-        lr = learning_rate_at(it, t.num_iterations, self.resolved.learning_rate, t.lr_schedule, t.lr_min_ratio)
+        lr = learning_rate_at(it, t.iterations, self.resolved.learning_rate, t.lr_schedule, t.lr_min_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         # 1. rollout + 2. rewards (the prompt selector may filter groups and refill: DAPO) ------
@@ -320,6 +322,9 @@ class Trainer:
         group_ids = traj.group_ids + acc.process_index * n_local
         all_rewards, all_groups = self._gather(combined), self._gather(group_ids)
         # 3. advantages ---------------------------------------------------------------------
+        prepare = getattr(self.objective, "before_advantages", None)
+        if prepare is not None:  # objectives whose estimator reads policy evaluations (GRPO-CARE)
+            prepare(self, traj)
         adv_all = self._advantages(AdvantageInputs(
             rewards=all_rewards, group_ids=all_groups, reward_table=self._gather(table), reward_names=list(names),
             mask=None, traj=traj if acc.num_processes == 1 else None, prompts=traj.prompts if acc.num_processes == 1 else None, meta=traj.meta,
@@ -331,10 +336,9 @@ class Trainer:
         if "train_mask" in traj.meta:  # an estimator pruned trained steps (BranchGRPO width pruning)
             traj.mask = traj.mask & traj.meta.pop("train_mask")[lo : lo + len(traj)].to(traj.mask.device)
         traj.mask = select_train_steps(traj.mask, self.resolved.timestep_fraction, self.resolved.timestep_selection, generator_for(t.seed, it, "steps", acc.process_index))
-        keep = adv.abs().flatten(1).amax(1) > 0 if adv.dim() > 1 else adv.abs() > 0
-        keep &= torch.isfinite(combined)  # samples whose reward failed (tolerated by max_failures) are not trained
-        if not cfg.loss.skip_zero_advantage:
-            keep = torch.ones_like(keep)
+        keep = torch.isfinite(combined)  # samples whose reward failed (tolerated by max_failures) are not trained
+        if preset.skip_zero_advantage:  # Flow-GRPO's diffusion presets; not the LLM ones (TRL/verl keep them)
+            keep &= adv.abs().flatten(1).amax(1) > 0 if adv.dim() > 1 else adv.abs() > 0
         # 4. update -------------------------------------------------------------------------
         update_metrics = self.update(traj, keep, it)
         if hasattr(self.estimator, "observe_shift"):  # stateful estimators that track policy drift (SPO)
@@ -583,7 +587,7 @@ class Trainer:
 
         try:
             evals: dict[str, list[tuple[float, float]]] = {}
-            for it, result in ((0, self._evals.get("base")), (self.config.train.num_iterations, self._evals.get("tuned"))):
+            for it, result in ((0, self._evals.get("base")), (self.config.train.iterations, self._evals.get("tuned"))):
                 for k, v in (result or {}).items():
                     if k != "num_prompts":
                         evals.setdefault(k, []).append((it, v))

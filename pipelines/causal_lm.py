@@ -184,6 +184,25 @@ class TokenPolicy(PolicyBase):
             policy.set_reference_model(reference)
         return policy
 
+    def check_config(self, resolved: Any) -> None:
+        """Stop with a :class:`~flowrl.config.ConfigError` if this policy, given to the trainer ready-made,
+        disagrees with the config it trains under: ``sampler.max_new_tokens`` (TRL's
+        ``max_completion_length``; also Dr.GRPO's constant normaliser) and ``sampler.temperature`` (the
+        temperature of the stored log-probs) must be the policy's."""
+        from flowrl.config import ConfigError
+
+        s = resolved.config.sampler
+        if int(s.max_new_tokens) != self.max_new_tokens:
+            raise ConfigError(
+                f"sampler.max_new_tokens is {s.max_new_tokens} but the given policy generates up to {self.max_new_tokens} "
+                f"tokens: set sampler.max_new_tokens={self.max_new_tokens} (it is also Dr.GRPO's constant normaliser)."
+            )
+        if float(s.temperature) != self.temperature:
+            raise ConfigError(
+                f"sampler.temperature is {s.temperature} but the given policy samples at {self.temperature}: "
+                f"set sampler.temperature={self.temperature}."
+            )
+
     def reference(self) -> ContextManager[None]:
         """The frozen reference policy: a peft model's adapters disabled (``disable_adapter()``), or
         the frozen copy set with :meth:`set_reference_model` (``reference_copy=True``)."""
@@ -432,8 +451,8 @@ def build_causal_lm_policy(resolved: Any, run_dir: Any) -> TokenPolicy:
     or ``tiny-llama`` for the offline test model), add LoRA from ``train.lora_*`` (peft), and pass
     the sampler's ``max_new_tokens`` / ``temperature``.
 
-    A Dr.GRPO-style ``seq-mean-token-sum-norm`` aggregation without an explicit ``max_len`` gets
-    ``max_len = max_new_tokens`` (the paper's constant normaliser; the batch's T would vary).
+    Dr.GRPO's constant normaliser (``max_len = max_new_tokens``) is part of the resolved config
+    (``flowrl.algorithms.resolve``), so it holds for a policy built here or given to the trainer.
     """
     from pathlib import Path
 
@@ -455,19 +474,7 @@ def build_causal_lm_policy(resolved: Any, run_dir: Any) -> TokenPolicy:
         path, gguf_file=cfg.model.gguf_file, lora=lora, torch_dtype=getattr(torch, cfg.model.dtype), device=device,
         max_new_tokens=s.max_new_tokens, temperature=s.temperature,
     )
-    resolved.preset = with_constant_normaliser(resolved.preset, s.max_new_tokens)
     return policy
-
-
-def with_constant_normaliser(preset: Any, max_new_tokens: int) -> Any:
-    """``preset`` with ``loss.max_len = max_new_tokens`` if it aggregates with Dr.GRPO's
-    ``seq-mean-token-sum-norm`` and sets no ``max_len`` (the batch's T would vary per rollout)."""
-    import dataclasses
-
-    loss = preset.loss
-    if loss.aggregation == "seq-mean-token-sum-norm" and loss.max_len is None:
-        return dataclasses.replace(preset, loss=dataclasses.replace(loss, max_len=max_new_tokens))
-    return preset
 
 
 try:  # register the builder (absent in a checkout without flowrl.plugins)

@@ -3,7 +3,9 @@
 A reward is any callable ``reward(outputs, prompts, meta=None)`` where ``outputs`` are
 
 - images: float ``[B, C, H, W]`` in [0, 1],
-- video: float ``[B, F, C, H, W]`` in [0, 1],
+- video: float ``[B, F, C, H, W]`` in [0, 1] (frames first: ``outputs[:, k]`` is frame k of every
+  sample as an image batch; an image reward scores chosen frames with the ``frames`` options of
+  :mod:`flowrl.rewards.frames`),
 - or a ``list[str]`` of completions for language models,
 
 and which returns float scores ``[B]`` or a dict of named ``[B]`` components. It declares

@@ -94,7 +94,7 @@ def test_toy_schedule_learning_lifts_all_equal_success(tmp_path):
     from flowrl.trainer import Trainer
 
     cfg = TrainConfig().override([
-        "algorithm=co_grpo", f"train.output_dir={tmp_path}", "train.num_iterations=25", "train.num_generations=16",
+        "algorithm=co_grpo", f"train.output_dir={tmp_path}", "train.iterations=25", "train.num_generations=16",
         "train.prompts_per_iteration=4", "train.train_batch_size=64", "train.lora_rank=0", "train.learning_rate=0.03",
         "train.progress=false", "model.device=cpu", "train.weight_decay=0",
     ])
@@ -111,7 +111,7 @@ def test_tiny_amused_trains_two_iterations_from_a_config(tmp_path):
 
     cfg = TrainConfig().override([
         "algorithm=co_grpo", "model.kind=masked", "model.pipeline=tiny-amused", f"train.output_dir={tmp_path}",
-        "train.num_iterations=2", "sampler.num_steps=4", "sampler.guidance_scale=4.0", "train.num_generations=4",
+        "train.iterations=2", "sampler.num_steps=4", "sampler.guidance_scale=4.0", "train.num_generations=4",
         "train.prompts_per_iteration=2", "train.lora_rank=4", "train.lora_alpha=8", "train.learning_rate=1e-3",
         "train.progress=false", "model.device=cpu", "train.eval_prompts=['a cat']", "train.save_every=1",
     ])

@@ -12,7 +12,7 @@ CONFIG = Path(__file__).resolve().parents[1] / "assets" / "configs" / "digits.ya
 
 def test_short_grpo_run_raises_heldout_correctness(tmp_path):
     cfg = TrainConfig.from_yaml(CONFIG).override([
-        f"train.output_dir={tmp_path / 'run'}", "train.num_iterations=25", "train.eval_every=0",
+        f"train.output_dir={tmp_path / 'run'}", "train.iterations=25", "train.eval_every=0",
         "train.eval_samples_per_prompt=4", "train.lora_rank=0", "train.learning_rate=3e-4", "train.progress=false",
         "train.lr_schedule=constant", "train.ema_decay=0",
     ])

@@ -97,7 +97,7 @@ def _cfg(tmp_path, pipeline, algorithm, *extra):
 
     return TrainConfig().override([
         f"algorithm={algorithm}", f"model.pipeline={pipeline}", f"train.output_dir={tmp_path / pipeline}",
-        "train.num_iterations=2", "sampler.num_steps=4", "sampler.height=16", "sampler.width=16", "train.lora_rank=4",
+        "train.iterations=2", "sampler.num_steps=4", "sampler.height=16", "sampler.width=16", "train.lora_rank=4",
         "train.lora_alpha=8", "train.num_generations=4", "train.prompts_per_iteration=2", "train.train_batch_size=8",
         "train.progress=false", "model.device=cpu", *extra,
     ])

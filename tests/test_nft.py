@@ -168,7 +168,7 @@ def test_toy_flow_moves_mass_to_rewarded_mode_without_drifting_it(tmp_path):
     from flowrl.trainer import Trainer
 
     cfg = TrainConfig().override([
-        "algorithm=diffusion_nft", f"train.output_dir={tmp_path}", "train.num_iterations=10", "train.num_generations=128",
+        "algorithm=diffusion_nft", f"train.output_dir={tmp_path}", "train.iterations=10", "train.num_generations=128",
         "train.prompts_per_iteration=1", "train.train_batch_size=128", "train.inner_epochs=20", "train.lora_rank=0",
         "train.learning_rate=0.05", "train.max_grad_norm=0", "train.weight_decay=0", "train.progress=false", "model.device=cpu",
         "loss.beta=0", "loss.objective_options={x0_adaptive: false}",
@@ -192,7 +192,7 @@ def _cfg(tmp_path, pipeline, *extra):
     from flowrl import TrainConfig
 
     return TrainConfig().override([
-        "algorithm=diffusion_nft", f"model.pipeline={pipeline}", f"train.output_dir={tmp_path}", "train.num_iterations=2",
+        "algorithm=diffusion_nft", f"model.pipeline={pipeline}", f"train.output_dir={tmp_path}", "train.iterations=2",
         "sampler.num_steps=4", "sampler.height=16", "sampler.width=16", "train.lora_rank=4", "train.lora_alpha=8",
         "train.num_generations=4", "train.prompts_per_iteration=2", "train.progress=false", "model.device=cpu",
         "train.learning_rate=1e-3", *extra,
@@ -215,7 +215,7 @@ def test_diffusion_nft_preset_on_tiny_pipelines(tmp_path, pipeline):
         keys = ["reward/mean", "loss/policy", "nft/v_gap", "kl/ref"]
         assert [resumed.history[1][k] for k in keys] == [h[1][k] for k in keys]
         # and nft_beta is a config field of its own
-        t2 = Trainer(_cfg(tmp_path / "b", pipeline, "loss.nft_beta=0.1", "train.num_iterations=0"))
+        t2 = Trainer(_cfg(tmp_path / "b", pipeline, "loss.nft_beta=0.1", "train.iterations=0"))
         assert t2.objective.nft_beta == 0.1 and t2.resolved.preset.loss.beta == 1e-4
 
 
@@ -227,7 +227,7 @@ def test_rollouts_are_sampled_with_the_old_policy(tmp_path):
     from flowrl.seeding import generator_for
     from flowrl.trainer import Trainer
 
-    trainer = Trainer(_cfg(tmp_path, "tiny-sd3", "train.num_iterations=3", "train.learning_rate=5e-2", "loss.beta=0",
+    trainer = Trainer(_cfg(tmp_path, "tiny-sd3", "train.iterations=3", "train.learning_rate=5e-2", "loss.beta=0",
                            "loss.objective_options={decay: [0, 1.0, 1.0]}"))
     initial = [p.detach().clone() for p in trainer.params]
     result = trainer.train()

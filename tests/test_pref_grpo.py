@@ -173,7 +173,7 @@ def test_pref_grpo_preset_runs_on_tiny_pipelines(tmp_path, pipeline):
     from flowrl.trainer import Trainer
 
     cfg = TrainConfig().override([
-        "algorithm=pref_grpo", f"model.pipeline={pipeline}", f"train.output_dir={tmp_path / 'run'}", "train.num_iterations=2",
+        "algorithm=pref_grpo", f"model.pipeline={pipeline}", f"train.output_dir={tmp_path / 'run'}", "train.iterations=2",
         "sampler.num_steps=4", "sampler.height=16", "sampler.width=16", "train.lora_rank=4", "train.lora_alpha=8",
         "train.num_generations=4", "train.prompts_per_iteration=2", "train.progress=false", "model.device=cpu",
         "reward.rewards={pairwise_judge: {weight: 1.0, judge: jpeg_compressibility}}", "train.learning_rate=1e-3",

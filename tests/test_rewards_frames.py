@@ -103,3 +103,15 @@ def test_components_images_and_config_path():
     torch.testing.assert_close(table[:, 0], per_frame.min(1).values)
     with pytest.raises(ValueError, match="frame_aggregate"):
         get("jpeg_compressibility", frames="first", frame_aggregate="median")
+
+
+def test_vlm_pairwise_judge_shows_a_few_frames_of_each_video():
+    from flowrl.rewards.vlm_judge import VLMPairwiseJudge
+
+    judge = VLMPairwiseJudge(max_frames=3)
+    a, b = torch.rand(9, 3, 8, 8), torch.rand(9, 3, 8, 8)
+    content = judge._content(a, b)
+    kinds = [c["type"] for c in content]
+    assert kinds == ["text"] + ["image_url"] * 3 + ["text"] + ["image_url"] * 3
+    assert content[0]["text"].startswith("Image 1") and content[4]["text"].startswith("Image 2")
+    assert [c["type"] for c in judge._content(a[0], b[0])] == ["image_url", "image_url"]  # images: as before

@@ -34,7 +34,7 @@ CASES = {
 
 def _config(tmp_path, name, *extra):
     return TrainConfig().override([
-        f"algorithm={name}", f"train.output_dir={tmp_path / name}", "train.num_iterations=2", "sampler.num_steps=4",
+        f"algorithm={name}", f"train.output_dir={tmp_path / name}", "train.iterations=2", "sampler.num_steps=4",
         "sampler.height=16", "sampler.width=16", "train.lora_rank=4", "train.lora_alpha=8", "train.num_generations=4",
         "train.prompts_per_iteration=2", "train.train_batch_size=8", "train.progress=false", "train.learning_rate=1e-3",
         *extra,

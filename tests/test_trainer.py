@@ -13,7 +13,7 @@ from flowrl.trainer import Trainer
 
 def _config(tmp_path, *extra):
     return TrainConfig().override([
-        f"train.output_dir={tmp_path / 'run'}", "train.num_iterations=2", "sampler.num_steps=4",
+        f"train.output_dir={tmp_path / 'run'}", "train.iterations=2", "sampler.num_steps=4",
         "sampler.height=16", "sampler.width=16", "train.lora_rank=4", "train.lora_alpha=8",
         "train.num_generations=4", "train.prompts_per_iteration=2", "train.train_batch_size=8",
         "train.progress=false", "sampler.eval_num_steps=4", *extra,
@@ -40,7 +40,7 @@ class ZeroReward:
 def test_zero_advantage_update_changes_nothing(tmp_path, tiny_sd3):
     from flowrl.rewards import build_rewards
 
-    cfg = _config(tmp_path, "train.num_iterations=1", "loss.skip_zero_advantage=false", "train.weight_decay=0")
+    cfg = _config(tmp_path, "train.iterations=1", "loss.skip_zero_advantage=false", "train.weight_decay=0")
     trainer = Trainer(cfg, policy=_policy(tiny_sd3, cfg), reward_set=build_rewards({"tests.test_trainer:ZeroReward": 1.0}))
     before = _trainable(trainer.policy)
     traj = trainer.policy.rollout(["a cat"], group_size=4, generator=torch.Generator().manual_seed(0))
@@ -54,7 +54,7 @@ def test_zero_advantage_update_changes_nothing(tmp_path, tiny_sd3):
 
 def test_grpo_raises_jpeg_compressibility(tmp_path, tiny_sd3):
     # measured (seed 0): mean reward -1.469 -> -1.413 over 12 iterations at 32x32
-    cfg = _config(tmp_path, "train.num_iterations=10", "sampler.height=32", "sampler.width=32", "train.lora_rank=8",
+    cfg = _config(tmp_path, "train.iterations=10", "sampler.height=32", "sampler.width=32", "train.lora_rank=8",
                   "train.lora_alpha=16", "train.learning_rate=3e-2", "train.num_generations=8", "train.train_batch_size=16",
                   "loss.beta=0", "reward.rewards={jpeg_compressibility: 1.0}")
     result = Trainer(cfg).train()
@@ -66,7 +66,7 @@ def test_grpo_raises_jpeg_compressibility(tmp_path, tiny_sd3):
 
 def test_same_seed_same_numbers_and_exact_resume(tmp_path, tiny_sd3):
     def run(path, iters, resume=None):
-        extra = [f"train.output_dir={path}", f"train.num_iterations={iters}", "train.save_every=2", "loss.beta=0.04",
+        extra = [f"train.output_dir={path}", f"train.iterations={iters}", "train.save_every=2", "loss.beta=0.04",
                  "train.learning_rate=1e-2", "train.ema_decay=0.5", "train.ema_ramp=true", "train.ema_update_every=2"]
         if resume:
             extra.append(f"train.resume_from={resume}")
@@ -121,7 +121,7 @@ def test_nan_reward_stops_with_clear_error_and_no_half_checkpoint(tmp_path, tiny
     from flowrl.rewards import RewardError, build_rewards
 
     NaNAtSecondCall.calls = 0
-    cfg = _config(tmp_path, "train.num_iterations=3", "train.save_every=1")
+    cfg = _config(tmp_path, "train.iterations=3", "train.save_every=1")
     trainer = Trainer(cfg, policy=_policy(tiny_sd3, cfg), reward_set=build_rewards({"tests.test_trainer:NaNAtSecondCall": 1.0}))
     with pytest.raises(RewardError, match="nan_later|NaN"):
         trainer.train()
@@ -148,7 +148,7 @@ def test_bad_inputs_get_errors_naming_the_field(tmp_path):
 def test_cli_train_runs_and_prints_summary(tmp_path, capsys):
     from flowrl.cli import main
 
-    cfg = _config(tmp_path, "train.num_iterations=1", "train.eval_prompts=['a cat']")
+    cfg = _config(tmp_path, "train.iterations=1", "train.eval_prompts=['a cat']")
     path = tmp_path / "cfg.yaml"
     cfg.to_yaml(path)
     assert main(["train", "--config", str(path), "--set", "train.learning_rate=1e-3"]) == 0
@@ -172,7 +172,7 @@ class FirstSampleFails:
 def test_tolerated_reward_failures_are_counted_and_not_trained(tmp_path, tiny_sd3):
     from flowrl.rewards import build_rewards
 
-    cfg = _config(tmp_path, "train.num_iterations=2")
+    cfg = _config(tmp_path, "train.iterations=2")
     rs = build_rewards({"tests.test_trainer:FirstSampleFails": 1.0}, max_failures=10)
     result = Trainer(cfg, policy=_policy(tiny_sd3, cfg), reward_set=rs).train()
     assert [h["samples/trained"] for h in result.history] == [7.0, 7.0]
@@ -181,7 +181,7 @@ def test_tolerated_reward_failures_are_counted_and_not_trained(tmp_path, tiny_sd
 
 
 def test_bf16_autocast_keeps_on_policy_ratio_one(tmp_path, tiny_sd3):
-    cfg = _config(tmp_path, "train.num_iterations=1", "train.mixed_precision=bf16", "model.device=cpu")
+    cfg = _config(tmp_path, "train.iterations=1", "train.mixed_precision=bf16", "model.device=cpu")
     result = Trainer(cfg, policy=_policy(tiny_sd3, cfg)).train()
     assert result.history[0]["ratio/mean"] == pytest.approx(1.0, abs=1e-6)
     assert result.history[0]["ratio/max_abs_log"] < 1e-5
@@ -190,7 +190,7 @@ def test_bf16_autocast_keeps_on_policy_ratio_one(tmp_path, tiny_sd3):
 def test_cli_eval_and_gallery_load_a_runs_lora(tmp_path, capsys):
     from flowrl.cli import main
 
-    cfg = _config(tmp_path, "train.num_iterations=1", "train.learning_rate=5e-2", "loss.beta=0", "train.eval_prompts=['a cat', 'a dog']")
+    cfg = _config(tmp_path, "train.iterations=1", "train.learning_rate=5e-2", "loss.beta=0", "train.eval_prompts=['a cat', 'a dog']")
     path = tmp_path / "cfg.yaml"
     cfg.to_yaml(path)
     assert main(["train", "--config", str(path)]) == 0
@@ -209,7 +209,7 @@ def test_cli_eval_and_gallery_load_a_runs_lora(tmp_path, capsys):
 
 
 def test_ema_weights_are_used_for_evaluation_and_live_weights_come_back(tmp_path, tiny_sd3):
-    cfg = _config(tmp_path, "train.num_iterations=2", "train.ema_decay=0.9", "train.learning_rate=5e-2", "loss.beta=0")
+    cfg = _config(tmp_path, "train.iterations=2", "train.ema_decay=0.9", "train.learning_rate=5e-2", "loss.beta=0")
     trainer = Trainer(cfg, policy=_policy(tiny_sd3, cfg))
     trainer.train()
     live = _trainable(trainer.policy)

@@ -18,7 +18,7 @@ FRAME_REWARD = "reward.rewards={jpeg_compressibility: {weight: 1.0, frames: ever
 
 def _config(tmp_path, *extra):
     return TrainConfig().override([
-        f"train.output_dir={tmp_path / 'run'}", "train.num_iterations=2", "sampler.num_steps=3", "model.device=cpu",
+        f"train.output_dir={tmp_path / 'run'}", "train.iterations=2", "sampler.num_steps=3", "model.device=cpu",
         "train.lora_rank=4", "train.lora_alpha=8", "train.num_generations=2", "train.prompts_per_iteration=2",
         "train.train_batch_size=4", "train.progress=false", "train.learning_rate=1e-3",
         "train.prompts=[a cat, a dog runs]", *extra,
@@ -44,11 +44,13 @@ def _changed(before, policy):
 
 
 def test_two_iterations_with_a_per_frame_image_reward(tmp_path, tiny_wan):
-    cfg = _config(tmp_path, FRAME_REWARD)
+    cfg = _config(tmp_path, FRAME_REWARD, "train.eval_prompts=[a cat]", "sampler.eval_num_steps=2")
     trainer = Trainer(cfg, policy=_policy(tiny_wan, cfg))
     before = _lora(trainer.policy)
     result = trainer.train()
     assert len(result.history) == 2
+    assert set(result.eval_before) == {"jpeg_compressibility", "num_prompts"}  # evaluation scores videos too
+    assert (tmp_path / "run" / "before_after.png").is_file()  # poster frames of the base and tuned videos
     for h in result.history:
         assert h["ratio/mean"] == pytest.approx(1.0, abs=1e-5)  # one on-policy update per iteration
         assert h["reward/jpeg_compressibility"] < 0 and h["samples/generated"] == 4
@@ -93,7 +95,7 @@ def test_two_iterations_sage_grpo_with_videoalign(tmp_path, tiny_hunyuan_video, 
     ("diffusion_nft", []),
 ])
 def test_video_presets_train(tmp_path, tiny_wan, preset, extra):
-    cfg = _config(tmp_path, f"algorithm={preset}", "train.num_iterations=1", *(extra or [FRAME_REWARD]))
+    cfg = _config(tmp_path, f"algorithm={preset}", "train.iterations=1", *(extra or [FRAME_REWARD]))
     trainer = Trainer(cfg, policy=_policy(tiny_wan, cfg))
     before = _lora(trainer.policy)
     h = trainer.train().history[0]
@@ -105,7 +107,7 @@ def test_video_presets_train(tmp_path, tiny_wan, preset, extra):
 
 
 def test_timestep_fraction_trains_a_subset_of_steps(tmp_path, tiny_wan):
-    cfg = _config(tmp_path, FRAME_REWARD, "algorithm=dance_grpo", "train.num_iterations=1", "sampler.num_steps=4",
+    cfg = _config(tmp_path, FRAME_REWARD, "algorithm=dance_grpo", "train.iterations=1", "sampler.num_steps=4",
                   "loss.timestep_fraction=0.5", "loss.timestep_selection=random")
     trainer = Trainer(cfg, policy=_policy(tiny_wan, cfg))
     h = trainer.train().history[0]
@@ -119,7 +121,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, tiny_wan):
 
     grads = []
     for ckpt in (False, True):
-        cfg = _config(tmp_path, FRAME_REWARD, "model.pipeline=tiny-wan", f"train.gradient_checkpointing={str(ckpt).lower()}", "train.num_iterations=0")
+        cfg = _config(tmp_path, FRAME_REWARD, "model.pipeline=tiny-wan", f"train.gradient_checkpointing={str(ckpt).lower()}", "train.iterations=0")
         trainer = Trainer(cfg)
         policy = trainer.policy
         assert policy.model.gradient_checkpointing is ckpt
@@ -146,3 +148,33 @@ def test_vae_tiling_and_decode_chunks_from_the_config(tmp_path, tiny_wan):
     policy.adapter.decode_batch_size = None
     torch.testing.assert_close(chunked, policy.decode(x), rtol=0, atol=1e-6)  # chunks change nothing
     assert chunked.shape == (3, 9, 3, 32, 32)
+
+
+def test_example_configs_resolve():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "assets" / "configs"
+    for name in ("hunyuan_video15_sage", "wan_t2v", "qwen_image", "sd3_flow_grpo", "flux_flow_grpo", "digits"):
+        cfg = TrainConfig.from_yaml(root / f"{name}.yaml").validate()
+        assert cfg.resolved().preset is not None
+    sage = TrainConfig.from_yaml(root / "hunyuan_video15_sage.yaml").resolved()
+    # the paper's settings: 20 steps, shift 5, η 0.5, CFG 6, G = 4, lr 1e-5
+    s = sage.config.sampler
+    assert (s.num_steps, s.shift, sage.preset.noise_level, s.guidance_scale, sage.config.train.num_generations, sage.learning_rate) == (20, 5.0, 0.5, 6.0, 4, 1e-5)
+
+
+def test_sampler_shift_sets_the_grid_and_refuses_dynamic_shifting(tmp_path):
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from flowrl.builders import build_policy
+    from flowrl.config import ConfigError
+
+    cfg = _config(tmp_path, FRAME_REWARD, "model.pipeline=tiny-hunyuan-video", "sampler.shift=7.0", "sampler.num_steps=4")
+    policy = build_policy(cfg.resolved(), tmp_path)
+    ref = FlowMatchEulerDiscreteScheduler(shift=7.0)
+    ref.set_timesteps(sigmas=list(np.linspace(1.0, 0.0, 5)[:-1]))
+    torch.testing.assert_close(policy.sigma_grid(), ref.sigmas.float())
+    cfg = _config(tmp_path, FRAME_REWARD, "model.pipeline=tiny-qwen-image", "sampler.shift=3.0")
+    with pytest.raises(ConfigError, match="sampler.shift.*dynamically"):
+        build_policy(cfg.resolved(), tmp_path / "q")

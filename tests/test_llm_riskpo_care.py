@@ -1,0 +1,132 @@
+"""RiskPO and GRPO-CARE against their formulas (written out here the way the papers' released code
+computes them, loop by loop)."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+from flowrl.advantages import AdvantageInputs, RiskPOAdvantage, care_bonus, grpo_care_estimator, mixed_var_advantage, riskpo_papers  # noqa: E402
+from flowrl.care import GRPOCareObjective, answer_confidence, answer_span_mask  # noqa: E402
+
+
+def _riskpo_reference(rewards, group_ids, bundle_size, alpha, beta, w, credit, eps=1e-6):
+    """RiskPO's released advantage (quantile mode 'batch'), written with plain loops."""
+    groups = list(dict.fromkeys(group_ids.tolist()))
+    adv = torch.zeros(len(rewards))
+    for start in range(0, len(groups), bundle_size):
+        bundle = groups[start : start + bundle_size]
+        answers = [[i for i in range(len(rewards)) if group_ids[i] == g] for g in bundle]
+        n_papers = min(len(a) for a in answers)
+        papers = [[a[j] for a in answers] for j in range(n_papers)]
+        scores = torch.tensor([sum(float(rewards[i]) for i in p) for p in papers])
+        if n_papers == 1:
+            qa = qb = scores[0]
+            std = torch.tensor(1.0)
+        else:
+            qa, qb = torch.quantile(scores, alpha), torch.quantile(scores, beta)
+            std = torch.std(scores)
+        for p, x in zip(papers, scores):
+            rvar = (torch.clamp(x - qa, min=0) - torch.clamp(x - qb, min=0) + qa - qb) / (beta - alpha + eps)
+            cvar = -torch.clamp(qa - x, min=0) / (alpha + eps)
+            a = (w * cvar + rvar) / (w + 1) / (std + eps)
+            for i in p:
+                if credit == "std":
+                    q = rewards[group_ids == group_ids[i]]
+                    s = torch.std(q)
+                    a_i = a / ((s if s > 1e-3 else 1.0) + eps)
+                else:
+                    a_i = a
+                adv[i] = a_i
+    return adv
+
+
+def test_riskpo_advantage_matches_the_released_formula():
+    g = torch.Generator().manual_seed(0)
+    group_ids = torch.tensor([0] * 4 + [1] * 4 + [2] * 3 + [3] * 4 + [4] * 4)  # group 2 has 3 answers
+    rewards = torch.randint(0, 2, (len(group_ids),), generator=g).float()
+    rewards[:4] = torch.tensor([1.0, 1.0, 1.0, 1.0])  # a question with σ = 0 counts σ as 1
+    for credit in ("std", "uniform"):
+        est = RiskPOAdvantage(bundle_size=3, credit=credit)
+        ours = est(AdvantageInputs(rewards=rewards, group_ids=group_ids))
+        ref = _riskpo_reference(rewards, group_ids, 3, 0.2, 0.9, 1.5, credit)
+        torch.testing.assert_close(ours, ref)
+    # bundle 0 = questions 0, 1, 2 → 3 papers; the 4th answers of questions 0 and 1 are in no paper
+    bundle, paper = riskpo_papers(group_ids, 3)
+    assert paper[3] == -1 and paper[7] == -1 and ours[3] == 0 and ours[7] == 0
+    assert bundle.tolist() == [0] * 11 + [1] * 8
+    assert (ours <= 0).all()  # both risk parts are ≤ 0: the lower tail is pushed down, the top left alone
+
+
+def test_mixed_var_pieces():
+    x = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0])
+    a = mixed_var_advantage(x, 1.0, 3.0, alpha=0.2, beta=0.9, weight=1.5, eps=0.0)
+    rvar = torch.tensor([-2.0, -2.0, -1.0, 0.0, 0.0]) / 0.7
+    cvar = torch.tensor([-1.0, 0.0, 0.0, 0.0, 0.0]) / 0.2
+    torch.testing.assert_close(a, (1.5 * cvar + rvar) / 2.5)
+    assert torch.equal(mixed_var_advantage(torch.full((4,), 2.0), 2.0, 2.0, alpha=0.2, beta=0.9, weight=1.5), torch.zeros(4))
+
+
+def test_riskpo_tracked_quantiles_move_by_the_pinball_gradient():
+    group_ids = torch.arange(5).repeat_interleave(2)
+    r1 = torch.tensor([0, 1, 1, 1, 0, 0, 1, 0, 1, 1]).float()
+    est = RiskPOAdvantage(bundle_size=5, quantiles="tracked", lr_q=0.1)
+    first = est(AdvantageInputs(rewards=r1, group_ids=group_ids))
+    torch.testing.assert_close(first, RiskPOAdvantage(bundle_size=5)(AdvantageInputs(rewards=r1, group_ids=group_ids)))
+    scores = torch.tensor([r1[0::2].sum(), r1[1::2].sum()])  # papers: first and second answers
+    q0 = torch.quantile(scores, torch.tensor([0.2, 0.9]))
+    torch.testing.assert_close(est.tracked, q0)
+    est(AdvantageInputs(rewards=r1, group_ids=group_ids))
+    below = torch.stack([(scores < q0[0]).float().mean(), (scores < q0[1]).float().mean()])
+    torch.testing.assert_close(est.tracked, q0 + 0.1 * (torch.tensor([0.2, 0.9]) - below))
+    clone = RiskPOAdvantage(bundle_size=5, quantiles="tracked")
+    clone.load_state_dict(est.state_dict())
+    torch.testing.assert_close(clone.tracked, est.tracked)
+
+
+def test_care_bonus_matches_the_released_rule():
+    acc = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.05, 0.0])
+    conf = torch.tensor([0.9, 0.5, 0.95, 0.6, 0.9, 0.9, 0.9, 0.9])
+    gid = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    b = care_bonus(acc, conf, gid, bonus=0.5, margin=0.01)
+    # group 0: accurate = {0, 1, 3} (acc > 0.1 and ≥ mean 0.75); their mean confidence 2/3 → 0.9 ≥ 0.657
+    # gets the bonus, 0.5 and 0.6 do not; group 1: nobody above 0.1 → no bonus
+    assert b.tolist() == [0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    meta = {"care_confidence": conf}
+    inputs = AdvantageInputs(rewards=acc, group_ids=gid, reward_table=acc[:, None], reward_names=["acc"], meta=meta)
+    adv = grpo_care_estimator(inputs)
+    r = acc + b
+    ref = torch.cat([(x - x.mean()) / (x.std() + 1e-4) for x in r.view(2, 4)])
+    torch.testing.assert_close(adv, ref)
+
+
+def test_answer_span_and_confidence():
+    texts = [["I", "think", "<answer>", "4", "2", "</answer>", "<eos>"], ["no", "tag", "<eos>"]]
+    mask = torch.tensor([[1] * 7, [1, 1, 1, 0, 0, 0, 0]]).bool()
+    span = answer_span_mask(texts, mask)
+    assert span[0].tolist() == [False, False, False, True, True, False, False]
+    assert span[1].tolist() == [True, True, False, False, False, False, False]
+    lp = torch.log(torch.tensor([[0.5] * 7, [0.2] * 7]))
+    conf = answer_confidence(lp, span, upper_bound=0.95)
+    torch.testing.assert_close(conf, torch.tensor([0.5, 0.2]), rtol=1e-5, atol=1e-6)
+    assert float(answer_confidence(torch.zeros(1, 3), torch.zeros(1, 3, dtype=torch.bool))) == pytest.approx(0.95)
+
+
+def test_care_reference_is_an_ema_updated_every_n_steps():
+    p = torch.nn.Parameter(torch.zeros(3))
+    trainer = SimpleNamespace(policy=SimpleNamespace(trainable_parameters=lambda: [p]))
+    obj = GRPOCareObjective(decay=0.9, update_every=2)
+    obj._params(trainer.policy)  # the reference starts at the initial weights
+    with torch.no_grad():
+        p.fill_(1.0)
+    obj.on_update(trainer)
+    assert obj.shadow[0].tolist() == [0.0] * 3  # 1 step of 2: unchanged
+    obj.on_update(trainer)
+    torch.testing.assert_close(obj.shadow[0], torch.full((3,), 0.1))
+    state = obj.state_dict()
+    other = GRPOCareObjective(decay=0.9, update_every=2)
+    other.load_state_dict(state)
+    torch.testing.assert_close(other.shadow[0], obj.shadow[0])
+    assert other.updates == 2
