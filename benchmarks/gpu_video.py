@@ -81,7 +81,7 @@ def run(pipe, *, device: str, checkpointing: bool, tiling: bool, args) -> dict[s
     policy = FlowPolicy(pipe, sampler="flow", noise_level=0.7, num_steps=args.steps, guidance_scale=args.cfg, height=h, width=w, adapter_options={"num_frames": f})
     with tempfile.TemporaryDirectory() as d:
         cfg = TrainConfig().override([
-            f"train.output_dir={d}", "train.num_iterations=1", f"train.num_generations={args.group_size}", "train.prompts_per_iteration=1",
+            f"train.output_dir={d}", "train.iterations=1", f"train.num_generations={args.group_size}", "train.prompts_per_iteration=1",
             f"train.train_batch_size={args.group_size}", f"train.lora_rank={args.lora_rank}", f"train.lora_alpha={2 * args.lora_rank}",
             "train.progress=false", "loss.beta=0", f"model.device={device}", "train.learning_rate=1e-4", "train.prompts=[a corgi running on the beach]",
             f"sampler.num_steps={args.steps}", f"sampler.guidance_scale={args.cfg}",
