@@ -153,7 +153,7 @@ def bench(name: str, args, device: str) -> dict:
     cfg_rows = 2 if cfg_scale > 1 else 1
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig().override([
-            f"train.output_dir={tmp}", "train.num_iterations=100", f"sampler.num_steps={args.steps}", f"sampler.height={args.size}",
+            f"train.output_dir={tmp}", "train.iterations=100", f"sampler.num_steps={args.steps}", f"sampler.height={args.size}",
             f"sampler.width={args.size}", f"sampler.guidance_scale={cfg_scale}", "model.dtype=bfloat16", f"model.device={device}",
             f"train.num_generations={args.group}", "train.prompts_per_iteration=1", f"train.train_batch_size={args.group}",
             "train.lora_rank=32", "train.lora_alpha=64", "train.progress=false", "loss.timestep_fraction=1.0", "loss.beta=0.0",

@@ -72,6 +72,12 @@ def med(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def progress(rows: list) -> None:
+    """Print the last row as soon as it is measured (the table follows at the end)."""
+    name, a, b, _ = rows[-1]
+    print(f"  measured: {name}: {a:.4g} vs {b:.4g} ({a / b:.2f})", file=sys.stderr, flush=True)
+
+
 # ----------------------------------------------------------------------------- the reference
 def flow_grpo_sde_step(model_output, sigma, sigma_prev, sigma_max, sample, noise_level, prev_sample=None, generator=None):
     """Flow-GRPO's ``sde_step_with_logprob`` (SD3), written out as in the reference code."""
@@ -161,7 +167,7 @@ def flowrl_config(tmp: str, *extra: str):
     from flowrl import TrainConfig
 
     return TrainConfig().override([
-        f"train.output_dir={tmp}", "train.num_iterations=1000", f"sampler.num_steps={STEPS}", f"sampler.height={SIZE}", f"sampler.width={SIZE}",
+        f"train.output_dir={tmp}", "train.iterations=1000", f"sampler.num_steps={STEPS}", f"sampler.height={SIZE}", f"sampler.width={SIZE}",
         f"sampler.guidance_scale={CFG}", f"sampler.max_sequence_length={T5_LEN}", f"train.lora_rank={RANK}", f"train.lora_alpha={2 * RANK}",
         f"train.num_generations={G}", f"train.prompts_per_iteration={len(PROMPTS)}", f"train.train_batch_size={len(PROMPTS) * G}",
         "train.progress=false", "loss.beta=0.0", "loss.timestep_fraction=1.0", "loss.skip_zero_advantage=false",
@@ -230,6 +236,7 @@ def bench_core(rounds: int, latency: float) -> list[tuple[str, float, float, str
 
         t = interleaved({"ours": ours, "stock": stock}, rounds)
         rows.append(("rollout / stock pipeline call", med(t["ours"]), med(t["stock"]), "≤ 1.00"))
+        progress(rows)
 
         # 2-4. update ------------------------------------------------------------------------
         traj = policy.rollout(PROMPTS, group_size=G, generator=torch.Generator().manual_seed(1))
@@ -283,8 +290,11 @@ def bench_core(rounds: int, latency: float) -> list[tuple[str, float, float, str
         t = interleaved({"upd_step": update_step, "bare_step": lambda: bare(True), "upd_batched": update_batched,
                          "bare_batched": lambda: bare(False), "reference": reference_update}, rounds)
         rows.append(("update per-timestep / bare per-timestep loop", med(t["upd_step"]), med(t["bare_step"]), "≤ 1.05"))
+        progress(rows)
         rows.append(("update batched / bare batched loop", med(t["upd_batched"]), med(t["bare_batched"]), "≤ 1.05"))
+        progress(rows)
         rows.append(("batched update / reference per-timestep loop", med(t["upd_batched"]), med(t["reference"]), "≤ 0.80 (≥ 1.25× faster)"))
+        progress(rows)
 
     # 5. full iteration -----------------------------------------------------------------------
     for lat, label in ((latency, f"remote reward, {latency * 1000:.0f} ms per call"), (0.0, "CPU JPEG reward")):
@@ -305,6 +315,7 @@ def bench_core(rounds: int, latency: float) -> list[tuple[str, float, float, str
 
             t = interleaved({"ours": ours_iter, "ref": ref_iter}, rounds)
             rows.append((f"full iteration / reference structure ({label})", med(t["ours"]), med(t["ref"]), "≤ 0.80 (≥ 1.25× throughput)"))
+            progress(rows)
     return rows
 
 
@@ -328,7 +339,7 @@ def bench_structures(rounds: int) -> list[tuple[str, float, float, str]]:
 
     def trainer(tmp, *extra):
         cfg = TrainConfig().override([
-            f"train.output_dir={tmp}", "train.num_iterations=1000", f"sampler.height={SIZE}", f"sampler.width={SIZE}", "train.lora_rank=4",
+            f"train.output_dir={tmp}", "train.iterations=1000", f"sampler.height={SIZE}", f"sampler.width={SIZE}", "train.lora_rank=4",
             "train.lora_alpha=8", "train.prompts_per_iteration=1", "train.progress=false", "reward.rewards={jpeg_compressibility: 1.0}", *extra,
         ])
         r = cfg.resolved()
@@ -351,6 +362,7 @@ def bench_structures(rounds: int) -> list[tuple[str, float, float, str]]:
         t = interleaved(roll, rounds)
         traj = tree.policy.rollout(["a cat"], group_size=16, generator=gen)
         rows.append((f"BranchGRPO tree / flat rollout, 16 images, 20 steps ({traj.meta['model_evals']:.2f} vs 20 evals per image)", med(t["tree"]), med(t["flat"]), "≤ 0.70"))
+        progress(rows)
         its = {"flat": [0], "tree": [0]}
 
         def step(name, tr):
@@ -359,17 +371,20 @@ def bench_structures(rounds: int) -> list[tuple[str, float, float, str]]:
 
         t = interleaved({"flat": lambda: step("flat", flat), "tree": lambda: step("tree", tree)}, rounds)
         rows.append(("BranchGRPO tree / flat full iteration (same)", med(t["tree"]), med(t["flat"]), ""))
+        progress(rows)
 
         full = trainer(tmp + "/w0", "algorithm=flow_grpo", "sampler.num_steps=10", "train.num_generations=8", "train.train_batch_size=8", "loss.timestep_fraction=1.0")
         win = trainer(tmp + "/w1", "algorithm=flow_grpo_fast", "sampler.num_steps=10", "train.num_generations=8", "train.train_batch_size=8")
         its = {"full": [0], "win": [0]}
         t = interleaved({"full": lambda: step("full", full), "win": lambda: step("win", win)}, rounds)
         rows.append(("Flow-GRPO-Fast window / full SDE iteration, 8 images, 10 steps", med(t["win"]), med(t["full"]), ""))
+        progress(rows)
 
         g2 = trainer(tmp + "/g", "algorithm=g2rpo", "sampler.num_steps=8", "train.num_generations=4", "train.train_batch_size=64")
         tr = g2.policy.rollout(["a cat"], group_size=4, generator=gen)
         dance_evals = 4 * 8
         rows.append((f"G²RPO model evals per group (8 steps, G=4, {len(tr)} images) / DanceGRPO's {dance_evals}", tr.meta["model_evals_total"], float(dance_evals), "count"))
+        progress(rows)
     return rows
 
 
@@ -393,6 +408,7 @@ def bench_digits(rounds: int) -> list[tuple[str, float, float, str]]:
 
         t = interleaved({n: (lambda n=n: step(n)) for n in trainers}, max(3, rounds // 2))
         rows.append(("digits job s/iteration (64 samples, 8 steps): every step in one call / one call per step (default)", med(t["all steps"]), med(t["per-timestep"]), ""))
+        progress(rows)
     return rows
 
 

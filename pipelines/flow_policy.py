@@ -55,6 +55,8 @@ class FlowPolicy(PolicyBase):
     """
 
     default_lora_targets = DEFAULT_LORA_TARGETS
+    #: most transformer rows per recomputation call (None: no limit); see the constructor.
+    max_rows_per_call: int | None = None
 
     def __init__(
         self,

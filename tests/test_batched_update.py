@@ -67,7 +67,7 @@ def test_group_step_chunks_respects_the_row_budget():
 
 def _trained(pipe, max_rows, *, checkpointing=False, extra=()):
     cfg = TrainConfig().override([
-        "train.num_iterations=1", "sampler.num_steps=4", "train.lora_rank=4", "train.lora_alpha=8",
+        "train.iterations=1", "sampler.num_steps=4", "train.lora_rank=4", "train.lora_alpha=8",
         "train.num_generations=2", "train.prompts_per_iteration=2", "train.train_batch_size=4", "train.progress=false",
         "train.learning_rate=1e-2", "train.output_dir=/tmp/unused", f"train.max_rows_per_call={max_rows}", "sampler.guidance_scale=4.5",
         "loss.beta=0.04", "loss.kl=gaussian", "loss.clip_range=0.2", *extra,

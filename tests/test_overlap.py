@@ -30,7 +30,7 @@ class OverlapProbe(Reward):
 
 def _trainer(pipe, tmp_path, *extra):
     cfg = TrainConfig().override([
-        f"train.output_dir={tmp_path}", "train.num_iterations=1", "sampler.num_steps=3", "sampler.height=16", "sampler.width=16",
+        f"train.output_dir={tmp_path}", "train.iterations=1", "sampler.num_steps=3", "sampler.height=16", "sampler.width=16",
         "train.lora_rank=4", "train.lora_alpha=8", "train.num_generations=2", "train.prompts_per_iteration=2",
         "train.train_batch_size=4", "train.progress=false", "train.learning_rate=1e-3", "train.prompts=[a cat, a dog]",
         "reward.rewards={test_overlap_probe: 1.0}", *extra,
