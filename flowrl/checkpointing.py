@@ -31,7 +31,35 @@ def jsonable(x: Any) -> Any:
 
 
 
+def existing_checkpoints(run_dir: Path) -> list[Path]:
+    """Finished checkpoints of a run directory, oldest first (``.tmp`` leftovers excluded)."""
+    return sorted(p for p in (Path(run_dir) / "checkpoints").glob("iter_*[0-9]") if p.is_dir())
+
+
+def check_fresh_run_dir(run_dir: Path, resume_from: str | None) -> None:
+    """A new run (no ``train.resume_from``) never starts in a folder that holds another run's
+    checkpoints: it would mix two runs' metrics and let a later ``resume_from: latest`` pick up a
+    stale checkpoint. Raises a :class:`~flowrl.config.ConfigError` naming the ways out."""
+    from flowrl.config import ConfigError
+
+    if resume_from:
+        return
+    found = existing_checkpoints(run_dir)
+    if found:
+        raise ConfigError(
+            f"train.output_dir={run_dir} already holds checkpoints of an earlier run ({found[-1].name}, {len(found)} in all). "
+            "Resume that run with train.resume_from=latest, choose a new train.output_dir, or delete the folder."
+        )
+
+
 def prepare_run_dir(trainer: Any) -> None:
+    """Create the run directory (main process only; the others wait): refuse a used one for a new
+    run (:func:`check_fresh_run_dir`), write the resolved config, start ``metrics.jsonl``."""
+    check_fresh_run_dir(trainer.run_dir, trainer.config.train.resume_from)
+    acc = trainer.accelerator
+    if not acc.is_main_process:
+        acc.wait_for_everyone()
+        return
     trainer.run_dir.mkdir(parents=True, exist_ok=True)
     (trainer.run_dir / "checkpoints").mkdir(exist_ok=True)
     resolved = trainer.config.to_dict()
@@ -47,11 +75,12 @@ def prepare_run_dir(trainer: Any) -> None:
     atomic_write(trainer.run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     if not trainer.config.train.resume_from:
         (trainer.run_dir / "metrics.jsonl").write_text("")
+    acc.wait_for_everyone()
 
 
 def resolve_checkpoint(trainer: Any, spec: str) -> Path:
     if spec == "latest":
-        ckpts = sorted((trainer.run_dir / "checkpoints").glob("iter_*[0-9]"))
+        ckpts = existing_checkpoints(trainer.run_dir)
         if not ckpts:
             raise FileNotFoundError(f"train.resume_from=latest but {trainer.run_dir / 'checkpoints'} holds no checkpoint.")
         return ckpts[-1]
@@ -63,9 +92,16 @@ def resolve_checkpoint(trainer: Any, spec: str) -> Path:
 
 def save_checkpoint(trainer: Any, it: int) -> Path:
     """Write ``checkpoints/iter_NNNNNN`` atomically: trainable weights, optimizer, EMA,
-    estimator state, history. A crash mid-write leaves only a ``.tmp`` folder behind."""
-    if not trainer.accelerator.is_main_process:
-        return trainer.run_dir
+    estimator state, history. A crash mid-write leaves only a ``.tmp`` folder behind.
+
+    With several processes the main one writes (after every update all processes hold the same
+    weights, optimizer and estimator state, and every random draw derives from the seed and the
+    iteration, so there is no per-process state to keep); the others wait until it is complete.
+    ``train.save_total_limit`` deletes the oldest checkpoints beyond the limit."""
+    acc = trainer.accelerator
+    if not acc.is_main_process:
+        acc.wait_for_everyone()
+        return trainer.run_dir / "checkpoints" / f"iter_{it:06d}"
     final = trainer.run_dir / "checkpoints" / f"iter_{it:06d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -88,6 +124,11 @@ def save_checkpoint(trainer: Any, it: int) -> Path:
     (tmp / "state.json").write_text(json.dumps({"iteration": it, "history": trainer.history}, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    limit = trainer.config.train.save_total_limit
+    if limit:
+        for old in existing_checkpoints(trainer.run_dir)[:-limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
     return final
 
 
@@ -115,4 +156,6 @@ def load_checkpoint(trainer: Any, path: Path) -> None:
     trainer.start_iteration = int(state["iteration"])
     trainer.history = list(state["history"])
     # rewrite metrics.jsonl to exactly the checkpoint's history (drop records past it)
-    atomic_write(trainer.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in trainer.history))
+    if trainer.accelerator.is_main_process:
+        atomic_write(trainer.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in trainer.history))
+    trainer.accelerator.wait_for_everyone()

@@ -15,6 +15,10 @@ def _train(args: argparse.Namespace) -> int:
     if args.set:
         cfg = cfg.override(args.set)
     result = train(cfg)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # several processes: one report
+        return 0
     last = result.history[-1] if result.history else {}
     print(f"run directory: {result.run_dir}")
     if last:

@@ -204,6 +204,9 @@ class CoGRPOPolicy(PolicyBase):
     """
 
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+    #: the trained modules are called piecewise (token model, schedule), never through ``model``'s
+    #: forward, so the trainer all-reduces gradients itself instead of wrapping ``model`` in DDP
+    forward_calls_model = False
 
     def __init__(self, model: Any, *, num_steps: int = 12, guidance_scale: float = 10.0, schedule: SchedulePolicy | None = None,
                  train_tokens: bool = True, train_schedule: bool = True, steps_per_backward: int | None = None):
@@ -249,7 +252,8 @@ class CoGRPOPolicy(PolicyBase):
     def _decode(self, prompts: list[str], cond: dict[str, Tensor], generator: torch.Generator | None, *, deterministic_schedule: bool = False) -> dict[str, Tensor]:
         b, L, N = len(prompts), self.tm.seq_len, self.num_steps
         dev = self.device
-        gen_dev = generator.device if generator is not None else torch.device("cpu")
+        from flowrl.seeding import rand, randn
+
         x = torch.full((b, L), self.tm.mask_id, dtype=torch.long, device=dev)
         rec = {k: [] for k in ("states", "actions", "sampled", "order", "k", "controls", "features", "lp_tok", "lp_sched")}
         for i in range(N):
@@ -257,12 +261,12 @@ class CoGRPOPolicy(PolicyBase):
             logits_c, logits_u = self._logits(x, cond)
             feats = step_features(x, logits_c, self.tm.mask_id, i, N)
             mean, std = self.schedule(feats)
-            noise = torch.randn(mean.shape, generator=generator, device=gen_dev).to(dev)
+            noise = randn(mean.shape, generator, device=dev)
             a = mean if deterministic_schedule else mean + std * noise
             ctrl = self.schedule.controls(a, i, N, self.guidance_scale)
             logits = logits_c.float() if logits_u is None else logits_u.float() + ctrl[:, 3].view(-1, 1, 1) * (logits_c.float() - logits_u.float())
             logp = torch.log_softmax(logits / ctrl[:, 1].view(-1, 1, 1), -1)
-            u = torch.rand(logp.shape[:2] + (1,), generator=generator, device=gen_dev).to(dev)
+            u = rand(logp.shape[:2] + (1,), generator, device=dev)
             sampled = torch.searchsorted(logp.exp().cumsum(-1).contiguous(), u.contiguous())[..., 0].clamp(max=logp.shape[-1] - 1)
             unknown = x == self.tm.mask_id
             m = unknown.sum(1)
@@ -273,7 +277,7 @@ class CoGRPOPolicy(PolicyBase):
                 mask_len = torch.minimum(torch.maximum(mask_len, torch.ones_like(mask_len)), (m - 1).clamp(min=0))
                 k = (m - mask_len).clamp(min=0)
             conf = torch.gather(logp, 2, sampled[..., None])[..., 0]
-            gumbel = -torch.log(-torch.log(torch.rand(conf.shape, generator=generator, device=gen_dev).to(dev).clamp(1e-20, 1.0 - 1e-7)))
+            gumbel = -torch.log(-torch.log(rand(conf.shape, generator, device=dev).clamp(1e-20, 1.0 - 1e-7)))
             score = torch.where(unknown, conf / ctrl[:, 2:3] + gumbel, torch.full_like(conf, -float("inf")))
             order = torch.argsort(score, dim=1, descending=True, stable=True)
             rank = torch.empty_like(order)

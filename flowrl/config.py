@@ -256,6 +256,13 @@ class TrainSection:
     """Show a progress bar with reward and KL."""
     report: str | None = None
     """Reward column summarised in the final line (e.g. ``digits/correct``); default: the first."""
+    save_total_limit: int | None = None
+    """Keep at most this many checkpoints (the oldest are deleted); None keeps all."""
+    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
+    """``adamw`` (torch) or ``adamw_8bit`` (bitsandbytes' 8-bit AdamW: optimizer state in 8 bits;
+    needs the ``bnb`` extra and a CUDA device)."""
+    allow_tf32: bool = False
+    """Let CUDA matmuls and convolutions use TF32 (faster on Ampere+ GPUs, ~1e-3 relative error)."""
 
 
 @dataclass
@@ -335,6 +342,8 @@ class TrainConfig:
             raise ConfigError("train.inner_epochs must be ≥ 1.")
         if t.lora_rank < 0:
             raise ConfigError("train.lora_rank must be ≥ 0 (0 = full fine-tune).")
+        if t.save_total_limit is not None and t.save_total_limit < 1:
+            raise ConfigError(f"train.save_total_limit must be ≥ 1 or null (keep every checkpoint), got {t.save_total_limit}.")
         if not 0.0 <= t.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}.")
         if t.ema_update_every < 1:

@@ -148,14 +148,25 @@ def make_selector(name: str, num_prompts: int, **params: Any) -> Any:
         raise TypeError(f"prompt selection '{name}' could not be built with {sorted(params)}: {exc}") from exc
 
 
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Rows ``[lo, hi)`` of ``n`` that process ``rank`` of ``world`` owns: contiguous, sizes differ by
+    at most one (the first ``n mod world`` processes take one more)."""
+    q, r = divmod(n, world)
+    lo = rank * q + min(rank, r)
+    return lo, lo + q + (1 if rank < r else 0)
+
+
 def fill_batch(
     selector: Any,
-    generate: Callable[[list[int]], tuple[Any, Tensor]],
+    generate: Callable[..., tuple[Any, Tensor]],
     num_prompts: int,
     *,
     max_rounds: int = 8,
     generator: torch.Generator | None = None,
     concat: Callable[[list[Any]], Any] | None = None,
+    rank: int = 0,
+    world: int = 1,
+    gather: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Any, Tensor, list[int], dict[str, float]]:
     """Collect ``num_prompts`` kept groups (DAPO's refill loop; one round for selectors that keep all).
 
@@ -166,35 +177,65 @@ def fill_batch(
     ``Trajectories.concat``). After ``max_rounds`` the kept groups are returned even if fewer
     (metric ``select/short``). Returns ``(traj, rewards, prompt_index_per_sample, metrics)`` with
     group ids renumbered 0…n−1.
+
+    Several processes (``world > 1``, ``gather`` concatenating a tensor of every process's rows in
+    process order): ``num_prompts`` counts the whole batch; every process draws the same indices
+    (same selector state and ``generator``), rolls out its contiguous share
+    (:func:`shard_bounds`). A ``generate`` that accepts ``keys`` is called as
+    ``generate(indices, keys=[(round, position), ...])`` (always; also in one process), so the noise
+    can follow each prompt's refill round and global position; the selector learns from and filters the gathered
+    rewards, so every process takes the same decisions and the same number of rounds. Group ids
+    are then the global kept-group numbers (equal to a one-process run's), and a process may end
+    with zero rows (it still returns a 0-row trajectory).
     """
     from flowrl.policy import Trajectories
 
+    import inspect
+
+    takes_keys = "keys" in inspect.signature(generate).parameters
+    if world > 1 and not takes_keys:
+        raise TypeError("fill_batch over several processes needs generate(indices, keys=...): keys name each prompt's global position.")
     parts, rewards_parts, idx_parts = [], [], []
     kept_groups, drawn, rounds = 0, 0, 0
+    spare = None
     while kept_groups < num_prompts and rounds < max_rounds:
         rounds += 1
-        indices = selector.sample(num_prompts - kept_groups, generator)
+        missing = num_prompts - kept_groups
+        indices = selector.sample(missing, generator)
         drawn += len(indices)
-        traj, rewards = generate(indices)
-        gids = traj.group_ids.cpu()
-        per_sample = [indices[int(g)] for g in torch.unique_consecutive(gids, return_inverse=True)[1]]
-        selector.update(per_sample, rewards.cpu(), gids)
-        keep = selector.keep(rewards.cpu(), gids)
-        groups = torch.unique(gids[keep]).tolist()[: num_prompts - kept_groups]
-        rows = torch.cat([(gids == g).nonzero(as_tuple=True)[0] for g in groups]) if groups else torch.zeros(0, dtype=torch.long)
-        if len(rows):
-            part = traj.select(rows)
-            part.group_ids = torch.unique_consecutive(part.group_ids.cpu(), return_inverse=True)[1] + kept_groups
+        lo, hi = shard_bounds(len(indices), rank, world)
+        if hi == lo:
+            traj, rewards = None, torch.zeros(0)
+        elif takes_keys:
+            traj, rewards = generate(indices[lo:hi], keys=[(rounds, p) for p in range(lo, hi)])
+        else:
+            traj, rewards = generate(indices[lo:hi])
+        gids = traj.group_ids.cpu() + lo if traj is not None else torch.zeros(0, dtype=torch.long)
+        rewards = rewards.cpu().float()
+        if spare is None and traj is not None:
+            spare = traj.select([])
+        all_rewards, all_gids = (gather(rewards), gather(gids)) if world > 1 else (rewards, gids)
+        per_sample = [indices[int(g)] for g in all_gids]
+        selector.update(per_sample, all_rewards, all_gids)
+        keep = selector.keep(all_rewards, all_gids)
+        groups = sorted(torch.unique(all_gids[keep]).tolist())[:missing]
+        new_id = {g: kept_groups + i for i, g in enumerate(groups)}
+        rows = [i for i, g in enumerate(gids.tolist()) if g in new_id]
+        if rows:
+            part = traj.select(torch.tensor(rows, dtype=torch.long))
+            part.group_ids = torch.tensor([new_id[int(g)] for g in gids[rows]], dtype=torch.long)
             parts.append(part)
-            rewards_parts.append(rewards.cpu()[rows])
-            idx_parts += [per_sample[i] for i in rows.tolist()]
-            kept_groups += len(groups)
+            rewards_parts.append(rewards[rows])
+            idx_parts += [indices[int(gids[i])] for i in rows]
+        kept_groups += len(groups)
     metrics = {"select/rounds": float(rounds), "select/drawn": float(drawn), "select/kept": float(kept_groups), "select/short": float(num_prompts - kept_groups)}
-    if not parts:
+    if kept_groups == 0:
         raise RuntimeError(
             f"prompt selection kept no group in {max_rounds} rounds ({drawn} prompts drawn): every group's "
             "rewards were identical. Use easier prompts, a larger num_generations, or prompt_selection='uniform'."
         )
+    if not parts:  # another process holds every kept group
+        return spare, torch.zeros(0), [], metrics
     # rounds may differ in shape (token policies: prompt width, completion length): the policy's own
     # concat pads them; Trajectories.concat needs equal shapes
     joined = (concat or Trajectories.concat)(parts) if len(parts) > 1 else parts[0]
@@ -210,4 +251,5 @@ __all__ = [
     "informative_groups",
     "make_selector",
     "fill_batch",
+    "shard_bounds",
 ]

@@ -112,7 +112,9 @@ def window_position(num_steps: int, *, window_size: int, window_range: Sequence[
         )
     positions = hi - lo - window_size + 1
     if mode == "random":
-        return lo + int(torch.randint(positions, (1,), generator=generator))
+        from flowrl.seeding import batch_generator
+
+        return lo + int(torch.randint(positions, (1,), generator=batch_generator(generator)))
     if mode == "sliding":
         if slide_every < 1 or slide_stride < 1:
             raise ValueError("slide_every and slide_stride must be ≥ 1")

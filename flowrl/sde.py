@@ -211,8 +211,9 @@ def sde_step(
         return SDEStep(mean, mean, std, None)
     if prev_sample is None:
         if noise is None:
-            gen_device = generator.device if generator is not None else x.device
-            noise = torch.randn(x.shape, generator=generator, device=gen_device, dtype=x.dtype).to(x.device)
+            from flowrl.seeding import randn
+
+            noise = randn(x.shape, generator, dtype=x.dtype).to(x.device) if generator is not None else torch.randn(x.shape, device=x.device, dtype=x.dtype)
         prev_sample = mean + std * noise
     if torch.any(std <= 0):
         raise ValueError(

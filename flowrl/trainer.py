@@ -12,6 +12,13 @@ Everything random derives from ``(seed, iteration)``, so the same config gives t
 on CPU and a resumed run continues exactly (checkpoints hold weights, optimizer, EMA and
 estimator state; they are written to a temporary folder and renamed, never half-written).
 
+Several processes (``torchrun`` / ``accelerate launch``) train one model and get a one-process
+run's result: prompts are drawn identically everywhere and split; each prompt's noise is keyed by
+its global position (:class:`~flowrl.seeding.PromptGenerators`); rewards are gathered before
+advantages; minibatches, trained-step subsets and loss normalisers are computed on the global
+batch; the accelerate-prepared (DDP) module all-reduces gradients during the update, and every
+process takes the same number of optimizer steps (zero-weight passes where it has no rows).
+
 Metrics (``metrics.jsonl`` and TensorBoard, one record per iteration):
 ``reward/mean`` (combined reward, mean over samples whose reward did not fail), ``reward/std``,
 ``reward/<column>`` (each component, NaN-safe mean), ``reward/failures/<name>`` (failed samples so
@@ -55,8 +62,8 @@ from flowrl.plugins import (  # noqa: F401  (re-exported for code written agains
     OBJECTIVES, PIPELINE_SOURCES, POLICY_BUILDERS, REWARD_TRANSFORMS, import_builtin_components, make_objective,
 )
 from flowrl.overlap import rollout_in_calls
-from flowrl.prompt_selection import fill_batch
-from flowrl.seeding import derive_seed, generator_for
+from flowrl.prompt_selection import fill_batch, shard_bounds
+from flowrl.seeding import PromptGenerators, derive_seed, generator_for
 
 
 # ----------------------------------------------------------------------------------- objectives
@@ -138,16 +145,21 @@ def batched_form(objective: Any) -> tuple[Callable[..., Any], dict[str, Any]] | 
 
 
 # ------------------------------------------------------------------------------------ helpers
-def select_train_steps(mask: Tensor, fraction: float, selection: str, generator: torch.Generator) -> Tensor:
+def select_train_steps(mask: Tensor, fraction: float, selection: str, generator: torch.Generator, *, rows: Tensor | None = None, total_rows: int | None = None) -> Tensor:
     """Trainable-step mask ``[B, T]``: the first ⌊T·fraction⌋ stored steps (Flow-GRPO, 0.99 drops
-    the last), or a random ⌊T·fraction⌋ subset per sample (DanceGRPO). At least one step."""
+    the last), or a random ⌊T·fraction⌋ subset per sample (DanceGRPO). At least one step.
+
+    ``rows``/``total_rows``: these ``B`` samples are rows ``rows`` of a ``total_rows`` batch spread
+    over processes; the random subsets are drawn for the whole batch, so a sample's steps do not
+    depend on the process count."""
     b, t = mask.shape
     k = max(1, int(math.floor(t * fraction))) if fraction < 1.0 else t
     out = torch.zeros_like(mask)
     if selection == "first":
         out[:, :k] = True
     elif selection == "random":
-        scores = torch.rand(b, t, generator=generator)
+        scores = torch.rand(total_rows if rows is not None else b, t, generator=generator)
+        scores = scores[rows] if rows is not None else scores
         idx = scores.argsort(dim=1)[:, :k]
         out.scatter_(1, idx, True)
     else:
@@ -165,6 +177,17 @@ def learning_rate_at(iteration: int, num_iterations: int, base: float, schedule:
         frac = (iteration - 1) / (num_iterations - 1)
         return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
     raise ConfigError(f"train.lr_schedule must be constant or cosine, got '{schedule}'.")
+
+
+@dataclass
+class GlobalRows:
+    """This process's rows ``[lo, hi)`` of the gathered batch (``total`` rows); ``canonical[i]`` is
+    gathered row ``i``'s index in a one-process run's batch."""
+
+    lo: int
+    hi: int
+    total: int
+    canonical: Tensor
 
 
 @dataclass
@@ -188,6 +211,9 @@ class Trainer:
         self.config = config
         self.resolved = config.resolved()
         t = config.train
+        if t.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         cpu = config.model.device == "cpu" or (config.model.device == "auto" and not torch.cuda.is_available())
         self.accelerator = accelerator or _make_accelerator(cpu=cpu, mixed_precision=t.mixed_precision)
         nproc = self.accelerator.num_processes
@@ -228,8 +254,9 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ConfigError("the model has no trainable parameters; check train.lora_rank / train.lora_targets.")
-        self.optimizer = torch.optim.AdamW(self.params, lr=self.resolved.learning_rate, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
-        self.optimizer = self.accelerator.prepare(self.optimizer)
+        optimizer = make_optimizer(t.optimizer, self.params, lr=self.resolved.learning_rate, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
+        self._bare_model = model
+        self.prepared_model, self.optimizer = _prepare(self.accelerator, model, optimizer, wrap=getattr(self.policy, "forward_calls_model", True))
         self.ema = EMA(self.params, t.ema_decay, ramp=t.ema_ramp, update_every=t.ema_update_every) if t.ema_decay > 0 else None
 
     def autocast(self):
@@ -269,7 +296,8 @@ class Trainer:
         return TrainResult(self.run_dir, self.history, eval_before, eval_after, self.policy, summary)
 
     def iteration(self, it: int) -> dict[str, float]:
-        """One rollout → reward → advantage → update iteration; returns its metrics."""
+        """One rollout → reward → advantage → update iteration; returns its metrics (over all
+        processes: every process returns the same record)."""
         cfg, t, preset = self.config, self.config.train, self.resolved.preset
         acc = self.accelerator
         self.policy.iteration = it
@@ -277,18 +305,22 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         # 1. rollout + 2. rewards (the prompt selector may filter groups and refill: DAPO) ------
+        # Every process draws the same prompt indices and rolls out its contiguous share; each
+        # prompt's noise comes from its own stream keyed by its position in the global batch, so
+        # the samples do not depend on the number of processes.
         t0 = time.perf_counter()
         self.policy.model.eval()
-        rollout_gen = generator_for(t.seed, it, "rollout", acc.process_index)
         timing = {"rollout": 0.0}
 
         sampling_weights = getattr(self.objective, "sampling_weights", None)  # DiffusionNFT samples with θ_old
 
-        def rollout_call(indices: list[int]):
+        def rollout_call(pairs: list[tuple[int, Any]]):
+            indices, keys = [i for i, _ in pairs], [k for _, k in pairs]
             start = time.perf_counter()
+            noise = PromptGenerators(t.seed, it, "rollout", keys=keys)
             weights = sampling_weights(self.policy) if sampling_weights is not None else contextlib.nullcontext()
             with weights, self.autocast():  # the same precision as recomputation, so the on-policy ratio is 1
-                traj = self.policy.rollout([self.train_prompts[i] for i in indices], group_size=t.num_generations, generator=rollout_gen)
+                traj = self.policy.rollout([self.train_prompts[i] for i in indices], group_size=t.num_generations, generator=noise)
             timing["rollout"] += time.perf_counter() - start
             return traj
 
@@ -296,10 +328,12 @@ class Trainer:
             fn = self.reward_set.score_async if background else self.reward_set.score
             return fn(traj.outputs, traj.prompts, {**traj.meta, "group_ids": traj.group_ids})
 
-        def generate(indices: list[int]):
-            # calls of train.rollout_batch_size prompts; a call's rewards are scored while the next rolls out
+        def generate(indices: list[int], keys: list[Any]):
+            # calls of train.rollout_batch_size prompts; a call's rewards are scored while the next rolls
+            # out (per-prompt noise: the numbers do not depend on the split)
             traj, table, names = rollout_in_calls(
-                rollout_call, score, indices, prompts_per_call=t.rollout_batch_size, concat=getattr(self.policy, "concat_trajectories", None),
+                rollout_call, score, list(zip(indices, keys)), prompts_per_call=t.rollout_batch_size,
+                concat=getattr(self.policy, "concat_trajectories", None),
                 score_async=(lambda tr: score(tr, background=True)) if t.overlap_rewards else None,
             )
             traj.rewards, traj.reward_names = table, list(names)
@@ -307,70 +341,107 @@ class Trainer:
                 table, names = REWARD_TRANSFORMS.get(preset.reward_transform)(table, names, traj.group_ids, traj, **preset.reward_transform_params)
             combined = self.reward_set.combine(table, names, traj.group_ids)
             traj.meta["reward_table"], traj.meta["reward_columns"] = table, list(names)
+            if self._filler is None:  # any real row: the input of zero-weight passes (equal step counts)
+                self._filler = traj.select([0])
             return traj, combined
 
-        n_local = t.prompts_per_iteration // acc.num_processes
+        self._filler = None
         traj, combined, prompt_index, select_metrics = fill_batch(
-            self.selector, generate, n_local, generator=generator_for(t.seed, it, "prompts", acc.process_index),
+            self.selector, generate, t.prompts_per_iteration, generator=generator_for(t.seed, it, "prompts"),
             concat=getattr(self.policy, "concat_trajectories", None),
+            rank=acc.process_index, world=acc.num_processes, gather=self._gather_uneven,
         )
-        table, names = traj.meta.pop("reward_table"), traj.meta.pop("reward_columns")
+        table, names = traj.meta.pop("reward_table", None), traj.meta.pop("reward_columns", None)
         traj.meta["reward"] = combined  # [B] combined reward, sliced with the batch (LossInputs.rewards)
-        prompts = sorted(set(traj.prompts), key=traj.prompts.index)
         t1 = time.perf_counter()
-        # groups may span processes: gather before statistics (identity with one process)
-        group_ids = traj.group_ids + acc.process_index * n_local
-        all_rewards, all_groups = self._gather(combined), self._gather(group_ids)
+        # groups never span processes; statistics are computed on the gathered rewards
+        rows = self._global_rows(traj.group_ids, one_round=select_metrics.get("select/rounds", 1.0) <= 1)
+        all_rewards, all_groups = self._gather_uneven(combined.float().cpu()), self._gather_uneven(traj.group_ids.cpu())
+        names = list(names or [])
+        all_table = self._gather_uneven(table.float().cpu() if table is not None else torch.zeros(0, len(names)))
+        # the reward models' own columns (before a preset's reward transform), for the metrics
+        raw_names = list(traj.reward_names)
+        all_raw = self._gather_uneven(traj.rewards.float().cpu() if traj.rewards is not None else torch.zeros(0, len(raw_names)))
         # 3. advantages ---------------------------------------------------------------------
         prepare = getattr(self.objective, "before_advantages", None)
         if prepare is not None:  # objectives whose estimator reads policy evaluations (GRPO-CARE)
             prepare(self, traj)
-        adv_all = self._advantages(AdvantageInputs(
-            rewards=all_rewards, group_ids=all_groups, reward_table=self._gather(table), reward_names=list(names),
-            mask=None, traj=traj if acc.num_processes == 1 else None, prompts=traj.prompts if acc.num_processes == 1 else None, meta=traj.meta,
-            reward_weights=self._reward_weights(names),
-        ))
-        lo = acc.process_index * len(traj)
-        adv = adv_all[lo : lo + len(traj)]
+        single = acc.num_processes == 1
+        if single or not traj.meta.get("rollout_structure"):
+            adv_all = self._advantages(AdvantageInputs(
+                rewards=all_rewards, group_ids=all_groups, reward_table=all_table, reward_names=list(names),
+                mask=None, traj=traj if single else None, prompts=traj.prompts if single else self._gather_list(traj.prompts), meta=traj.meta,
+                reward_weights=self._reward_weights(names),
+            ))
+            adv = adv_all[rows.lo : rows.hi]
+            if "train_mask" in traj.meta:  # an estimator pruned trained steps (BranchGRPO width pruning)
+                traj.mask = traj.mask & traj.meta.pop("train_mask")[rows.lo : rows.hi].to(traj.mask.device)
+        else:  # structured rollouts (trees): the estimator needs the trajectory; whole trees are local
+            adv = self._advantages(AdvantageInputs(
+                rewards=combined.float().cpu(), group_ids=traj.group_ids.cpu(), reward_table=table, reward_names=list(names),
+                mask=None, traj=traj, prompts=traj.prompts, meta=traj.meta,
+                reward_weights=self._reward_weights(names),
+            ))
+            if "train_mask" in traj.meta:
+                traj.mask = traj.mask & traj.meta.pop("train_mask").to(traj.mask.device)
+            adv_all = self._gather_uneven(adv.float())
         traj.advantages = adv
-        if "train_mask" in traj.meta:  # an estimator pruned trained steps (BranchGRPO width pruning)
-            traj.mask = traj.mask & traj.meta.pop("train_mask")[lo : lo + len(traj)].to(traj.mask.device)
-        traj.mask = select_train_steps(traj.mask, self.resolved.timestep_fraction, self.resolved.timestep_selection, generator_for(t.seed, it, "steps", acc.process_index))
-        keep = torch.isfinite(combined)  # samples whose reward failed (tolerated by max_failures) are not trained
+        traj.mask = select_train_steps(
+            traj.mask, self.resolved.timestep_fraction, self.resolved.timestep_selection, generator_for(t.seed, it, "steps"),
+            rows=rows.canonical[rows.lo : rows.hi], total_rows=rows.total,
+        )
+        keep = torch.isfinite(combined.cpu())  # samples whose reward failed (tolerated by max_failures) are not trained
         if preset.skip_zero_advantage:  # Flow-GRPO's diffusion presets; not the LLM ones (TRL/verl keep them)
             keep &= adv.abs().flatten(1).amax(1) > 0 if adv.dim() > 1 else adv.abs() > 0
         # 4. update -------------------------------------------------------------------------
-        update_metrics = self.update(traj, keep, it)
-        if hasattr(self.estimator, "observe_shift"):  # stateful estimators that track policy drift (SPO)
+        update_metrics = self.update(traj, keep, it, rows=rows)
+        if hasattr(self.estimator, "observe_shift") and len(traj):  # stateful estimators that track policy drift (SPO)
             with torch.no_grad(), self.autocast():
                 new_lp = self.policy.log_prob(traj).float().cpu()
             self.estimator.observe_shift(traj.prompts, traj.log_probs.float(), new_lp, traj.mask)
         t2 = time.perf_counter()
-        ok = torch.isfinite(combined)
-        record: dict[str, float] = {"iteration": it, "reward/mean": float(combined[ok].mean()), "reward/std": float(combined[ok].std(unbiased=False))}
-        for i, n in enumerate(traj.reward_names):
-            record[f"reward/{n}"] = float(traj.rewards[:, i].nanmean())
+        ok = torch.isfinite(all_rewards)
+        record: dict[str, float] = {"iteration": it, "reward/mean": float(all_rewards[ok].mean()), "reward/std": float(all_rewards[ok].std(unbiased=False))}
+        for i, n in enumerate(raw_names):
+            record[f"reward/{n}"] = float(all_raw[:, i].nanmean())
         record["lr"] = lr
-        record["samples/generated"] = float(len(traj.outputs))
-        record["adv/abs_mean"] = float(adv.abs().mean())
-        record["samples/trained"] = float(keep.sum())
+        record["samples/generated"] = float(len(all_rewards))
+        record["adv/abs_mean"] = float(adv_all.abs().mean())
+        trained_steps = self._sum(torch.tensor([float(keep.sum()), float(traj.mask[keep].sum()) if len(traj) else 0.0]))
+        record["samples/trained"] = float(trained_steps[0])
         for k in ("model_evals",):
             if k in traj.meta and isinstance(traj.meta[k], (int, float)):
                 record[f"cost/{k}_per_sample"] = float(traj.meta[k])
         if isinstance(traj.meta.get("transformer_calls"), (int, float)):
             record["cost/transformer_calls"] = float(traj.meta["transformer_calls"])
-        record["cost/trained_steps_per_sample"] = float(traj.mask[keep].sum() / max(int(keep.sum()), 1))
+        record["cost/trained_steps_per_sample"] = float(trained_steps[1] / max(float(trained_steps[0]), 1.0))
         record.update(update_metrics)
         hook = getattr(self.objective, "on_iteration_end", None)
         if hook is not None:
             record.update(hook(self, it) or {})
-        record.update({f"reward/{k}" if not k.startswith("reward/") else k: v for k, v in self.reward_set.metrics().items()})
+        record.update(self._reward_metrics(all_raw, raw_names))
         record.update(select_metrics)
         record["time/rollout"] = timing["rollout"]
         record["time/rewards"] = (t1 - t0) - timing["rollout"]
         record["time/update"] = t2 - t1
         self._last_traj = traj
         return record
+
+    def _reward_metrics(self, all_table: Tensor, names: list[str]) -> dict[str, float]:
+        """The reward set's metrics over all processes: column mean/std of the gathered table,
+        failure counts summed, a reward's own metrics averaged."""
+        local = {f"reward/{k}" if not k.startswith("reward/") else k: v for k, v in self.reward_set.metrics().items()}
+        for n in names:
+            local.pop(f"reward/{n}", None), local.pop(f"reward/{n}/std", None)
+        world = self.accelerator.num_processes
+        summed = self._sum_dicts({k: v for k, v in local.items() if math.isfinite(v)})
+        out = {k: (v if k.startswith("reward/failures/") else v / world) for k, v in summed.items()}
+        for i, n in enumerate(names):
+            v = all_table[:, i]
+            v = v[torch.isfinite(v)]
+            out[f"reward/{n}"] = float(v.mean()) if v.numel() else math.nan
+            out[f"reward/{n}/std"] = float(v.std(unbiased=False)) if v.numel() > 1 else 0.0
+        return out
 
     def _reward_weights(self, names: list[str]) -> Tensor | None:
         """Weight of each reward column in the combined reward (None for a reward set without them)."""
@@ -400,81 +471,250 @@ class Trainer:
         out[idx] = adv_valid
         return out
 
-    def update(self, traj: Trajectories, keep: Tensor, it: int) -> dict[str, float]:
+    def update(self, traj: Trajectories, keep: Tensor, it: int, rows: "GlobalRows | None" = None) -> dict[str, float]:
         """Gradient steps over the kept samples: minibatches of ``train_batch_size`` samples,
-        gradients accumulated over samples × step chunks, one AdamW step per minibatch."""
+        gradients accumulated over samples × step chunks, one AdamW step per minibatch.
+
+        The minibatches are cut from the *global* batch (every process's kept samples, in the order
+        of a one-process run, shuffled by ``(seed, iteration)``); each process backpropagates its own
+        rows of each minibatch, scaled by its share of the minibatch's normaliser (masked steps for
+        ``token-mean``, samples otherwise) times the process count, and the prepared (DDP) module
+        averages the gradients — so the step equals a one-process step on the whole minibatch.
+        Every process takes the same number of optimizer steps: one whose share of a minibatch is
+        empty backpropagates a zero-weight pass on a filler row so the all-reduce never waits."""
         t = self.config.train
-        idx_kept = torch.nonzero(keep).flatten()
-        sums: dict[str, float] = {}
-        counts: dict[str, int] = {}
-        wsums: dict[str, float] = {}  # Σ chunk weights per key: 1 per update for keys every chunk reports
+        acc = self.accelerator
+        rows = rows if rows is not None else self._global_rows(traj.group_ids, one_round=True)
+        world = acc.num_processes
+        all_keep = self._gather_uneven(keep.to(torch.bool).cpu())
+        canonical_keep = torch.zeros(rows.total, dtype=torch.bool)
+        canonical_keep[rows.canonical] = all_keep
+        idx_kept = torch.nonzero(canonical_keep).flatten()  # canonical (one-process) row numbers
         if len(idx_kept) == 0:
             return {"update/steps": 0.0}
+        local_of = torch.full((rows.total,), -1, dtype=torch.long)  # canonical row -> local row (or -1)
+        local_of[rows.canonical[rows.lo : rows.hi]] = torch.arange(rows.hi - rows.lo)
+        groups = traj.meta.get("minibatch_groups")
+        all_groups = None
+        if groups is not None:  # rows that share states (a tree, a G²RPO step) stay contiguous
+            offset = self._group_offset(groups)
+            gathered = self._gather_uneven((groups.cpu().long() + offset))
+            all_groups = torch.zeros(rows.total, dtype=torch.long)
+            all_groups[rows.canonical] = gathered
+        normaliser = "token" if (self.resolved.preset.objective == "policy_gradient" and (self.resolved.preset.loss.aggregation or "token-mean") == "token-mean") else "sample"
+        sums: dict[str, float] = {}
+        wsums: dict[str, float] = {}  # Σ chunk weights per key: 1 per update for keys every chunk reports
+        grad_norms: list[float] = []
         self.policy.model.train()
         ctx = UpdateContext(resolved=self.resolved, iteration=it, autocast=self.autocast)
         n_updates = 0
-        for epoch in range(t.inner_epochs):
-            order = idx_kept[torch.randperm(len(idx_kept), generator=generator_for(t.seed, it, "shuffle", epoch))]
-            groups = traj.meta.get("minibatch_groups")
-            if groups is not None:  # rows that share states (a tree, a G²RPO step) stay contiguous
-                rank = torch.randperm(int(groups.max()) + 1, generator=generator_for(t.seed, it, "groups", epoch))
-                order = order[torch.argsort(rank[groups[order]], stable=True)]
-            for start in range(0, len(order), t.train_batch_size):
-                batch = traj.select(order[start : start + t.train_batch_size])
-                total = float(batch.mask.sum())
-                if total == 0:
-                    continue
-                chunks = [c for c in self.policy.step_chunks(batch) if float(batch.mask[:, c].sum()) > 0]
-                # chunks whose rows fit in train.max_rows_per_call share one transformer call and one backward
-                rows = getattr(self.policy, "rows_per_step", len)(batch) if batched_form(self.objective) else None
-                for group in group_step_chunks(chunks, rows or 1, t.max_rows_per_call if rows else 0):
-                    group_loss = 0.0
-                    for steps, (loss, metrics) in zip(group, objective_chunk_losses(self.objective, self.policy, batch, group, ctx)):
-                        weight = float(batch.mask[:, steps].sum()) / total
-                        if not torch.isfinite(loss):
-                            raise FloatingPointError(f"the loss became {float(loss)} at iteration {it}; lower train.learning_rate or check the rewards.")
-                        group_loss = group_loss + loss * weight
-                        for k, v in metrics.items():
-                            sums[k] = sums.get(k, 0.0) + v * weight
-                            counts[k] = counts.get(k, 0) + 1
-                            wsums[k] = wsums.get(k, 0.0) + weight
-                    self.accelerator.backward(group_loss)
-                if t.max_grad_norm > 0:
-                    gn = torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm)
-                    sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(gn)
-                    counts["grad_norm"] = counts.get("grad_norm", 0) + 1
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                if self.ema is not None:
-                    self.ema.update()
-                n_updates += 1
-                on_update = getattr(self.objective, "on_update", None)
-                if on_update is not None:  # per optimizer step (SAGE's moving anchor and adaptive β)
-                    on_update(self)
+        with self._prepared_model():
+            for epoch in range(t.inner_epochs):
+                order = idx_kept[torch.randperm(len(idx_kept), generator=generator_for(t.seed, it, "shuffle", epoch))]
+                if all_groups is not None:
+                    rank = torch.randperm(int(all_groups.max()) + 1, generator=generator_for(t.seed, it, "groups", epoch))
+                    order = order[torch.argsort(rank[all_groups[order]], stable=True)]
+                for start in range(0, len(order), t.train_batch_size):
+                    local = local_of[order[start : start + t.train_batch_size]]
+                    local = local[local >= 0]
+                    batch = traj.select(local) if len(local) else None
+                    steps_total = traj.num_steps if len(traj) else self._filler.num_steps
+                    counts = torch.zeros(2 + steps_total)  # [samples, Σ mask, Σ mask per step...]
+                    if batch is not None:
+                        m = batch.mask.float()
+                        counts[0], counts[1], counts[2:] = len(local), m.sum(), m.sum(0)
+                    global_counts = self._sum(counts)
+                    if float(global_counts[1]) == 0:
+                        continue  # no trainable step in this minibatch on any process
+                    chunks = self.policy.step_chunks(batch if batch is not None else self._filler)
+                    # one process: chunks whose rows fit in train.max_rows_per_call share one transformer
+                    # call and one backward (each keeps its own loss and share: only the cost changes)
+                    step_rows = getattr(self.policy, "rows_per_step", len)(batch) if world == 1 and batch is not None and batched_form(self.objective) else 0
+                    if step_rows:
+                        live = [c for c in chunks if float(batch.mask[:, c].sum()) > 0]
+                        for group in group_step_chunks(live, step_rows, t.max_rows_per_call):
+                            group_loss = 0.0
+                            for steps, (loss, metrics) in zip(group, objective_chunk_losses(self.objective, self.policy, batch, group, ctx)):
+                                if not torch.isfinite(loss):
+                                    raise FloatingPointError(f"the loss became {float(loss)} at iteration {it}; lower train.learning_rate or check the rewards.")
+                                l_chunk = float(batch.mask[:, steps].sum())
+                                if normaliser == "token":
+                                    share = l_chunk / float(global_counts[1])
+                                else:
+                                    share = (float(global_counts[2 + steps].sum()) / float(global_counts[1])) * (float(counts[0]) / float(global_counts[0]))
+                                group_loss = group_loss + loss * share
+                                for k, v in metrics.items():
+                                    sums[k] = sums.get(k, 0.0) + v * share
+                                    wsums[k] = wsums.get(k, 0.0) + share
+                            acc.backward(group_loss)
+                        chunks = []
+                    for ci, steps in enumerate(chunks):
+                        last = ci == len(chunks) - 1
+                        g_chunk = float(global_counts[2 + steps].sum())
+                        l_chunk = float(batch.mask[:, steps].sum()) if batch is not None else 0.0
+                        if normaliser == "token":
+                            share = l_chunk / float(global_counts[1])
+                        else:
+                            share = (g_chunk / float(global_counts[1])) * (float(counts[0]) / float(global_counts[0]))
+                        if batch is None or l_chunk == 0:
+                            if not (last and world > 1):
+                                continue
+                            share = 0.0  # zero-weight pass: this process joins the gradient all-reduce
+                        data = batch if batch is not None and l_chunk > 0 else self._zero_weight_batch(batch)
+                        # DDP all-reduces in the backward of the minibatch's last chunk only (forward
+                        # and backward of the others run under no_sync: local accumulation)
+                        sync = contextlib.nullcontext() if (last or world == 1) else acc.no_sync(self.prepared_model)
+                        with sync:
+                            loss, metrics = self.objective(self.policy, data, steps, ctx)
+                            if not torch.isfinite(loss):
+                                raise FloatingPointError(f"the loss became {float(loss)} at iteration {it}; lower train.learning_rate or check the rewards.")
+                            acc.backward(loss * (share * world))
+                        if share > 0:
+                            for k, v in metrics.items():
+                                sums[k] = sums.get(k, 0.0) + v * share
+                                wsums[k] = wsums.get(k, 0.0) + share
+                    if world > 1 and self.prepared_model is self._bare_model:
+                        self._all_reduce_gradients()  # a policy not called through forward: no DDP
+                    if t.max_grad_norm > 0:  # unscaled (fp16 loss scaling) and global (after the all-reduce)
+                        grad_norms.append(float(acc.clip_grad_norm_(self.params, t.max_grad_norm)))
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    if self.ema is not None:
+                        self.ema.update()
+                    n_updates += 1
+                    on_update = getattr(self.objective, "on_update", None)
+                    if on_update is not None:  # per optimizer step (SAGE's moving anchor and adaptive β)
+                        on_update(self)
         self.policy.model.eval()
-        out = {k: (v / max(n_updates, 1) if k != "grad_norm" else v / counts[k]) for k, v in sums.items()}
+        sums, wsums = self._sum_dicts(sums), self._sum_dicts(wsums)
+        out = {k: v / max(n_updates, 1) for k, v in sums.items()}
         for k, w in wsums.items():
             if w > 0 and abs(w - n_updates) > 1e-6:  # reported by some chunks only (e.g. ratio_step/<k>/*)
                 out[k] = sums[k] / w
+        if grad_norms:
+            out["grad_norm"] = sum(grad_norms) / len(grad_norms)
         out["update/steps"] = float(n_updates)
         return out
+
+    def _all_reduce_gradients(self) -> None:
+        """Average the trainable gradients over processes in one flat buffer (what DDP does for
+        policies it can wrap)."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.detach().reshape(-1).float() for g in grads])
+        flat = self.accelerator.reduce(flat.to(self.accelerator.device), "mean").to(self.params[0].device)
+        i = 0
+        for p, g in zip(self.params, grads):
+            n = g.numel()
+            p.grad = flat[i : i + n].view_as(p).to(p.dtype)
+            i += n
+
+    def _zero_weight_batch(self, batch: Trajectories | None) -> Trajectories:
+        """One real row (finite loss) with zero advantage, for a zero-weight backward pass."""
+        data = batch.select([0]) if batch is not None else self._filler.select([0])
+        data.mask = torch.ones_like(data.mask)
+        shape = data.advantages.shape if isinstance(data.advantages, Tensor) else (1,)
+        data.advantages = torch.zeros(shape)
+        if not isinstance(data.meta.get("reward"), Tensor):
+            data.meta["reward"] = torch.zeros(1)
+        return data
+
+    @contextlib.contextmanager
+    def _prepared_model(self):
+        """Inside: the policy calls the accelerate-prepared module (DDP), whose backward
+        all-reduces the gradients; rollouts and evaluation call the bare module (no collectives)."""
+        if self.prepared_model is self.policy.model:
+            yield
+            return
+        live = self.policy.model
+        self.policy.model = self.prepared_model
+        try:
+            yield
+        finally:
+            self.policy.model = live
+
+    # ------------------------------------------------------------------- across processes
+    def _gather_uneven(self, x: Tensor) -> Tensor:
+        """Concatenate every process's ``x`` (any number of rows each) in process order."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return x
+        is_bool = x.dtype == torch.bool
+        x = x.detach().cpu().to(torch.uint8 if is_bool else x.dtype).contiguous()
+        sizes = [int(v) for v in acc.gather(torch.tensor([x.shape[0]], device=acc.device)).cpu().tolist()]
+        m = max(sizes)
+        padded = torch.cat([x, x.new_zeros((m - x.shape[0],) + tuple(x.shape[1:]))])
+        out = acc.gather(padded.to(acc.device)).cpu()
+        out = torch.cat([out[i * m : i * m + n] for i, n in enumerate(sizes)])
+        return out.bool() if is_bool else out
+
+    def _gather_list(self, items: list[Any]) -> list[Any]:
+        if self.accelerator.num_processes == 1:
+            return list(items)
+        from accelerate.utils import gather_object
+
+        return list(gather_object(list(items)))
+
+    def _sum(self, x: Tensor) -> Tensor:
+        """Σ over processes (float64 on the CPU)."""
+        if self.accelerator.num_processes == 1:
+            return x.double()
+        return self.accelerator.reduce(x.double().to(self.accelerator.device), "sum").cpu()
+
+    def _sum_dicts(self, d: dict[str, float]) -> dict[str, float]:
+        """Key-wise Σ over processes (keys may differ between processes)."""
+        if self.accelerator.num_processes == 1:
+            return dict(d)
+        out: dict[str, float] = {}
+        for part in self._gather_list([d]):
+            for k, v in part.items():
+                out[k] = out.get(k, 0.0) + v
+        return out
+
+    def _group_offset(self, groups: Tensor) -> int:
+        """Offset that makes this process's group numbers (0…) global: Σ of earlier processes' counts."""
+        n = int(groups.max()) + 1 if len(groups) else 0
+        counts = self._gather_uneven(torch.tensor([n])).tolist()
+        return int(sum(counts[: self.accelerator.process_index]))
+
+    def _global_rows(self, group_ids: Tensor, *, one_round: bool = True) -> "GlobalRows":
+        """Where this process's rows sit in the global batch: ``[lo, hi)`` in gathered (process)
+        order, and each gathered row's number in a one-process run's order. One rollout round:
+        the gathered order is that order (each process holds a contiguous share of the prompts).
+        Several refill rounds (DAPO): a one-process run holds rows by kept group, so rows are
+        sorted by their global group id (a group never spans processes)."""
+        gids = self._gather_uneven(group_ids.cpu().long())
+        sizes = self._gather_uneven(torch.tensor([len(group_ids)])).tolist()
+        lo = int(sum(sizes[: self.accelerator.process_index]))
+        canonical = torch.arange(len(gids))
+        if not one_round:
+            canonical[torch.argsort(gids, stable=True)] = torch.arange(len(gids))
+        return GlobalRows(lo=lo, hi=lo + len(group_ids), total=len(gids), canonical=canonical)
 
     # --------------------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate(self, *, tag: str = "eval") -> dict[str, float]:
         """Score deterministic samples of the held-out prompts (EMA weights if enabled)."""
         t = self.config.train
+        acc = self.accelerator
         prompts = [p for p in self.eval_prompts for _ in range(t.eval_samples_per_prompt)]
         weights = self.ema.active() if self.ema is not None else contextlib.nullcontext()
+        # each evaluation sample has its own noise stream (its index), so the samples do not depend
+        # on the chunking or on the number of processes; processes split the samples and gather
+        split = len(prompts) >= acc.num_processes > 1
+        lo, hi = shard_bounds(len(prompts), acc.process_index, acc.num_processes) if split else (0, len(prompts))
+        noise = PromptGenerators(t.seed, "eval", keys=range(len(prompts)))
         outputs = []
-        gen = generator_for(t.seed, "eval")
         steps = {"num_steps": self.config.sampler.eval_num_steps} if self.config.model.kind == "flow" else {}
         with weights:
-            for start in range(0, len(prompts), 64):
+            for start in range(lo, hi, 64):
+                stop = min(start + 64, hi)
                 with self.autocast():
-                    outputs.append(self.policy.generate(prompts[start : start + 64], generator=gen, **steps))
+                    outputs.append(self.policy.generate(prompts[start:stop], generator=noise.narrow(start, stop), **steps))
         outputs = torch.cat(outputs) if isinstance(outputs[0], Tensor) else [o for chunk in outputs for o in chunk]
-        table, names = self.reward_set.score(outputs, prompts, {"eval": True})
+        table, names = self.reward_set.score(outputs, prompts[lo:hi], {"eval": True})
+        if split:
+            table = self._gather_uneven(table.float().cpu())
+            outputs = self._gather_uneven(outputs.float().cpu()) if isinstance(outputs, Tensor) else self._gather_list(outputs)
         self._eval_outputs = getattr(self, "_eval_outputs", {})
         self._eval_outputs[tag] = (outputs, prompts)
         result = {n: float(table[:, i].nanmean()) for i, n in enumerate(names)}
@@ -537,11 +777,6 @@ class Trainer:
             kwargs["prompts"] = self.train_prompts
         return make_selector(name, len(self.train_prompts), **kwargs)
 
-    def _gather(self, x: Tensor) -> Tensor:
-        if self.accelerator.num_processes == 1:
-            return x
-        return self.accelerator.gather(x.to(self.accelerator.device)).cpu()
-
     def _tensorboard(self):
         if not self.accelerator.is_main_process:
             return None
@@ -600,6 +835,54 @@ class Trainer:
 
 
 
+def make_optimizer(name: str, params: list[torch.nn.Parameter], **kwargs: Any) -> torch.optim.Optimizer:
+    """``adamw`` (torch.optim.AdamW) or ``adamw_8bit`` (bitsandbytes.optim.AdamW8bit: the two
+    moment buffers quantised to 8 bits, Dettmers et al. 2022)."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, **kwargs)
+    if name == "adamw_8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError("train.optimizer=adamw_8bit needs bitsandbytes: pip install 'flowrl[bnb]' (CUDA only), or set train.optimizer=adamw.") from None
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    raise ConfigError(f"train.optimizer must be adamw or adamw_8bit, got '{name}'.")
+
+
+def _prepare(accelerator: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, wrap: bool):
+    """``accelerator.prepare`` the trained module and the optimizer. With several processes the
+    module comes back wrapped (DDP): its backward all-reduces the gradients. The wrapper forwards
+    unknown attributes (``config``, ``dtype``, peft's ``disable_adapters``) to the module, so a
+    policy can call it in place of the bare module during the update. Policies whose model is not
+    called through its ``forward`` (``forward_calls_model = False``) are not wrapped; the trainer
+    all-reduces their gradients itself before each optimizer step."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        raise ConfigError(
+            f"the accelerate config selects {accelerator.distributed_type.value}, which flowrl does not support yet: rollouts "
+            "and evaluation call the bare (unsharded) model between updates. Launch with a DDP config "
+            "(assets/accelerate/ddp.yaml or multinode_ddp.yaml); memory: LoRA, train.gradient_checkpointing, adamw_8bit."
+        )
+    if not wrap or accelerator.num_processes == 1:
+        return model, accelerator.prepare(optimizer)
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    inner = getattr(wrapped, "module", wrapped)
+    if "_original_forward" in inner.__dict__:  # the trainer autocasts itself; keep the module's own forward
+        inner.forward = inner.__dict__.pop("_original_forward")
+    if wrapped is not model:
+        cls = type(wrapped)
+
+        def __getattr__(self, name):
+            try:
+                return cls.__getattr__(self, name)
+            except AttributeError:
+                return getattr(self.module, name)
+
+        wrapped.__class__ = type(cls.__name__, (cls,), {"__getattr__": __getattr__, "__module__": cls.__module__})
+    return wrapped, optimizer
+
+
 def _make_accelerator(*, cpu: bool, mixed_precision: str):
     """An ``Accelerator``; in a single process, a previous trainer's state (accelerate keeps one per
     process) is reset when this run asks for another precision or device."""
@@ -611,7 +894,12 @@ def _make_accelerator(*, cpu: bool, mixed_precision: str):
         same = str(state.get("_mixed_precision", "no")) == mixed_precision and bool(state.get("_cpu", False)) == cpu
         if not same:
             AcceleratorState._reset_state(reset_partial_state=True)
-    return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # find_unused_parameters: LoRA may sit on a projection a model skips (SD3's last context block);
+    # broadcast_buffers=False: no collective in forward passes (processes run different numbers)
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision, kwargs_handlers=[ddp])
 
 
 def train(config: TrainConfig | str | Path, **kwargs: Any) -> TrainResult:

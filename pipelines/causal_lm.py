@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from flowrl.policy import PolicyBase, PolicyEval, Trajectories
+from flowrl.seeding import multinomial
 
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -259,8 +260,15 @@ class TokenPolicy(PolicyBase):
         p_attn = p_attn.repeat_interleave(group_size, 0).to(device)  # [B, P]
         rows = p_ids.shape[0]
         mb = self.micro_batch_size or rows
-        # 2. sample (micro-batches of rows; each continues the same generator stream)
-        parts = [self._sample(p_ids[s : s + mb], p_attn[s : s + mb], generator) for s in range(0, rows, mb)]
+        # 2. sample (micro-batches of rows; each continues the same generator stream, or, with
+        # per-prompt streams, micro-batches hold whole groups and use their prompts' streams)
+        from flowrl.seeding import PromptGenerators
+
+        if isinstance(generator, PromptGenerators):
+            mb = max(group_size, mb // group_size * group_size)
+            parts = [self._sample(p_ids[s : s + mb], p_attn[s : s + mb], generator.narrow(s // group_size, (s + mb) // group_size)) for s in range(0, rows, mb)]
+        else:
+            parts = [self._sample(p_ids[s : s + mb], p_attn[s : s + mb], generator) for s in range(0, rows, mb)]
         width = max(a.shape[1] for a, _, _ in parts)
         actions = torch.full((rows, width), self.pad_token_id, dtype=torch.long, device=device)
         mask = torch.zeros((rows, width), dtype=torch.bool, device=device)
@@ -324,8 +332,7 @@ class TokenPolicy(PolicyBase):
                 tok = logp.argmax(-1)
             else:
                 probs = torch.softmax(top_p_filter(logp, self.top_p), dim=-1)
-                draw_on = generator.device if generator is not None else probs.device
-                tok = torch.multinomial(probs.to(draw_on), 1, generator=generator).to(device)[:, 0]
+                tok = multinomial(probs, 1, generator).to(device)[:, 0]
             tok = torch.where(done, torch.full_like(tok, self.pad_token_id), tok)
             tokens.append(tok)
             masks.append(~done)

@@ -218,7 +218,9 @@ class DigitsAdapter(FlowAdapter):
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
     def initial_noise(self, batch: int, *, height: int, width: int, generator: torch.Generator | None) -> Tensor:
-        noise = torch.randn((batch, 1, height, width), generator=generator, dtype=torch.float32)
+        from flowrl.seeding import randn
+
+        noise = randn((batch, 1, height, width), generator)
         return noise.to(device=self.device, dtype=self.dtype)
 
     def sigmas(self, num_steps: int, *, height: int, width: int) -> Tensor:

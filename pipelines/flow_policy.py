@@ -169,8 +169,9 @@ class FlowPolicy(PolicyBase):
         )
 
     def draw_noise(self, shape: torch.Size, generator: torch.Generator | None) -> Tensor:
-        gen_dev = generator.device if generator is not None else torch.device("cpu")
-        return torch.randn(shape, generator=generator, device=gen_dev, dtype=torch.float32).to(self.device)
+        from flowrl.seeding import randn
+
+        return randn(shape, generator).to(self.device)
 
     # ------------------------------------------------------------------------------ Policy
     def rollout(self, prompts: Sequence[str], *, group_size: int, generator: torch.Generator | None = None, height: int | None = None, width: int | None = None) -> Trajectories:

@@ -40,8 +40,9 @@ class FluxAdapter(FlowAdapter):
     def initial_noise(self, batch: int, *, height: int, width: int, generator: torch.Generator | None) -> Tensor:
         h, w = self._latent_hw(height, width)
         c = self.transformer.config.in_channels // 4
-        gen_dev = generator.device if generator is not None else torch.device("cpu")
-        z = torch.randn((batch, c, h, w), generator=generator, device=gen_dev, dtype=torch.float32)
+        from flowrl.seeding import randn
+
+        z = randn((batch, c, h, w), generator)
         return self.pipe._pack_latents(z, batch, c, h, w).to(self.device, self.dtype)
 
     def sigmas(self, num_steps: int, *, height: int, width: int) -> Tensor:

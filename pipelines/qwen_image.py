@@ -60,8 +60,9 @@ class QwenImageAdapter(VideoAdapterMixin, FlowAdapter):
         """The stock draw: ``[B, 1, C, h, w]`` normal in float32, then packed 2×2."""
         h, w = self._latent_hw(height, width)
         c = self.transformer.config.in_channels // 4
-        gen_dev = generator.device if generator is not None else torch.device("cpu")
-        z = torch.randn((batch, 1, c, h, w), generator=generator, device=gen_dev, dtype=torch.float32)
+        from flowrl.seeding import randn
+
+        z = randn((batch, 1, c, h, w), generator)
         return self.pipe._pack_latents(z, batch, c, h, w).to(self.device, self.dtype)
 
     def encode_prompts(self, prompts: list[str], *, guidance_scale: float) -> dict[str, Tensor]:

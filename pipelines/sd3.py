@@ -40,8 +40,9 @@ class SD3Adapter(FlowAdapter):
     def initial_noise(self, batch: int, *, height: int, width: int, generator: torch.Generator | None) -> Tensor:
         h, w = self._latent_hw(height, width)
         c = self.transformer.config.in_channels
-        gen_dev = generator.device if generator is not None else torch.device("cpu")
-        return torch.randn((batch, c, h, w), generator=generator, device=gen_dev, dtype=torch.float32).to(self.device, self.dtype)
+        from flowrl.seeding import randn
+
+        return randn((batch, c, h, w), generator).to(self.device, self.dtype)
 
     def sigmas(self, num_steps: int, *, height: int, width: int) -> Tensor:
         kwargs = {}

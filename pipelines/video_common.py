@@ -86,6 +86,7 @@ class VideoAdapterMixin:
     def initial_noise(self, batch: int, *, height: int, width: int, generator: torch.Generator | None) -> Tensor:
         """Standard normal latents ``[B, *latent_shape]`` drawn in float32 on the generator's device
         (the stock ``randn_tensor`` draw), then moved to the transformer's device and dtype."""
-        gen_dev = generator.device if generator is not None else torch.device("cpu")
-        z = torch.randn((batch, *self.latent_shape(height, width)), generator=generator, device=gen_dev, dtype=torch.float32)
+        from flowrl.seeding import randn
+
+        z = randn((batch, *self.latent_shape(height, width)), generator)
         return z.to(self.device, self.dtype)

@@ -109,7 +109,8 @@ def test_zero_advantage_rows_are_kept_for_llm_presets_only(tmp_path, tiny_lm_pat
     assert record["adv/abs_mean"] == 0.0
     assert record["samples/trained"] == 8 and record["update/steps"] == 1
     assert "loss/kl" in record  # the KL term was evaluated on rows with A = 0
-    cfg = _trainer_config(tmp_path, "grpo", reward="tests.test_llm_fidelity:Constant", skip_zero_advantage=True)
+    # a new run: its own output_dir (a used one with checkpoints is refused)
+    cfg = _trainer_config(tmp_path / "skip", "grpo", reward="tests.test_llm_fidelity:Constant", skip_zero_advantage=True)
     record = Trainer(cfg, policy=policy).train().history[-1]
     assert record["samples/trained"] == 0 and record["update/steps"] == 0
 

@@ -224,7 +224,7 @@ def test_rollouts_are_sampled_with_the_old_policy(tmp_path):
     optimizer step): a later iteration's rollouts equal the initial model's for the same seed, while
     the trained weights sample something else (the control that catches sampling with θ)."""
     from flowrl.policy import weights_swapped
-    from flowrl.seeding import generator_for
+    from flowrl.seeding import PromptGenerators
     from flowrl.trainer import Trainer
 
     trainer = Trainer(_cfg(tmp_path, "tiny-sd3", "train.iterations=3", "train.learning_rate=5e-2", "loss.beta=0",
@@ -239,7 +239,8 @@ def test_rollouts_are_sampled_with_the_old_policy(tmp_path):
 
     def rollout():
         with torch.no_grad():
-            return trainer.policy.rollout(prompts, group_size=group, generator=generator_for(trainer.config.train.seed, 3, "rollout", 0))
+            noise = PromptGenerators(trainer.config.train.seed, 3, "rollout", keys=[(1, p) for p in range(len(prompts))])
+            return trainer.policy.rollout(prompts, group_size=group, generator=noise)
 
     with weights_swapped(trainer.params, initial):
         base = rollout()
