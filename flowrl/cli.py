@@ -23,8 +23,10 @@ def _train(args: argparse.Namespace) -> int:
     print(f"run directory: {result.run_dir}")
     if last:
         print(f"final train reward {last.get('reward/mean', float('nan')):.4f}, kl {last.get('kl/ref', 0.0):.3e}")
+    if (result.run_dir / "config.yaml").is_file():
+        print(f"look at it: flowrl gallery {result.run_dir} --out gallery   (then open gallery/index.html)")
     if result.summary:
-        print(result.summary)
+        print(result.summary)  # last: the one line scripts read
     return 0
 
 
@@ -34,74 +36,115 @@ def _pretrain_digits(args: argparse.Namespace) -> int:
     return pretrain_digits.main(args.rest) or 0
 
 
-def _load_for_eval(args: argparse.Namespace):
-    """Policy (with an optional LoRA folder loaded by stock diffusers), reward set and config."""
-    from flowrl.config import TrainConfig
-    from flowrl.builders import _build_reward_set, build_policy
+def _run_and_weights(args: argparse.Namespace):
+    """The run (``--run``, the run a ``--lora`` / ``--checkpoint`` folder belongs to, or a bare
+    ``--config``), the config to evaluate with (eval settings overridden by ``--prompt``,
+    ``--seed``, ``--samples-per-prompt``, ``--set``) and the weights asked for (``--base``,
+    ``--lora``, ``--checkpoint``; default: the run's evaluated weights, or the config's model)."""
+    from flowrl import runs
+    from flowrl.config import ConfigError, TrainConfig
 
-    cfg = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
-    if args.set:
-        cfg = cfg.override(args.set)
-    policy = build_policy(cfg.resolved(), Path(cfg.train.output_dir))
-    if getattr(args, "lora", None):
-        policy.pipe.load_lora_weights(args.lora)
-    return cfg, policy, _build_reward_set(cfg)
+    lora = _single(getattr(args, "lora", None), "--lora")
+    ckpt = _single(getattr(args, "checkpoint", None), "--checkpoint")
+    if sum(bool(x) for x in (lora, ckpt, getattr(args, "base", False))) > 1:
+        raise ConfigError("give at most one of --base, --lora and --checkpoint.")
+    run_dir = getattr(args, "run", None)
+    if run_dir is None and not args.config:  # a run's own lora/ or checkpoint names its run
+        for p, up in ((lora, 1), (ckpt, 2)):
+            if p and (Path(p).parents[up - 1] / "config.yaml").is_file():
+                run_dir = Path(p).parents[up - 1]
+    if run_dir is not None:
+        run = runs.load_run(run_dir)
+        if args.config:
+            run.config = TrainConfig.from_yaml(args.config)
+    else:
+        run = runs.Run.from_config(TrainConfig.from_yaml(args.config) if args.config else TrainConfig())
+    cfg = run.config.override(args.set) if args.set else run.config
+    prompts = list(args.prompt) if args.prompt else None
+    if prompts is None and cfg.train.eval_prompts is None:  # no held-out set: the training prompts
+        cfg = runs.with_eval_overrides(cfg, prompts=cfg.train.prompts)
+    cfg = runs.with_eval_overrides(cfg, prompts=prompts, seed=args.seed, samples_per_prompt=args.samples_per_prompt)
+    if lora:
+        weights = run.lora_weights(lora)
+    elif ckpt:
+        weights = run.checkpoint_weights(ckpt)
+    elif getattr(args, "base", False) or run.dir is None:
+        weights = run.base_weights()
+    else:
+        weights = run.evaluated_weights()
+    return run, cfg, weights
 
 
-def _prompts_for(args: argparse.Namespace, cfg) -> list[str]:
-    from flowrl.prompts import load_prompts
+def _single(value, flag: str):
+    if isinstance(value, list):
+        if len(value) > 1:
+            from flowrl.config import ConfigError
 
-    if args.prompt:
-        return list(args.prompt)
-    return load_prompts(cfg.train.eval_prompts if cfg.train.eval_prompts is not None else cfg.train.prompts, field="train.eval_prompts")
-
-
-def _generate(policy, prompts: list[str], cfg, seed: int):
-    import torch
-
-    images = []
-    gen = torch.Generator().manual_seed(seed)
-    for i in range(0, len(prompts), 64):
-        images.append(policy.generate(prompts[i : i + 64], generator=gen, num_steps=cfg.sampler.eval_num_steps))
-    return torch.cat(images)
+            raise ConfigError(f"{flag} is given {len(value)} times; this command takes one.")
+        return value[0] if value else None
+    return value
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from flowrl import gallery
+    from flowrl import gallery, runs
 
-    cfg, policy, _ = _load_for_eval(args)
-    prompts = _prompts_for(args, cfg)
-    images = _generate(policy, prompts, cfg, args.seed)
+    run, cfg, weights = _run_and_weights(args)
+    outputs, prompts = runs.generate(run, weights, config=cfg)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if images.dim() == 5:  # video [B, F, C, H, W]: one file per sample (+ poster) and a grid of posters
+    title = f"{weights.title} · seed {cfg.train.seed}"
+    if not hasattr(outputs, "dim"):  # language models: text
+        out.write_text("".join(f"### {p}\n{o}\n\n" for p, o in zip(prompts, outputs)))
+    elif outputs.dim() == 5:  # video [B, F, C, H, W]: one file per sample (+ poster) and a grid of posters
         from flowrl import media
 
         folder = out.with_suffix("")
-        written = [media.save_video(v, folder / f"{i:04d}", fps=args.fps, format=args.video_format)["video"] for i, v in enumerate(images)]
-        gallery.save_image(gallery.image_grid(images[:, 0], nrow=8, upscale=max(1, 64 // images.shape[-1])), out)
-        print(f"wrote {len(prompts)} videos to {folder}/ ({written[0].suffix[1:]}, with .poster.png frames) and their posters to {out}")
+        written = [media.save_video(v, folder / f"{i:04d}", fps=args.fps, format=args.video_format)["video"] for i, v in enumerate(outputs)]
+        gallery.save_labeled_grid(outputs[:, 0], out, captions=prompts, title=title)
+        print(f"wrote {len(prompts)} videos of {weights.title} to {folder}/ ({written[0].suffix[1:]}, with .poster.png frames) and their posters to {out}")
         return 0
-    gallery.save_image(gallery.image_grid(images, nrow=8, upscale=max(1, 64 // images.shape[-1])), out)
-    print(f"wrote {len(prompts)} samples to {out}")
+    else:
+        gallery.save_labeled_grid(outputs, out, captions=prompts, title=title)
+    print(f"wrote {len(prompts)} samples of {weights.title} to {out}")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    cfg, policy, rewards = _load_for_eval(args)
-    prompts = _prompts_for(args, cfg)
-    images = _generate(policy, prompts, cfg, args.seed)
-    table, names = rewards.score(images, prompts, {"eval": True})
-    print(f"| reward | mean over {len(prompts)} prompts |\n|---|---|")
-    for i, n in enumerate(names):
-        print(f"| {n} | {float(table[:, i].nanmean()):.4f} |")
-    if args.gallery:
-        from flowrl import gallery
+    import json
 
-        first = table[:, 0].tolist() if len(names) else None
-        path = gallery.html_gallery(images, prompts, Path(args.gallery), scores=first, title=f"flowrl eval ({names[0] if names else ''})")
-        print(f"gallery: {path}")
+    from flowrl import runs
+
+    run, cfg, weights = _run_and_weights(args)
+    result = runs.evaluate(run, weights, config=cfg)
+    report = runs.eval_report(result, run=run, category=args.category)
+    same_settings = cfg.train.eval_prompts == run.config.train.eval_prompts and runs.Run(cfg).eval_settings == run.eval_settings
+    reported = run.reported(weights) if same_settings else None
+    if reported:
+        report["run_reported"] = {k: v for k, v in reported.items() if k in report["aggregate"]}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print(runs.format_report(report, reported))
+    print(f"wrote {out}")
     return 0
+
+
+def _gallery(args: argparse.Namespace) -> int:
+    from flowrl import gallery
+
+    path = gallery.build_gallery(
+        args.runs, args.out, config=args.config, overrides=args.set, loras=args.lora or [], checkpoints=args.checkpoint or [],
+        intermediate=args.checkpoints, prompts=args.prompt, seed=args.seed, samples_per_prompt=args.samples_per_prompt,
+        max_prompts=args.max_prompts,
+    )
+    print(f"gallery: {path}")
+    return 0
+
+
+def _eval_setting_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: the run's train.eval_prompts")
+    p.add_argument("--seed", type=int, default=None, help="evaluation seed (default: the run's train.seed)")
+    p.add_argument("--samples-per-prompt", type=int, default=None, help="default: the run's train.eval_samples_per_prompt")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,23 +155,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. train.learning_rate=1e-4")
     p.set_defaults(fn=_train)
     for name, fn, help_text in (
-        ("sample", _sample, "sample images (ODE, eval steps) into one PNG grid; videos into mp4/WebP files"),
-        ("eval", _eval, "score samples of the eval prompts with the config's rewards"),
-        ("gallery", _eval, "eval plus an HTML gallery of every sample with its score"),
+        ("sample", _sample, "sample a run's (or a config's) evaluation prompts into one labelled PNG grid; videos into mp4/WebP files"),
+        ("eval", _eval, "evaluate a run's weights as the run did; writes eval.json and prints a table"),
     ):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--config", help="YAML config (model, sampler, rewards, prompts)")
+        p.add_argument("--run", help="a run directory (train.output_dir): its config, evaluated weights and evaluation settings")
+        p.add_argument("--config", help="YAML config (model, sampler, rewards, prompts); with --run, replaces the run's")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-        p.add_argument("--lora", help="a LoRA folder saved by a run (<run>/lora), loaded with stock load_lora_weights")
-        p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: train.eval_prompts")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--lora", help="a LoRA folder (<run>/lora, or any saved with save_lora_weights), loaded with stock load_lora_weights")
+        p.add_argument("--checkpoint", help="a checkpoint folder (<run>/checkpoints/iter_NNNNNN); its EMA when the run kept one")
+        p.add_argument("--base", action="store_true", help="the base model (no trained weights)")
+        _eval_setting_args(p)
         if name == "sample":
             p.add_argument("--out", default="samples.png", help="PNG grid; video models also write <out without .png>/NNNN.mp4 (or .webp)")
             p.add_argument("--fps", type=float, default=16.0, help="video frame rate of the written files")
             p.add_argument("--video-format", default="auto", choices=["auto", "mp4", "webp"], help="auto: mp4 when PyAV is installed, else animated WebP")
         else:
-            p.add_argument("--gallery", default="gallery/index.html" if name == "gallery" else None, help="write an HTML gallery here")
+            p.add_argument("--out", default="eval.json", help="where to write the JSON report (default ./eval.json)")
+            p.add_argument("--category", help="metadata column to break results down by (default: category, else tag)")
         p.set_defaults(fn=fn)
+    p = sub.add_parser("gallery", help="a static HTML site comparing base and tuned samples of one or more runs")
+    p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run directories; one column each (after the base)")
+    p.add_argument("--out", default="gallery", help="output folder; open OUT/index.html (default ./gallery)")
+    p.add_argument("--checkpoints", action="store_true", help="also a column per intermediate checkpoint of each run")
+    p.add_argument("--config", help="YAML config for the base model and prompts when no run is given")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--lora", action="append", help="an extra column: a LoRA folder (repeatable)")
+    p.add_argument("--checkpoint", action="append", help="an extra column: a checkpoint folder (repeatable)")
+    p.add_argument("--max-prompts", type=int, default=None, help="only the first N evaluation prompts")
+    _eval_setting_args(p)
+    p.set_defaults(fn=_gallery)
     p = sub.add_parser("pretrain-digits", help="pretrain the embedded digits text-to-image model")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=_pretrain_digits)

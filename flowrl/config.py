@@ -292,6 +292,9 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         data = dict(data or {})
+        # a run's saved config.yaml records the preset's filled-in values under `resolved:`; they
+        # derive from the other sections, so a saved config is a valid input as it is
+        data.pop("resolved", None)
         aliases = _trl_aliases()
         if aliases is not None:
             data = aliases(data)

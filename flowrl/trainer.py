@@ -145,6 +145,30 @@ def batched_form(objective: Any) -> tuple[Callable[..., Any], dict[str, Any]] | 
 
 
 # ------------------------------------------------------------------------------------ helpers
+@torch.no_grad()
+def eval_samples(policy: Any, prompts: list[str], config: TrainConfig, *, autocast: Callable[[], Any] = contextlib.nullcontext,
+                 rows: tuple[int, int] | None = None) -> tuple[Any, list[str]]:
+    """The deterministic evaluation samples of a run: ``train.eval_samples_per_prompt`` samples of
+    each prompt (consecutive), ODE with ``sampler.eval_num_steps`` steps, sample ``i`` drawing its
+    noise from its own stream ``(train.seed, "eval", i)`` (so samples depend neither on chunking nor
+    on the number of processes). The same prompts and config give the same samples in every
+    evaluation of a run (base, intermediate, tuned), in ``flowrl eval`` and in the gallery.
+    ``rows``: only samples ``[lo, hi)`` (one process's share). Returns ``(outputs of those rows,
+    every prompt repeated per sample)``."""
+    t = config.train
+    expanded = [p for p in prompts for _ in range(t.eval_samples_per_prompt)]
+    lo, hi = rows if rows is not None else (0, len(expanded))
+    noise = PromptGenerators(t.seed, "eval", keys=range(len(expanded)))
+    steps = {"num_steps": config.sampler.eval_num_steps} if config.model.kind == "flow" else {}
+    outputs = []
+    for start in range(lo, hi, 64):
+        stop = min(start + 64, hi)
+        with autocast():
+            outputs.append(policy.generate(expanded[start:stop], generator=noise.narrow(start, stop), **steps))
+    outputs = torch.cat(outputs) if isinstance(outputs[0], Tensor) else [o for chunk in outputs for o in chunk]
+    return outputs, expanded
+
+
 def select_train_steps(mask: Tensor, fraction: float, selection: str, generator: torch.Generator, *, rows: Tensor | None = None, total_rows: int | None = None) -> Tensor:
     """Trainable-step mask ``[B, T]``: the first ⌊T·fraction⌋ stored steps (Flow-GRPO, 0.99 drops
     the last), or a random ⌊T·fraction⌋ subset per sample (DanceGRPO). At least one step.
@@ -696,27 +720,21 @@ class Trainer:
         """Score deterministic samples of the held-out prompts (EMA weights if enabled)."""
         t = self.config.train
         acc = self.accelerator
-        prompts = [p for p in self.eval_prompts for _ in range(t.eval_samples_per_prompt)]
+        n_samples = len(self.eval_prompts) * t.eval_samples_per_prompt
         weights = self.ema.active() if self.ema is not None else contextlib.nullcontext()
-        # each evaluation sample has its own noise stream (its index), so the samples do not depend
-        # on the chunking or on the number of processes; processes split the samples and gather
-        split = len(prompts) >= acc.num_processes > 1
-        lo, hi = shard_bounds(len(prompts), acc.process_index, acc.num_processes) if split else (0, len(prompts))
-        noise = PromptGenerators(t.seed, "eval", keys=range(len(prompts)))
-        outputs = []
-        steps = {"num_steps": self.config.sampler.eval_num_steps} if self.config.model.kind == "flow" else {}
+        # processes split the samples (each has its own noise stream, see eval_samples) and gather
+        split = n_samples >= acc.num_processes > 1
+        lo, hi = shard_bounds(n_samples, acc.process_index, acc.num_processes) if split else (0, n_samples)
         with weights:
-            for start in range(lo, hi, 64):
-                stop = min(start + 64, hi)
-                with self.autocast():
-                    outputs.append(self.policy.generate(prompts[start:stop], generator=noise.narrow(start, stop), **steps))
-        outputs = torch.cat(outputs) if isinstance(outputs[0], Tensor) else [o for chunk in outputs for o in chunk]
+            outputs, prompts = eval_samples(self.policy, self.eval_prompts, self.config, autocast=self.autocast, rows=(lo, hi))
         table, names = self.reward_set.score(outputs, prompts[lo:hi], {"eval": True})
         if split:
             table = self._gather_uneven(table.float().cpu())
             outputs = self._gather_uneven(outputs.float().cpu()) if isinstance(outputs, Tensor) else self._gather_list(outputs)
         self._eval_outputs = getattr(self, "_eval_outputs", {})
         self._eval_outputs[tag] = (outputs, prompts)
+        self._eval_tables = getattr(self, "_eval_tables", {})
+        self._eval_tables[tag] = (table, list(names))  # per sample, for `flowrl eval` / the gallery
         result = {n: float(table[:, i].nanmean()) for i, n in enumerate(names)}
         result["num_prompts"] = float(len(self.eval_prompts))
         self._evals = getattr(self, "_evals", {})
@@ -829,7 +847,12 @@ class Trainer:
             gallery.plot_reward_curve(self.history, self.run_dir / "reward_curve.png", evals=evals)
             outs = getattr(self, "_eval_outputs", {})
             if "base" in outs and "tuned" in outs and isinstance(outs["base"][0], Tensor):
-                gallery.before_after_grid(outs["base"][0], outs["tuned"][0], self.run_dir / "before_after.png", max_items=16)
+                k, n = self.config.train.eval_samples_per_prompt, self.config.train.iterations
+                tuned = f"tuned{' (EMA)' if self.ema is not None else ''}, iteration {n}"
+                gallery.before_after_grid(  # the first sample of each prompt: same prompt, same noise
+                    outs["base"][0][::k], outs["tuned"][0][::k], self.run_dir / "before_after.png", max_items=16,
+                    prompts=outs["base"][1][::k], labels=("base", tuned), title=f"{self.run_dir.name}: base vs {tuned} (same noise)",
+                )
         except Exception as exc:  # plots are a convenience; never lose a run for them
             print(f"[flowrl] could not write plots: {exc}")
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from diffusers.loaders import SD3LoraLoaderMixin
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from torch import Tensor
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
@@ -124,11 +125,17 @@ def build_digits_pipeline(
     return pipe
 
 
-class DigitsPipeline(DiffusionPipeline):
-    """Text → 16×16 digit scene, rectified flow in pixel space (see the module docstring)."""
+class DigitsPipeline(DiffusionPipeline, SD3LoraLoaderMixin):
+    """Text → 16×16 digit scene, rectified flow in pixel space (see the module docstring).
+
+    LoRA loads and saves like SD3's (``SD3LoraLoaderMixin``): ``pipe.load_lora_weights(run / "lora")``
+    puts a run's exported adapter on the transformer, ``DigitsPipeline.save_lora_weights`` writes one.
+    """
 
     model_cpu_offload_seq = "text_encoder->transformer"
     default_size = (16, 16)
+    _lora_loadable_modules = ["transformer", "text_encoder"]
+    text_encoder_2 = None  # SD3's loader also visits a second text encoder; this model has one
 
     def __init__(
         self,

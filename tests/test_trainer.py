@@ -201,9 +201,9 @@ def test_cli_eval_and_gallery_load_a_runs_lora(tmp_path, capsys):
     assert main(["eval", "--config", str(path)]) == 0
     base = capsys.readouterr().out
     assert "| jpeg_compressibility |" in tuned and tuned != base  # the LoRA changed the samples
-    assert main(["gallery", "--config", str(path), "--lora", lora, "--gallery", str(tmp_path / "g" / "index.html")]) == 0
+    assert main(["gallery", "--config", str(path), "--lora", lora, "--out", str(tmp_path / "g")]) == 0
     page = (tmp_path / "g" / "index.html").read_text()
-    assert page.count("<figure>") == 2 and "a dog" in page
+    assert page.count('<td class="cell"') == 4 and "a dog" in page  # 2 prompts × (base, the LoRA)
     assert main(["sample", "--config", str(path), "--prompt", "a cat", "--out", str(tmp_path / "s.png")]) == 0
     assert (tmp_path / "s.png").is_file()
 
