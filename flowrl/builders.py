@@ -30,10 +30,15 @@ def add_lora(model: torch.nn.Module, *, rank: int, alpha: float, targets: list[s
 
 
 def _load_prompts(spec: Any, field_name: str) -> list[str]:
-    from flowrl.prompts import load_prompts
+    return _load_prompt_set(spec, field_name).prompts
+
+
+def _load_prompt_set(spec: Any, field_name: str, column: str = "prompt"):
+    """Prompts and their metadata (:class:`flowrl.prompts.PromptSet`); errors as ConfigError."""
+    from flowrl.prompts import load_prompt_set
 
     try:
-        return load_prompts(spec, field=field_name)
+        return load_prompt_set(spec, field=field_name, column=column)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 

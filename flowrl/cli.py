@@ -25,6 +25,8 @@ def _train(args: argparse.Namespace) -> int:
         print(f"final train reward {last.get('reward/mean', float('nan')):.4f}, kl {last.get('kl/ref', 0.0):.3e}")
     if (result.run_dir / "config.yaml").is_file():
         print(f"look at it: flowrl gallery {result.run_dir} --out gallery   (then open gallery/index.html)")
+    if result.breakdown:
+        print(result.breakdown)
     if result.summary:
         print(result.summary)  # last: the one line scripts read
     return 0

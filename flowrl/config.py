@@ -182,10 +182,20 @@ class AlgorithmConfig:
 
 @dataclass
 class TrainSection:
-    prompts: list[str] | str = field(default_factory=lambda: ["a photo of a cat", "a photo of a dog", "a red apple", "a blue car"])
-    """Training prompts: a list, a text file (one per line), or a built-in set (``digits:heldout``, ``arith:train``)."""
-    eval_prompts: list[str] | str | None = None
+    prompts: list[Any] | str = field(default_factory=lambda: ["a photo of a cat", "a photo of a dog", "a red apple", "a blue car"])
+    """Training prompts: a list (strings, or mappings with a prompt column), a file — ``.txt`` (one
+    per line), ``.jsonl`` / ``.json`` / ``.csv`` / ``.parquet`` (rows with a prompt column; Flow-GRPO's
+    ``*_metadata.jsonl`` as is) —, a ``datasets`` folder (``save_to_disk``), or a built-in set
+    (``digits:rl``, ``arith:train``). Every column besides the prompt is metadata that rewards receive
+    per sample (``meta["metadata"]`` and ``meta[column]``). A relative path is looked up next to the
+    config file first."""
+    eval_prompts: list[Any] | str | None = None
     """Held-out prompts for evaluation (same forms); None skips evaluation."""
+    prompt_column: str = "prompt"
+    """Column holding the prompt text in table-like prompt sources (jsonl, json, csv, parquet, datasets)."""
+    eval_category: str | None = None
+    """Metadata column the evaluation is broken down by (``eval/<reward>/<category>``); default:
+    ``category``, else GenEval's ``tag``, when the eval prompts have it."""
     num_generations: int = 4
     """Group size G: samples per prompt (Flow-GRPO 24 on SD3.5-M; ≥ 2)."""
     prompts_per_iteration: int = 2
@@ -254,6 +264,13 @@ class TrainSection:
     """A checkpoint folder (``<run>/checkpoints/iter_000010``) or ``latest`` to resume exactly."""
     progress: bool = True
     """Show a progress bar with reward and KL."""
+    report_to: list[str] | str = "tensorboard"
+    """Experiment trackers (accelerate's): ``tensorboard`` (default, ``<run>/tensorboard``), ``wandb``,
+    ``mlflow``, ``comet_ml``, ``aim``, ``clearml``, ``dvclive``, ``swanlab``, ``trackio``, a list of
+    them, ``all`` (every installed one) or ``none``. Metrics go to each every iteration, a few
+    evaluation images at every evaluation."""
+    eval_images: int = 8
+    """Evaluation images logged to the trackers at every evaluation (0: none)."""
     report: str | None = None
     """Reward column summarised in the final line (e.g. ``digits/correct``); default: the first."""
     save_total_limit: int | None = None
@@ -305,7 +322,8 @@ class TrainConfig:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist.")
-        return cls.from_dict(load_yaml(path.read_text()) or {})
+        data = load_yaml(path.read_text()) or {}
+        return cls.from_dict(_resolve_prompt_paths(data, path.parent))
 
     def override(self, assignments: list[str]) -> "TrainConfig":
         """Apply ``section.field=value`` strings (values parsed as YAML) and re-validate."""
@@ -394,6 +412,22 @@ class TrainConfig:
         from flowrl.algorithms import resolve
 
         return resolve(self)
+
+
+def _resolve_prompt_paths(data: Any, base: Path) -> Any:
+    """Relative prompt files/folders named in a YAML file are looked up next to that file first: a
+    ``train.prompts`` / ``train.eval_prompts`` string that names an existing path there becomes
+    that absolute path (the run's saved config then works from any directory)."""
+    train = data.get("train") if isinstance(data, dict) else None
+    if not isinstance(train, dict):
+        return data
+    for key in ("prompts", "eval_prompts"):
+        spec = train.get(key)
+        if isinstance(spec, str) and not Path(spec).expanduser().is_absolute():
+            candidate = base / Path(spec).expanduser()
+            if candidate.is_file() or candidate.is_dir():
+                train = {**train, key: str(candidate.resolve())}
+    return {**data, "train": train}
 
 
 def _trl_aliases():

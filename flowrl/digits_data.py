@@ -26,11 +26,20 @@ Splits (all fixed, seeded by ``SPLIT_SEED``):
 
 * digit **images**: ``"train"`` (80 %, stratified) composes pretraining scenes and trains the judge's
   classifier; ``"heldout"`` (20 %) measures the classifier and builds test scenes.
-* **prompts**: ``"heldout"`` holds combinations never seen in pretraining — 2 counting prompts and
-  24 + 24 position pairs (each ordered pair held out for one relation only; no digit loses its
-  every appearance in a role) — so the base model generalises only partly; ``"pretrain"`` is the
-  rest; ``"all"`` is everything. RL trains and is evaluated on held-out prompts (GenEval-style: the
-  base model is weak there, the reward is the judge).
+* **prompts**, three ways (GenEval-style: the base model is weak on unseen combinations, the
+  reward is the judge):
+
+  - ``"pretrain"`` (150): what the shipped base model was pretrained on — all 10 single digits,
+    8 counting prompts and the remaining position pairs;
+  - ``"heldout"`` (50): combinations never seen in pretraining — 2 counting prompts and 24 + 24
+    position pairs (each ordered pair held out for one relation only; no digit loses its every
+    appearance in a role). They are split in halves, balanced by category (1 counting prompt,
+    12 "left of" and 12 "above" pairs each):
+  - ``"rl"`` (25): the prompts RL trains on;
+  - ``"eval"`` (25): the prompts RL is evaluated on — seen neither in pretraining nor by RL.
+
+  ``"all"`` is all 200. Prompt **categories** (:func:`category`) are ``single``, ``count`` and
+  ``position``; the evaluation split has no ``single`` prompt (every single digit is in pretraining).
 
 Pixel convention: images are float32 ``[N, 1, 16, 16]`` in [0, 1], 0 = background (sklearn's
 intensity / 16). The generator works on ``2·x − 1``.
@@ -128,17 +137,51 @@ def _heldout_prompts() -> tuple[str, ...]:
     return tuple(s.text for s in held)
 
 
-def prompt_split(split: Literal["pretrain", "heldout", "all"] = "heldout") -> list[str]:
-    """The prompts of a split: ``"heldout"`` (50 combinations never seen in pretraining),
-    ``"pretrain"`` (the other 150) or ``"all"``."""
+@lru_cache(maxsize=None)
+def _rl_eval_split() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Halve the held-out prompts per kind (count, left, above) with a fixed seed: (rl, eval)."""
+    rng = np.random.default_rng(SPLIT_SEED + 1)
+    rl: list[str] = []
+    ev: list[str] = []
+    held = _heldout_prompts()
+    for kind in KINDS:
+        members = [p for p in held if parse_prompt(p).kind == kind]
+        order = rng.permutation(len(members))
+        half = len(members) // 2
+        rl += [members[i] for i in sorted(order[:half])]
+        ev += [members[i] for i in sorted(order[half:])]
+    keep_order = {p: i for i, p in enumerate(held)}
+    return tuple(sorted(rl, key=keep_order.get)), tuple(sorted(ev, key=keep_order.get))
+
+
+PromptSplit = Literal["pretrain", "heldout", "rl", "eval", "all"]
+
+
+def prompt_split(split: PromptSplit = "heldout") -> list[str]:
+    """The prompts of a split: ``"pretrain"`` (150, the base model's pretraining prompts),
+    ``"heldout"`` (the other 50), its halves ``"rl"`` (25, RL training) and ``"eval"`` (25, RL
+    evaluation), or ``"all"``."""
     held = _heldout_prompts()
     if split == "heldout":
         return list(held)
+    if split == "rl":
+        return list(_rl_eval_split()[0])
+    if split == "eval":
+        return list(_rl_eval_split()[1])
     if split == "pretrain":
         return [p for p in all_prompts() if p not in set(held)]
     if split == "all":
         return all_prompts()
-    raise ValueError(f"unknown prompt split '{split}'. Known: pretrain, heldout, all.")
+    raise ValueError(f"unknown digits prompt split '{split}'. Known: pretrain, heldout, rl, eval, all.")
+
+
+#: prompt kind → GenEval-style category
+CATEGORIES: dict[str, str] = {"single": "single", "count": "count", "left": "position", "above": "position"}
+
+
+def category(prompt: str) -> str:
+    """The category of a prompt: ``single``, ``count`` or ``position``."""
+    return CATEGORIES[parse_prompt(prompt).kind]
 
 
 def layouts(prompt: str | PromptSpec) -> list[tuple[int, ...]]:

@@ -179,7 +179,7 @@ def plot_reward_curve(history: Sequence[dict], path: str | Path, *, evals: dict[
     points: dict[str, list[tuple[float, float]]] = {k: list(v) for k, v in (evals or {}).items()}
     for r in history:
         for k, v in r.items():
-            if k.startswith("eval/") and k != "eval/num_prompts":
+            if k.startswith("eval/") and not k.startswith("eval/num_"):
                 points.setdefault(k[5:], []).append((r["iteration"], v))
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(its, [r["reward/mean"] for r in history if "reward/mean" in r], label="train reward (mean)", alpha=0.7)

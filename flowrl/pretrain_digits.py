@@ -232,6 +232,12 @@ def evaluate_correctness(
     return result
 
 
+def record_splits(pipe, judge=None, *, samples_per_prompt: int = 16, seed: int = 0) -> dict[str, dict[str, float]]:
+    """The base model's correctness on the RL-training and evaluation halves of the held-out
+    prompts (``digits:rl`` / ``digits:eval``), as ``heldout_eval.json`` records them."""
+    return {split: evaluate_correctness(pipe, prompt_split(split), judge, samples_per_prompt=samples_per_prompt, seed=seed) for split in ("rl", "eval")}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flowrl pretrain-digits", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=None, help="where to save the pipeline (default: assets/digits/pipeline)")
@@ -274,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
         res = evaluate_correctness(pipe, samples_per_prompt=args.eval_samples)
         res.update({"pretrain_minutes": round(minutes, 2), "num_inference_steps": EVAL_STEPS, "guidance_scale": EVAL_GUIDANCE, "shift": pipe.scheduler.config.shift})
+        res["splits"] = record_splits(pipe, samples_per_prompt=args.eval_samples)
         print(json.dumps(res, indent=2))
         (out_dir / "heldout_eval.json").write_text(json.dumps(res, indent=2) + "\n")
     return 0

@@ -52,9 +52,9 @@ from flowrl.advantages import AdvantageInputs, make_estimator
 from flowrl.config import ConfigError, ResolvedConfig, TrainConfig
 from flowrl.losses import LossInputs, policy_loss
 from flowrl.policy import Trajectories, group_step_chunks, slice_eval
-from flowrl import checkpointing
+from flowrl import checkpointing, tracking
 from flowrl.builders import (  # noqa: F401  (re-exported: the loop's public helpers lived here)
-    _build_reward_set, _device, _load_prompts, add_lora, build_flow_policy, build_policy, load_pipeline,
+    _build_reward_set, _device, _load_prompt_set, _load_prompts, add_lora, build_flow_policy, build_policy, load_pipeline,
 )
 from flowrl.checkpointing import atomic_write as _atomic_write, jsonable as _jsonable  # noqa: F401
 from flowrl.ema import EMA
@@ -63,6 +63,7 @@ from flowrl.plugins import (  # noqa: F401  (re-exported for code written agains
 )
 from flowrl.overlap import rollout_in_calls
 from flowrl.prompt_selection import fill_batch, shard_bounds
+from flowrl.prompts import category_column, category_means, reward_meta
 from flowrl.seeding import PromptGenerators, derive_seed, generator_for
 
 
@@ -222,6 +223,8 @@ class TrainResult:
     eval_after: dict[str, float]
     policy: Any
     summary: str = ""
+    #: the reported column per evaluation category (base → tuned, prompts, samples), or ""
+    breakdown: str = ""
 
 
 # ------------------------------------------------------------------------------------- Trainer
@@ -247,8 +250,10 @@ class Trainer:
                 f"set it to a multiple of {nproc}."
             )
         self.run_dir = Path(t.output_dir)
-        self.train_prompts = _load_prompts(t.prompts, "train.prompts")
-        self.eval_prompts = _load_prompts(t.eval_prompts, "train.eval_prompts") if t.eval_prompts is not None else []
+        tracking.tracker_names(t.report_to)  # unknown or missing trackers fail before any work
+        self.train_set = _load_prompt_set(t.prompts, "train.prompts", t.prompt_column)
+        self.eval_set = _load_prompt_set(t.eval_prompts, "train.eval_prompts", t.prompt_column)
+        self.train_prompts, self.eval_prompts = self.train_set.prompts, self.eval_set.prompts
         import_builtin_components()
         self.policy = policy if policy is not None else build_policy(self.resolved, self.run_dir)
         if policy is not None and hasattr(policy, "check_config"):  # a given policy must agree with the config
@@ -292,7 +297,7 @@ class Trainer:
         self._prepare_run_dir()
         if t.resume_from:
             self.load_checkpoint(self._resolve_checkpoint(t.resume_from))
-        writer = self._tensorboard()
+        writer = self._start_trackers()
         eval_before = self.evaluate(tag="base") if self.eval_prompts and self.start_iteration == 0 else {}
         if eval_before:
             self._log({"iteration": 0, **{f"eval/{k}": v for k, v in eval_before.items()}}, writer)
@@ -313,11 +318,10 @@ class Trainer:
             eval_after = self.evaluate(tag="tuned")
             self._log({"iteration": t.iterations, **{f"eval/{k}": v for k, v in eval_after.items()}}, writer)
         self.export_lora()
-        if writer is not None:
-            writer.close()
+        tracking.finish(writer)
         summary = self._summary(eval_before, eval_after)
         self._write_artifacts()
-        return TrainResult(self.run_dir, self.history, eval_before, eval_after, self.policy, summary)
+        return TrainResult(self.run_dir, self.history, eval_before, eval_after, self.policy, summary, self._breakdown(eval_before, eval_after))
 
     def iteration(self, it: int) -> dict[str, float]:
         """One rollout → reward → advantage → update iteration; returns its metrics (over all
@@ -346,11 +350,15 @@ class Trainer:
             with weights, self.autocast():  # the same precision as recomputation, so the on-policy ratio is 1
                 traj = self.policy.rollout([self.train_prompts[i] for i in indices], group_size=t.num_generations, generator=noise)
             timing["rollout"] += time.perf_counter() - start
+            # each sample carries its own prompt's metadata (sliced and joined with the batch)
+            order = torch.unique_consecutive(traj.group_ids.cpu(), return_inverse=True)[1]
+            traj.meta["metadata"] = [self.train_set.metadata[indices[int(g)]] for g in order]
             return traj
 
         def score(traj, background: bool = False):
             fn = self.reward_set.score_async if background else self.reward_set.score
-            return fn(traj.outputs, traj.prompts, {**traj.meta, "group_ids": traj.group_ids})
+            meta = {**reward_meta(traj.meta["metadata"]), **traj.meta, "group_ids": traj.group_ids}
+            return fn(traj.outputs, traj.prompts, meta)
 
         def generate(indices: list[int], keys: list[Any]):
             # calls of train.rollout_batch_size prompts; a call's rewards are scored while the next rolls
@@ -721,13 +729,14 @@ class Trainer:
         t = self.config.train
         acc = self.accelerator
         n_samples = len(self.eval_prompts) * t.eval_samples_per_prompt
+        metadata = [m for m in self.eval_set.metadata for _ in range(t.eval_samples_per_prompt)]
         weights = self.ema.active() if self.ema is not None else contextlib.nullcontext()
         # processes split the samples (each has its own noise stream, see eval_samples) and gather
         split = n_samples >= acc.num_processes > 1
         lo, hi = shard_bounds(n_samples, acc.process_index, acc.num_processes) if split else (0, n_samples)
         with weights:
             outputs, prompts = eval_samples(self.policy, self.eval_prompts, self.config, autocast=self.autocast, rows=(lo, hi))
-        table, names = self.reward_set.score(outputs, prompts[lo:hi], {"eval": True})
+        table, names = self.reward_set.score(outputs, prompts[lo:hi], {**reward_meta(metadata[lo:hi]), "eval": True})
         if split:
             table = self._gather_uneven(table.float().cpu())
             outputs = self._gather_uneven(outputs.float().cpu()) if isinstance(outputs, Tensor) else self._gather_list(outputs)
@@ -737,6 +746,16 @@ class Trainer:
         self._eval_tables[tag] = (table, list(names))  # per sample, for `flowrl eval` / the gallery
         result = {n: float(table[:, i].nanmean()) for i, n in enumerate(names)}
         result["num_prompts"] = float(len(self.eval_prompts))
+        result["num_samples"] = float(len(prompts))
+        key = category_column(metadata, t.eval_category)
+        if key is not None:  # GenEval-style breakdown: <reward>/<category>, num_prompts/<category>
+            labels = [m.get(key) for m in metadata]
+            for i, n in enumerate(names):
+                for label, (mean, _) in category_means(table[:, i], labels).items():
+                    result[f"{n}/{label}"] = mean
+            for label, (_, count) in category_means(torch.zeros(len(labels)), labels).items():
+                result[f"num_prompts/{label}"] = float(count // t.eval_samples_per_prompt)
+        self._log_eval_images(tag, outputs, prompts)
         self._evals = getattr(self, "_evals", {})
         self._evals[tag] = result
         return result
@@ -795,14 +814,26 @@ class Trainer:
             kwargs["prompts"] = self.train_prompts
         return make_selector(name, len(self.train_prompts), **kwargs)
 
-    def _tensorboard(self):
+    def _start_trackers(self) -> list[Any]:
+        """accelerate trackers of ``train.report_to``, attached to the accelerator (main process)."""
         if not self.accelerator.is_main_process:
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # pragma: no cover
-            return None
-        return SummaryWriter(str(self.run_dir / "tensorboard"))
+            return []
+        trackers = tracking.start_trackers(self.config.train.report_to, self.run_dir, config=self.config.to_dict())
+        self.accelerator.trackers = list(getattr(self.accelerator, "trackers", None) or []) + trackers
+        self._trackers = trackers
+        return trackers
+
+    def _log_eval_images(self, tag: str, outputs: Any, prompts: list[str]) -> None:
+        """A few evaluation images (one per prompt) to the trackers, at the evaluation's iteration."""
+        trackers = getattr(self, "_trackers", None)
+        t = self.config.train
+        if not trackers or t.eval_images <= 0:
+            return
+        step = 0 if tag == "base" else t.iterations if tag == "tuned" else int(tag[4:]) if tag.startswith("iter") and tag[4:].isdigit() else None
+        every = t.eval_samples_per_prompt  # the first sample of each prompt
+        images = tracking.preview_images(outputs[::every] if isinstance(outputs, Tensor) else outputs, count=t.eval_images)
+        if images is not None:
+            tracking.log_images(trackers, images, prompts[::every][: len(images)], step)
 
     def _log(self, record: dict[str, float], writer: Any) -> None:
         if "reward/mean" in record:
@@ -811,10 +842,7 @@ class Trainer:
             return
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        if writer is not None:
-            for k, v in record.items():
-                if k != "iteration" and isinstance(v, (int, float)) and math.isfinite(v):
-                    writer.add_scalar(k, v, int(record["iteration"]))
+        tracking.log_metrics(writer or [], record, int(record["iteration"]))
 
     def _report_column(self, result: dict[str, float]) -> str | None:
         cols = [k for k in result if k != "num_prompts"]
@@ -831,6 +859,24 @@ class Trainer:
         label = f"{col.split('/')[0]} correctness" if col.endswith("/correct") else col
         return f"{label}: base {before[col]:.2f} -> tuned {after[col]:.2f} (held-out, {len(self.eval_prompts)} prompts)"
 
+    def _breakdown(self, before: dict[str, float], after: dict[str, float]) -> str:
+        """``<column> by category: a base B -> tuned T (P prompts, S samples); ...`` from the
+        per-category evaluation (:meth:`evaluate`), or "" without categories."""
+        col = self._report_column(after) if after else None
+        if not before or col is None:
+            return ""
+        parts = []
+        for k, n in after.items():
+            if not k.startswith("num_prompts/"):
+                continue
+            label = k.split("/", 1)[1]
+            if f"{col}/{label}" in after and f"{col}/{label}" in before:
+                p, s = int(n), int(n) * self.config.train.eval_samples_per_prompt
+                parts.append(f"{label} base {before[f'{col}/{label}']:.2f} -> tuned {after[f'{col}/{label}']:.2f} ({p} prompt{'s' * (p != 1)}, {s} samples)")
+        if not parts:
+            return ""
+        return f"{col} by category: " + "; ".join(parts) + f"; all: {len(self.eval_prompts)} prompts, {int(after.get('num_samples', 0))} samples"
+
     def _write_artifacts(self) -> None:
         if not self.accelerator.is_main_process:
             return
@@ -842,7 +888,7 @@ class Trainer:
             evals: dict[str, list[tuple[float, float]]] = {}
             for it, result in ((0, self._evals.get("base")), (self.config.train.iterations, self._evals.get("tuned"))):
                 for k, v in (result or {}).items():
-                    if k != "num_prompts":
+                    if not k.startswith("num_"):
                         evals.setdefault(k, []).append((it, v))
             gallery.plot_reward_curve(self.history, self.run_dir / "reward_curve.png", evals=evals)
             outs = getattr(self, "_eval_outputs", {})

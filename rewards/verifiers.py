@@ -166,7 +166,8 @@ def arithmetic_prompts(split: str | None = "train", *, seed: int = 0, ops: str =
 try:  # the set is selectable as ``train.prompts: arith:train`` where prompt sets exist
     from flowrl.prompts import register_prompt_set
 
-    register_prompt_set("arith", lambda split: arithmetic_prompts(split))
+    # rows carry their answer: exact_match finds it in meta["answer"] with no solver configured
+    register_prompt_set("arith", lambda split: [{"prompt": p, "answer": solve_arithmetic(p)} for p in arithmetic_prompts(split)])
 except (ImportError, ValueError):  # pragma: no cover - older checkout / already registered
     pass
 

@@ -84,6 +84,26 @@ def test_prompt_splits_are_disjoint_and_every_role_is_seen_in_pretraining():
     assert not left & above
 
 
+def test_rl_and_eval_halves_split_the_heldout_prompts_by_category():
+    import json
+    from collections import Counter
+
+    from flowrl.digits_data import category
+    from flowrl.paths import assets_dir
+
+    rl, ev, held = prompt_split("rl"), prompt_split("eval"), prompt_split("heldout")
+    assert not set(rl) & set(ev) and sorted(rl + ev) == sorted(held)  # RL never trains on an eval prompt
+    assert not set(ev) & set(prompt_split("pretrain"))  # nor did pretraining
+    kinds = lambda ps: Counter(parse_prompt(p).kind for p in ps)  # noqa: E731
+    assert kinds(rl) == kinds(ev) == Counter({"left": 12, "above": 12, "count": 1})
+    assert {category(p) for p in ev} == {"count", "position"} and category("a 3") == "single"
+    assert prompt_split("eval") == ev  # fixed (seeded), the same every call
+    # the shipped base model's record (16 samples per prompt): the halves are equally hard for it
+    splits = json.loads((assets_dir() / "digits" / "pipeline" / "heldout_eval.json").read_text())["splits"]
+    assert splits["rl"]["n"] == splits["eval"]["n"] == 25 * 16
+    assert abs(splits["rl"]["correct"] - splits["eval"]["correct"]) < 0.05  # measured 0.527 vs 0.515
+
+
 def test_digit_image_split_is_stratified_and_disjoint():
     tr_x, tr_y = load_digit_images("train")
     ho_x, ho_y = load_digit_images("heldout")

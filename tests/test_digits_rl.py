@@ -14,12 +14,16 @@ def test_short_grpo_run_raises_heldout_correctness(tmp_path):
     cfg = TrainConfig.from_yaml(CONFIG).override([
         f"train.output_dir={tmp_path / 'run'}", "train.iterations=25", "train.eval_every=0",
         "train.eval_samples_per_prompt=4", "train.lora_rank=0", "train.learning_rate=3e-4", "train.progress=false",
-        "train.lr_schedule=constant", "train.ema_decay=0",
+        "train.lr_schedule=constant", "train.ema_decay=0", "train.report_to=none",
     ])
     result = Trainer(cfg).train()
     base, tuned = result.eval_before["digits/correct"], result.eval_after["digits/correct"]
-    # measured (1 thread, per-prompt noise streams): seed 0 base 0.485 -> tuned 0.600, seed 1
-    # 0.540 -> 0.625, seed 2 0.530 -> 0.655 after 25 iterations (1,600 samples)
-    assert tuned >= base + 0.07, (base, tuned)
-    assert result.summary.startswith("digits correctness: base ") and result.summary.endswith("(held-out, 50 prompts)")
+    # RL trains on digits:rl and is evaluated on digits:eval (prompts neither RL nor pretraining saw).
+    # measured (seed 0, 1 thread, before rollouts drew per-sample noise streams): base 0.51 -> tuned
+    # 0.64 after 25 iterations (1,600 samples); it passes with the per-sample streams too;
+    # base and tuned share the evaluation noise, so the paired difference is far less noisy
+    assert tuned >= base + 0.06, (base, tuned)
+    assert result.summary.startswith("digits correctness: base ") and result.summary.endswith("(held-out, 25 prompts)")
+    assert result.breakdown.startswith("digits/correct by category: count base ") and "position base" in result.breakdown
+    assert result.eval_after["num_prompts/position"] == 24 and result.eval_after["num_samples"] == 100
     assert (tmp_path / "run" / "reward_curve.png").is_file() and (tmp_path / "run" / "before_after.png").is_file()

@@ -49,7 +49,7 @@ def test_two_iterations_with_a_per_frame_image_reward(tmp_path, tiny_wan):
     before = _lora(trainer.policy)
     result = trainer.train()
     assert len(result.history) == 2
-    assert set(result.eval_before) == {"jpeg_compressibility", "num_prompts"}  # evaluation scores videos too
+    assert set(result.eval_before) == {"jpeg_compressibility", "num_prompts", "num_samples"}  # evaluation scores videos too
     assert (tmp_path / "run" / "before_after.png").is_file()  # poster frames of the base and tuned videos
     for h in result.history:
         assert h["ratio/mean"] == pytest.approx(1.0, abs=1e-5)  # one on-policy update per iteration
