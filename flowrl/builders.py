@@ -16,7 +16,6 @@ def add_lora(model: torch.nn.Module, *, rank: int, alpha: float, targets: list[s
     """Add a peft LoRA adapter on ``targets`` (name suffixes) and train only it."""
     from peft import LoraConfig
 
-    torch.manual_seed(seed)
     present = [t for t in targets if any(n.endswith(t) for n, _ in model.named_modules())]
     if not present:
         raise ConfigError(
@@ -24,7 +23,9 @@ def add_lora(model: torch.nn.Module, *, rank: int, alpha: float, targets: list[s
             "Give module-name suffixes such as to_q, to_k, to_v, to_out.0 (or q_proj, v_proj for LMs)."
         )
     model.requires_grad_(False)
-    model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=present))
+    with torch.random.fork_rng(devices=[]):  # seeded init without resetting the caller's global RNG
+        torch.manual_seed(seed)
+        model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=present))
     for n, p in model.named_parameters():
         p.requires_grad_("lora_" in n)
 

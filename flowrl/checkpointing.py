@@ -69,6 +69,8 @@ def prepare_run_dir(trainer: Any) -> None:
         "timestep_fraction": trainer.resolved.timestep_fraction,
         "timestep_selection": trainer.resolved.timestep_selection,
         "log_prob_reduce": trainer.config.sampler.log_prob_reduce,
+        # inputs read from a config file are taken relative to its folder; outputs relative to the cwd
+        "paths": {"output_dir": str(trainer.run_dir.resolve()), **getattr(trainer.config, "resolved_paths", {})},
     }
     import yaml
 
@@ -133,10 +135,14 @@ def save_checkpoint(trainer: Any, it: int) -> Path:
 
 
 def load_checkpoint(trainer: Any, path: Path) -> None:
-    from safetensors.torch import load_file
+    from flowrl.safeload import CheckpointError, load_safetensors, load_state
 
-    state = json.loads((path / "state.json").read_text())
-    weights = load_file(str(path / "trainable.safetensors"))
+    try:
+        state = json.loads((path / "state.json").read_text())
+        int(state["iteration"]), list(state["history"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path / 'state.json'}: unreadable checkpoint state ({type(exc).__name__}: {exc}); resume from another checkpoint.") from None
+    weights = load_safetensors(path / "trainable.safetensors")
     params = dict(trainer.policy.model.named_parameters())
     missing = [n for n in weights if n not in params]
     if missing:
@@ -144,15 +150,15 @@ def load_checkpoint(trainer: Any, path: Path) -> None:
     with torch.no_grad():
         for n, v in weights.items():
             params[n].copy_(v)
-    trainer.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    trainer.optimizer.load_state_dict(load_state(path / "optimizer.pt"))  # weights_only=True: no pickled code runs
     if trainer.ema is not None and (path / "ema.pt").is_file():
-        trainer.ema.load_state_dict(torch.load(path / "ema.pt"))
+        trainer.ema.load_state_dict(load_state(path / "ema.pt"))
     if (path / "objective.pt").is_file() and hasattr(trainer.objective, "load_state_dict"):
-        trainer.objective.load_state_dict(torch.load(path / "objective.pt", weights_only=False))
+        trainer.objective.load_state_dict(load_state(path / "objective.pt"))
     if (path / "estimator.pt").is_file() and hasattr(trainer.estimator, "load_state_dict"):
-        trainer.estimator.load_state_dict(torch.load(path / "estimator.pt", weights_only=False))
+        trainer.estimator.load_state_dict(load_state(path / "estimator.pt"))
     if (path / "selector.pt").is_file() and hasattr(trainer.selector, "load_state_dict"):
-        trainer.selector.load_state_dict(torch.load(path / "selector.pt", weights_only=False))
+        trainer.selector.load_state_dict(load_state(path / "selector.pt"))
     trainer.start_iteration = int(state["iteration"])
     trainer.history = list(state["history"])
     # rewrite metrics.jsonl to exactly the checkpoint's history (drop records past it)

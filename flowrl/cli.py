@@ -22,7 +22,7 @@ def _train(args: argparse.Namespace) -> int:
     last = result.history[-1] if result.history else {}
     print(f"run directory: {result.run_dir}")
     if last:
-        print(f"final train reward {last.get('reward/mean', float('nan')):.4f}, kl {last.get('kl/ref', 0.0):.3e}")
+        print(final_line(last))
     if (result.run_dir / "config.yaml").is_file():
         print(f"look at it: flowrl gallery {result.run_dir} --out gallery   (then open gallery/index.html)")
     if result.breakdown:
@@ -30,6 +30,16 @@ def _train(args: argparse.Namespace) -> int:
     if result.summary:
         print(result.summary)  # last: the one line scripts read
     return 0
+
+
+def final_line(last: dict) -> str:
+    """The last iteration's reward, and its KL to the reference only when one was measured (β > 0)."""
+    text = f"final train reward {last.get('reward/mean', float('nan')):.4f}"
+    if "kl/ref" in last:
+        text += f", kl {last['kl/ref']:.3e}"
+    else:
+        text += " (no KL term: loss.beta = 0)"
+    return text
 
 
 def _pretrain_digits(args: argparse.Namespace) -> int:
@@ -193,13 +203,29 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
+    except KeyboardInterrupt:
+        print("flowrl: interrupted", file=sys.stderr)
+        return 130
     except Exception as exc:  # clear one-line errors for config/input mistakes
-        from flowrl.config import ConfigError
-
-        if isinstance(exc, (ConfigError, FileNotFoundError)) or type(exc).__name__ == "RewardError":
-            print(f"flowrl: error: {exc}", file=sys.stderr)
+        if _is_user_error(exc):
+            print(f"flowrl: error: {_one_line(exc)}", file=sys.stderr)
             return 2
         raise
+
+
+#: exception types whose message tells the user what to fix (printed as one line, exit code 2)
+USER_ERROR_TYPES = ("ConfigError", "RewardError", "CheckpointError", "NonFiniteUpdateError")
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    if isinstance(exc, FileNotFoundError):
+        return True
+    return any(cls.__name__ in USER_ERROR_TYPES for cls in type(exc).__mro__)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message on one line (an error printed for a person: no traceback, no line breaks)."""
+    return " ".join(part.strip() for part in str(exc).splitlines() if part.strip()) or type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -11,10 +11,11 @@ preset's value (``flowrl.algorithms``); ``resolved()`` fills them in.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import yaml
 
@@ -232,6 +233,9 @@ class TrainSection:
     with one backward pass: fewer, larger calls (faster), more activation memory. None: no limit;
     ``2 × train_batch_size`` with CFG reproduces the per-timestep loop's memory. Composes with
     gradient checkpointing."""
+    max_nonfinite_updates: int = 3
+    """Optimizer steps skipped because a log-prob, the loss or a gradient was NaN/inf (counted as
+    ``update/skipped_nonfinite``) before the run stops with an error; 0 stops at the first one."""
     lora_rank: int = 32
     """LoRA rank (0 = full fine-tune; the reference is then a frozen copy)."""
     lora_alpha: float = 64.0
@@ -293,6 +297,9 @@ class TrainConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     loss: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     train: TrainSection = field(default_factory=TrainSection)
+    #: input paths rewritten by :meth:`from_yaml` (``field: absolute path``), recorded in the run's
+    #: resolved config; not a config field
+    resolved_paths: ClassVar[dict[str, str]] = {}
 
     # ------------------------------------------------------------------------------ YAML
     def to_dict(self) -> dict[str, Any]:
@@ -308,22 +315,47 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        data = dict(data or {})
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"a config must be a mapping of sections (model, sampler, reward, loss, train), got {type(data).__name__}.")
+        data = dict(data)
         # a run's saved config.yaml records the preset's filled-in values under `resolved:`; they
         # derive from the other sections, so a saved config is a valid input as it is
         data.pop("resolved", None)
         aliases = _trl_aliases()
         if aliases is not None:
-            data = aliases(data)
+            try:
+                data = aliases(data)
+            except ConfigError:
+                raise
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(str(exc)) from None
         return _build(cls, data, "")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
+        """Read a YAML config. Relative input paths in it (prompt files, ``model.pipeline`` folders,
+        ``train.resume_from``, reward weight files) are resolved against the config file's folder
+        (see :func:`resolve_relative_paths`); ``train.output_dir`` stays relative to the working
+        directory."""
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist.")
-        data = load_yaml(path.read_text()) or {}
-        return cls.from_dict(_resolve_prompt_paths(data, path.parent))
+            raise ConfigError(f"config file {path} does not exist; check the --config path.")
+        try:
+            data = load_yaml(path.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"{where}: YAML syntax error: {problem}. Fix the YAML (indentation, quotes, a missing ':').") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not UTF-8 text; give a YAML file.") from None
+        try:
+            cfg = cls.from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        return resolve_relative_paths(cfg, path.resolve().parent)
 
     def override(self, assignments: list[str]) -> "TrainConfig":
         """Apply ``section.field=value`` strings (values parsed as YAML) and re-validate."""
@@ -338,8 +370,13 @@ class TrainConfig:
                 if p not in node or not isinstance(node[p], dict):
                     raise ConfigError(f"--set {key}: '{p}' is not a config section. Sections: {', '.join(k for k, v in data.items() if isinstance(v, dict))}.")
                 node = node[p]
-            node[parts[-1]] = load_yaml(raw)
-        return TrainConfig.from_dict(data)
+            try:
+                node[parts[-1]] = load_yaml(raw)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"--set {key}: the value '{raw}' is not valid YAML ({getattr(exc, 'problem', None) or exc}); quote strings, e.g. {key}='...'.") from None
+        new = TrainConfig.from_dict(data)
+        new.resolved_paths = dict(getattr(self, "resolved_paths", {}))
+        return new
 
     # ------------------------------------------------------------------------- validation
     def validate(self) -> "TrainConfig":
@@ -347,30 +384,21 @@ class TrainConfig:
 
         t, s = self.train, self.sampler
         if self.algorithm not in PRESETS and ":" not in self.algorithm:
-            raise ConfigError(f"algorithm '{self.algorithm}' is unknown. Known presets: {', '.join(PRESETS.names())}.")
+            import difflib
+
+            close = difflib.get_close_matches(self.algorithm, PRESETS.names(), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"algorithm '{self.algorithm}' is unknown{hint}. Known presets: {', '.join(PRESETS.names())}.")
         if t.num_generations < 2:
             raise ConfigError(
                 f"train.num_generations is {t.num_generations}: group-relative advantages need at least 2 samples "
                 "per prompt. Set train.num_generations ≥ 2 (Flow-GRPO uses 24)."
             )
-        if t.prompts_per_iteration < 1:
-            raise ConfigError("train.prompts_per_iteration must be ≥ 1.")
-        if t.iterations < 0:
-            raise ConfigError("train.iterations must be ≥ 0.")
-        if t.train_batch_size < 1:
-            raise ConfigError("train.train_batch_size must be ≥ 1.")
-        if t.inner_epochs < 1:
-            raise ConfigError("train.inner_epochs must be ≥ 1.")
-        if t.lora_rank < 0:
-            raise ConfigError("train.lora_rank must be ≥ 0 (0 = full fine-tune).")
-        if t.save_total_limit is not None and t.save_total_limit < 1:
-            raise ConfigError(f"train.save_total_limit must be ≥ 1 or null (keep every checkpoint), got {t.save_total_limit}.")
-        if not 0.0 <= t.ema_decay < 1.0:
-            raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}.")
-        if t.ema_update_every < 1:
-            raise ConfigError(f"train.ema_update_every must be ≥ 1 (1 = every optimizer step), got {t.ema_update_every}.")
-        if s.num_steps < 1:
-            raise ConfigError("sampler.num_steps must be ≥ 1.")
+        for path, value, ok, need in _range_checks(self):
+            if value is not None and not ok(value):
+                raise ConfigError(f"{path} must be {need}, got {value!r}.")
+        if len(t.adam_betas) != 2:
+            raise ConfigError(f"train.adam_betas must be two numbers [beta1, beta2] (AdamW), got {list(t.adam_betas)!r}.")
         if t.rollout_batch_size is not None and t.rollout_batch_size < 1:
             raise ConfigError(f"train.rollout_batch_size must be ≥ 1 or null (one call per iteration), got {t.rollout_batch_size}.")
         if t.max_rows_per_call is not None and t.max_rows_per_call < 1:
@@ -379,12 +407,6 @@ class TrainConfig:
             raise ConfigError(f"sampler.max_sequence_length must be ≥ 1 or null (the pipeline's default), got {s.max_sequence_length}.")
         if s.prompt_cache_mb < 0:
             raise ConfigError(f"sampler.prompt_cache_mb must be ≥ 0 (0 disables the cache), got {s.prompt_cache_mb}.")
-        if s.shift is not None and not s.shift > 0:
-            raise ConfigError(f"sampler.shift must be > 0 (1 = no shift), got {s.shift}.")
-        if s.num_frames is not None and s.num_frames < 1:
-            raise ConfigError(f"sampler.num_frames must be ≥ 1, got {s.num_frames}.")
-        if s.noise_level is not None and s.noise_level < 0:
-            raise ConfigError(f"sampler.noise_level must be ≥ 0, got {s.noise_level}.")
         if s.guidance_scale < 1.0 and s.guidance_scale != 0.0:
             raise ConfigError(f"sampler.guidance_scale must be ≥ 1 (1 = no CFG), got {s.guidance_scale}.")
         if s.kernel is not None:
@@ -392,19 +414,18 @@ class TrainConfig:
 
             if s.kernel not in KERNELS:
                 raise ConfigError(f"sampler.kernel '{s.kernel}' is unknown. Known: {', '.join(KERNELS.names())}.")
-        if self.loss.nft_beta is not None and not self.loss.nft_beta > 0:
-            raise ConfigError(f"loss.nft_beta must be > 0 (DiffusionNFT β, 1.0 by default), got {self.loss.nft_beta}.")
-        f = self.loss.timestep_fraction
-        if f is not None and not 0.0 < f <= 1.0:
-            raise ConfigError(f"loss.timestep_fraction must be in (0, 1], got {f}.")
         if not self.reward.rewards:
             raise ConfigError("reward.rewards is empty: give at least one reward with a weight, e.g. {jpeg_compressibility: 1.0}.")
         for name, spec in self.reward.rewards.items():
+            if not isinstance(name, str) or not name:
+                raise ConfigError(f"reward.rewards: {name!r} is not a reward name; use a registered name or 'pkg.module:Class'.")
             weight = spec.get("weight") if isinstance(spec, dict) else spec
             if weight is None:
                 raise ConfigError(f"reward.rewards.{name} has no weight: write `{name}: 1.0` or `{name}: {{weight: 1.0, ...}}`.")
-            if not isinstance(weight, (int, float)):
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)):
                 raise ConfigError(f"reward.rewards.{name}: weight must be a number, got {weight!r}.")
+            if not math.isfinite(weight):
+                raise ConfigError(f"reward.rewards.{name}: weight must be a finite number, got {weight!r}.")
         return self
 
     def resolved(self) -> "ResolvedConfig":
@@ -412,6 +433,120 @@ class TrainConfig:
         from flowrl.algorithms import resolve
 
         return resolve(self)
+
+
+#: reward options that name files or folders (resolved like the other input paths)
+PATH_OPTION_SUFFIXES = ("path", "checkpoint", "file", "dir")
+
+
+def _relative_input(value: Any, base: Path) -> Path | None:
+    """``base / value`` when ``value`` is a relative path meant relative to the config file: it
+    exists there, or it is written explicitly relative (``./x``, ``../x``). Names (built-in models,
+    prompt sets, Hugging Face cache ids) and absolute paths give None."""
+    if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute() or ":" in value:
+        return None
+    candidate = base / value
+    explicit = value.startswith(("./", "../", ".\\", "..\\"))
+    if explicit or candidate.exists():
+        return candidate.resolve() if candidate.exists() else Path(str(candidate))
+    return None
+
+
+def resolve_relative_paths(cfg: "TrainConfig", base: Path) -> "TrainConfig":
+    """Rewrite the relative input paths of a config read from a file in folder ``base`` to absolute
+    paths, so a config means the same files wherever the command runs from.
+
+    Input paths are ``train.prompts`` / ``train.eval_prompts`` (a file), ``model.pipeline`` (a
+    folder), ``train.resume_from`` and reward options whose name ends in ``path``, ``checkpoint``,
+    ``file`` or ``dir``. A relative value is taken relative to ``base`` when it exists there or is
+    written ``./x`` / ``../x``; otherwise it is a name (a built-in model or prompt set, a Hugging
+    Face cache id) and is left alone. ``train.output_dir`` (an output) stays relative to the working
+    directory. Rewritten fields are listed in ``cfg.resolved_paths`` (recorded in the run's
+    ``config.yaml`` under ``resolved.paths``)."""
+    base = Path(base)
+    done: dict[str, str] = {}
+
+    def fix(obj: Any, attr: str, label: str) -> None:
+        new = _relative_input(getattr(obj, attr), base)
+        if new is not None:
+            done[label] = str(new)
+            setattr(obj, attr, str(new))
+
+    fix(cfg.model, "pipeline", "model.pipeline")
+    fix(cfg.train, "prompts", "train.prompts")
+    fix(cfg.train, "eval_prompts", "train.eval_prompts")
+    if cfg.train.resume_from != "latest":
+        fix(cfg.train, "resume_from", "train.resume_from")
+    for name, spec in cfg.reward.rewards.items():
+        if not isinstance(spec, dict):
+            continue
+        for key, value in list(spec.items()):
+            if isinstance(key, str) and key.lower().endswith(PATH_OPTION_SUFFIXES):
+                new = _relative_input(value, base)
+                if new is not None:
+                    spec[key] = str(new)
+                    done[f"reward.rewards.{name}.{key}"] = str(new)
+    cfg.resolved_paths = {"relative_to": str(base), **done} if done else {}
+    return cfg
+
+
+def _finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _positive(x: float) -> bool:
+    return _finite(x) and x > 0
+
+
+def _non_negative(x: float) -> bool:
+    return _finite(x) and x >= 0
+
+
+def _range_checks(cfg: "TrainConfig") -> list[tuple[str, Any, Callable[[Any], bool], str]]:
+    """Every numeric field with its allowed range: ``(field, value, test, what it must be)``.
+    ``None`` values (``take the preset's``) are skipped by the caller."""
+    t, s, a, r = cfg.train, cfg.sampler, cfg.loss, cfg.reward
+    unit = lambda x: _finite(x) and 0.0 <= x < 1.0  # noqa: E731
+    return [
+        ("train.learning_rate", t.learning_rate, _positive, "a positive number (e.g. 3e-4 with LoRA; 0 would train nothing)"),
+        ("train.prompts_per_iteration", t.prompts_per_iteration, lambda x: x >= 1, "≥ 1"),
+        ("train.iterations", t.iterations, lambda x: x >= 0, "≥ 0"),
+        ("train.train_batch_size", t.train_batch_size, lambda x: x >= 1, "≥ 1"),
+        ("train.inner_epochs", t.inner_epochs, lambda x: x >= 1, "≥ 1"),
+        ("train.lr_min_ratio", t.lr_min_ratio, lambda x: _finite(x) and 0.0 <= x <= 1.0, "in [0, 1] (a fraction of train.learning_rate)"),
+        ("train.weight_decay", t.weight_decay, _non_negative, "≥ 0 (0 disables weight decay)"),
+        ("train.adam_betas[0]", t.adam_betas[0] if t.adam_betas else None, unit, "in [0, 1) (AdamW default 0.9)"),
+        ("train.adam_betas[1]", t.adam_betas[1] if len(t.adam_betas) > 1 else None, unit, "in [0, 1) (AdamW default 0.999)"),
+        ("train.max_grad_norm", t.max_grad_norm, _non_negative, "≥ 0 (0 disables gradient clipping)"),
+        ("train.max_nonfinite_updates", t.max_nonfinite_updates, lambda x: x >= 0, "≥ 0 (0 stops at the first NaN/inf update)"),
+        ("train.lora_rank", t.lora_rank, lambda x: x >= 0, "≥ 0 (0 = full fine-tune)"),
+        ("train.lora_alpha", t.lora_alpha, _positive, "a positive number (LoRA scale = alpha / rank)"),
+        ("train.ema_decay", t.ema_decay, unit, "in [0, 1) (0 disables the EMA; Flow-GRPO uses 0.9)"),
+        ("train.ema_update_every", t.ema_update_every, lambda x: x >= 1, "≥ 1 (1 = every optimizer step)"),
+        ("train.save_total_limit", t.save_total_limit, lambda x: x >= 1, "≥ 1 or null (keep every checkpoint)"),
+        ("train.save_every", t.save_every, lambda x: x >= 0, "≥ 0 (0 saves only at the end)"),
+        ("train.eval_every", t.eval_every, lambda x: x >= 0, "≥ 0 (0 evaluates only before and after training)"),
+        ("train.eval_samples_per_prompt", t.eval_samples_per_prompt, lambda x: x >= 1, "≥ 1"),
+        ("sampler.num_steps", s.num_steps, lambda x: x >= 1, "≥ 1"),
+        ("sampler.eval_num_steps", s.eval_num_steps, lambda x: x >= 1, "≥ 1"),
+        ("sampler.noise_level", s.noise_level, _non_negative, "≥ 0"),
+        ("sampler.shift", s.shift, _positive, "> 0 (1 = no shift)"),
+        ("sampler.num_frames", s.num_frames, lambda x: x >= 1, "≥ 1"),
+        ("model.decode_batch_size", cfg.model.decode_batch_size, lambda x: x >= 1, "≥ 1 (or unset: decode the whole batch at once)"),
+        ("sampler.guidance_scale", s.guidance_scale, _finite, "a finite number"),
+        ("sampler.height", s.height, lambda x: x >= 1, "a positive number of pixels (or unset: the model's)"),
+        ("sampler.width", s.width, lambda x: x >= 1, "a positive number of pixels (or unset: the model's)"),
+        ("sampler.steps_per_backward", s.steps_per_backward, lambda x: x >= 1, "≥ 1"),
+        ("sampler.max_new_tokens", s.max_new_tokens, lambda x: x >= 1, "≥ 1"),
+        ("sampler.temperature", s.temperature, _positive, "a positive number (1 samples the model's distribution)"),
+        ("reward.max_failures", r.max_failures, lambda x: x >= 0, "≥ 0 (failed samples tolerated before the run stops)"),
+        ("loss.adv_clip_max", a.adv_clip_max, _positive, "a positive number (advantages are clipped to ±adv_clip_max)"),
+        ("loss.clip_range", a.clip_range, _non_negative, "≥ 0 (PPO ε; Flow-GRPO 1e-4, TRL 0.2)"),
+        ("loss.clip_range_high", a.clip_range_high, _non_negative, "≥ 0 (upper PPO ε; DAPO 0.28)"),
+        ("loss.beta", a.beta, _non_negative, "≥ 0 (KL coefficient; 0 disables the KL term)"),
+        ("loss.timestep_fraction", a.timestep_fraction, lambda x: _finite(x) and 0.0 < x <= 1.0, "in (0, 1]"),
+        ("loss.nft_beta", a.nft_beta, _positive, "> 0 (DiffusionNFT β, 1.0 by default)"),
+    ]
 
 
 def _resolve_prompt_paths(data: Any, base: Path) -> Any:
@@ -451,7 +586,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         import difflib
 
         hint = "; ".join(
-            f"'{k}'" + (f" (did you mean '{m[0]}'?)" if (m := difflib.get_close_matches(k, known, n=1)) else "") for k in unknown
+            f"'{k}'" + (f" (did you mean '{m[0]}'?)" if (m := difflib.get_close_matches(str(k), known, n=1)) else "") for k in unknown
         )
         raise ConfigError(f"unknown field(s) in {prefix.rstrip('.') or 'config'}: {hint}. Known: {', '.join(sorted(known))}.")
     kwargs = {}
@@ -478,7 +613,10 @@ def _reward_shorthand(value: dict[str, Any]) -> dict[str, Any]:
     if not extra:
         return value
     out = {k: v for k, v in value.items() if k in known}
-    out["rewards"] = {**(out.get("rewards") or {}), **extra}
+    listed = out.get("rewards") or {}
+    if not isinstance(listed, dict):
+        raise ConfigError(f"reward.rewards must map reward names to weights, e.g. {{jpeg_compressibility: 1.0}}; got {listed!r}.")
+    out["rewards"] = {**listed, **extra}
     return out
 
 
@@ -532,6 +670,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path} must be a list, got {value!r}.")
         if origin is tuple:
+            if len(value) != len(args):
+                raise ConfigError(f"{path} must be a list of {len(args)} values, got {list(value)!r}.")
             return tuple(_coerce(v, a, path) for v, a in zip(value, args))
         return [_coerce(v, args[0], path) for v in value] if args else list(value)
     if origin is dict:

@@ -203,6 +203,7 @@ def load_prompt_set(
     """Resolve a prompt spec to prompts and metadata (clear error naming ``field`` if empty/unknown)."""
     if spec is None:
         return PromptSet([])
+    path = None
     try:
         if isinstance(spec, (list, tuple)):
             out = _rows_to_set(spec, column, field)
@@ -225,7 +226,8 @@ def load_prompt_set(
         msg = str(exc)
         raise ValueError(msg if msg.startswith(field) else f"{field}: {msg}") from None
     if not out.prompts:
-        raise ValueError(f"{field} resolved to no prompts.")
+        source = f"the file {path.resolve()}" if not isinstance(spec, (list, tuple)) and path is not None else repr(spec)
+        raise ValueError(f"{field}: {source} holds no prompt (blank lines are skipped); give at least one prompt.")
     return out
 
 

@@ -24,7 +24,10 @@ def load_dotted(path: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ImportError(f"could not import module '{module_name}' for '{path}': {exc}") from exc
+        raise ImportError(
+            f"could not import module '{module_name}' for '{path}' ({exc}); install the package that provides it, "
+            f"or put the folder holding '{module_name.split('.')[0]}' on PYTHONPATH"
+        ) from exc
     obj = module
     for part in attr.split("."):
         try:

@@ -26,7 +26,9 @@ far), ``adv/abs_mean`` (mean |A|), ``samples/generated`` (output rows this itera
 ``samples/trained`` (rows with non-zero advantage), ``loss/policy`` (aggregated surrogate),
 ``loss/kl`` (β·KL), ``kl/ref`` (masked mean per-step KL to the reference), ``ratio/mean``
 (masked mean of π_θ/π_old), ``ratio/clipfrac`` (fraction of steps on the clipped branch),
-``grad_norm`` (before clipping), ``update/steps`` (optimizer steps), ``cost/model_evals_per_sample``
+``grad_norm`` (before clipping), ``update/steps`` (optimizer steps), ``update/skipped_nonfinite``
+(optimizer steps skipped because a log-prob, the loss or a gradient was NaN/inf; past
+``train.max_nonfinite_updates`` in a run the loop stops with :class:`NonFiniteUpdateError`), ``cost/model_evals_per_sample``
 and ``cost/trained_steps_per_sample`` (transformer evaluations and trained steps per output),
 ``select/*`` (prompt selection rounds, drawn, kept), ``time/rollout``, ``time/rewards``,
 ``time/update`` (seconds; ``time/rewards`` is what the loop waited for rewards beyond the
@@ -255,10 +257,13 @@ class Trainer:
         self.eval_set = _load_prompt_set(t.eval_prompts, "train.eval_prompts", t.prompt_column)
         self.train_prompts, self.eval_prompts = self.train_set.prompts, self.eval_set.prompts
         import_builtin_components()
-        self.policy = policy if policy is not None else build_policy(self.resolved, self.run_dir)
+        show = t.progress and self.accelerator.is_main_process
+        with _phase(f"loading rewards ({', '.join(map(str, config.reward.rewards))})", enabled=show and reward_set is None):
+            self.reward_set = reward_set if reward_set is not None else _build_reward_set(config)  # first: fails fast on a bad reward
+        with _phase(f"loading model {config.model.pipeline}", enabled=show and policy is None):
+            self.policy = policy if policy is not None else build_policy(self.resolved, self.run_dir)
         if policy is not None and hasattr(policy, "check_config"):  # a given policy must agree with the config
             policy.check_config(self.resolved)
-        self.reward_set = reward_set if reward_set is not None else _build_reward_set(config)
         self.estimator = make_estimator(self.resolved.preset.advantage, **self.resolved.preset.advantage_params)
         self.objective = make_objective(self.resolved.preset.objective, **self.resolved.preset.objective_params)
         self.selector = self._make_selector()
@@ -308,7 +313,7 @@ class Trainer:
                 record.update({f"eval/{k}": v for k, v in self.evaluate(tag=f"iter{it}").items()})
             self._log(record, writer)
             if hasattr(bar, "set_postfix"):
-                bar.set_postfix(reward=f"{record['reward/mean']:.3f}", kl=f"{record.get('kl/ref', 0.0):.2e}")
+                bar.set_postfix(progress_postfix(record))
             if t.save_every and it % t.save_every == 0:
                 self.save_checkpoint(it)
         if t.iterations > self.start_iteration and not (t.save_every and t.iterations % t.save_every == 0):
@@ -539,7 +544,7 @@ class Trainer:
         grad_norms: list[float] = []
         self.policy.model.train()
         ctx = UpdateContext(resolved=self.resolved, iteration=it, autocast=self.autocast)
-        n_updates = 0
+        n_updates = skipped = 0
         with self._prepared_model():
             for epoch in range(t.inner_epochs):
                 order = idx_kept[torch.randperm(len(idx_kept), generator=generator_for(t.seed, it, "shuffle", epoch))]
@@ -559,6 +564,7 @@ class Trainer:
                     if float(global_counts[1]) == 0:
                         continue  # no trainable step in this minibatch on any process
                     chunks = self.policy.step_chunks(batch if batch is not None else self._filler)
+                    bad: str | None = None
                     # one process: chunks whose rows fit in train.max_rows_per_call share one transformer
                     # call and one backward (each keeps its own loss and share: only the cost changes)
                     step_rows = getattr(self.policy, "rows_per_step", len)(batch) if world == 1 and batch is not None and batched_form(self.objective) else 0
@@ -567,8 +573,8 @@ class Trainer:
                         for group in group_step_chunks(live, step_rows, t.max_rows_per_call):
                             group_loss = 0.0
                             for steps, (loss, metrics) in zip(group, objective_chunk_losses(self.objective, self.policy, batch, group, ctx)):
-                                if not torch.isfinite(loss):
-                                    raise FloatingPointError(f"the loss became {float(loss)} at iteration {it}; lower train.learning_rate or check the rewards.")
+                                if not torch.isfinite(loss) and bad is None:
+                                    bad = _nonfinite_where(loss, batch, steps, metrics)
                                 l_chunk = float(batch.mask[:, steps].sum())
                                 if normaliser == "token":
                                     share = l_chunk / float(global_counts[1])
@@ -598,17 +604,26 @@ class Trainer:
                         sync = contextlib.nullcontext() if (last or world == 1) else acc.no_sync(self.prepared_model)
                         with sync:
                             loss, metrics = self.objective(self.policy, data, steps, ctx)
-                            if not torch.isfinite(loss):
-                                raise FloatingPointError(f"the loss became {float(loss)} at iteration {it}; lower train.learning_rate or check the rewards.")
-                            acc.backward(loss * (share * world))
+                            if not torch.isfinite(loss) and bad is None:
+                                bad = _nonfinite_where(loss, data, steps, metrics)
+                            acc.backward(loss * (share * world))  # even when non-finite: every process joins the all-reduce
                         if share > 0:
                             for k, v in metrics.items():
                                 sums[k] = sums.get(k, 0.0) + v * share
                                 wsums[k] = wsums.get(k, 0.0) + share
                     if world > 1 and self.prepared_model is self._bare_model:
                         self._all_reduce_gradients()  # a policy not called through forward: no DDP
-                    if t.max_grad_norm > 0:  # unscaled (fp16 loss scaling) and global (after the all-reduce)
-                        grad_norms.append(float(acc.clip_grad_norm_(self.params, t.max_grad_norm)))
+                    # unscaled (fp16 loss scaling) and global (after the all-reduce)
+                    gn = acc.clip_grad_norm_(self.params, t.max_grad_norm) if t.max_grad_norm > 0 else _grad_norm(self.params)
+                    if bad is None and not torch.isfinite(torch.as_tensor(gn)):
+                        bad = f"gradient norm {float(gn)}"
+                    if self._any_process(bad is not None):  # skip the step: NaN/inf would corrupt weights and Adam state
+                        self.optimizer.zero_grad(set_to_none=True)
+                        skipped += 1
+                        self._skip_nonfinite(it, start // t.train_batch_size, bad or "another process", skipped)
+                        continue
+                    if t.max_grad_norm > 0:
+                        grad_norms.append(float(gn))
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     if self.ema is not None:
@@ -626,7 +641,33 @@ class Trainer:
         if grad_norms:
             out["grad_norm"] = sum(grad_norms) / len(grad_norms)
         out["update/steps"] = float(n_updates)
+        out["update/skipped_nonfinite"] = float(skipped)
         return out
+
+    def _any_process(self, flag: bool) -> bool:
+        """``flag`` on any process (so every process skips the same optimizer steps)."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        total = self.accelerator.reduce(torch.tensor([float(flag)], device=self.accelerator.device), reduction="sum")
+        return bool(total.item() > 0)
+
+    def _skip_nonfinite(self, it: int, minibatch: int, where: str, skipped_now: int) -> None:
+        """Count a skipped optimizer step, say where it happened, and stop past
+        ``train.max_nonfinite_updates`` (counted over the whole run, resumes included)."""
+        limit = self.config.train.max_nonfinite_updates
+        total = skipped_now + int(sum(h.get("update/skipped_nonfinite", 0.0) for h in self.history))
+        msg = f"iteration {it}, minibatch {minibatch}: {where}"
+        if total > limit:
+            raise NonFiniteUpdateError(
+                f"{total} optimizer steps had NaN/inf values (more than train.max_nonfinite_updates={limit}); the last at {msg}. "
+                "Lower train.learning_rate, use model.dtype=float32, check the rewards, or raise train.max_nonfinite_updates."
+            )
+        if self.accelerator.is_main_process:
+            import sys
+
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"[flowrl] skipped an optimizer step ({total}/{limit} allowed): NaN/inf at {msg}", file=sys.stderr)
 
     def _all_reduce_gradients(self) -> None:
         """Average the trainable gradients over processes in one flat buffer (what DDP does for
@@ -734,7 +775,7 @@ class Trainer:
         # processes split the samples (each has its own noise stream, see eval_samples) and gather
         split = n_samples >= acc.num_processes > 1
         lo, hi = shard_bounds(n_samples, acc.process_index, acc.num_processes) if split else (0, n_samples)
-        with weights:
+        with weights, _phase(f"eval ({tag}): {hi - lo} samples", enabled=t.progress and acc.is_main_process):
             outputs, prompts = eval_samples(self.policy, self.eval_prompts, self.config, autocast=self.autocast, rows=(lo, hi))
         table, names = self.reward_set.score(outputs, prompts[lo:hi], {**reward_meta(metadata[lo:hi]), "eval": True})
         if split:
@@ -979,9 +1020,56 @@ def train(config: TrainConfig | str | Path, **kwargs: Any) -> TrainResult:
 
 
 
-def _progress(it, *, enabled: bool, total: int, initial: int):
+def _progress(it, *, enabled: bool, total: int, initial: int = 0, desc: str = "flowrl", **kwargs: Any):
+    """A tqdm bar over ``it`` (or a manual one when ``it`` is None); ``it`` itself (None) when disabled."""
     if not enabled:
         return it
     from tqdm.auto import tqdm
 
-    return tqdm(it, total=total, initial=initial, desc="flowrl", dynamic_ncols=True)
+    return tqdm(it, total=total, initial=initial, desc=desc, dynamic_ncols=True, **kwargs)
+
+
+@contextlib.contextmanager
+def _phase(desc: str, *, enabled: bool):
+    """A one-step bar around a long silent phase (model loading): shows what runs and how long."""
+    bar = _progress(None, enabled=enabled, total=1, desc=desc, leave=False, bar_format="{desc}: {elapsed}")
+    try:
+        yield
+    finally:
+        if bar is not None:
+            bar.update(1)
+            bar.close()
+
+
+def progress_postfix(record: dict[str, float]) -> dict[str, str]:
+    """What the progress bar shows: the mean reward, and the KL to the reference only when it was
+    measured (β > 0); a run without a KL term shows no ``kl`` rather than a made-up 0."""
+    out = {"reward": f"{record['reward/mean']:.3f}"}
+    if "kl/ref" in record and math.isfinite(record["kl/ref"]):
+        out["kl"] = f"{record['kl/ref']:.2e}"
+    if record.get("update/skipped_nonfinite"):
+        out["skipped"] = f"{int(record['update/skipped_nonfinite'])}"
+    return out
+
+
+class NonFiniteUpdateError(FloatingPointError):
+    """More optimizer steps than ``train.max_nonfinite_updates`` had NaN/inf log-probs, loss or gradients."""
+
+
+def _grad_norm(params: list[Tensor]) -> Tensor:
+    """Total 2-norm of the gradients (NaN/inf if any gradient is); 0 when there are none."""
+    norms = [torch.linalg.vector_norm(p.grad.detach().float()) for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+
+def _nonfinite_where(loss: Tensor, batch: Trajectories, steps: Tensor, metrics: dict[str, float]) -> str:
+    """Where a non-finite loss comes from: the rollout's log-probs, the recomputed ones, or the loss."""
+    rows = ", ".join(repr(p) for p in list(dict.fromkeys(batch.prompts))[:3])
+    parts = [f"loss {float(loss.detach())} on prompts {rows}, steps {steps.tolist() if isinstance(steps, Tensor) else steps}"]
+    old = batch.log_probs[:, steps]
+    if not torch.isfinite(old).all():
+        parts.append(f"rollout log-probs non-finite in {int((~torch.isfinite(old)).any(1).sum())} samples")
+    bad_metrics = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad_metrics:
+        parts.append("non-finite " + ", ".join(bad_metrics))
+    return "; ".join(parts)

@@ -54,6 +54,9 @@ class Reward:
     - ``scale``: a note of the output range, e.g. ``"cosine ~0.2-0.4"``.
     - ``component_weights``: for dict-returning rewards, default weight of each component inside
       the reward's total (missing components weigh 1; 0 logs a component without using it).
+    - ``isolate_failures``: when a call on a batch raises, score its samples one by one so only the
+      failing ones become NaN (True); False for rewards whose score depends on the whole batch
+      (in-group comparisons).
     """
 
     name: str = "reward"
@@ -63,6 +66,7 @@ class Reward:
     batch_size: int | None = None
     scale: str = "unspecified"
     component_weights: Mapping[str, float] | None = None
+    isolate_failures: bool = True
 
     def __call__(self, outputs: Any, prompts: list[str], meta: dict | None = None) -> Tensor | dict[str, Tensor]:
         raise NotImplementedError(f"{type(self).__name__} must implement __call__(outputs, prompts, meta=None).")
@@ -152,9 +156,13 @@ def resolve(name: str) -> Any:
     if ":" in name:
         return load_dotted(name)
     known = sorted(set(REWARDS.names()) | set(plugins))
+    import difflib
+
+    close = difflib.get_close_matches(name, known, n=3)
+    suggestion = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
     broken = "".join(f" (built-in module {m} failed to import: {e})" for m, e in _lazy_errors.items() if e and "No module named 'flowrl.rewards." not in e)
     raise ValueError(
-        f"unknown reward '{name}'. Known: {', '.join(known) or '(none)'}; or give a dotted path "
+        f"unknown reward '{name}'{suggestion}. Known: {', '.join(known) or '(none)'}; or give a dotted path "
         f"'pkg.module:Class', or install a plug-in in entry-point group '{ENTRY_POINT_GROUP}'.{broken}"
     )
 
@@ -319,8 +327,10 @@ class RewardSet:
         """Evaluate every reward; returns ``(table [B, K] float32 CPU, column names)``.
 
         A dict-returning reward gives one column per component, named ``<name>/<component>``.
-        Each reward sees batches of at most its ``batch_size``. Samples whose call raised or whose
-        score is NaN/inf become NaN and count as failures; past ``max_failures`` this raises
+        Each reward sees batches of at most its ``batch_size``. When a call raises, its samples are
+        scored one by one (unless the reward sets ``isolate_failures = False``), so only the samples
+        that fail on their own are lost. Samples whose call raised or whose score is NaN/inf become
+        NaN and count as failures (the error names the prompt); past ``max_failures`` this raises
         :class:`RewardError`.
         """
         n = batch_size_of(outputs)
@@ -342,17 +352,32 @@ class RewardSet:
         device = getattr(reward, "device", None)
         pieces: list[tuple[int, int, Any]] = []
         first_error: str | None = None
-        for start in range(0, n, bs):
-            stop = min(start + bs, n)
+
+        def call(start: int, stop: int) -> tuple[Any, str | None]:
             out = slice_batch(outputs, start, stop, n)
             if self.move_to_device and device is not None and isinstance(out, Tensor):
                 out = out.to(device)
             try:
                 with torch.no_grad():  # RL scoring; call a differentiable reward directly for gradients
-                    result = reward(out, prompts[start:stop], slice_batch(meta, start, stop, n) if meta else meta)
+                    return reward(out, prompts[start:stop], slice_batch(meta, start, stop, n) if meta else meta), None
             except Exception as exc:  # noqa: BLE001 - counted, reported, re-raised past the threshold
-                first_error = first_error or f"{type(exc).__name__}: {exc}"
-                result = None
+                where = f"prompt {prompts[start]!r}" if stop - start == 1 else f"a batch of {stop - start} from prompt {prompts[start]!r}"
+                return None, f"{type(exc).__name__}: {exc} ({where})"
+
+        isolate = bool(getattr(reward, "isolate_failures", True))
+        for start in range(0, n, bs):
+            stop = min(start + bs, n)
+            result, error = call(start, stop)
+            if result is None and isolate and stop - start > 1:
+                # one bad sample must not spoil the batch: score the samples one by one
+                for i in range(start, stop):
+                    one, err = call(i, i + 1)
+                    if one is None:
+                        first_error = first_error or err
+                    pieces.append((i, i + 1, one))
+                continue
+            if result is None:
+                first_error = first_error or error
             pieces.append((start, stop, result))
 
         # 2. assemble columns (component names from the first successful piece, or a previous call)
@@ -523,11 +548,22 @@ def build_rewards(
             raise ValueError(f"reward '{key}' weight must be a number; got {weight!r}.") from None
         if not math.isfinite(weight):
             raise ValueError(f"reward '{key}' weight must be finite; got {weight}.")
-        cls = resolve(key)
+        cls = _resolve_for_config(key)
         for dk, dv in defaults.items():
             if dk not in kwargs and _accepts(cls, dk):
                 kwargs[dk] = dv
-        reward = get(key, **kwargs)
+        _check_paths(key, kwargs)
+        try:
+            reward = get(key, **kwargs)
+        except OSError as exc:  # weights that are neither a local path nor in the Hugging Face cache
+            from flowrl.config import ConfigError
+
+            paths = {k: v for k, v in kwargs.items() if isinstance(v, str) and k.lower().endswith(_PATH_KEYS)}
+            named = ", ".join(f"{k}={v!r}" for k, v in paths.items()) or "its weights"
+            raise ConfigError(
+                f"reward.rewards.{key}: could not load {named}: {_first_line(exc)}. Give a local folder or file "
+                "(flowrl never downloads; a Hugging Face id works only if it is in the local cache)."
+            ) from None
         col = _column_name(key, reward)
         if col in rewards:
             raise ValueError(f"two rewards are both named '{col}'; give the class a distinct `name`.")
@@ -536,6 +572,46 @@ def build_rewards(
         if cw:
             comp_w[col] = {str(k): float(v) for k, v in cw.items()}
     return RewardSet(rewards, weights, combine=combine, max_failures=max_failures, component_weights=comp_w, eps=eps)
+
+
+_PATH_KEYS = ("path", "checkpoint", "file", "dir")
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0].rstrip(".") if lines else type(exc).__name__
+
+
+def _resolve_for_config(key: str) -> Any:
+    """:func:`resolve` with config errors: an unknown name suggests close ones, a dotted path whose
+    module cannot be imported says how to make it importable."""
+    from flowrl.config import ConfigError
+
+    try:
+        return resolve(key)
+    except ImportError as exc:  # the message says how to make the module importable
+        raise ConfigError(f"reward.rewards.{key}: {_first_line(exc)}.") from None
+    except ValueError as exc:  # unknown name: the message lists known ones and close matches
+        raise ConfigError(f"reward.rewards.{key}: {_first_line(exc)}") from None
+
+
+def _check_paths(key: str, kwargs: Mapping[str, Any]) -> None:
+    """A path-like option (``path``, ``processor_path``, ``checkpoint``, ...) that is written as a
+    local path (absolute, ``./``, ``../``, ``~``) must exist."""
+    import os
+
+    from flowrl.config import ConfigError
+
+    for k, v in kwargs.items():
+        if not (isinstance(k, str) and k.lower().endswith(_PATH_KEYS) and isinstance(v, (str, os.PathLike))):
+            continue
+        text = os.fspath(v)
+        local = os.path.isabs(os.path.expanduser(text)) or text.startswith(("./", "../", "~"))
+        if local and not os.path.exists(os.path.expanduser(text)):
+            raise ConfigError(
+                f"reward.rewards.{key}.{k}: {text} does not exist. Point it at the downloaded weights "
+                "(relative paths in a config file are taken from the config file's folder)."
+            )
 
 
 def _accepts(obj: Any, kwarg: str) -> bool:

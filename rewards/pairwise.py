@@ -248,6 +248,7 @@ class PairwiseJudgeReward(Reward):
 
     name = "pairwise_judge"
     scale = "win rate in [0, 1], group mean 0.5"
+    isolate_failures = False  # a win rate needs the whole group; one sample alone has no opponent
 
     def __init__(self, judge: str = "vlm", *, order: str = "random", seed: int = 0, margin: float = 0.0, judge_options: dict | None = None, **options: Any):
         if order not in ORDERS:

@@ -1,4 +1,5 @@
-"""Shared test setup: one thread per process (tests run in parallel under xdist), offline hub."""
+"""Shared test setup: one thread per process (tests run in parallel under xdist), offline hub, a
+fresh global RNG per test, and a guard that the session-wide tiny pipelines stay unchanged."""
 
 import os
 
@@ -11,28 +12,72 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+#: session pipelines handed out by the fixtures below → their fingerprint when built
+_SESSION_PIPES: dict[str, tuple[object, tuple]] = {}
+
+
+def _fingerprint(pipe) -> tuple:
+    """What a test could change on a shared pipeline: every module's parameters (names, shapes,
+    values, requires_grad), adapters (peft), train/eval mode, the scheduler (class and config)."""
+    parts = []
+    for name, comp in sorted(pipe.components.items()):
+        if isinstance(comp, torch.nn.Module):
+            with torch.no_grad():
+                params = tuple((n, tuple(p.shape), p.requires_grad, float(p.double().sum()), float(p.double().abs().sum())) for n, p in comp.named_parameters())
+            parts.append((name, type(comp).__name__, comp.training, bool(getattr(comp, "peft_config", None)), params))
+        elif comp is not None and hasattr(comp, "config"):
+            parts.append((name, type(comp).__name__, repr(dict(comp.config))))
+        else:
+            parts.append((name, type(comp).__name__))
+    return tuple(parts)
+
+
+def _session_pipe(name, build):
+    pipe = build()
+    _SESSION_PIPES[name] = (pipe, _fingerprint(pipe))
+    return pipe
+
+
+@pytest.fixture(autouse=True)
+def _isolated_global_state():
+    """Every test starts from the same global torch RNG state (whatever ran before it, in any order
+    or worker), and may not change the session pipelines: deep-copy them before training or
+    editing (a change fails the test that made it, at teardown)."""
+    torch.manual_seed(0)
+    yield
+    for name, (pipe, before) in _SESSION_PIPES.items():
+        if _fingerprint(pipe) != before:
+            _SESSION_PIPES[name] = (pipe, _fingerprint(pipe))  # report once, in the test that changed it
+            pytest.fail(f"this test changed the session fixture '{name}' (weights, adapters, mode or scheduler); "
+                        "use copy.deepcopy(pipe) before training or editing it", pytrace=False)
+
 
 @pytest.fixture(scope="session")
 def tiny_sd3(tmp_path_factory):
-    """A tiny random SD3 pipeline saved with save_pretrained and loaded back (offline)."""
+    """A tiny random SD3 pipeline saved with save_pretrained and loaded back (offline). Shared by
+    the whole session: read-only (deep-copy it to train or edit)."""
     from flowrl.pipelines.tiny import save_and_reload, tiny_sd3_pipeline
 
-    return save_and_reload(tiny_sd3_pipeline(), tmp_path_factory.mktemp("sd3"))
+    return _session_pipe("tiny_sd3", lambda: save_and_reload(tiny_sd3_pipeline(), tmp_path_factory.mktemp("sd3")))
 
 
 @pytest.fixture(scope="session")
 def tiny_flux(tmp_path_factory):
+    """A tiny random Flux pipeline (offline); read-only like ``tiny_sd3``."""
     from flowrl.pipelines.tiny import save_and_reload, tiny_flux_pipeline
 
-    return save_and_reload(tiny_flux_pipeline(), tmp_path_factory.mktemp("flux"))
+    return _session_pipe("tiny_flux", lambda: save_and_reload(tiny_flux_pipeline(), tmp_path_factory.mktemp("flux")))
 
 
 def _tiny_video(builder_name, tmp_path_factory):
     from flowrl.pipelines import tiny_video
     from flowrl.pipelines.tiny import save_and_reload
 
-    pipe = save_and_reload(getattr(tiny_video, builder_name)(), tmp_path_factory.mktemp(builder_name))
-    return tiny_video.with_test_defaults(pipe)
+    def build():
+        pipe = save_and_reload(getattr(tiny_video, builder_name)(), tmp_path_factory.mktemp(builder_name))
+        return tiny_video.with_test_defaults(pipe)
+
+    return _session_pipe(builder_name, build)
 
 
 @pytest.fixture(scope="session")
