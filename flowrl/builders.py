@@ -152,6 +152,7 @@ def build_flow_policy(resolved: ResolvedConfig, run_dir: Path):
         height=s.height, width=s.width, rollout=preset.rollout, rollout_params=preset.rollout_params,
         share_initial_noise=preset.share_initial_noise, store_means=bool(preset.loss.step_weight != "none" or preset.loss.ratio != "token"),
         log_prob_reduce=s.log_prob_reduce, steps_per_backward=s.steps_per_backward, adapter_options=_checked_adapter_options(pipe, options),
+        max_rows_per_call=cfg.train.max_rows_per_call, max_sequence_length=s.max_sequence_length, prompt_cache_mb=s.prompt_cache_mb,
     )
     apply_memory_options(policy, cfg)
     return policy

@@ -90,7 +90,14 @@ class SamplerConfig:
     log_prob_reduce: Literal["mean", "sum"] = "mean"
     """Reduction of a step's Gaussian log-density over latent dims (mean: Flow-GRPO's convention)."""
     steps_per_backward: int = 1
-    """Stored steps per backward pass (memory knob; gradients are accumulated over all of them)."""
+    """Stored steps whose loss is aggregated together (1: Flow-GRPO's per-timestep loss). Several
+    such chunks share one transformer call and one backward pass, up to ``train.max_rows_per_call``."""
+    max_sequence_length: int | None = None
+    """Text-encoder (T5) token length of the prompt conditioning; default: the stock pipeline's
+    (SD3 256, Flux 512; Flow-GRPO trains SD3 with 128)."""
+    prompt_cache_mb: float = 512.0
+    """Budget of the prompt-embedding cache: a fixed prompt set is encoded once and reused while the
+    text encoders' weights do not change (0 disables)."""
     max_new_tokens: int = 32
     """Language models: completion length limit."""
     temperature: float = 1.0
@@ -214,6 +221,18 @@ class TrainSection:
     """AdamW betas."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 disables)."""
+    rollout_batch_size: int | None = None
+    """Prompts per rollout call (None: all of the iteration's prompts in one call). With several
+    calls, each call's rewards are scored in a background worker while the next call rolls out
+    (``overlap_rewards``); the numbers are the same either way. Flat rollouts only (not tree/singular)."""
+    overlap_rewards: bool = True
+    """Score a rollout call's outputs while the next call rolls out (needs ``rollout_batch_size``)."""
+    max_rows_per_call: int | None = 64
+    """Most transformer rows (samples × stored steps, CFG rows counted twice) one recomputation call
+    may hold in the update. Stored steps of a minibatch are recomputed together up to this many rows,
+    with one backward pass: fewer, larger calls (faster), more activation memory. None: no limit;
+    ``2 × train_batch_size`` with CFG reproduces the per-timestep loop's memory. Composes with
+    gradient checkpointing."""
     max_nonfinite_updates: int = 3
     """Optimizer steps skipped because a log-prob, the loss or a gradient was NaN/inf (counted as
     ``update/skipped_nonfinite``) before the run stops with an error; 0 stops at the first one."""
@@ -380,6 +399,14 @@ class TrainConfig:
                 raise ConfigError(f"{path} must be {need}, got {value!r}.")
         if len(t.adam_betas) != 2:
             raise ConfigError(f"train.adam_betas must be two numbers [beta1, beta2] (AdamW), got {list(t.adam_betas)!r}.")
+        if t.rollout_batch_size is not None and t.rollout_batch_size < 1:
+            raise ConfigError(f"train.rollout_batch_size must be ≥ 1 or null (one call per iteration), got {t.rollout_batch_size}.")
+        if t.max_rows_per_call is not None and t.max_rows_per_call < 1:
+            raise ConfigError(f"train.max_rows_per_call must be ≥ 1 or null (no limit), got {t.max_rows_per_call}.")
+        if s.max_sequence_length is not None and s.max_sequence_length < 1:
+            raise ConfigError(f"sampler.max_sequence_length must be ≥ 1 or null (the pipeline's default), got {s.max_sequence_length}.")
+        if s.prompt_cache_mb < 0:
+            raise ConfigError(f"sampler.prompt_cache_mb must be ≥ 0 (0 disables the cache), got {s.prompt_cache_mb}.")
         if s.guidance_scale < 1.0 and s.guidance_scale != 0.0:
             raise ConfigError(f"sampler.guidance_scale must be ≥ 1 (1 = no CFG), got {s.guidance_scale}.")
         if s.kernel is not None:

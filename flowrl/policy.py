@@ -225,6 +225,31 @@ class PolicyBase:
         return list(torch.split(steps, self.steps_per_backward))
 
 
+def group_step_chunks(chunks: Sequence[Tensor], rows_per_step: int, max_rows: int | None) -> list[list[Tensor]]:
+    """Consecutive loss chunks (``step_chunks``) grouped so that each group's rows — stored steps ×
+    ``rows_per_step`` — fit in ``max_rows`` (None: one group). A group is recomputed in one
+    transformer call and one backward pass; each chunk keeps its own loss, so the groups change
+    the cost, never the loss. A chunk larger than ``max_rows`` forms a group alone."""
+    groups: list[list[Tensor]] = []
+    rows = 0
+    for chunk in chunks:
+        need = len(chunk) * rows_per_step
+        if groups and (max_rows is None or rows + need <= max_rows):
+            groups[-1].append(chunk)
+            rows += need
+        else:
+            groups.append([chunk])
+            rows = need
+    return groups
+
+
+def slice_eval(ev: PolicyEval | None, cols: slice) -> PolicyEval | None:
+    """The columns ``cols`` (stored steps) of every ``[B, T', ...]`` field of a :class:`PolicyEval`."""
+    if ev is None:
+        return None
+    return PolicyEval(*[None if f is None else f[:, cols] for f in ev])
+
+
 @contextlib.contextmanager
 def _adapters_disabled(model: torch.nn.Module):
     model.disable_adapters()

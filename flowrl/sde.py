@@ -163,6 +163,7 @@ def sde_step(
     prev_sample: Tensor | None = None,
     generator: torch.Generator | None = None,
     reduce: str = "mean",
+    validate: bool = True,
 ) -> SDEStep:
     """One transition x_σ → x_σ' with kernel ``kind`` (see module docstring).
 
@@ -172,6 +173,9 @@ def sde_step(
         noise: standard normal noise to inject (drawn from ``generator`` if None).
         prev_sample: evaluate the log-prob at this next sample instead of sampling one.
         reduce: log-prob reduction over non-batch dims, ``"mean"`` (default) or ``"sum"``.
+        validate: check σ' < σ and a positive std here (each check reads the tensors back to the
+            host, a synchronisation on a GPU). Loops check their whole grid once with
+            :func:`check_steps` and pass False; a zero std then always samples (the mean).
 
     Returns:
         :class:`SDEStep` ``(prev_sample, mean, std, log_prob)``; ``std`` is ``[B, 1, ...]``.
@@ -182,12 +186,19 @@ def sde_step(
         raise ValueError(f"velocity shape {tuple(velocity.shape)} must equal x shape {tuple(x.shape)}")
     s = _as_batch(sigma, x)
     s_next = _as_batch(sigma_next, x)
-    if torch.any(s_next >= s):
+    if validate and torch.any(s_next >= s):
         raise ValueError("sigma_next must be smaller than sigma (σ runs from 1 to 0).")
     mean, std = kernel(x, velocity, s, s_next, float(noise_level))
     std = torch.as_tensor(std, dtype=x.dtype, device=x.device)
     if std.dim() == 0:
         std = std.expand(x.shape[0]).reshape(-1, *([1] * (x.dim() - 1)))
+    if not validate and kind != "ode":
+        if prev_sample is None:
+            if noise is None:
+                gen_device = generator.device if generator is not None else x.device
+                noise = torch.randn(x.shape, generator=generator, device=gen_device, dtype=x.dtype).to(x.device)
+            prev_sample = mean + std * noise
+        return SDEStep(prev_sample, mean, std, gaussian_log_prob(prev_sample, mean, std, reduce=reduce))
     if kind == "ode":
         if prev_sample is not None:
             raise ValueError(
@@ -211,6 +222,27 @@ def sde_step(
         )
     log_prob = gaussian_log_prob(prev_sample, mean, std, reduce=reduce)
     return SDEStep(prev_sample, mean, std, log_prob)
+
+
+def check_steps(kind: str, sigmas: Tensor, sigmas_next: Tensor, noise_level: float, *, stochastic: bool = True) -> None:
+    """Raise what :func:`sde_step` would raise for these steps (σ' ≥ σ; a zero std on a step
+    whose log-prob is needed), once for a whole grid, on the host: a denoising loop then calls
+    ``sde_step(..., validate=False)`` without reading tensors back at every step."""
+    s = torch.as_tensor(sigmas, dtype=torch.float32).reshape(-1).cpu()
+    s_next = torch.as_tensor(sigmas_next, dtype=torch.float32).reshape(-1).cpu()
+    if torch.any(s_next >= s):
+        raise ValueError("sigma_next must be smaller than sigma (σ runs from 1 to 0).")
+    if kind == "ode" or not stochastic:
+        return
+    zeros = torch.zeros(len(s), 1)
+    _, std = KERNELS.get(kind)(zeros, zeros, s.view(-1, 1), s_next.view(-1, 1), float(noise_level))
+    std = torch.as_tensor(std, dtype=torch.float32)
+    if torch.any(std <= 0):
+        bad = s_next.expand(len(s))[torch.as_tensor(std).reshape(-1).expand(len(s)) <= 0]
+        raise ValueError(
+            f"the '{kind}' kernel has zero std at this step (σ'={float(bad.min()):.4g}); its log-prob is "
+            "undefined. Exclude that step from training (timestep_fraction) or use another kernel."
+        )
 
 
 def dpm2_step(x: Tensor, x0_pred: Tensor, sigma: Tensor, sigma_next: Tensor, prev_x0_pred: Tensor | None = None, sigma_prev: Tensor | None = None) -> Tensor:

@@ -31,7 +31,8 @@ far), ``adv/abs_mean`` (mean |A|), ``samples/generated`` (output rows this itera
 ``train.max_nonfinite_updates`` in a run the loop stops with :class:`NonFiniteUpdateError`), ``cost/model_evals_per_sample``
 and ``cost/trained_steps_per_sample`` (transformer evaluations and trained steps per output),
 ``select/*`` (prompt selection rounds, drawn, kept), ``time/rollout``, ``time/rewards``,
-``time/update`` (seconds), ``eval/<column>`` (held-out means, deterministic samples).
+``time/update`` (seconds; ``time/rewards`` is what the loop waited for rewards beyond the
+rollout, so it shrinks when scoring overlaps later rollout calls: ``train.rollout_batch_size``), ``eval/<column>`` (held-out means, deterministic samples).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from torch import Tensor
 from flowrl.advantages import AdvantageInputs, make_estimator
 from flowrl.config import ConfigError, ResolvedConfig, TrainConfig
 from flowrl.losses import LossInputs, policy_loss
-from flowrl.policy import Trajectories
+from flowrl.policy import Trajectories, group_step_chunks, slice_eval
 from flowrl import checkpointing, tracking
 from flowrl.builders import (  # noqa: F401  (re-exported: the loop's public helpers lived here)
     _build_reward_set, _device, _load_prompt_set, _load_prompts, add_lora, build_flow_policy, build_policy, load_pipeline,
@@ -62,6 +63,7 @@ from flowrl.ema import EMA
 from flowrl.plugins import (  # noqa: F401  (re-exported for code written against flowrl.trainer)
     OBJECTIVES, PIPELINE_SOURCES, POLICY_BUILDERS, REWARD_TRANSFORMS, import_builtin_components, make_objective,
 )
+from flowrl.overlap import rollout_in_calls
 from flowrl.prompt_selection import fill_batch, shard_bounds
 from flowrl.prompts import category_column, category_means, reward_meta
 from flowrl.seeding import PromptGenerators, derive_seed, generator_for
@@ -82,28 +84,66 @@ class UpdateContext:
 def policy_gradient_objective(policy: Any, batch: Trajectories, steps: Tensor, ctx: UpdateContext) -> tuple[Tensor, dict[str, float]]:
     """Ratio-based objective of every GRPO-type preset: evaluate the current policy on the stored
     steps, evaluate the reference if a KL term is on, and assemble ``preset.loss``."""
+    return policy_gradient_chunks(policy, batch, [steps], ctx)[0]
+
+
+def policy_gradient_chunks(policy: Any, batch: Trajectories, chunks: list[Tensor], ctx: UpdateContext) -> list[tuple[Tensor, dict[str, float]]]:
+    """:func:`policy_gradient_objective` of several step chunks with one evaluation of their steps
+    (one transformer call for all of them, and one for the reference): each chunk's loss is the
+    one the per-chunk call would give; only the cost changes."""
     spec = ctx.resolved.preset.loss
+    union = torch.cat(list(chunks))
     with ctx.autocast():
-        current = policy.evaluate(batch, steps)
-    reference = None
+        current_all = policy.evaluate(batch, union)
+    reference_all = None
     if spec.kl and spec.beta > 0:
         with torch.no_grad(), policy.reference(), ctx.autocast():
-            reference = policy.evaluate(batch, steps)
-    adv = batch.advantages
-    adv = adv[:, steps] if adv.dim() == 2 else adv[:, None].expand(-1, len(steps))
-    inputs = LossInputs(
-        log_prob=current.log_prob.float(),
-        old_log_prob=batch.log_probs[:, steps].to(current.log_prob.device).float(),
-        advantages=adv.to(current.log_prob.device).float(),
-        mask=batch.mask[:, steps].to(current.log_prob.device).float(),
-        current=current,
-        reference=reference,
-        traj=batch,
-        steps=steps,
-        extras=ctx.extras,
-        rewards=batch.meta["reward"].to(current.log_prob.device).float() if isinstance(batch.meta.get("reward"), Tensor) else None,
-    )
-    return policy_loss(inputs, spec)
+            reference_all = policy.evaluate(batch, union)
+    out, start = [], 0
+    for steps in chunks:
+        cols = slice(start, start + len(steps))
+        start += len(steps)
+        current = slice_eval(current_all, cols)
+        adv = batch.advantages
+        adv = adv[:, steps] if adv.dim() == 2 else adv[:, None].expand(-1, len(steps))
+        inputs = LossInputs(
+            log_prob=current.log_prob.float(),
+            old_log_prob=batch.log_probs[:, steps].to(current.log_prob.device).float(),
+            advantages=adv.to(current.log_prob.device).float(),
+            mask=batch.mask[:, steps].to(current.log_prob.device).float(),
+            current=current,
+            reference=slice_eval(reference_all, cols),
+            traj=batch,
+            steps=steps,
+            extras=ctx.extras,
+            rewards=batch.meta["reward"].to(current.log_prob.device).float() if isinstance(batch.meta.get("reward"), Tensor) else None,
+        )
+        out.append(policy_loss(inputs, spec))
+    return out
+
+
+policy_gradient_objective.evaluate_chunks = policy_gradient_chunks  # type: ignore[attr-defined]
+
+
+def objective_chunk_losses(objective: Any, policy: Any, batch: Trajectories, chunks: list[Tensor], ctx: UpdateContext) -> list[tuple[Tensor, dict[str, float]]]:
+    """``(loss, metrics)`` of each step chunk: in one evaluation when the objective has an
+    ``evaluate_chunks`` form (:func:`policy_gradient_chunks`), else one call per chunk."""
+    batched = batched_form(objective)
+    if batched is not None and len(chunks) > 1:
+        fn, kwargs = batched
+        return fn(policy, batch, chunks, ctx, **kwargs)
+    return [objective(policy, batch, steps, ctx) for steps in chunks]
+
+
+def batched_form(objective: Any) -> tuple[Callable[..., Any], dict[str, Any]] | None:
+    """The objective's multi-chunk form and the keywords it is bound with, or None."""
+    fn = getattr(objective, "evaluate_chunks", None)
+    if fn is not None:
+        return fn, {}
+    inner = getattr(objective, "func", None)  # functools.partial from make_objective
+    if inner is not None and getattr(inner, "evaluate_chunks", None) is not None:
+        return inner.evaluate_chunks, dict(objective.keywords)
+    return None
 
 
 
@@ -311,7 +351,8 @@ class Trainer:
 
         sampling_weights = getattr(self.objective, "sampling_weights", None)  # DiffusionNFT samples with θ_old
 
-        def generate(indices: list[int], keys: list[Any]):
+        def rollout_call(pairs: list[tuple[int, Any]]):
+            indices, keys = [i for i, _ in pairs], [k for _, k in pairs]
             start = time.perf_counter()
             noise = PromptGenerators(t.seed, it, "rollout", keys=keys)
             weights = sampling_weights(self.policy) if sampling_weights is not None else contextlib.nullcontext()
@@ -321,8 +362,21 @@ class Trainer:
             # each sample carries its own prompt's metadata (sliced and joined with the batch)
             order = torch.unique_consecutive(traj.group_ids.cpu(), return_inverse=True)[1]
             traj.meta["metadata"] = [self.train_set.metadata[indices[int(g)]] for g in order]
+            return traj
+
+        def score(traj, background: bool = False):
+            fn = self.reward_set.score_async if background else self.reward_set.score
             meta = {**reward_meta(traj.meta["metadata"]), **traj.meta, "group_ids": traj.group_ids}
-            table, names = self.reward_set.score(traj.outputs, traj.prompts, meta)
+            return fn(traj.outputs, traj.prompts, meta)
+
+        def generate(indices: list[int], keys: list[Any]):
+            # calls of train.rollout_batch_size prompts; a call's rewards are scored while the next rolls
+            # out (per-prompt noise: the numbers do not depend on the split)
+            traj, table, names = rollout_in_calls(
+                rollout_call, score, list(zip(indices, keys)), prompts_per_call=t.rollout_batch_size,
+                concat=getattr(self.policy, "concat_trajectories", None),
+                score_async=(lambda tr: score(tr, background=True)) if t.overlap_rewards else None,
+            )
             traj.rewards, traj.reward_names = table, list(names)
             if preset.reward_transform:
                 table, names = REWARD_TRANSFORMS.get(preset.reward_transform)(table, names, traj.group_ids, traj, **preset.reward_transform_params)
@@ -516,6 +570,27 @@ class Trainer:
                         continue  # no trainable step in this minibatch on any process
                     chunks = self.policy.step_chunks(batch if batch is not None else self._filler)
                     bad: str | None = None
+                    # one process: chunks whose rows fit in train.max_rows_per_call share one transformer
+                    # call and one backward (each keeps its own loss and share: only the cost changes)
+                    step_rows = getattr(self.policy, "rows_per_step", len)(batch) if world == 1 and batch is not None and batched_form(self.objective) else 0
+                    if step_rows:
+                        live = [c for c in chunks if float(batch.mask[:, c].sum()) > 0]
+                        for group in group_step_chunks(live, step_rows, t.max_rows_per_call):
+                            group_loss = 0.0
+                            for steps, (loss, metrics) in zip(group, objective_chunk_losses(self.objective, self.policy, batch, group, ctx)):
+                                if not torch.isfinite(loss) and bad is None:
+                                    bad = _nonfinite_where(loss, batch, steps, metrics)
+                                l_chunk = float(batch.mask[:, steps].sum())
+                                if normaliser == "token":
+                                    share = l_chunk / float(global_counts[1])
+                                else:
+                                    share = (float(global_counts[2 + steps].sum()) / float(global_counts[1])) * (float(counts[0]) / float(global_counts[0]))
+                                group_loss = group_loss + loss * share
+                                for k, v in metrics.items():
+                                    sums[k] = sums.get(k, 0.0) + v * share
+                                    wsums[k] = wsums.get(k, 0.0) + share
+                            acc.backward(group_loss)
+                        chunks = []
                     for ci, steps in enumerate(chunks):
                         last = ci == len(chunks) - 1
                         g_chunk = float(global_counts[2 + steps].sum())

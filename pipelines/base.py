@@ -11,6 +11,7 @@ adapter of a pipeline (or of its nearest registered base class).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Callable
 
 import torch
@@ -73,16 +74,44 @@ class FlowAdapter:
     Shapes: ``B`` samples; latents are in the layout the transformer consumes (SD3 ``[B, C, h, w]``,
     Flux packed ``[B, N, C·4]``). ``cond`` is a dict of batch-first tensors (negatives for CFG under
     keys of their own), so slicing rows of it is always valid.
+
+    Prompt encoding: an adapter that implements :meth:`encode_texts` (any strings → per-string
+    conditioning, rows independent of each other) gets :meth:`encode_prompts` for free: the batch's
+    distinct prompts and the negative prompt are encoded in **one** text-encoder call, and the rows
+    are cached across calls while the text encoders' weights do not change (``prompt_cache_bytes``;
+    the cache is dropped when any text-encoder parameter changes, and not used in training mode).
     """
 
-    #: the default generation size (height, width) in pixels.
-    default_size: tuple[int, int] = (64, 64)
+    #: fallback generation size when the pipeline does not say (``default_sample_size``).
+    fallback_size: tuple[int, int] = (64, 64)
+    #: text-encoder token length (the T5 length for SD3/Flux); None: the encoder's own.
+    max_sequence_length: int | None = None
+    #: the negative (unconditional) prompt of classifier-free guidance (stock pipelines: "").
+    negative_prompt: str = ""
+    #: cond key of each positive tensor → the key of its negative (CFG) counterpart.
+    negative_keys: dict[str, str] = {"prompt_embeds": "neg_prompt_embeds", "pooled": "neg_pooled"}
+    #: prompt-cache budget in bytes (0 disables caching).
+    prompt_cache_bytes: int = 512 * 2**20
 
     def __init__(self, pipe: Any):
         if not hasattr(pipe, "transformer") or pipe.transformer is None:
             raise TypeError(f"{type(pipe).__name__} has no `transformer`; FlowPolicy wraps transformer-based flow pipelines.")
         check_flow_scheduler(pipe.scheduler)
         self.pipe = pipe
+        self._prompt_cache: OrderedDict[tuple[str, int | None], dict[str, Tensor]] = OrderedDict()
+        self._prompt_cache_used = 0
+        self._prompt_cache_key: Any = None
+        #: text-encoder calls made so far (one per batch of distinct uncached strings).
+        self.text_encoder_calls = 0
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        """(height, width) in pixels the stock pipeline's ``__call__`` uses when none is given:
+        ``default_sample_size × vae_scale_factor`` (SD3.5-M 1024, the tiny SD3 16)."""
+        size, factor = getattr(self.pipe, "default_sample_size", None), getattr(self.pipe, "vae_scale_factor", None)
+        if isinstance(size, int) and isinstance(factor, int):
+            return (size * factor, size * factor)
+        return tuple(self.fallback_size)  # type: ignore[return-value]
 
     # -- the trainable denoiser --------------------------------------------------------------
     @property
@@ -97,11 +126,86 @@ class FlowAdapter:
     def dtype(self) -> torch.dtype:
         return next(self.transformer.parameters()).dtype
 
-    # -- to implement ------------------------------------------------------------------------
-    def encode_prompts(self, prompts: list[str], *, guidance_scale: float) -> dict[str, Tensor]:
-        """Prompt conditioning, batch-first (include negative/unconditional embeddings when
-        ``guidance_scale > 1``)."""
+    # -- prompts -----------------------------------------------------------------------------
+    def encode_texts(self, texts: list[str]) -> dict[str, Tensor]:
+        """Conditioning of each string, batch-first ``{key: [N, ...]}``, in one text-encoder call.
+        Row i must depend on ``texts[i]`` only (pad to a fixed length), so rows can be cached."""
         raise NotImplementedError
+
+    def encode_prompts(self, prompts: list[str], *, guidance_scale: float) -> dict[str, Tensor]:
+        """Prompt conditioning, batch-first, with the negative prompt's rows under
+        :attr:`negative_keys` when ``guidance_scale > 1``. Distinct strings (prompts and negative)
+        are encoded once, in one call; cached rows are reused (see the class docstring)."""
+        cfg = guidance_scale > 1.0
+        wanted = list(dict.fromkeys(list(prompts) + ([self.negative_prompt] if cfg else [])))
+        rows = self._cached_rows(wanted)
+        missing = [t for t in wanted if t not in rows]
+        if missing:
+            with torch.no_grad():
+                enc = self.encode_texts(missing)
+            self.text_encoder_calls += 1
+            for i, text in enumerate(missing):
+                rows[text] = {k: v[i] for k, v in enc.items()}
+            self._store_rows({t: rows[t] for t in missing})
+        cond = {k: torch.stack([rows[p][k] for p in prompts]) for k in rows[wanted[0]]}
+        if cfg:
+            neg = rows[self.negative_prompt]
+            for k, nk in self.negative_keys.items():
+                cond[nk] = neg[k].unsqueeze(0).expand(len(prompts), *neg[k].shape).contiguous()
+        return cond
+
+    def clear_prompt_cache(self) -> None:
+        self._prompt_cache.clear()
+        self._prompt_cache_used = 0
+
+    def _text_encoders(self) -> list[torch.nn.Module]:
+        comps = getattr(self.pipe, "components", {}) or {}
+        return [m for name, m in sorted(comps.items()) if name.startswith("text_encoder") and isinstance(m, torch.nn.Module)]
+
+    def _encoder_fingerprint(self) -> Any:
+        """Identity of the text encoders' weights: None (do not cache) while an encoder is in
+        training mode (dropout makes its output random); otherwise it changes whenever a parameter
+        is replaced, moved, cast or modified in place (an optimizer step), which drops the cache.
+        Weights edited through ``.data`` bypass the version counter: call :meth:`clear_prompt_cache`."""
+        fp = []
+        for m in self._text_encoders():
+            if m.training:
+                return None
+            for p in m.parameters():
+                fp.append((id(p), p._version, p.dtype, p.device, p.data_ptr()))
+        return (self.max_sequence_length, self.negative_prompt, tuple(fp))
+
+    def _cached_rows(self, texts: list[str]) -> dict[str, dict[str, Tensor]]:
+        if self.prompt_cache_bytes <= 0:
+            return {}
+        key = self._encoder_fingerprint()
+        if key is None or key != self._prompt_cache_key:
+            self.clear_prompt_cache()
+            self._prompt_cache_key = key
+            return {}
+        out = {}
+        for t in texts:
+            hit = self._prompt_cache.get((t, self.max_sequence_length))
+            if hit is not None:
+                self._prompt_cache.move_to_end((t, self.max_sequence_length))
+                out[t] = hit
+        return out
+
+    def _store_rows(self, rows: dict[str, dict[str, Tensor]]) -> None:
+        if self.prompt_cache_bytes <= 0 or self._prompt_cache_key is None:
+            return
+        for text, row in rows.items():
+            row = {k: v.detach().clone() for k, v in row.items()}
+            size = sum(v.numel() * v.element_size() for v in row.values())
+            if size > self.prompt_cache_bytes:
+                continue
+            self._prompt_cache[(text, self.max_sequence_length)] = row
+            self._prompt_cache_used += size
+            while self._prompt_cache_used > self.prompt_cache_bytes:
+                _, old = self._prompt_cache.popitem(last=False)
+                self._prompt_cache_used -= sum(v.numel() * v.element_size() for v in old.values())
+
+    # -- to implement ------------------------------------------------------------------------
 
     def initial_noise(self, batch: int, *, height: int, width: int, generator: torch.Generator | None) -> Tensor:
         """Standard normal latents ``[B, ...]`` in the transformer's layout."""

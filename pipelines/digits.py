@@ -218,14 +218,11 @@ class DigitsAdapter(FlowAdapter):
 
     default_size = (16, 16)
 
-    def encode_prompts(self, prompts: list[str], *, guidance_scale: float) -> dict[str, Tensor]:
-        embeds, pooled = self.pipe.encode_prompt(prompts)
-        cond = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
-        if guidance_scale > 1.0:
-            neg, neg_pooled = self.pipe.encode_prompt([""] * len(prompts))
-            cond["negative_prompt_embeds"] = neg
-            cond["negative_pooled_prompt_embeds"] = neg_pooled
-        return cond
+    negative_keys = {"prompt_embeds": "negative_prompt_embeds", "pooled_prompt_embeds": "negative_pooled_prompt_embeds"}
+
+    def encode_texts(self, texts: list[str]) -> dict[str, Tensor]:
+        embeds, pooled = self.pipe.encode_prompt(texts)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
     def initial_noise(self, batch: int, *, height: int, width: int, generator: torch.Generator | None) -> Tensor:
         from flowrl.seeding import randn

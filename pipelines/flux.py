@@ -21,19 +21,17 @@ except ImportError:  # pragma: no cover
 
 @register_adapter(FluxPipeline)
 class FluxAdapter(FlowAdapter):
-    default_size = (512, 512)
-    max_sequence_length = 64
+    """Defaults are the stock ``FluxPipeline.__call__``'s: T5 length 512 (Flux attends to the
+    padding, so the length changes the output), size ``default_sample_size × vae_scale_factor``,
+    distilled guidance 3.5, timestep (σ·1000 in the latents' dtype)/1000."""
+
+    max_sequence_length = 512
     #: value of the distilled-guidance embedding (FLUX.1-dev default 3.5); ignored without guidance_embeds.
     embedded_guidance: float = 3.5
 
-    def encode_prompts(self, prompts: list[str], *, guidance_scale: float) -> dict[str, Tensor]:
-        with torch.no_grad():
-            pe, pooled, _ = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length)
-            cond = {"prompt_embeds": pe, "pooled": pooled}
-            if guidance_scale > 1.0:
-                npe, npooled, _ = self.pipe.encode_prompt(prompt=[""] * len(prompts), prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length)
-                cond.update(neg_prompt_embeds=npe, neg_pooled=npooled)
-        return cond
+    def encode_texts(self, texts: list[str]) -> dict[str, Tensor]:
+        pe, pooled, _ = self.pipe.encode_prompt(prompt=texts, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length)
+        return {"prompt_embeds": pe, "pooled": pooled}
 
     def _latent_hw(self, height: int, width: int) -> tuple[int, int]:
         f = self.pipe.vae_scale_factor
@@ -62,9 +60,14 @@ class FluxAdapter(FlowAdapter):
         if self.transformer.config.guidance_embeds:
             guidance = torch.full((latents.shape[0],), self.embedded_guidance, device=latents.device, dtype=torch.float32)
         return self.transformer(
-            hidden_states=latents, timestep=sigma.to(latents.dtype), guidance=guidance, pooled_projections=pooled,
+            hidden_states=latents, timestep=self._timestep(sigma, latents.dtype), guidance=guidance, pooled_projections=pooled,
             encoder_hidden_states=embeds, txt_ids=txt_ids, img_ids=img_ids, return_dict=False,
         )[0]
+
+    def _timestep(self, sigma: Tensor, dtype: torch.dtype) -> Tensor:
+        """What the stock call passes: ``t.to(latents.dtype) / 1000`` with t = σ·num_train_timesteps."""
+        n = float(self.pipe.scheduler.config.num_train_timesteps)
+        return (sigma.float() * n).to(dtype) / 1000
 
     def velocity(self, latents: Tensor, sigma: Tensor, cond: dict[str, Tensor], *, guidance_scale: float, height: int, width: int) -> Tensor:
         if guidance_scale > 1.0:

@@ -21,21 +21,17 @@ def cfg_combine(v_uncond: Tensor, v_cond: Tensor, guidance_scale: float) -> Tens
 
 @register_adapter(StableDiffusion3Pipeline)
 class SD3Adapter(FlowAdapter):
-    default_size = (512, 512)
-    max_sequence_length = 77
+    """Defaults are the stock ``StableDiffusion3Pipeline.__call__``'s: T5 length 256, size
+    ``default_sample_size × vae_scale_factor``, negative prompt "", timestep σ·1000 in float32."""
 
-    def encode_prompts(self, prompts: list[str], *, guidance_scale: float) -> dict[str, Tensor]:
-        cfg = guidance_scale > 1.0
-        with torch.no_grad():
-            pe, npe, pooled, npooled = self.pipe.encode_prompt(
-                prompt=prompts, prompt_2=None, prompt_3=None, device=self.device, num_images_per_prompt=1,
-                do_classifier_free_guidance=cfg, negative_prompt=[""] * len(prompts) if cfg else None,
-                max_sequence_length=self.max_sequence_length,
-            )
-        cond = {"prompt_embeds": pe, "pooled": pooled}
-        if cfg:
-            cond.update(neg_prompt_embeds=npe, neg_pooled=npooled)
-        return cond
+    max_sequence_length = 256
+
+    def encode_texts(self, texts: list[str]) -> dict[str, Tensor]:
+        pe, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=texts, prompt_2=None, prompt_3=None, device=self.device, num_images_per_prompt=1,
+            do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length,
+        )
+        return {"prompt_embeds": pe, "pooled": pooled}
 
     def _latent_hw(self, height: int, width: int) -> tuple[int, int]:
         f = self.pipe.vae_scale_factor
@@ -60,7 +56,9 @@ class SD3Adapter(FlowAdapter):
         return self.scheduler_sigmas(num_steps, **kwargs)
 
     def velocity(self, latents: Tensor, sigma: Tensor, cond: dict[str, Tensor], *, guidance_scale: float, height: int, width: int) -> Tensor:
-        timestep = (sigma * 1000.0).to(latents.dtype)
+        # the stock call passes scheduler.timesteps (σ·num_train_timesteps, float32) uncast; a cast
+        # to bf16 latents would round e.g. 913 to 912
+        timestep = sigma.float() * float(self.pipe.scheduler.config.num_train_timesteps)
         if guidance_scale > 1.0:
             x = torch.cat([latents, latents])
             v = self.transformer(

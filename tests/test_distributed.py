@@ -72,7 +72,9 @@ def test_two_processes_train_the_one_process_model(tmp_path):
         assert b["update/steps"] == a["update/steps"] == 2
         assert b["adv/abs_mean"] == pytest.approx(a["adv/abs_mean"], rel=1e-4)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
-        assert b["loss/policy"] == pytest.approx(a["loss/policy"], rel=1e-3, abs=1e-7)
+        # loss/policy is ≈ 0 on-policy (advantages sum to 0 per group): rounding noise of order 1e-6
+        # once the one-process update batches its timesteps into one call (measured 3e-7 apart)
+        assert b["loss/policy"] == pytest.approx(a["loss/policy"], rel=1e-3, abs=1e-6)
     init = _flat(_weights(one / "rank0_it0.safetensors"))
     torch.testing.assert_close(_flat(_weights(two / "rank0_it0.safetensors")), init, rtol=0, atol=0)  # same LoRA init
     for it in (1, 2):
