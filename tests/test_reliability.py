@@ -448,10 +448,10 @@ def test_kill_9_mid_run_then_resume_matches_an_uninterrupted_run_bitwise(tmp_pat
     path = tmp_path / "cfg.yaml"
     cfg.to_yaml(path)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    from flowrl.trainer import Trainer
-
-    # the uninterrupted run in this process (1 thread, like the subprocesses): one import less
-    Trainer(TrainConfig.from_yaml(path).override([f"train.output_dir={tmp_path / 'full'}"])).train()
+    # the uninterrupted run in a fresh process too: a test process carries global state (thread
+    # counts, RNG, flags) left by earlier tests, which made the in-process run differ in the last bits
+    full = subprocess.run(_train_cmd(path, f"train.output_dir={tmp_path / 'full'}"), env=env, capture_output=True, text=True, timeout=300)
+    assert full.returncode == 0, full.stderr[-2000:]
 
     run = tmp_path / "killed"
     proc = subprocess.Popen(_train_cmd(path, f"train.output_dir={run}"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
