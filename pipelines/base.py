@@ -135,17 +135,24 @@ class FlowAdapter:
     def encode_prompts(self, prompts: list[str], *, guidance_scale: float) -> dict[str, Tensor]:
         """Prompt conditioning, batch-first, with the negative prompt's rows under
         :attr:`negative_keys` when ``guidance_scale > 1``. Distinct strings (prompts and negative)
-        are encoded once, in one call; cached rows are reused (see the class docstring)."""
+        are encoded once (in one call without the cache, each alone with it); cached rows are reused."""
         cfg = guidance_scale > 1.0
         wanted = list(dict.fromkeys(list(prompts) + ([self.negative_prompt] if cfg else [])))
         rows = self._cached_rows(wanted)
         missing = [t for t in wanted if t not in rows]
         if missing:
-            with torch.no_grad():
-                enc = self.encode_texts(missing)
-            self.text_encoder_calls += 1
-            for i, text in enumerate(missing):
-                rows[text] = {k: v[i] for k, v in enc.items()}
+            # With the cache on, a row must not depend on which iteration first met its string (the
+            # text encoder's last bits change with the batch size, and a resumed run starts with an
+            # empty cache): each new string is then encoded alone, once per run. Without the cache,
+            # the batch's strings go in one call.
+            caching = self.prompt_cache_bytes > 0 and self._prompt_cache_key is not None
+            calls = [[t] for t in missing] if caching else [missing]
+            for texts in calls:
+                with torch.no_grad():
+                    enc = self.encode_texts(texts)
+                self.text_encoder_calls += 1
+                for i, text in enumerate(texts):
+                    rows[text] = {k: v[i] for k, v in enc.items()}
             self._store_rows({t: rows[t] for t in missing})
         cond = {k: torch.stack([rows[p][k] for p in prompts]) for k in rows[wanted[0]]}
         if cfg:
