@@ -39,7 +39,7 @@ def main(out: str, overrides: list[str]) -> None:
     rank = trainer.accelerator.process_index
 
     def dump(it: int) -> None:
-        named = {n: p.detach().cpu().contiguous() for n, p in trainer.policy.model.named_parameters() if p.requires_grad}
+        named = trainer.trainable_state_dict()  # whole tensors (gathered from the shards under FSDP)
         save_file(named, str(out_dir / f"rank{rank}_it{it}.safetensors"))
 
     dump(0)
