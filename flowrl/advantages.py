@@ -7,6 +7,11 @@ like a function, and exposing ``state_dict()`` / ``load_state_dict()`` so a resu
 exactly. ``make_estimator(name, **hparams)`` returns a ready callable either way.
 
 Register your own with ``@register_advantage("name")`` or name ``"pkg.module:fn"`` in the config.
+An estimator that reads per-sample trajectory data (old log-probs, masks, tokens, completions) or
+per-sample ``meta`` entries declares them with ``@reads_rows(traj=..., meta=...)``: under several
+processes the trainer gathers exactly those, so the estimator sees the global batch as in one
+process. Estimator state (``state_dict``) must change only through what the estimator sees, so it
+stays identical on every process.
 """
 
 from __future__ import annotations
@@ -121,6 +126,28 @@ def group_advantages(
 def group_estimator(inputs: AdvantageInputs, *, std: str = "group", eps: float = 1e-4, clip: float | None = 5.0, std_estimator: str = "population") -> Tensor:
     """Registered form of :func:`group_advantages` (GRPO, Flow-GRPO, DanceGRPO)."""
     return group_advantages(inputs.rewards, inputs.group_ids, std=std, std_estimator=std_estimator, eps=eps, clip=clip)
+
+
+def reads_rows(*, traj: tuple[str, ...] = (), meta: tuple[str, ...] = ()) -> Callable[[Any], Any]:
+    """Declare the per-sample data an estimator reads besides rewards, group ids, the reward table
+    and prompts: fields of ``inputs.traj`` (``log_probs``, ``mask``, ``actions``, ``outputs``) and
+    per-sample keys of ``inputs.meta``. Under several processes the trainer gathers exactly these
+    from every process, in a one-process run's row order, so the estimator sees the global batch
+    (``inputs.traj`` is then a :class:`~flowrl.policy.Trajectories` holding only the declared fields;
+    it is None for an estimator that declares none)."""
+
+    def mark(obj: Any) -> Any:
+        obj.traj_fields, obj.row_meta = tuple(traj), tuple(meta)
+        return obj
+
+    return mark
+
+
+def estimator_reads(estimator: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(traj fields, per-sample meta keys)`` an estimator declared with :func:`reads_rows`
+    (a ``functools.partial`` from :func:`make_estimator` or an instance of a registered class)."""
+    target = getattr(estimator, "func", estimator)
+    return tuple(getattr(target, "traj_fields", ())), tuple(getattr(target, "row_meta", ()))
 
 
 def make_estimator(name: str, **hparams: Any) -> Callable[[AdvantageInputs], Tensor]:
@@ -324,6 +351,7 @@ def unlikeliness_rewards(rewards: Tensor, seq_log_prob: Tensor, group_ids: Tenso
 
 
 @register_advantage("unlikeliness")
+@reads_rows(traj=("log_probs", "mask"))
 def unlikeliness_estimator(inputs: AdvantageInputs, *, beta_rank: float = 0.25, threshold: float = 0.0, std: str = "group", eps: float = 1e-4, clip: float | None = 5.0, std_estimator: str = "population") -> Tensor:
     """Group z-score of :func:`unlikeliness_rewards` (π_old log-probs from ``inputs.traj``)."""
     traj = inputs.traj
@@ -350,6 +378,7 @@ def semantic_entropy(answers: list[str], group_ids: Tensor) -> Tensor:
 
 
 @register_advantage("seed_grpo")
+@reads_rows(traj=("outputs",), meta=("answers",))
 def seed_grpo_estimator(inputs: AdvantageInputs, *, alpha: float = 0.5, std: str = "group", eps: float = 1e-4, clip: float | None = 5.0, std_estimator: str = "population") -> Tensor:
     """SEED-GRPO: A·(1 − α·SE/log G): uncertain prompts (many distinct answers) get smaller updates.
     Answers: ``meta["answers"]`` if given, else extracted from ``traj.outputs`` with
@@ -385,6 +414,7 @@ def grpo_lambda_rewards(correct: Tensor, lengths: Tensor, group_ids: Tensor, *, 
 
 
 @register_advantage("grpo_lambda")
+@reads_rows(traj=("mask",))
 def grpo_lambda_estimator(inputs: AdvantageInputs, *, threshold: float = 0.5, lam: float = 0.5, correct_threshold: float = 0.5, std: str = "group", eps: float = 1e-4, clip: float | None = 5.0, std_estimator: str = "population") -> Tensor:
     """Group z-score of :func:`grpo_lambda_rewards` (correct = reward > ``correct_threshold``)."""
     r = grpo_lambda_rewards((inputs.rewards > correct_threshold).float(), _seq_lengths(inputs).cpu(), inputs.group_ids.cpu(), threshold=threshold, lam=lam)
@@ -464,6 +494,7 @@ def tempo_token_bonus(actions: Tensor, mask: Tensor, rewards: Tensor, group_ids:
 
 
 @register_advantage("tempo")
+@reads_rows(traj=("actions", "mask"))
 def tempo_estimator(inputs: AdvantageInputs, *, bonus_scale: float = 1.0, std: str = "group", eps: float = 1e-4, clip: float | None = 5.0, std_estimator: str = "population") -> Tensor:
     """TEMPO: per-token A_{i,t} = A_i (group z-score) + λ·(V(s_{t+1}) − V(s_t)) at branch tokens of the
     group's prefix tree (:func:`tempo_token_bonus`), ``[B, T]``. Inferred scaling (λ = bonus_scale)."""
@@ -814,6 +845,7 @@ def care_bonus(accuracy: Tensor, confidence: Tensor, group_ids: Tensor, *, bonus
 
 
 @register_advantage("grpo_care")
+@reads_rows(meta=("care_confidence",))
 def grpo_care_estimator(inputs: AdvantageInputs, *, bonus: float = 0.5, margin: float = 0.01, accuracy: str | int = 0, min_accuracy: float = 0.1, std: str = "group", std_estimator: str = "unbiased", eps: float = 1e-4, clip: float | None = None) -> Tensor:
     """GRPO-CARE: r = (combined reward) + :func:`care_bonus` (accuracy = reward column ``accuracy``,
     confidence = ``meta["care_confidence"]``, written by the ``grpo_care`` objective before the
@@ -822,7 +854,7 @@ def grpo_care_estimator(inputs: AdvantageInputs, *, bonus: float = 0.5, margin: 
     if conf is None:
         raise ValueError("the 'grpo_care' estimator needs meta['care_confidence'] (the EMA reference's answer likelihoods): use the preset grpo_care, whose objective computes them.")
     if len(conf) != len(inputs.rewards):
-        raise ValueError(f"'grpo_care': {len(conf)} confidences for {len(inputs.rewards)} rewards (GRPO-CARE runs in a single process).")
+        raise ValueError(f"'grpo_care': {len(conf)} confidences for {len(inputs.rewards)} rewards.")
     b = care_bonus(_column(inputs, accuracy, "grpo_care"), conf.to(inputs.rewards.device), inputs.group_ids, bonus=bonus, margin=margin, min_accuracy=min_accuracy)
     inputs.meta["care_bonus"] = b
     return group_advantages(inputs.rewards.float() + b, inputs.group_ids, std=std, std_estimator=std_estimator, eps=eps, clip=clip)

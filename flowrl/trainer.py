@@ -53,10 +53,10 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from flowrl.advantages import AdvantageInputs, make_estimator
+from flowrl.advantages import AdvantageInputs, estimator_reads, make_estimator
 from flowrl.config import ConfigError, ResolvedConfig, TrainConfig
 from flowrl.losses import LossInputs, policy_loss
-from flowrl.policy import Trajectories, group_step_chunks, slice_eval
+from flowrl.policy import Trajectories, _index, group_step_chunks, slice_eval
 from flowrl import checkpointing, tracking
 from flowrl.builders import (  # noqa: F401  (re-exported: the loop's public helpers lived here)
     _build_reward_set, _device, _load_prompt_set, _load_prompts, add_lora, build_flow_policy, build_policy, load_pipeline,
@@ -432,11 +432,7 @@ class Trainer:
                 prepare(self, traj)
         single = acc.num_processes == 1
         if single or not traj.meta.get("rollout_structure"):
-            adv_all = self._advantages(AdvantageInputs(
-                rewards=all_rewards, group_ids=all_groups, reward_table=all_table, reward_names=list(names),
-                mask=None, traj=traj if single else None, prompts=traj.prompts if single else self._gather_list(traj.prompts), meta=traj.meta,
-                reward_weights=self._reward_weights(names),
-            ))
+            adv_all = self._global_advantages(traj, all_rewards, all_groups, all_table, list(names), rows)
             adv = adv_all[rows.lo : rows.hi]
             if "train_mask" in traj.meta:  # an estimator pruned trained steps (BranchGRPO width pruning)
                 traj.mask = traj.mask & traj.meta.pop("train_mask")[rows.lo : rows.hi].to(traj.mask.device)
@@ -460,11 +456,7 @@ class Trainer:
         # 4. update -------------------------------------------------------------------------
         update_metrics = self.update(traj, keep, it, rows=rows)
         if hasattr(self.estimator, "observe_shift"):  # stateful estimators that track policy drift (SPO)
-            with self.gathered_weights():  # every process enters (a collective under FSDP)
-                if len(traj):
-                    with torch.no_grad(), self.autocast():
-                        new_lp = self.policy.log_prob(traj).float().cpu()
-                    self.estimator.observe_shift(traj.prompts, traj.log_probs.float(), new_lp, traj.mask)
+            self._observe_shift(traj, rows)
         t2 = time.perf_counter()
         ok = torch.isfinite(all_rewards)
         record: dict[str, float] = {"iteration": it, "reward/mean": float(all_rewards[ok].mean()), "reward/std": float(all_rewards[ok].std(unbiased=False))}
@@ -516,6 +508,79 @@ class Trainer:
             return fn(list(names)) if fn is not None else None
         except (KeyError, ValueError):  # columns a reward transform renamed
             return None
+
+    def _global_advantages(self, traj: Trajectories, rewards: Tensor, groups: Tensor, table: Tensor, names: list[str], rows: "GlobalRows") -> Tensor:
+        """The estimator on the global batch: gathered rows in, advantages of the gathered rows out.
+
+        One process: the batch itself. Several: the estimator sees the rows in a one-process run's
+        order (``rows.canonical``; DAPO refill rounds interleave the processes' groups), with the
+        trajectory fields and per-sample meta entries it declares (:func:`~flowrl.advantages.reads_rows`)
+        gathered from every process, so estimators whose statistics span rows (batch z-scores,
+        RiskPO bundles, unlikeliness ranks) and estimators with state (SPO's tracker, RiskPO's
+        tracked quantiles, Trust-GRPO's step) compute exactly what one process computes, and their
+        state stays identical on every process. Meta entries the estimator adds come back to
+        ``traj.meta`` (``train_mask`` in gathered order)."""
+        weights = self._reward_weights(names)
+        if self.accelerator.num_processes == 1:
+            return self._advantages(AdvantageInputs(
+                rewards=rewards, group_ids=groups, reward_table=table, reward_names=names, mask=None, traj=traj,
+                prompts=traj.prompts, meta=traj.meta, reward_weights=weights,
+            ))
+        fields, row_keys = estimator_reads(self.estimator)
+        order = torch.argsort(rows.canonical)  # canonical (one-process) row j is gathered row order[j]
+        total = len(order)
+        prompts = self._gather_list(traj.prompts)
+        view = None
+        if fields:
+            gathered = {f: self._gather_rows(getattr(traj, f, None)) for f in fields}
+            view = Trajectories(prompts=prompts, group_ids=groups, log_probs=gathered.pop("log_probs", None), mask=gathered.pop("mask", None), **gathered)
+            view = view.select(order)
+        meta = dict(traj.meta)
+        for k in row_keys:
+            if k in meta:
+                meta[k] = _index(self._gather_rows(meta[k]), order, total)
+        adv = self._advantages(AdvantageInputs(
+            rewards=rewards[order], group_ids=groups[order], reward_table=table[order] if len(table) == total else table,
+            reward_names=names, mask=None, traj=view, prompts=[prompts[i] for i in order.tolist()], meta=meta, reward_weights=weights,
+        ))
+        for k in meta.keys() - traj.meta.keys():  # written by the estimator (global, canonical order)
+            traj.meta[k] = meta[k][rows.canonical] if k == "train_mask" else meta[k]
+        return adv[rows.canonical]
+
+    def _observe_shift(self, traj: Trajectories, rows: "GlobalRows") -> None:
+        """Show a drift-tracking estimator (SPO's ``observe_shift``) the policy's log-probs on this
+        iteration's rows after the update. Several processes: each evaluates its own rows, the
+        old/new log-probs and masks are gathered (padded to the widest completion, mask 0) and
+        every process's estimator observes the global batch in one-process order — so its state
+        moves identically everywhere (a per-process observation would make the trackers diverge)."""
+        old, mask = traj.log_probs.float().cpu(), traj.mask.cpu()
+        new = torch.zeros_like(old)
+        with self.gathered_weights():  # every process enters (a collective under FSDP)
+            if len(traj):
+                with torch.no_grad(), self.autocast():
+                    new = self.policy.log_prob(traj).float().cpu()
+        prompts = traj.prompts
+        if self.accelerator.num_processes > 1:
+            order = torch.argsort(rows.canonical)
+            all_prompts = self._gather_list(traj.prompts)
+            prompts = [all_prompts[i] for i in order.tolist()]
+            old, new, mask = (self._gather_rows(x)[order] for x in (old, new, mask))
+        self.estimator.observe_shift(prompts, old, new, mask)
+
+    def _gather_rows(self, value: Any) -> Any:
+        """Every process's rows of a per-sample value in process order: tensors (``[B, T, ...]``
+        padded with zeros along dim 1 to the widest process, e.g. token completions), lists."""
+        if value is None:
+            return None
+        if not isinstance(value, Tensor):
+            return self._gather_list(list(value))
+        value = value.detach().cpu()
+        if value.dim() >= 2:
+            width = int(self._gather_uneven(torch.tensor([value.shape[1]])).max())
+            if width > value.shape[1]:
+                pad = value.new_zeros((value.shape[0], width - value.shape[1]) + tuple(value.shape[2:]))
+                value = torch.cat([value, pad], dim=1)
+        return self._gather_uneven(value)
 
     def _advantages(self, inputs: AdvantageInputs) -> Tensor:
         """Run the estimator; rows whose reward failed (NaN, tolerated up to ``max_failures``) are

@@ -485,6 +485,10 @@ def build_causal_lm_policy(resolved: Any, run_dir: Any) -> TokenPolicy:
         path, gguf_file=cfg.model.gguf_file, lora=lora, torch_dtype=getattr(torch, cfg.model.dtype), device=device,
         max_new_tokens=s.max_new_tokens, temperature=s.temperature,
     )
+    if t.gradient_checkpointing:
+        from flowrl.builders import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(policy.model)
     return policy
 
 

@@ -1,6 +1,11 @@
 """Run by tests/test_distributed.py under ``python`` (one process) or ``torchrun`` (several): a few
 iterations of the digits job; every process writes its trainable weights after each iteration
-(``rank{r}_it{i}.safetensors``) and the main process the iteration records (``records.jsonl``)."""
+(``rank{r}_it{i}.safetensors``), its estimator's state (``rank{r}_estimator.json``) and the main
+process the iteration records (``records.jsonl``).
+
+``--llm=ALG1,ALG2`` instead runs each language-model preset in turn on the tiny Llama (arithmetic
+prompts, rewards :class:`EvenLength` + 0.1 × :class:`Brevity`), into ``OUT/<ALG>/`` (one launch,
+several jobs: the process start-up is paid once)."""
 
 from __future__ import annotations
 
@@ -23,20 +28,66 @@ class FlatForPairs:
         return torch.where(flat, torch.zeros(len(prompts)), outputs.float().flatten(1).mean(1))
 
 
-def main(out: str, overrides: list[str]) -> None:
-    from safetensors.torch import save_file
+class EvenLength:
+    """A varied 0/1 'correctness' for a random tiny LM: 1 if the completion has an even length;
+    0 for every completion of a product prompt ("*": its group is flat, so DAPO drops and refills it)."""
 
+    name = "even_length"
+
+    def __call__(self, outputs, prompts, meta=None):
+        return torch.tensor([float(len(o) % 2 == 0 and "*" not in p) for o, p in zip(outputs, prompts)])
+
+
+class Brevity:
+    """A second, graded column in [0, 1]: 1/(1 + #chars/10) (0 for product prompts, as above)."""
+
+    name = "brevity"
+
+    def __call__(self, outputs, prompts, meta=None):
+        return torch.tensor([0.0 if "*" in p else 1.0 / (1.0 + len(o) / 10) for o, p in zip(outputs, prompts)])
+
+
+def llm_config(algorithm: str, overrides: list[str]):
+    from flowrl.config import TrainConfig
+    from flowrl.rewards.verifiers import arithmetic_prompts
+
+    return TrainConfig.from_dict({
+        "algorithm": algorithm,
+        "model": {"pipeline": "tiny-llama", "kind": "causal_lm", "device": "cpu"},
+        "sampler": {"max_new_tokens": 4},
+        "reward": {"rewards": {"tests._dist_worker:EvenLength": 1.0, "tests._dist_worker:Brevity": 0.1}},
+        "train": {"prompts": arithmetic_prompts("train")[:8], "num_generations": 4, "prompts_per_iteration": 2, "iterations": 2,
+                  "train_batch_size": 4, "lora_rank": 4, "lora_alpha": 8, "progress": False, "learning_rate": 1e-2, "eval_prompts": None},
+    }).override(overrides)
+
+
+def main(out: str, overrides: list[str]) -> None:
     from flowrl.config import TrainConfig
     from flowrl.paths import assets_dir
-    from flowrl.trainer import Trainer
 
     torch.set_num_threads(1)
-    cfg = TrainConfig.from_yaml(assets_dir() / "configs" / "digits.yaml").override(overrides)
+    llm = [o for o in overrides if o.startswith("--llm=")]
+    overrides = [o for o in overrides if not o.startswith("--llm=")]
+    if llm:
+        for algorithm in llm[0].split("=", 1)[1].split(","):
+            cfg = llm_config(algorithm, overrides + [f"train.output_dir={Path(out) / algorithm / 'run'}"])
+            run(cfg, str(Path(out) / algorithm))
+        return
+    run(TrainConfig.from_yaml(assets_dir() / "configs" / "digits.yaml").override(overrides), out)
+
+
+def run(cfg, out: str) -> None:
+    from safetensors.torch import save_file
+
+    from flowrl.trainer import Trainer
+
     trainer = Trainer(cfg)
     trainer._prepare_run_dir()
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     rank = trainer.accelerator.process_index
+    info = {"gradient_checkpointing": bool(getattr(trainer.policy.model, "gradient_checkpointing", False) or getattr(trainer.policy.model, "is_gradient_checkpointing", False))}
+    (out_dir / f"rank{rank}_info.json").write_text(json.dumps(info))
 
     def dump(it: int) -> None:
         named = trainer.trainable_state_dict()  # whole tensors (gathered from the shards under FSDP)
@@ -49,6 +100,8 @@ def main(out: str, overrides: list[str]) -> None:
         if trainer.accelerator.is_main_process:
             with open(out_dir / "records.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+    state = trainer.estimator.state_dict() if hasattr(trainer.estimator, "state_dict") else None
+    (out_dir / f"rank{rank}_estimator.json").write_text(json.dumps(state, default=lambda t: t.tolist()))
 
 
 if __name__ == "__main__":
