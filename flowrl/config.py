@@ -332,7 +332,12 @@ class TrainConfig:
         data = dict(data)
         # a run's saved config.yaml records the preset's filled-in values under `resolved:`; they
         # derive from the other sections, so a saved config is a valid input as it is
-        data.pop("resolved", None)
+        saved_run = data.pop("resolved", None) is not None
+        train = data.get("train")
+        if saved_run and isinstance(train, dict) and "num_iterations" in train and "iterations" not in train:
+            # written by flowrl before the run length was renamed: there train.num_iterations was the
+            # run length (a hand-written train.num_iterations stays refused: it is ambiguous with TRL's)
+            data["train"] = {("iterations" if k == "num_iterations" else k): v for k, v in train.items()}
         aliases = _trl_aliases()
         if aliases is not None:
             try:

@@ -125,6 +125,16 @@ def test_trl_num_iterations_means_updates_per_batch():
         TrainConfig().override(["train.num_iterations=3"])
 
 
+def test_a_run_saved_before_the_rename_still_loads(tmp_path):
+    """A run directory's config.yaml (it has a ``resolved:`` block) written before the run length
+    was renamed keeps its meaning: there ``train.num_iterations`` was the run length."""
+    old = {"train": {"num_iterations": 7, "seed": 3}, "resolved": {"learning_rate": 1e-4}}
+    cfg = TrainConfig.from_dict(old)
+    assert cfg.train.iterations == 7 and cfg.train.inner_epochs == 1 and cfg.train.seed == 3
+    with pytest.raises(ConfigError, match="inner_epochs"):  # without resolved: still ambiguous, refused
+        TrainConfig.from_dict({"train": {"num_iterations": 7}})
+
+
 def test_sequence_token_is_not_a_trl_level():
     with pytest.raises(ConfigError, match="not a TRL value.*gspo_token"):
         TrainConfig.from_dict({"importance_sampling_level": "sequence_token"})
