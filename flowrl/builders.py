@@ -44,10 +44,22 @@ def _load_prompt_set(spec: Any, field_name: str, column: str = "prompt"):
         raise ConfigError(str(exc)) from None
 
 
-def _build_reward_set(config: TrainConfig):
+def _build_reward_set(config: TrainConfig, *, process_device: torch.device | str | None = None):
+    """The reward set of ``reward.rewards``; ``reward.device`` is the default ``device`` of every
+    reward model that takes one (a reward's own ``device`` option wins): ``auto`` is this process's
+    device (``process_device``: ``cuda:<local rank>`` under several processes, else the model's)."""
     from flowrl.rewards import build_rewards
 
-    return build_rewards(config.reward.rewards, combine=config.reward.combine, max_failures=config.reward.max_failures)
+    defaults = {}
+    device = config.reward.device
+    if device is not None:
+        if device == "auto":
+            device = process_device if process_device is not None else _device(config)
+        try:
+            defaults["device"] = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ConfigError(f"reward.device: '{device}' is not a device ({exc}); use cpu, cuda, cuda:1 or auto.") from None
+    return build_rewards(config.reward.rewards, combine=config.reward.combine, max_failures=config.reward.max_failures, **defaults)
 
 
 def load_pipeline(spec: str, run_dir: Path, dtype: torch.dtype = torch.float32):
@@ -189,8 +201,9 @@ def _checked_adapter_options(pipe: Any, options: dict[str, Any]) -> dict[str, An
 
 
 def apply_memory_options(policy: Any, cfg: TrainConfig) -> None:
-    """``model.vae_tiling`` / ``model.vae_slicing`` on the pipeline's VAE and
-    ``train.gradient_checkpointing`` on the trained model."""
+    """``model.vae_tiling`` / ``model.vae_slicing`` on the pipeline's VAE,
+    ``train.gradient_checkpointing`` on the trained model and ``model.offload_text_encoders``
+    (text encoders parked on the CPU between encodings)."""
     vae = getattr(getattr(policy, "pipe", None), "vae", None)
     for flag, method in (("vae_tiling", "enable_tiling"), ("vae_slicing", "enable_slicing")):
         if getattr(cfg.model, flag, False):
@@ -199,6 +212,11 @@ def apply_memory_options(policy: Any, cfg: TrainConfig) -> None:
             getattr(vae, method)()
     if getattr(cfg.train, "gradient_checkpointing", False):
         enable_gradient_checkpointing(policy.model)
+    if getattr(cfg.model, "offload_text_encoders", False):
+        adapter = getattr(policy, "adapter", None)
+        if adapter is None or not hasattr(adapter, "offload_text_encoders"):
+            raise ConfigError("model.offload_text_encoders applies to diffusion pipelines with text encoders; set it to false.")
+        adapter.offload_text_encoders("cpu")
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
@@ -237,6 +255,8 @@ def _device(cfg: TrainConfig) -> torch.device:
 
 def build_policy(resolved: ResolvedConfig, run_dir: Path):
     kind = resolved.config.model.kind
+    if resolved.config.model.offload_text_encoders and kind != "flow":
+        raise ConfigError(f"model.offload_text_encoders applies to diffusion pipelines (model.kind: flow), not to a {kind} model; set it to false.")
     if kind == "causal_lm" and kind not in POLICY_BUILDERS:
         import flowrl.pipelines.causal_lm  # noqa: F401  (registers its builder)
     if kind == "masked" and kind not in POLICY_BUILDERS:

@@ -63,6 +63,12 @@ class ModelConfig:
     decode_batch_size: int | None = None
     """Video / Qwen-Image models: samples per VAE decode call after a rollout (default: 1 for
     video, all for images). Smaller bounds decode memory; the output is the same."""
+    offload_text_encoders: bool = False
+    """Keep the text encoders on the CPU and move them to the training device only to encode
+    prompts not yet in the prompt cache (``sampler.prompt_cache_mb``; each prompt is encoded once
+    per run), then back. Frees their memory on the GPU (SD3.5's T5-XXL: ~9.5 GB in bf16) for a
+    host↔device copy per new prompt; the samples are the same. Wan, HunyuanVideo and Qwen-Image
+    encode without the cache, so their encoders move for every rollout call."""
 
 
 @dataclass
@@ -125,6 +131,10 @@ class RewardConfig:
     """Samples a reward may fail on (exception or NaN) before the run stops with an error."""
     transform: str | None = None
     """Reward transform before advantages (e.g. ``win_rate`` for Pref-GRPO); default: the preset's."""
+    device: str | None = None
+    """Default device of every reward model that takes one: ``auto`` (this process's device — its
+    own GPU under several processes), ``cpu``, ``cuda``, ``cuda:1``...; None: each reward's own
+    default (the CPU). A reward's own option wins: ``{pickscore: {weight: 1, device: cuda:1}}``."""
 
 
 @dataclass

@@ -263,7 +263,7 @@ class Trainer:
         import_builtin_components()
         show = t.progress and self.accelerator.is_main_process
         with _phase(f"loading rewards ({', '.join(map(str, config.reward.rewards))})", enabled=show and reward_set is None):
-            self.reward_set = reward_set if reward_set is not None else _build_reward_set(config)  # first: fails fast on a bad reward
+            self.reward_set = reward_set if reward_set is not None else _build_reward_set(config, process_device=self.accelerator.device)  # first: fails fast on a bad reward
         with _phase(f"loading model {config.model.pipeline}", enabled=show and policy is None):
             if policy is None:  # the main process first: built-in tiny sources write <run>/base_model for the others to read
                 with self.accelerator.main_process_first():
@@ -415,6 +415,8 @@ class Trainer:
                 rank=acc.process_index, world=acc.num_processes, gather=self._gather_uneven,
             )
         table, names = traj.meta.pop("reward_table", None), traj.meta.pop("reward_columns", None)
+        if acc.num_processes > 1 and getattr(self.reward_set, "combine_mode", None) == "gdpo" and table is not None:
+            combined = self._combine_globally(table, list(names), traj.group_ids).to(combined.device)
         traj.meta["reward"] = combined  # [B] combined reward, sliced with the batch (LossInputs.rewards)
         t1 = time.perf_counter()
         # groups never span processes; statistics are computed on the gathered rewards
@@ -546,6 +548,17 @@ class Trainer:
         for k in meta.keys() - traj.meta.keys():  # written by the estimator (global, canonical order)
             traj.meta[k] = meta[k][rows.canonical] if k == "train_mask" else meta[k]
         return adv[rows.canonical]
+
+    def _combine_globally(self, table: Tensor, names: list[str], group_ids: Tensor) -> Tensor:
+        """This process's rows of ``reward.combine: gdpo`` over the gathered table: its last step
+        z-scores the weighted sum over the whole batch, which each process alone would do over its
+        share. (After DAPO refill rounds a one-process run combines each round on its own; here
+        the kept batch is combined at once.)"""
+        all_table = self._gather_uneven(table.float().cpu())
+        all_groups = self._gather_uneven(group_ids.cpu().long())
+        sizes = self._gather_uneven(torch.tensor([len(group_ids)])).tolist()
+        lo = int(sum(sizes[: self.accelerator.process_index]))
+        return self.reward_set.combine(all_table, names, all_groups)[lo : lo + len(group_ids)]
 
     def _observe_shift(self, traj: Trajectories, rows: "GlobalRows") -> None:
         """Show a drift-tracking estimator (SPO's ``observe_shift``) the policy's log-probs on this

@@ -11,6 +11,8 @@ adapter of a pipeline (or of its nearest registered base class).
 
 from __future__ import annotations
 
+import contextlib
+
 from collections import OrderedDict
 from typing import Any, Callable
 
@@ -92,6 +94,9 @@ class FlowAdapter:
     negative_keys: dict[str, str] = {"prompt_embeds": "neg_prompt_embeds", "pooled": "neg_pooled"}
     #: prompt-cache budget in bytes (0 disables caching).
     prompt_cache_bytes: int = 512 * 2**20
+    #: where the text encoders wait between encodings (None: they stay where the pipeline put them);
+    #: see :meth:`offload_text_encoders`.
+    text_encoder_offload: torch.device | None = None
 
     def __init__(self, pipe: Any):
         if not hasattr(pipe, "transformer") or pipe.transformer is None:
@@ -103,6 +108,8 @@ class FlowAdapter:
         self._prompt_cache_key: Any = None
         #: text-encoder calls made so far (one per batch of distinct uncached strings).
         self.text_encoder_calls = 0
+        #: every device the text encoders were moved to by :meth:`offload_text_encoders`, in order.
+        self.text_encoder_moves: list[str] = []
 
     @property
     def default_size(self) -> tuple[int, int]:
@@ -147,12 +154,15 @@ class FlowAdapter:
             # the batch's strings go in one call.
             caching = self.prompt_cache_bytes > 0 and self._prompt_cache_key is not None
             calls = [[t] for t in missing] if caching else [missing]
-            for texts in calls:
-                with torch.no_grad():
-                    enc = self.encode_texts(texts)
-                self.text_encoder_calls += 1
-                for i, text in enumerate(texts):
-                    rows[text] = {k: v[i] for k, v in enc.items()}
+            with self._text_encoders_on(self.device):
+                for texts in calls:
+                    with torch.no_grad():
+                        enc = self.encode_texts(texts)
+                    self.text_encoder_calls += 1
+                    for i, text in enumerate(texts):
+                        rows[text] = {k: v[i] for k, v in enc.items()}
+            if caching:  # moving the encoders there and back changed no weight: the cache stays valid
+                self._prompt_cache_key = self._encoder_fingerprint()
             self._store_rows({t: rows[t] for t in missing})
         cond = {k: torch.stack([rows[p][k] for p in prompts]) for k in rows[wanted[0]]}
         if cfg:
@@ -160,6 +170,36 @@ class FlowAdapter:
             for k, nk in self.negative_keys.items():
                 cond[nk] = neg[k].unsqueeze(0).expand(len(prompts), *neg[k].shape).contiguous()
         return cond
+
+    def offload_text_encoders(self, device: str | torch.device | None = "cpu") -> None:
+        """Keep the text encoders on ``device`` (the CPU) and bring them to the denoiser's device
+        only while strings missing from the prompt cache are encoded, then send them back. With the
+        cache on (the default) every prompt is encoded once per run, so after the first iterations
+        the encoders (SD3.5's T5-XXL: ~9.5 GB in bf16) no longer occupy the training device; the
+        embeddings are the same as with resident encoders. ``None`` turns it off (the encoders
+        stay where they are). Adapters that encode every call without the cache (Wan,
+        HunyuanVideo, Qwen-Image) move the encoders for every rollout and evaluation call."""
+        self.text_encoder_offload = torch.device(device) if device is not None else None
+        if self.text_encoder_offload is not None:
+            self._place_text_encoders(self.text_encoder_offload)
+            self._prompt_cache_key = self._encoder_fingerprint() if self._prompt_cache_key is not None else None
+
+    @contextlib.contextmanager
+    def _text_encoders_on(self, device: torch.device):
+        """Inside: the text encoders are on ``device`` (when offloading; otherwise untouched)."""
+        if self.text_encoder_offload is None:
+            yield
+            return
+        self._place_text_encoders(device)
+        try:
+            yield
+        finally:
+            self._place_text_encoders(self.text_encoder_offload)
+
+    def _place_text_encoders(self, device: torch.device) -> None:
+        for m in self._text_encoders():
+            m.to(device)
+        self.text_encoder_moves.append(str(device))
 
     def clear_prompt_cache(self) -> None:
         self._prompt_cache.clear()

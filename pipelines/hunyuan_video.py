@@ -80,7 +80,7 @@ class HunyuanVideo15Adapter(VideoAdapterMixin, FlowAdapter):
 
     def encode_prompts(self, prompts: list[str], *, guidance_scale: float) -> dict[str, Tensor]:
         n = len(prompts)
-        with torch.no_grad():
+        with torch.no_grad(), self._text_encoders_on(self.device):
             pe, pm, pe2, pm2 = self.pipe.encode_prompt(prompt=prompts, device=self.device, dtype=self.dtype, batch_size=n)
             cond = {"prompt_embeds": pe, "prompt_mask": pm, "prompt_embeds_2": pe2, "prompt_mask_2": pm2}
             if guidance_scale > 1.0:

@@ -72,7 +72,7 @@ class QwenImageAdapter(VideoAdapterMixin, FlowAdapter):
                 pm = torch.ones(pe.shape[:2], dtype=torch.long, device=pe.device)
             return pe, pm
 
-        with torch.no_grad():
+        with torch.no_grad(), self._text_encoders_on(self.device):
             pe, pm = enc(prompts)
             cond = {"prompt_embeds": pe, "prompt_mask": pm}
             if guidance_scale > 1.0:

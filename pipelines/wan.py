@@ -84,7 +84,7 @@ class WanAdapter(VideoAdapterMixin, FlowAdapter):
     # -- conditioning --------------------------------------------------------------------------
     def encode_prompts(self, prompts: list[str], *, guidance_scale: float) -> dict[str, Tensor]:
         cfg = guidance_scale > 1.0
-        with torch.no_grad():
+        with torch.no_grad(), self._text_encoders_on(self.device):
             pe, npe = self.pipe.encode_prompt(
                 prompt=prompts, negative_prompt=[self.negative_prompt] * len(prompts) if cfg else None,
                 do_classifier_free_guidance=cfg, max_sequence_length=self.max_sequence_length, device=self.device,

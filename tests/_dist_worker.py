@@ -3,9 +3,10 @@ iterations of the digits job; every process writes its trainable weights after e
 (``rank{r}_it{i}.safetensors``), its estimator's state (``rank{r}_estimator.json``) and the main
 process the iteration records (``records.jsonl``).
 
-``--llm=ALG1,ALG2`` instead runs each language-model preset in turn on the tiny Llama (arithmetic
-prompts, rewards :class:`EvenLength` + 0.1 × :class:`Brevity`), into ``OUT/<ALG>/`` (one launch,
-several jobs: the process start-up is paid once)."""
+``--llm=JOB1,JOB2`` instead runs each language-model job in turn on the tiny Llama (arithmetic
+prompts, rewards :class:`EvenLength` + 0.1 × :class:`Brevity`), into ``OUT/<JOB>/`` (one launch,
+several jobs: the process start-up is paid once). A job is a preset name, optionally followed by
+``@field=value`` overrides of its own."""
 
 from __future__ import annotations
 
@@ -69,9 +70,10 @@ def main(out: str, overrides: list[str]) -> None:
     llm = [o for o in overrides if o.startswith("--llm=")]
     overrides = [o for o in overrides if not o.startswith("--llm=")]
     if llm:
-        for algorithm in llm[0].split("=", 1)[1].split(","):
-            cfg = llm_config(algorithm, overrides + [f"train.output_dir={Path(out) / algorithm / 'run'}"])
-            run(cfg, str(Path(out) / algorithm))
+        for job in llm[0].split("=", 1)[1].split(","):  # ALG or ALG@field=value@...
+            algorithm, *extra = job.split("@")
+            cfg = llm_config(algorithm, overrides + extra + [f"train.output_dir={Path(out) / job / 'run'}"])
+            run(cfg, str(Path(out) / job))
         return
     run(TrainConfig.from_yaml(assets_dir() / "configs" / "digits.yaml").override(overrides), out)
 

@@ -149,9 +149,14 @@ def test_language_model_estimators_and_selectors_on_two_processes(tmp_path):
       so the trackers diverged).
     - ``dapo``: dynamic sampling; product prompts get flat rewards, so their groups are dropped and
       refilled (a refill round of one prompt leaves one process without rows).
-    - ``unlikeliness``: ranks a group's correct answers by their old log-probs (the trajectories are
-      gathered for it; before: it stopped with "needs the trajectories" on 2 processes)."""
-    algorithms = ["spo", "dapo", "unlikeliness"]
+    - ``unlikeliness``, ``seed_grpo``, ``tempo``, ``grpo_care``: read old log-probs, completions,
+      token ids or per-sample confidences, gathered for them (padded to the widest completion;
+      before: "needs the trajectories" on 2 processes).
+    - ``reward.combine: gdpo``: its final z-score spans the whole batch (before: each process's share).
+
+    With the uniform selector the first iteration draws two product prompts (flat rewards, zero
+    advantages); the second trains."""
+    algorithms = ["spo", "dapo", "unlikeliness", "seed_grpo", "tempo", "grpo_care", "grpo@reward.combine=gdpo"]
     one, two = tmp_path / "one", tmp_path / "two"
     _run([sys.executable, str(WORKER), str(one), f"--llm={','.join(algorithms)}"])
     _run(_torchrun(2) + [str(WORKER), str(two), f"--llm={','.join(algorithms)}"], timeout=240)
@@ -173,7 +178,7 @@ def test_language_model_estimators_and_selectors_on_two_processes(tmp_path):
             for n in w0:
                 torch.testing.assert_close(w0[n], w1[n], rtol=0, atol=0)
         # measured after 2 iterations: ‖Δw‖ ≤ 7.5e-7 (largest weight 5.7e-7 apart) against a change
-        # of 0.34–0.82 from the initial LoRA
+        # of 0.33–0.82 from the initial LoRA
         ref, got = _flat(_weights(one / name / "rank0_it2.safetensors")), _flat(_weights(two / name / "rank0_it2.safetensors"))
         change = float((ref - init).norm())
         assert change > 0.1, name
