@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from flowrl.sharding import full_state, like, shard_like_params
+
 
 def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
@@ -101,6 +103,15 @@ def save_checkpoint(trainer: Any, it: int) -> Path:
     iteration, so there is no per-process state to keep); the others wait until it is complete.
     ``train.save_total_limit`` deletes the oldest checkpoints beyond the limit."""
     acc = trainer.accelerator
+    sharded = getattr(trainer, "sharded", False)
+    if sharded:  # FSDP: gather whole tensors on every process (collectives), then the main one writes
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        named = trainer.trainable_state_dict()
+        inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+        optimizer_state = get_optimizer_state_dict(trainer._bare_model, inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        ema_state = full_state(trainer.ema.state_dict()) if trainer.ema is not None else None
+        obj_state = full_state(trainer.objective.state_dict()) if hasattr(trainer.objective, "state_dict") else None
     if not acc.is_main_process:
         acc.wait_for_everyone()
         return trainer.run_dir / "checkpoints" / f"iter_{it:06d}"
@@ -110,12 +121,15 @@ def save_checkpoint(trainer: Any, it: int) -> Path:
     tmp.mkdir(parents=True)
     from safetensors.torch import save_file
 
-    named = {n: p.detach().cpu().contiguous() for n, p in trainer.policy.model.named_parameters() if p.requires_grad}
+    if not sharded:
+        named = {n: p.detach().cpu().contiguous() for n, p in trainer.policy.model.named_parameters() if p.requires_grad}
+        optimizer_state = trainer.optimizer.state_dict()
+        ema_state = trainer.ema.state_dict() if trainer.ema is not None else None
+        obj_state = trainer.objective.state_dict() if hasattr(trainer.objective, "state_dict") else None
     save_file(named, str(tmp / "trainable.safetensors"))
-    torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
-    if trainer.ema is not None:
-        torch.save(trainer.ema.state_dict(), tmp / "ema.pt")
-    obj_state = trainer.objective.state_dict() if hasattr(trainer.objective, "state_dict") else None
+    torch.save(optimizer_state, tmp / "optimizer.pt")
+    if ema_state is not None:
+        torch.save(ema_state, tmp / "ema.pt")
     if obj_state is not None:
         torch.save(obj_state, tmp / "objective.pt")
     est_state = trainer.estimator.state_dict() if hasattr(trainer.estimator, "state_dict") else None
@@ -123,7 +137,10 @@ def save_checkpoint(trainer: Any, it: int) -> Path:
         torch.save(est_state, tmp / "estimator.pt")
     if hasattr(trainer.selector, "state_dict"):
         torch.save(trainer.selector.state_dict(), tmp / "selector.pt")
-    (tmp / "state.json").write_text(json.dumps({"iteration": it, "history": trainer.history}, indent=1))
+    state = {"iteration": it, "history": trainer.history}
+    if sharded:  # the optimizer state is keyed by parameter name (torch.distributed.checkpoint's full form)
+        state["optimizer_format"] = "full_by_name"
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     limit = trainer.config.train.save_total_limit
@@ -149,12 +166,22 @@ def load_checkpoint(trainer: Any, path: Path) -> None:
         raise ValueError(f"checkpoint {path} has weights this model lacks (e.g. {missing[0]}); was it made with another model or LoRA setup?")
     with torch.no_grad():
         for n, v in weights.items():
-            params[n].copy_(v)
-    trainer.optimizer.load_state_dict(load_state(path / "optimizer.pt"))  # weights_only=True: no pickled code runs
+            params[n].copy_(like(params[n], v))  # this process's shard under FSDP
+    optimizer_state = load_state(path / "optimizer.pt")  # weights_only=True: no pickled code runs
+    if state.get("optimizer_format") == "full_by_name" or getattr(trainer, "sharded", False):
+        if state.get("optimizer_format") != "full_by_name":
+            raise CheckpointError(f"{path}: this checkpoint's optimizer state was saved without FSDP; resume it with the launch config it was made with (DDP or one process).")
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+        set_optimizer_state_dict(trainer._bare_model, inner, optimizer_state, options=StateDictOptions(full_state_dict=True))
+    else:
+        trainer.optimizer.load_state_dict(optimizer_state)
+    shard = lambda st: shard_like_params(st, trainer.params)  # noqa: E731  (whole tensors -> this process's shards)
     if trainer.ema is not None and (path / "ema.pt").is_file():
-        trainer.ema.load_state_dict(load_state(path / "ema.pt"))
+        trainer.ema.load_state_dict(shard(load_state(path / "ema.pt")))
     if (path / "objective.pt").is_file() and hasattr(trainer.objective, "load_state_dict"):
-        trainer.objective.load_state_dict(load_state(path / "objective.pt"))
+        trainer.objective.load_state_dict(shard(load_state(path / "objective.pt")))
     if (path / "estimator.pt").is_file() and hasattr(trainer.estimator, "load_state_dict"):
         trainer.estimator.load_state_dict(load_state(path / "estimator.pt"))
     if (path / "selector.pt").is_file() and hasattr(trainer.selector, "load_state_dict"):

@@ -17,7 +17,10 @@ run's result: prompts are drawn identically everywhere and split; each prompt's 
 its global position (:class:`~flowrl.seeding.PromptGenerators`); rewards are gathered before
 advantages; minibatches, trained-step subsets and loss normalisers are computed on the global
 batch; the accelerate-prepared (DDP) module all-reduces gradients during the update, and every
-process takes the same number of optimizer steps (zero-weight passes where it has no rows).
+process takes the same number of optimizer steps (zero-weight passes where it has no rows). Under
+FSDP (accelerate's plugin, ``fsdp_version: 2``) the module is sharded in place: rollouts and
+evaluation run inside one gather of its whole weights (:meth:`Trainer.gathered_weights`), and the
+update runs the same number of step chunks on every process.
 
 Metrics (``metrics.jsonl`` and TensorBoard, one record per iteration):
 ``reward/mean`` (combined reward, mean over samples whose reward did not fail), ``reward/std``,
@@ -67,6 +70,7 @@ from flowrl.overlap import rollout_in_calls
 from flowrl.prompt_selection import fill_batch, shard_bounds
 from flowrl.prompts import category_column, category_means, reward_meta
 from flowrl.seeding import PromptGenerators, derive_seed, generator_for
+from flowrl.sharding import fsdp_modules, full_state, full_tensor, gathered_parameters, is_sharded
 
 
 # ----------------------------------------------------------------------------------- objectives
@@ -295,10 +299,25 @@ class Trainer:
         optimizer = make_optimizer(t.optimizer, self.params, lr=self.resolved.learning_rate, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
         self._bare_model = model
         self.prepared_model, self.optimizer = _prepare(self.accelerator, model, optimizer, wrap=getattr(self.policy, "forward_calls_model", True))
+        self.sharded = bool(fsdp_modules(model))
+        if self.sharded:  # fully_shard replaced the parameters by sharded ones (DTensor), in place
+            self.params = [p for p in model.parameters() if p.requires_grad]
         self.ema = EMA(self.params, t.ema_decay, ramp=t.ema_ramp, update_every=t.ema_update_every) if t.ema_decay > 0 else None
 
     def autocast(self):
         return self.accelerator.autocast()
+
+    def gathered_weights(self):
+        """Inside: the trained module holds its whole weights (FSDP: all-gathered once, then no
+        collective per call, so rollouts and evaluation may differ in call counts between processes);
+        a no-op without FSDP. Every process must enter it."""
+        return gathered_parameters(self._bare_model) if self.sharded else contextlib.nullcontext()
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """The trainable weights by name, whole and on the CPU (gathered under FSDP: every process
+        must call it)."""
+        with self.gathered_weights():
+            return {n: p.detach().cpu().clone().contiguous() for n, p in self._bare_model.named_parameters() if p.requires_grad}
 
     # ---------------------------------------------------------------------------- the loop
     def train(self) -> TrainResult:
@@ -355,8 +374,7 @@ class Trainer:
             indices, keys = [i for i, _ in pairs], [k for _, k in pairs]
             start = time.perf_counter()
             noise = PromptGenerators(t.seed, it, "rollout", keys=keys)
-            weights = sampling_weights(self.policy) if sampling_weights is not None else contextlib.nullcontext()
-            with weights, self.autocast():  # the same precision as recomputation, so the on-policy ratio is 1
+            with self.autocast():  # the same precision as recomputation, so the on-policy ratio is 1
                 traj = self.policy.rollout([self.train_prompts[i] for i in indices], group_size=t.num_generations, generator=noise)
             timing["rollout"] += time.perf_counter() - start
             # each sample carries its own prompt's metadata (sliced and joined with the batch)
@@ -387,11 +405,15 @@ class Trainer:
             return traj, combined
 
         self._filler = None
-        traj, combined, prompt_index, select_metrics = fill_batch(
-            self.selector, generate, t.prompts_per_iteration, generator=generator_for(t.seed, it, "prompts"),
-            concat=getattr(self.policy, "concat_trajectories", None),
-            rank=acc.process_index, world=acc.num_processes, gather=self._gather_uneven,
-        )
+        # the sampling weights (DiffusionNFT: θ_old) for the whole rollout phase; under FSDP the
+        # whole weights are gathered once, so processes may make different numbers of calls
+        weights = sampling_weights(self.policy) if sampling_weights is not None else contextlib.nullcontext()
+        with weights, self.gathered_weights():
+            traj, combined, prompt_index, select_metrics = fill_batch(
+                self.selector, generate, t.prompts_per_iteration, generator=generator_for(t.seed, it, "prompts"),
+                concat=getattr(self.policy, "concat_trajectories", None),
+                rank=acc.process_index, world=acc.num_processes, gather=self._gather_uneven,
+            )
         table, names = traj.meta.pop("reward_table", None), traj.meta.pop("reward_columns", None)
         if acc.num_processes > 1 and getattr(self.reward_set, "combine_mode", None) == "gdpo" and table is not None:
             combined = self._combine_globally(table, list(names), traj.group_ids).to(combined.device)
@@ -408,7 +430,8 @@ class Trainer:
         # 3. advantages ---------------------------------------------------------------------
         prepare = getattr(self.objective, "before_advantages", None)
         if prepare is not None:  # objectives whose estimator reads policy evaluations (GRPO-CARE)
-            prepare(self, traj)
+            with self.gathered_weights():
+                prepare(self, traj)
         single = acc.num_processes == 1
         if single or not traj.meta.get("rollout_structure"):
             adv_all = self._global_advantages(traj, all_rewards, all_groups, all_table, list(names), rows)
@@ -545,9 +568,10 @@ class Trainer:
         moves identically everywhere (a per-process observation would make the trackers diverge)."""
         old, mask = traj.log_probs.float().cpu(), traj.mask.cpu()
         new = torch.zeros_like(old)
-        if len(traj):
-            with torch.no_grad(), self.autocast():
-                new = self.policy.log_prob(traj).float().cpu()
+        with self.gathered_weights():  # every process enters (a collective under FSDP)
+            if len(traj):
+                with torch.no_grad(), self.autocast():
+                    new = self.policy.log_prob(traj).float().cpu()
         prompts = traj.prompts
         if self.accelerator.num_processes > 1:
             order = torch.argsort(rows.canonical)
@@ -648,6 +672,13 @@ class Trainer:
                     if float(global_counts[1]) == 0:
                         continue  # no trainable step in this minibatch on any process
                     chunks = self.policy.step_chunks(batch if batch is not None else self._filler)
+                    real_chunks = len(chunks)
+                    if self.sharded and world > 1:
+                        # FSDP gathers each layer in every forward and backward (collectives): every
+                        # process runs every chunk, and as many chunks as the process with the most
+                        # (the extra ones zero-weight passes)
+                        most = int(self._gather_uneven(torch.tensor([len(chunks)])).max())
+                        chunks = chunks + [chunks[-1]] * (most - len(chunks))
                     bad: str | None = None
                     # one process: chunks whose rows fit in train.max_rows_per_call share one transformer
                     # call and one backward (each keeps its own loss and share: only the cost changes)
@@ -673,13 +704,13 @@ class Trainer:
                     for ci, steps in enumerate(chunks):
                         last = ci == len(chunks) - 1
                         g_chunk = float(global_counts[2 + steps].sum())
-                        l_chunk = float(batch.mask[:, steps].sum()) if batch is not None else 0.0
+                        l_chunk = float(batch.mask[:, steps].sum()) if batch is not None and ci < real_chunks else 0.0
                         if normaliser == "token":
                             share = l_chunk / float(global_counts[1])
                         else:
                             share = (g_chunk / float(global_counts[1])) * (float(counts[0]) / float(global_counts[0]))
                         if batch is None or l_chunk == 0:
-                            if not (last and world > 1):
+                            if not ((last or self.sharded) and world > 1):
                                 continue
                             share = 0.0  # zero-weight pass: this process joins the gradient all-reduce
                         data = batch if batch is not None and l_chunk > 0 else self._zero_weight_batch(batch)
@@ -695,10 +726,11 @@ class Trainer:
                             for k, v in metrics.items():
                                 sums[k] = sums.get(k, 0.0) + v * share
                                 wsums[k] = wsums.get(k, 0.0) + share
-                    if world > 1 and self.prepared_model is self._bare_model:
+                    if world > 1 and self.prepared_model is self._bare_model and not self.sharded:
                         self._all_reduce_gradients()  # a policy not called through forward: no DDP
-                    # unscaled (fp16 loss scaling) and global (after the all-reduce)
+                    # unscaled (fp16 loss scaling) and global (after the all-reduce / reduce-scatter)
                     gn = acc.clip_grad_norm_(self.params, t.max_grad_norm) if t.max_grad_norm > 0 else _grad_norm(self.params)
+                    gn = full_tensor(gn) if isinstance(gn, Tensor) else gn  # FSDP: the norm of the sharded gradients
                     if bad is None and not torch.isfinite(torch.as_tensor(gn)):
                         bad = f"gradient norm {float(gn)}"
                     if self._any_process(bad is not None):  # skip the step: NaN/inf would corrupt weights and Adam state
@@ -859,7 +891,7 @@ class Trainer:
         # processes split the samples (each has its own noise stream, see eval_samples) and gather
         split = n_samples >= acc.num_processes > 1
         lo, hi = shard_bounds(n_samples, acc.process_index, acc.num_processes) if split else (0, n_samples)
-        with weights, _phase(f"eval ({tag}): {hi - lo} samples", enabled=t.progress and acc.is_main_process):
+        with weights, self.gathered_weights(), _phase(f"eval ({tag}): {hi - lo} samples", enabled=t.progress and acc.is_main_process):
             outputs, prompts = eval_samples(self.policy, self.eval_prompts, self.config, autocast=self.autocast, rows=(lo, hi))
         table, names = self.reward_set.score(outputs, prompts[lo:hi], {**reward_meta(metadata[lo:hi]), "eval": True})
         if split:
@@ -904,15 +936,22 @@ class Trainer:
         """Save the evaluated weights' LoRA — the EMA weights when ``train.ema_decay`` > 0, else the
         live ones — in the diffusers format (``pipe.load_lora_weights(dir)`` loads them), or the
         peft format for language models; ``<run>/weights.json`` records which."""
-        if not self.accelerator.is_main_process:
-            return None
         out = self.run_dir / "lora"
         saver = getattr(self.policy, "save_lora", None)
         exported = None
         if self.config.train.lora_rank > 0 and saver is not None:
-            with self.ema.active() if self.ema is not None else contextlib.nullcontext():
-                saver(out)
+            weights = self.ema.active if self.ema is not None else contextlib.nullcontext
+            if self.sharded:  # every process gathers its shards of the (EMA) weights; the main one writes
+                with weights():
+                    state = self.trainable_state_dict()
+                if self.accelerator.is_main_process:
+                    saver(out, state_dict=state)
+            elif self.accelerator.is_main_process:
+                with weights():
+                    saver(out)
             exported = out
+        if not self.accelerator.is_main_process:
+            return None
         info = {
             "evaluated": "ema" if self.ema is not None else "live",
             "lora": "lora" if exported is not None else None,
@@ -1049,15 +1088,33 @@ def _prepare(accelerator: Any, model: torch.nn.Module, optimizer: torch.optim.Op
     unknown attributes (``config``, ``dtype``, peft's ``disable_adapters``) to the module, so a
     policy can call it in place of the bare module during the update. Policies whose model is not
     called through its ``forward`` (``forward_calls_model = False``) are not wrapped; the trainer
-    all-reduces their gradients itself before each optimizer step."""
+    all-reduces their gradients itself before each optimizer step.
+
+    FSDP (accelerate's plugin, ``fsdp_version: 2``): ``fully_shard`` is applied to the module in
+    place (each transformer block, then the whole); its parameters become shards, the optimizer
+    holds shards of its state, and backward reduce-scatters the gradients."""
     from accelerate.utils import DistributedType
 
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+    kind = accelerator.distributed_type
+    if kind in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
         raise ConfigError(
-            f"the accelerate config selects {accelerator.distributed_type.value}, which flowrl does not support yet: rollouts "
-            "and evaluation call the bare (unsharded) model between updates. Launch with a DDP config "
-            "(assets/accelerate/ddp.yaml or multinode_ddp.yaml); memory: LoRA, train.gradient_checkpointing, adamw_8bit."
+            f"the accelerate config selects {kind.value}, which flowrl does not support: it cannot be tested without GPUs "
+            "(on the CPU accelerate's DeepSpeed integration gives every process rank 0 of 1). Shard with FSDP instead "
+            "(assets/accelerate/fsdp.yaml: distributed_type FSDP, fsdp_version 2 — parameters, gradients and optimizer state "
+            "sharded like ZeRO-3), or use DDP (assets/accelerate/ddp.yaml); memory: LoRA, train.gradient_checkpointing, adamw_8bit."
         )
+    if kind == DistributedType.FSDP:
+        version = getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1)
+        if version != 2:
+            raise ConfigError(
+                f"the accelerate config selects FSDP with fsdp_version {version}; flowrl supports FSDP2 only "
+                "(torch's fully_shard). Set fsdp_config.fsdp_version: 2 (see assets/accelerate/fsdp.yaml)."
+            )
+        if not wrap:
+            raise ConfigError(
+                "FSDP shards a model that the policy calls through its forward; this policy calls its model's "
+                "parts directly (forward_calls_model = False). Launch it with a DDP config (assets/accelerate/ddp.yaml)."
+            )
     if not wrap or accelerator.num_processes == 1:
         return model, accelerator.prepare(optimizer)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
@@ -1093,7 +1150,33 @@ def _make_accelerator(*, cpu: bool, mixed_precision: str):
     # find_unused_parameters: LoRA may sit on a projection a model skips (SD3's last context block);
     # broadcast_buffers=False: no collective in forward passes (processes run different numbers)
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)
-    return Accelerator(cpu=cpu, mixed_precision=mixed_precision, kwargs_handlers=[ddp])
+    fsdp = _fsdp_plugin_from_env()
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision, kwargs_handlers=[ddp], fsdp_plugin=fsdp)
+    if fsdp is not None:
+        from accelerate.utils import DistributedType
+
+        if accelerator.distributed_type == DistributedType.MULTI_CPU:
+            # accelerate applies its FSDP plugin on accelerators only and silently falls back to DDP on
+            # the CPU; torch's fully_shard runs on the CPU too (gloo), so shard as the config asks
+            from accelerate.state import PartialState
+
+            accelerator.state.distributed_type = DistributedType.FSDP
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as accelerate does for GPUs
+            accelerator.state.fsdp_plugin = fsdp
+    return accelerator
+
+
+def _fsdp_plugin_from_env():
+    """accelerate's FSDP plugin when the launch asks for FSDP (``accelerate launch`` with an FSDP
+    config exports ``ACCELERATE_USE_FSDP=true`` and ``FSDP_*``; with ``torchrun`` set them
+    yourself), else None."""
+    import os
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return None
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin()
 
 
 def train(config: TrainConfig | str | Path, **kwargs: Any) -> TrainResult:
@@ -1142,7 +1225,10 @@ class NonFiniteUpdateError(FloatingPointError):
 
 def _grad_norm(params: list[Tensor]) -> Tensor:
     """Total 2-norm of the gradients (NaN/inf if any gradient is); 0 when there are none."""
-    norms = [torch.linalg.vector_norm(p.grad.detach().float()) for p in params if p.grad is not None]
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    if any(is_sharded(g) for g in grads):  # FSDP: a norm over every process's shards
+        return torch.nn.utils.get_total_norm(grads)
+    norms = [torch.linalg.vector_norm(g.float()) for g in grads]
     return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
 
 

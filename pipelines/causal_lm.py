@@ -446,11 +446,15 @@ class TokenPolicy(PolicyBase):
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
 
-    def save_lora(self, path: Any) -> None:
-        """Save the LoRA adapters (peft format: ``PeftModel.from_pretrained(base, path)`` loads them)."""
+    def save_lora(self, path: Any, state_dict: dict[str, Any] | None = None) -> None:
+        """Save the LoRA adapters (peft format: ``PeftModel.from_pretrained(base, path)`` loads them).
+        ``state_dict``: weights by parameter name to save instead of the module's own (FSDP)."""
         if not getattr(self.model, "peft_config", None):
             raise RuntimeError("this policy has no LoRA adapters to save; use save_pretrained for a full fine-tune.")
-        self.model.save_pretrained(str(path))
+        if state_dict is None:
+            self.model.save_pretrained(str(path))
+        else:
+            self.model.save_pretrained(str(path), state_dict=state_dict)
 
 
 def build_causal_lm_policy(resolved: Any, run_dir: Any) -> TokenPolicy:

@@ -293,14 +293,16 @@ class FlowPolicy(PolicyBase):
             out.append(self.velocity(x[s : s + per_call], sigma[s : s + per_call], c).float())
         return torch.cat(out) if len(out) > 1 else out[0]
 
-    def save_lora(self, directory) -> None:
+    def save_lora(self, directory, state_dict: dict[str, Tensor] | None = None) -> None:
         """Save the transformer's LoRA in the diffusers format: stock ``pipe.load_lora_weights(dir)``
-        loads it (pipelines with a LoRA loader mixin; others get the same file layout)."""
+        loads it (pipelines with a LoRA loader mixin; others get the same file layout).
+        ``state_dict``: the transformer's weights by parameter name to save instead of reading the
+        module (under FSDP the trainer passes the whole tensors it gathered from the shards)."""
         from pathlib import Path
 
         from peft.utils import get_peft_model_state_dict
 
-        state = get_peft_model_state_dict(self.model)  # the layout diffusers' own training scripts save
+        state = get_peft_model_state_dict(self.model, state_dict=state_dict)  # the layout diffusers' own training scripts save
         saver = getattr(type(self.pipe), "save_lora_weights", None)
         Path(directory).mkdir(parents=True, exist_ok=True)
         # Stock loaders infer alpha = rank (scale 1) from weights alone, and diffusers 0.42 drops

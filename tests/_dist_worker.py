@@ -92,7 +92,7 @@ def run(cfg, out: str) -> None:
     (out_dir / f"rank{rank}_info.json").write_text(json.dumps(info))
 
     def dump(it: int) -> None:
-        named = {n: p.detach().cpu().contiguous() for n, p in trainer.policy.model.named_parameters() if p.requires_grad}
+        named = trainer.trainable_state_dict()  # whole tensors (gathered from the shards under FSDP)
         save_file(named, str(out_dir / f"rank{rank}_it{it}.safetensors"))
 
     dump(0)
