@@ -6,7 +6,8 @@ size (random weights, nothing downloaded): bf16, 512×512, 10 SDE steps, CFG 4.5
 
 Rows: activation (gradient) checkpointing off/on, and the text encoders (T5-XXL + CLIP-L + CLIP-G,
 random bf16 weights) resident on the GPU during training or not (prompt embeddings computed once
-and the encoders kept elsewhere). One iteration = one FlowPolicy rollout of 8 images (10 steps,
+and the encoders kept elsewhere: what ``model.offload_text_encoders: true`` gives once every prompt
+is in the prompt cache). One iteration = one FlowPolicy rollout of 8 images (10 steps,
 CFG doubles the batch, VAE decode) + one update that backpropagates every stored step
 (``steps_per_backward`` 1) through the LoRA (rank 32 on the attention projections, float32
 weights under bf16 autocast) and one AdamW step. Prompt embeddings are random tensors of the

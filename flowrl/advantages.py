@@ -136,6 +136,14 @@ def reads_rows(*, traj: tuple[str, ...] = (), meta: tuple[str, ...] = ()) -> Cal
     (``inputs.traj`` is then a :class:`~flowrl.policy.Trajectories` holding only the declared fields;
     it is None for an estimator that declares none)."""
 
+    import dataclasses
+
+    from flowrl.policy import Trajectories
+
+    unknown = sorted(set(traj) - {f.name for f in dataclasses.fields(Trajectories)})
+    if unknown:
+        raise ValueError(f"reads_rows: Trajectories has no field(s) {unknown}; use log_probs, mask, actions, outputs, ...")
+
     def mark(obj: Any) -> Any:
         obj.traj_fields, obj.row_meta = tuple(traj), tuple(meta)
         return obj

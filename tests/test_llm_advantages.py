@@ -163,3 +163,18 @@ def test_beta_tracker_state_dict_round_trip():
     u = BetaValueTracker()
     u.load_state_dict(t.state_dict())
     assert u.value("x") == t.value("x") and u.value("y") == t.value("y") and u.value("new") == 0.5
+
+
+def test_estimators_declare_the_per_sample_data_they_read():
+    """What the trainer gathers for an estimator on several processes (reads_rows)."""
+    from flowrl.advantages import estimator_reads, make_estimator, reads_rows
+
+    expected = {
+        "group": ((), ()), "spo": ((), ()), "unlikeliness": (("log_probs", "mask"), ()),
+        "seed_grpo": (("outputs",), ("answers",)), "grpo_lambda": (("mask",), ()),
+        "tempo": (("actions", "mask"), ()), "grpo_care": ((), ("care_confidence",)),
+    }
+    for name, reads in expected.items():
+        assert estimator_reads(make_estimator(name)) == reads, name
+    with pytest.raises(ValueError, match="no field"):
+        reads_rows(traj=("log_prob",))  # a typo: Trajectories.log_probs
