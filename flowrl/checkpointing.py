@@ -1,6 +1,13 @@
 """The run directory and checkpoints: the resolved config, ``checkpoints/iter_NNNNNN`` (trainable
-weights, optimizer, EMA, objective/estimator/selector state, history), written to a temporary
-folder and renamed so a crash never leaves a half-written checkpoint."""
+weights, optimizer, EMA, objective/estimator/selector state, fp16 loss-scaler state, history),
+written to a temporary folder and renamed so a crash never leaves a half-written checkpoint.
+
+Not accelerate's ``save_state``/``load_state``: its loader for objects registered with
+``register_for_checkpointing`` unpickles with ``weights_only=False`` (a checkpoint file could run
+code), and under FSDP it writes the whole model — the frozen base too — at every checkpoint of a
+LoRA run. Here every pickle goes through :mod:`flowrl.safeload` (``weights_only=True``), a LoRA run
+stores only its LoRA, and no random state is needed: every draw derives from the seed and the
+iteration."""
 
 from __future__ import annotations
 
@@ -137,6 +144,9 @@ def save_checkpoint(trainer: Any, it: int) -> Path:
         torch.save(est_state, tmp / "estimator.pt")
     if hasattr(trainer.selector, "state_dict"):
         torch.save(trainer.selector.state_dict(), tmp / "selector.pt")
+    scaler = getattr(acc, "scaler", None)
+    if scaler is not None:  # fp16 loss scaling: the current scale and growth counter (else a resume restarts at 2^16)
+        torch.save(scaler.state_dict(), tmp / "scaler.pt")
     state = {"iteration": it, "history": trainer.history}
     if sharded:  # the optimizer state is keyed by parameter name (torch.distributed.checkpoint's full form)
         state["optimizer_format"] = "full_by_name"
@@ -186,6 +196,9 @@ def load_checkpoint(trainer: Any, path: Path) -> None:
         trainer.estimator.load_state_dict(load_state(path / "estimator.pt"))
     if (path / "selector.pt").is_file() and hasattr(trainer.selector, "load_state_dict"):
         trainer.selector.load_state_dict(load_state(path / "selector.pt"))
+    scaler = getattr(trainer.accelerator, "scaler", None)
+    if scaler is not None and (path / "scaler.pt").is_file():
+        scaler.load_state_dict(load_state(path / "scaler.pt"))
     trainer.start_iteration = int(state["iteration"])
     trainer.history = list(state["history"])
     # rewrite metrics.jsonl to exactly the checkpoint's history (drop records past it)
