@@ -1115,7 +1115,7 @@ def _prepare(accelerator: Any, model: torch.nn.Module, optimizer: torch.optim.Op
                 "FSDP shards a model that the policy calls through its forward; this policy calls its model's "
                 "parts directly (forward_calls_model = False). Launch it with a DDP config (assets/accelerate/ddp.yaml)."
             )
-    if not wrap or accelerator.num_processes == 1:
+    if not wrap or (accelerator.num_processes == 1 and kind != DistributedType.FSDP):  # FSDP2: model and optimizer together, always
         return model, accelerator.prepare(optimizer)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     inner = getattr(wrapped, "module", wrapped)

@@ -152,3 +152,28 @@ def test_sharding_helpers_leave_plain_tensors_alone():
     with gathered_parameters(model):
         out = model(torch.ones(1, 3))
     assert out.shape == (1, 2) and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.slow  # two launches: ~30 s of CPU (run with -m slow)
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
+def test_fsdp_on_one_process_equals_no_fsdp(tmp_path):
+    """fsdp.yaml with --num_processes 1 (accelerate needs the model and optimizer prepared together
+    under FSDP2, even alone): the same weights as a plain one-process run, bitwise."""
+    from safetensors.torch import load_file
+
+    worker = ROOT / "tests" / "_dist_worker.py"
+    sets = ["train.eval_prompts=null", "train.progress=false", "train.prompts_per_iteration=2", "train.num_generations=2",
+            "train.train_batch_size=4", "sampler.num_steps=4", "train.ema_decay=0", "train.iterations=1"]
+    env = _env()
+    plain = subprocess.run([sys.executable, str(worker), str(tmp_path / "plain"), *sets, f"train.output_dir={tmp_path / 'r1'}"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    env.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2")
+    port = str(29900 + os.getpid() % 90)
+    sharded = subprocess.run(["torchrun", "--nproc_per_node", "1", "--master_port", port, str(worker), str(tmp_path / "fsdp"), *sets,
+                              f"train.output_dir={tmp_path / 'r2'}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    a, b = load_file(str(tmp_path / "plain" / "rank0_it1.safetensors")), load_file(str(tmp_path / "fsdp" / "rank0_it1.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    before = load_file(str(tmp_path / "plain" / "rank0_it0.safetensors"))
+    assert any(not torch.equal(a[k], before[k]) for k in a)  # the update moved the weights: not a vacuous comparison
