@@ -152,11 +152,12 @@ def test_language_model_estimators_and_selectors_on_two_processes(tmp_path):
     - ``unlikeliness``, ``seed_grpo``, ``tempo``, ``grpo_care``: read old log-probs, completions,
       token ids or per-sample confidences, gathered for them (padded to the widest completion;
       before: "needs the trajectories" on 2 processes).
-    - ``reward.combine: gdpo``: its final z-score spans the whole batch (before: each process's share).
+    - ``reward.combine: gdpo``: its final z-score spans the whole batch (before: each process's share);
+      this job also checkpoints the Llama's activations (non-reentrant, under DDP).
 
     With the uniform selector the first iteration draws two product prompts (flat rewards, zero
     advantages); the second trains."""
-    algorithms = ["spo", "dapo", "unlikeliness", "seed_grpo", "tempo", "grpo_care", "grpo@reward.combine=gdpo"]
+    algorithms = ["spo", "dapo", "unlikeliness", "seed_grpo", "tempo", "grpo_care", "grpo@reward.combine=gdpo@train.gradient_checkpointing=true"]
     one, two = tmp_path / "one", tmp_path / "two"
     _run([sys.executable, str(WORKER), str(one), f"--llm={','.join(algorithms)}"])
     _run(_torchrun(2) + [str(WORKER), str(two), f"--llm={','.join(algorithms)}"], timeout=240)
@@ -184,6 +185,9 @@ def test_language_model_estimators_and_selectors_on_two_processes(tmp_path):
         assert change > 0.1, name
         assert float((got - ref).norm()) <= 1e-4 * change, name
     assert sum(r["select/rounds"] for r in _records(one / "dapo")) > 2  # a group was dropped and refilled
+    for rank in (0, 1):
+        info = json.loads((two / algorithms[-1] / f"rank{rank}_info.json").read_text())
+        assert info["gradient_checkpointing"] is True
     states = [json.loads((d / "spo" / f"rank{r}_estimator.json").read_text()) for d, r in ((one, 0), (two, 0), (two, 1))]
     assert states[1] == states[2]  # every process holds the same tracker
     for part in ("alpha", "beta", "shift"):
