@@ -604,13 +604,21 @@ class Trainer:
         if inputs.traj is not None and inputs.traj.meta.get("rollout_structure"):
             raise RuntimeError("a reward failed inside a structured rollout (tree/singular); its advantages need every leaf. Fix the reward or set reward.max_failures=0.")
         idx = torch.nonzero(valid).flatten()
+        meta = dict(inputs.meta) if inputs.meta is not None else None
+        for k in estimator_reads(self.estimator)[1]:  # declared per-sample meta entries: the same rows
+            if meta is not None and k in meta:
+                meta[k] = _index(meta[k], idx, len(valid))
         sub = dataclasses.replace(
             inputs, rewards=inputs.rewards[idx], group_ids=inputs.group_ids[idx],
             reward_table=inputs.reward_table[idx] if inputs.reward_table is not None else None,
             traj=inputs.traj.select(idx) if inputs.traj is not None else None,
             prompts=[inputs.prompts[i] for i in idx.tolist()] if inputs.prompts is not None else None,
+            meta=meta,
         )
         adv_valid = self.estimator(sub)
+        if meta is not None:
+            for k in meta.keys() - inputs.meta.keys():  # entries the estimator wrote (over the valid rows)
+                inputs.meta[k] = meta[k]
         out = adv_valid.new_zeros((len(inputs.rewards),) + tuple(adv_valid.shape[1:]))
         out[idx] = adv_valid
         return out

@@ -130,3 +130,23 @@ def test_care_reference_is_an_ema_updated_every_n_steps():
     other.load_state_dict(state)
     torch.testing.assert_close(other.shadow[0], obj.shadow[0])
     assert other.updates == 2
+
+
+def test_care_estimator_with_a_failed_reward_uses_the_valid_rows_confidences():
+    """A sample whose reward failed (NaN, within reward.max_failures) is left out of the estimator,
+    and so is its entry of the per-sample meta the estimator reads (``care_confidence``)."""
+    from flowrl.advantages import make_estimator
+    from flowrl.trainer import Trainer
+
+    rewards = torch.tensor([1.0, 0.0, float("nan"), 1.0, 0.0, 1.0])
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    conf = torch.tensor([0.9, 0.2, 0.5, 0.8, 0.1, 0.3])
+    table = rewards[:, None].clone()
+    host = SimpleNamespace(estimator=make_estimator("grpo_care"))
+    meta = {"care_confidence": conf}
+    adv = Trainer._advantages(host, AdvantageInputs(rewards=rewards, group_ids=groups, reward_table=table, reward_names=["acc"], meta=meta))
+    keep = torch.tensor([0, 1, 3, 4, 5])
+    expected = grpo_care_estimator(AdvantageInputs(rewards=rewards[keep], group_ids=groups[keep], reward_table=table[keep], reward_names=["acc"],
+                                                   meta={"care_confidence": conf[keep]}))
+    assert adv[2] == 0 and torch.allclose(adv[keep], expected)
+    assert meta["care_confidence"] is conf and len(meta["care_bonus"]) == 5  # the caller's entry untouched; the bonus of the valid rows
