@@ -88,7 +88,8 @@ def run(cfg, out: str) -> None:
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     rank = trainer.accelerator.process_index
-    info = {"gradient_checkpointing": bool(getattr(trainer.policy.model, "gradient_checkpointing", False) or getattr(trainer.policy.model, "is_gradient_checkpointing", False))}
+    info = {"gradient_checkpointing": bool(getattr(trainer.policy.model, "gradient_checkpointing", False) or getattr(trainer.policy.model, "is_gradient_checkpointing", False)),
+            "sharded": bool(trainer.sharded)}
     (out_dir / f"rank{rank}_info.json").write_text(json.dumps(info))
 
     def dump(it: int) -> None:
