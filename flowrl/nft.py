@@ -152,6 +152,9 @@ class NFTObjective:
     ``kl/ref``, ``loss/kl``, and ``nft/decay`` per iteration.
     """
 
+    #: the chunk loss is a masked mean over (sample, slot) entries (the trainer's loss normaliser)
+    loss_aggregation = "token-mean"
+
     def __init__(self, *, nft_beta: float = 1.0, x0_adaptive: bool = True, decay: str | Sequence[float] = "linear", adv_clip_max: float = 5.0, loss_scale: float = 5.0):
         if nft_beta <= 0:
             raise ValueError(f"nft_beta must be > 0, got {nft_beta}.")

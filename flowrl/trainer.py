@@ -139,6 +139,18 @@ def objective_chunk_losses(objective: Any, policy: Any, batch: Trajectories, chu
     return [objective(policy, batch, steps, ctx) for steps in chunks]
 
 
+def loss_normaliser(objective: Any, aggregation: str | None) -> str:
+    """How a process scales its chunk losses so that several processes sum to the one-process loss:
+    ``token`` when the objective's chunk loss is a mean over all masked (sample, step) entries of
+    its rows (``token-mean``: the policy-gradient objectives with that aggregation, and objectives
+    that declare ``loss_aggregation = "token-mean"``, e.g. DiffusionNFT), so each process weighs
+    its chunk by its share of the masked entries; ``sample`` (a mean over samples) otherwise. The
+    two agree when every sample has the same masked steps; they differ with per-sample random step
+    subsets (DanceGRPO, DiffusionNFT's 9 of 10)."""
+    declared = getattr(objective, "loss_aggregation", None) or getattr(getattr(objective, "func", None), "loss_aggregation", None)
+    return "token" if (declared or aggregation or "token-mean") == "token-mean" else "sample"
+
+
 def batched_form(objective: Any) -> tuple[Callable[..., Any], dict[str, Any]] | None:
     """The objective's multi-chunk form and the keywords it is bound with, or None."""
     fn = getattr(objective, "evaluate_chunks", None)
@@ -653,7 +665,7 @@ class Trainer:
             gathered = self._gather_uneven((groups.cpu().long() + offset))
             all_groups = torch.zeros(rows.total, dtype=torch.long)
             all_groups[rows.canonical] = gathered
-        normaliser = "token" if (self.resolved.preset.objective == "policy_gradient" and (self.resolved.preset.loss.aggregation or "token-mean") == "token-mean") else "sample"
+        normaliser = loss_normaliser(self.objective, self.resolved.preset.loss.aggregation)
         # stored steps differ between processes for token policies (completion widths): pad to the widest
         max_steps = int(self._gather_uneven(torch.tensor([traj.num_steps if len(traj) else self._filler.num_steps])).max())
         sums: dict[str, float] = {}
