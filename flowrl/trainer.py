@@ -700,26 +700,32 @@ class Trainer:
                         most = int(self._gather_uneven(torch.tensor([len(chunks)])).max())
                         chunks = chunks + [chunks[-1]] * (most - len(chunks))
                     bad: str | None = None
-                    # one process: chunks whose rows fit in train.max_rows_per_call share one transformer
-                    # call and one backward (each keeps its own loss and share: only the cost changes)
-                    step_rows = getattr(self.policy, "rows_per_step", len)(batch) if world == 1 and batch is not None and batched_form(self.objective) else 0
-                    if step_rows:
-                        live = [c for c in chunks if float(batch.mask[:, c].sum()) > 0]
-                        for group in group_step_chunks(live, step_rows, t.max_rows_per_call):
-                            group_loss = 0.0
-                            for steps, (loss, metrics) in zip(group, objective_chunk_losses(self.objective, self.policy, batch, group, ctx)):
-                                if not torch.isfinite(loss) and bad is None:
-                                    bad = _nonfinite_where(loss, batch, steps, metrics)
-                                l_chunk = float(batch.mask[:, steps].sum())
-                                if normaliser == "token":
-                                    share = l_chunk / float(global_counts[1])
-                                else:
-                                    share = (float(global_counts[2 + steps].sum()) / float(global_counts[1])) * (float(counts[0]) / float(global_counts[0]))
-                                group_loss = group_loss + loss * share
-                                for k, v in metrics.items():
-                                    sums[k] = sums.get(k, 0.0) + v * share
-                                    wsums[k] = wsums.get(k, 0.0) + share
-                            acc.backward(group_loss)
+                    # chunks whose rows fit in train.max_rows_per_call share one transformer call and one
+                    # backward (each keeps its own loss and share: only the cost changes). One process or
+                    # DDP (the groups may differ between processes: only the last backward all-reduces);
+                    # not FSDP, whose every forward and backward is a collective (equal call counts)
+                    batched = batch is not None and batched_form(self.objective) is not None and not (self.sharded and world > 1)
+                    step_rows = getattr(self.policy, "rows_per_step", len)(batch) if batched else 0
+                    live = [c for c in chunks[:real_chunks] if float(batch.mask[:, c].sum()) > 0] if step_rows else []
+                    if live:  # (a process with no live chunk takes the per-chunk path: its zero-weight pass)
+                        groups = list(group_step_chunks(live, step_rows, t.max_rows_per_call))
+                        for gi, group in enumerate(groups):
+                            sync = contextlib.nullcontext() if (gi == len(groups) - 1 or world == 1) else acc.no_sync(self.prepared_model)
+                            with sync:
+                                group_loss = 0.0
+                                for steps, (loss, metrics) in zip(group, objective_chunk_losses(self.objective, self.policy, batch, group, ctx)):
+                                    if not torch.isfinite(loss) and bad is None:
+                                        bad = _nonfinite_where(loss, batch, steps, metrics)
+                                    l_chunk = float(batch.mask[:, steps].sum())
+                                    if normaliser == "token":
+                                        share = l_chunk / float(global_counts[1])
+                                    else:
+                                        share = (float(global_counts[2 + steps].sum()) / float(global_counts[1])) * (float(counts[0]) / float(global_counts[0]))
+                                    group_loss = group_loss + loss * share
+                                    for k, v in metrics.items():
+                                        sums[k] = sums.get(k, 0.0) + v * share
+                                        wsums[k] = wsums.get(k, 0.0) + share
+                                acc.backward(group_loss * world)  # DDP averages the gradients over processes
                         chunks = []
                     for ci, steps in enumerate(chunks):
                         last = ci == len(chunks) - 1
