@@ -700,6 +700,18 @@ class Trainer:
                         most = int(self._gather_uneven(torch.tensor([len(chunks)])).max())
                         chunks = chunks + [chunks[-1]] * (most - len(chunks))
                     bad: str | None = None
+
+                    def chunk_share(steps: Tensor, l_chunk: float) -> float:
+                        """This process's weight of a chunk's loss (``l_chunk``: its masked entries here)."""
+                        if normaliser == "token":
+                            return l_chunk / float(global_counts[1])
+                        return (float(global_counts[2 + steps].sum()) / float(global_counts[1])) * (float(counts[0]) / float(global_counts[0]))
+
+                    def credit(metrics: dict[str, float], share: float) -> None:
+                        for k, v in metrics.items():
+                            sums[k] = sums.get(k, 0.0) + v * share
+                            wsums[k] = wsums.get(k, 0.0) + share
+
                     # chunks whose rows fit in train.max_rows_per_call share one transformer call and one
                     # backward (each keeps its own loss and share: only the cost changes). One process or
                     # DDP (the groups may differ between processes: only the last backward all-reduces);
@@ -716,25 +728,15 @@ class Trainer:
                                 for steps, (loss, metrics) in zip(group, objective_chunk_losses(self.objective, self.policy, batch, group, ctx)):
                                     if not torch.isfinite(loss) and bad is None:
                                         bad = _nonfinite_where(loss, batch, steps, metrics)
-                                    l_chunk = float(batch.mask[:, steps].sum())
-                                    if normaliser == "token":
-                                        share = l_chunk / float(global_counts[1])
-                                    else:
-                                        share = (float(global_counts[2 + steps].sum()) / float(global_counts[1])) * (float(counts[0]) / float(global_counts[0]))
+                                    share = chunk_share(steps, float(batch.mask[:, steps].sum()))
                                     group_loss = group_loss + loss * share
-                                    for k, v in metrics.items():
-                                        sums[k] = sums.get(k, 0.0) + v * share
-                                        wsums[k] = wsums.get(k, 0.0) + share
+                                    credit(metrics, share)
                                 acc.backward(group_loss * world)  # DDP averages the gradients over processes
                         chunks = []
                     for ci, steps in enumerate(chunks):
                         last = ci == len(chunks) - 1
-                        g_chunk = float(global_counts[2 + steps].sum())
                         l_chunk = float(batch.mask[:, steps].sum()) if batch is not None and ci < real_chunks else 0.0
-                        if normaliser == "token":
-                            share = l_chunk / float(global_counts[1])
-                        else:
-                            share = (g_chunk / float(global_counts[1])) * (float(counts[0]) / float(global_counts[0]))
+                        share = chunk_share(steps, l_chunk)
                         if batch is None or l_chunk == 0:
                             if not ((last or self.sharded) and world > 1):
                                 continue
@@ -749,9 +751,7 @@ class Trainer:
                                 bad = _nonfinite_where(loss, data, steps, metrics)
                             acc.backward(loss * (share * world))  # even when non-finite: every process joins the all-reduce
                         if share > 0:
-                            for k, v in metrics.items():
-                                sums[k] = sums.get(k, 0.0) + v * share
-                                wsums[k] = wsums.get(k, 0.0) + share
+                            credit(metrics, share)
                     if world > 1 and self.prepared_model is self._bare_model and not self.sharded:
                         self._all_reduce_gradients()  # a policy not called through forward: no DDP
                     # unscaled (fp16 loss scaling) and global (after the all-reduce / reduce-scatter)
