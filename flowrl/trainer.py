@@ -45,6 +45,7 @@ import copy
 import dataclasses
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -276,6 +277,7 @@ class Trainer:
         show = t.progress and self.accelerator.is_main_process
         with _phase(f"loading rewards ({', '.join(map(str, config.reward.rewards))})", enabled=show and reward_set is None):
             self.reward_set = reward_set if reward_set is not None else _build_reward_set(config, process_device=self.accelerator.device)  # first: fails fast on a bad reward
+        self._check_remote_rewards(show)
         with _phase(f"loading model {config.model.pipeline}", enabled=show and policy is None):
             if policy is None:  # the main process first: built-in tiny sources write <run>/base_model for the others to read
                 with self.accelerator.main_process_first():
@@ -292,6 +294,17 @@ class Trainer:
         self.start_iteration = 0
 
     # -------------------------------------------------------------------------------- setup
+    def _check_remote_rewards(self, show: bool) -> None:
+        """Before any model loads: every remote reward's server answers (health check), and the
+        worst-case wait of its requests is stated."""
+        check = getattr(self.reward_set, "health_check", None)
+        if check is not None:
+            check()
+        describe = getattr(self.reward_set, "describe_limits", None)
+        if describe is not None and self.accelerator.is_main_process:
+            for line in describe():
+                print(f"[flowrl] {line}", file=sys.stderr)
+
     def _setup_training(self) -> None:
         t = self.config.train
         model = self.policy.model
@@ -439,6 +452,9 @@ class Trainer:
         # the reward models' own columns (before a preset's reward transform), for the metrics
         raw_names = list(traj.reward_names)
         all_raw = self._gather_uneven(traj.rewards.float().cpu() if traj.rewards is not None else torch.zeros(0, len(raw_names)))
+        check = getattr(self.reward_set, "check_not_all_failed", None)
+        if check is not None:  # a reward that failed on every sample: stop, never train on nothing
+            check(all_raw, raw_names)
         # 3. advantages ---------------------------------------------------------------------
         prepare = getattr(self.objective, "before_advantages", None)
         if prepare is not None:  # objectives whose estimator reads policy evaluations (GRPO-CARE)

@@ -1,0 +1,183 @@
+"""Fault injection: what a run does when the world misbehaves. Real processes and real signals
+where the fault needs them (SIGTERM, kill during a checkpoint write), a patched writer for a full
+disk, and reward servers on 127.0.0.1 (http.server in a thread, bounded waits) that are down,
+hung, or answer garbage. Every case ends in one clear line and an intact run folder."""
+
+from __future__ import annotations
+
+import copy
+import http.server
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from flowrl import FlowPolicy, TrainConfig
+from flowrl.cli import main
+from flowrl.rewards import RewardError, build_rewards
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _tiny(tmp_path, *extra):
+    return TrainConfig().override([
+        f"train.output_dir={tmp_path / 'run'}", "train.iterations=2", "sampler.num_steps=2", "sampler.height=16",
+        "sampler.width=16", "train.lora_rank=4", "train.lora_alpha=8", "train.num_generations=4",
+        "train.prompts_per_iteration=2", "train.train_batch_size=4", "train.progress=false", "sampler.eval_num_steps=2",
+        "train.report_to=none", *extra,
+    ])
+
+
+def _policy(pipe, cfg):
+    r = cfg.resolved()
+    return FlowPolicy.from_pipeline(copy.deepcopy(pipe), sampler=r.preset.kernel, noise_level=r.preset.noise_level,
+                                    num_steps=cfg.sampler.num_steps, height=cfg.sampler.height, width=cfg.sampler.width)
+
+
+def _one_error_line(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("flowrl: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+# ================================================================== 1. a remote reward that fails
+class _Judge(http.server.BaseHTTPRequestHandler):
+    """A misbehaving OpenAI-compatible server; ``server.mode``: ``html`` (a web page for every
+    request), ``noscore`` (JSON, but the answer holds no score / no winner), ``nochoices`` (JSON
+    without ``choices``), ``hang`` (never answers within the client's timeout; bounded by
+    ``server.release``)."""
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, body: bytes, kind: str):
+        self.send_response(200)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        try:
+            self.wfile.write(body)
+        except OSError:  # the client gave up (timeout): nothing to do
+            pass
+
+    def _answer(self, chat: bool):
+        srv = self.server
+        with srv.lock:
+            srv.hits += chat
+        if srv.mode == "hang":
+            srv.release.wait(5.0)  # bounded: the test never waits on a thread forever
+            return
+        if srv.mode == "html":
+            return self._send(b"<html><body>It works!</body></html>", "text/html")
+        if not chat:
+            return self._send(json.dumps({"data": [{"id": "judge"}]}).encode(), "application/json")
+        body = {"choices": [{"message": {"content": "A lovely picture."}}]} if srv.mode == "noscore" else {"error": "nope"}
+        self._send(json.dumps(body).encode(), "application/json")
+
+    def do_GET(self):
+        self._answer(chat=False)
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self._answer(chat=True)
+
+
+@pytest.fixture
+def judge_server():
+    started = []
+
+    def start(mode: str) -> str:
+        srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Judge)
+        srv.mode, srv.lock, srv.hits, srv.release, srv.daemon_threads = mode, threading.Lock(), 0, threading.Event(), True
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        started.append(srv)
+        return f"http://127.0.0.1:{srv.server_address[1]}/v1"
+
+    yield start
+    for srv in started:
+        srv.release.set()
+        srv.shutdown()
+        srv.server_close()
+
+
+def _closed_port_url() -> str:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    return f"http://127.0.0.1:{port}/v1"
+
+
+_FAST = "timeout: 0.5, max_retries: 1, backoff: 0.0"
+
+
+@pytest.mark.parametrize("reward", ["vlm_judge", "pairwise_judge"])
+@pytest.mark.parametrize("mode", ["down", "html", "hang"])
+def test_health_check_stops_before_any_model_loads(tmp_path, capsys, judge_server, mode, reward):
+    url = _closed_port_url() if mode == "down" else judge_server(mode)
+    line = _one_error_line(capsys, ["train", "--set", f"train.output_dir={tmp_path / 'run'}", "--set", "model.pipeline=tiny-sd3",
+                                    "--set", f"reward.rewards={{{reward}: {{weight: 1.0, base_url: '{url}', {_FAST}}}}}"])
+    assert f"reward '{reward}'" in line and f"{url}/models" in line and "health check" in line, line
+    assert {"down": "Connection refused", "html": "text/html", "hang": "timed out"}[mode] in line, line
+    assert not (tmp_path / "run").exists()  # nothing written, no model loaded
+
+
+@pytest.mark.parametrize("reward", ["vlm_judge", "pairwise_judge"])
+@pytest.mark.parametrize("mode", ["noscore", "nochoices"])
+def test_a_reward_that_fails_on_every_sample_stops_the_run(tmp_path, tiny_sd3, judge_server, mode, reward):
+    """The server is up (the health check passes) but no answer holds a score: before, every sample
+    got 0.0 (vlm_judge) or a 0.5 tie (pairwise_judge), the run trained on constants and exited 0."""
+    from flowrl.trainer import Trainer
+
+    url = judge_server(mode)
+    cfg = _tiny(tmp_path, f"reward.rewards={{{reward}: {{weight: 1.0, base_url: '{url}', {_FAST}}}}}", "reward.max_failures=1000")
+    with pytest.raises(RewardError) as info:
+        Trainer(cfg, policy=_policy(tiny_sd3, cfg)).train()
+    msg = str(info.value)
+    assert "\n" not in msg and f"reward '{reward}' at {url}/chat/completions" in msg and "failed on all 8 samples" in msg, msg
+    assert ("no score in the answer" if reward == "vlm_judge" else "no winner in the answer") in msg if mode == "noscore" else "KeyError" in msg, msg
+    assert not list((tmp_path / "run" / "checkpoints").glob("iter_*"))  # nothing trained, nothing saved
+
+
+def test_failed_judge_calls_are_nan_and_count_as_failures(judge_server):
+    url = judge_server("noscore")
+    rs = build_rewards({"vlm_judge": {"weight": 1.0, "base_url": url, "timeout": 0.5, "max_retries": 0}}, max_failures=10)
+    table, _ = rs.score(torch.rand(3, 3, 8, 8), ["a", "b", "c"])
+    assert torch.isnan(table).all() and rs.metrics()["reward/failures/vlm_judge"] == 3.0
+    opt_in = build_rewards({"vlm_judge": {"weight": 1.0, "base_url": url, "timeout": 0.5, "max_retries": 0, "failed_value": 0.0}})
+    assert opt_in.score(torch.rand(2, 3, 8, 8), ["a", "b"])[0].eq(0).all()  # a constant only when asked for
+
+
+def test_a_hung_server_costs_one_request_worst_case_per_batch(judge_server):
+    """Once a request finds the server unreachable, the rest of the batch fails at once: 6 samples,
+    2 at a time, 0.3 s timeout, 1 retry: 2 requests × 2 attempts are sent, the other 4 never wait."""
+    from flowrl.rewards import get
+
+    url = judge_server("hang")
+    judge = get("vlm_judge", base_url=url, timeout=0.3, max_retries=1, backoff=0.0, max_concurrency=2, health_check=False)
+    scores = judge(torch.rand(6, 3, 8, 8), list("abcdef"))
+    assert torch.isnan(scores).all() and judge.client.requests == 4
+    assert "timed out" in judge.last_errors[0] and any("not sent" in e for e in judge.last_errors)
+
+
+def test_retry_worst_case_is_stated(tmp_path):
+    from flowrl.rewards.remote import RetryPolicy
+
+    p = RetryPolicy()  # the judges' defaults: 60 s timeout, 3 retries, back-off 1, 2, 4 s
+    assert p.worst_case_seconds() == 4 * 60 + 1 + 2 + 4
+    assert "at most 247 s per request" in p.describe()
+    assert RetryPolicy(timeout=10, max_retries=6, backoff=8, max_backoff=30).worst_case_seconds() == 70 + 8 + 16 + 30 * 4
+    rs = build_rewards({"vlm_judge": {"weight": 1.0, "base_url": "http://127.0.0.1:9/v1"}})
+    assert rs.describe_limits() == ["reward 'vlm_judge': http://127.0.0.1:9/v1/chat/completions: timeout 60 s × 4 attempts + back-off 7 s "
+                                    "= at most 247 s per request, 8 concurrent; once the server is unreachable the rest of a batch fails at once"]
