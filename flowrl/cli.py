@@ -203,14 +203,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
-    except KeyboardInterrupt:
-        print("flowrl: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # clear one-line errors for config/input mistakes
-        if _is_user_error(exc):
+    except Exception as exc:
+        if type(exc).__name__ == "TrainingInterrupted":  # SIGTERM/SIGINT: saved, then stopped
+            print(f"flowrl: {_one_line(exc)}", file=sys.stderr)
+            return exc.exit_code
+        if _is_user_error(exc):  # clear one-line errors for config/input mistakes
             print(f"flowrl: error: {_one_line(exc)}", file=sys.stderr)
             return 2
         raise
+    except KeyboardInterrupt:
+        print("flowrl: interrupted", file=sys.stderr)
+        return 130
 
 
 #: exception types whose message tells the user what to fix (printed as one line, exit code 2)

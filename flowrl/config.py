@@ -268,8 +268,9 @@ class TrainSection:
     """Everything random derives from (seed, iteration): same seed, same numbers; exact resume."""
     output_dir: str = "runs/flowrl"
     """Run directory: config.yaml, metrics.jsonl, tensorboard/, checkpoints/, lora/."""
-    save_every: int = 0
-    """Checkpoint every N iterations (0: only at the end)."""
+    save_every: int = 50
+    """Checkpoint every N iterations (0: only at the end), so a crash loses at most N iterations.
+    SIGTERM / SIGINT (pre-emption, Ctrl-C) save one after the iteration in progress either way."""
     eval_every: int = 0
     """Evaluate on eval_prompts every N iterations (0: only before and after training)."""
     eval_samples_per_prompt: int = 1

@@ -355,15 +355,22 @@ class Trainer:
         if eval_before:
             self._log({"iteration": 0, **{f"eval/{k}": v for k, v in eval_before.items()}}, writer)
         bar = _progress(range(self.start_iteration + 1, t.iterations + 1), enabled=t.progress and self.accelerator.is_main_process, total=t.iterations, initial=self.start_iteration)
-        for it in bar:
-            record = self.iteration(it)
-            if self.eval_prompts and t.eval_every and it % t.eval_every == 0 and it != t.iterations:
-                record.update({f"eval/{k}": v for k, v in self.evaluate(tag=f"iter{it}").items()})
-            self._log(record, writer)
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(progress_postfix(record))
-            if t.save_every and it % t.save_every == 0:
-                self.save_checkpoint(it)
+        with _stop_requests() as stop:
+            for it in bar:
+                record = self.iteration(it)
+                if self.eval_prompts and t.eval_every and it % t.eval_every == 0 and it != t.iterations:
+                    record.update({f"eval/{k}": v for k, v in self.evaluate(tag=f"iter{it}").items()})
+                self._log(record, writer)
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(progress_postfix(record))
+                saved = None
+                if t.save_every and it % t.save_every == 0:
+                    saved = self.save_checkpoint(it)
+                if self._any_process(stop.signum is not None) and it < t.iterations:
+                    # SIGTERM / SIGINT: the iteration is complete; keep it, then stop
+                    path = saved or self.save_checkpoint(it)
+                    tracking.finish(writer)
+                    raise TrainingInterrupted(stop.name or "a signal on another process", it, path)
         if t.iterations > self.start_iteration and not (t.save_every and t.iterations % t.save_every == 0):
             self.save_checkpoint(t.iterations)
         eval_after = {}
@@ -1259,6 +1266,62 @@ def progress_postfix(record: dict[str, float]) -> dict[str, str]:
     if record.get("update/skipped_nonfinite"):
         out["skipped"] = f"{int(record['update/skipped_nonfinite'])}"
     return out
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM or SIGINT arrived: the run saved a checkpoint after the iteration in progress and
+    stopped. The CLI prints the message and exits with 128 + the signal number."""
+
+    def __init__(self, signal_name: str, iteration: int, checkpoint: Path):
+        self.signal_name, self.iteration, self.checkpoint = signal_name, iteration, Path(checkpoint)
+        super().__init__(
+            f"stopped by {signal_name} after iteration {iteration}; checkpoint saved to {checkpoint}. "
+            "Resume exactly with the same command plus --set train.resume_from=latest."
+        )
+
+    @property
+    def exit_code(self) -> int:
+        import signal
+
+        return 128 + int(getattr(signal, self.signal_name, signal.SIGTERM)) if self.signal_name.startswith("SIG") else 143
+
+
+class _StopRequest:
+    signum: int | None = None
+
+    @property
+    def name(self) -> str | None:
+        import signal
+
+        return signal.Signals(self.signum).name if self.signum is not None else None
+
+
+@contextlib.contextmanager
+def _stop_requests():
+    """While training: SIGTERM and SIGINT ask the loop to stop at the next safe point (after the
+    iteration in progress, with a checkpoint) instead of killing the process; a second SIGINT
+    interrupts at once. Outside the main thread (no signal handlers there) nothing is installed."""
+    import signal
+    import threading
+
+    stop = _StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if signum == signal.SIGINT and stop.signum is not None:
+            raise KeyboardInterrupt
+        stop.signum = signum
+        print(f"\n[flowrl] {signal.Signals(signum).name}: stopping after this iteration with a checkpoint "
+              "(Ctrl-C again to stop at once, without one)", file=sys.stderr, flush=True)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 class NonFiniteUpdateError(FloatingPointError):

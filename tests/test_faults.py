@@ -181,3 +181,76 @@ def test_retry_worst_case_is_stated(tmp_path):
     rs = build_rewards({"vlm_judge": {"weight": 1.0, "base_url": "http://127.0.0.1:9/v1"}})
     assert rs.describe_limits() == ["reward 'vlm_judge': http://127.0.0.1:9/v1/chat/completions: timeout 60 s × 4 attempts + back-off 7 s "
                                     "= at most 247 s per request, 8 concurrent; once the server is unreachable the rest of a batch fails at once"]
+
+
+# ================================================================== 2. pre-emption (real signals)
+_ITERATIONS = 4
+
+
+def _train_cmd(cfg_path, *sets):
+    return [sys.executable, "-m", "flowrl", "train", "--config", str(cfg_path), *[a for s in sets for a in ("--set", s)]]
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    """A tiny job's config (no periodic checkpoints) and its uninterrupted run, in a fresh process."""
+    tmp = tmp_path_factory.mktemp("job")
+    cfg = _tiny(tmp, f"train.iterations={_ITERATIONS}", "train.save_every=0", "train.learning_rate=1e-2", "loss.beta=0.04",
+                "train.ema_decay=0.5", "train.lora_rank=2", "train.lora_alpha=4")
+    path = tmp / "cfg.yaml"
+    cfg.to_yaml(path)
+    full = subprocess.run(_train_cmd(path, f"train.output_dir={tmp / 'full'}"), env=ENV, capture_output=True, text=True, timeout=300)
+    assert full.returncode == 0, full.stderr[-2000:]
+    return path, tmp / "full"
+
+
+def _records(run: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if not k.startswith("time/")} for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_final_state(a: Path, b: Path) -> None:
+    from safetensors.torch import load_file
+
+    final = f"checkpoints/iter_{_ITERATIONS:06d}"
+    wa, wb = load_file(str(a / final / "trainable.safetensors")), load_file(str(b / final / "trainable.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert _records(a) == _records(b)
+
+
+def _wait_for(predicate, proc, seconds=240.0):
+    deadline = time.monotonic() + seconds
+    while not predicate() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return predicate()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_a_checkpoint_then_resume_is_exact(tmp_path, job, sig):
+    """Pre-emption (SIGTERM) and Ctrl-C (SIGINT): the run finishes the iteration in progress, saves
+    a checkpoint although train.save_every=0, says where, and exits 128 + signal; resuming gives
+    bitwise the uninterrupted run."""
+    cfg_path, full = job
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_train_cmd(cfg_path, f"train.output_dir={run}"), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    assert _wait_for(lambda: metrics.is_file() and metrics.read_text().strip(), proc), "the run never finished an iteration"
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 128 + sig, (proc.returncode, err[-2000:])
+    saved = sorted((run / "checkpoints").glob("iter_*[0-9]"))
+    assert len(saved) == 1 and saved[0].name != f"iter_{_ITERATIONS:06d}", saved
+    k = int(saved[0].name[5:])
+    last = err.strip().splitlines()[-1]
+    assert last == (f"flowrl: stopped by {sig.name} after iteration {k}; checkpoint saved to {saved[0]}. "
+                    "Resume exactly with the same command plus --set train.resume_from=latest."), last
+    assert "Traceback" not in err
+    if sig == signal.SIGINT:  # the same path; one resume (SIGTERM's) is enough for the suite's time
+        return
+    resumed = subprocess.run(_train_cmd(cfg_path, f"train.output_dir={run}", "train.resume_from=latest"), env=ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    _assert_same_final_state(full, run)
+
+
+def test_the_default_job_saves_periodically():
+    digits = TrainConfig.from_yaml(REPO / "assets" / "configs" / "digits.yaml")
+    assert 0 < digits.train.save_every <= 50 and 0 < TrainConfig().train.save_every <= 50
