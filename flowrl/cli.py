@@ -14,6 +14,8 @@ def _train(args: argparse.Namespace) -> int:
     cfg = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
     if args.set:
         cfg = cfg.override(args.set)
+    if args.allow_config_change:
+        cfg = cfg.override(["train.allow_config_change=true"])
     result = train(cfg)
     from accelerate import PartialState
 
@@ -165,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("train", help="run a training job from a YAML config")
     p.add_argument("--config", help="YAML config (default: built-in defaults)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. train.learning_rate=1e-4")
+    p.add_argument("--allow-config-change", action="store_true", help="resume with settings that differ from the run's config.yaml (listed otherwise, and refused)")
     p.set_defaults(fn=_train)
     for name, fn, help_text in (
         ("sample", _sample, "sample a run's (or a config's) evaluation prompts into one labelled PNG grid; videos into mp4/WebP files"),

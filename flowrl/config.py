@@ -277,6 +277,10 @@ class TrainSection:
     """Evaluation images per held-out prompt."""
     resume_from: str | None = None
     """A checkpoint folder (``<run>/checkpoints/iter_000010``) or ``latest`` to resume exactly."""
+    allow_config_change: bool = False
+    """Let a resume (``train.resume_from``) use settings that differ from the run's recorded
+    ``config.yaml`` (CLI: ``--allow-config-change``); without it such a resume is refused and the
+    differences are listed. The previous record is kept as ``config.iter_NNNNNN.yaml``."""
     progress: bool = True
     """Show a progress bar with reward and KL."""
     report_to: list[str] | str = "tensorboard"

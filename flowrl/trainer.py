@@ -270,6 +270,9 @@ class Trainer:
             )
         self.run_dir = Path(t.output_dir)
         tracking.tracker_names(t.report_to)  # unknown or missing trackers fail before any work
+        checkpointing.check_fresh_run_dir(self.run_dir, t.resume_from)
+        if t.resume_from:  # the checkpoint is readable, reached by train.iterations, made with these settings
+            checkpointing.check_resume_settings(config, self.run_dir)
         self.train_set = _load_prompt_set(t.prompts, "train.prompts", t.prompt_column)
         self.eval_set = _load_prompt_set(t.eval_prompts, "train.eval_prompts", t.prompt_column)
         self.train_prompts, self.eval_prompts = self.train_set.prompts, self.eval_set.prompts
@@ -347,9 +350,13 @@ class Trainer:
     # ---------------------------------------------------------------------------- the loop
     def train(self) -> TrainResult:
         cfg, t = self.config, self.config.train
+        self._resume_plan = None
+        if t.resume_from:  # everything checked before the run folder is touched
+            path = self._resolve_checkpoint(t.resume_from)
+            self._resume_plan = checkpointing.validate_resume(self, path)
         self._prepare_run_dir()
         if t.resume_from:
-            self.load_checkpoint(self._resolve_checkpoint(t.resume_from))
+            self.load_checkpoint(path)
         writer = self._start_trackers()
         eval_before = self.evaluate(tag="base") if self.eval_prompts and self.start_iteration == 0 else {}
         if eval_before:
@@ -979,7 +986,7 @@ class Trainer:
         return checkpointing.save_checkpoint(self, it)
 
     def load_checkpoint(self, path: Path) -> None:
-        checkpointing.load_checkpoint(self, path)
+        checkpointing.load_checkpoint(self, path, getattr(self, "_resume_plan", None))
 
     def export_lora(self) -> Path | None:
         """Save the evaluated weights' LoRA — the EMA weights when ``train.ema_decay`` > 0, else the

@@ -254,3 +254,70 @@ def test_a_signal_saves_a_checkpoint_then_resume_is_exact(tmp_path, job, sig):
 def test_the_default_job_saves_periodically():
     digits = TrainConfig.from_yaml(REPO / "assets" / "configs" / "digits.yaml")
     assert 0 < digits.train.save_every <= 50 and 0 < TrainConfig().train.save_every <= 50
+
+
+# ================================================================== 3. the run folder is history
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_sd3):
+    """A 1-iteration run (checkpoint iter_000001) made in-process; tests copy it."""
+    from flowrl.trainer import Trainer
+
+    tmp = tmp_path_factory.mktemp("finished")
+    cfg = _tiny(tmp, "train.iterations=1", "train.ema_decay=0.5")
+    Trainer(cfg, policy=_policy(tiny_sd3, cfg)).train()
+    return tmp / "run"
+
+
+def _copy_run(src: Path, dst: Path) -> tuple[Path, dict[str, bytes]]:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst, {p.name: p.read_bytes() for p in dst.iterdir() if p.is_file()}
+
+
+@pytest.mark.parametrize("case", ["damaged_checkpoint", "lora_rank", "lora_rank_allowed", "lora_targets", "fewer_iterations", "other_prompts"])
+def test_a_failed_resume_leaves_the_run_folder_as_it_was(tmp_path, finished_run, tiny_sd3, case):
+    from flowrl.config import ConfigError
+    from flowrl.safeload import CheckpointError
+    from flowrl.trainer import Trainer
+
+    run, before = _copy_run(finished_run, tmp_path / "run")
+    sets = {
+        "damaged_checkpoint": ["train.eval_prompts=['a cat']", "train.allow_config_change=true"],
+        "lora_rank": ["train.lora_rank=8"],
+        "lora_rank_allowed": ["train.lora_rank=8", "train.allow_config_change=true"],
+        "lora_targets": ["train.lora_targets=[to_q, to_k]"],
+        "fewer_iterations": ["train.iterations=0"],
+        "other_prompts": ["train.prompts=['a red apple']"],
+    }[case]
+    if case == "damaged_checkpoint":
+        f = run / "checkpoints" / "iter_000001" / "optimizer.pt"
+        f.write_bytes(f.read_bytes()[:100])
+    cfg = _tiny(tmp_path, "train.iterations=2", "train.ema_decay=0.5", "train.resume_from=latest", *sets)
+    expected = {"damaged_checkpoint": (CheckpointError, "optimizer.pt"),
+                "lora_rank": (ConfigError, "train.lora_rank: 4 -> 8"),
+                "lora_rank_allowed": (ConfigError, "shape"),
+                "lora_targets": (ConfigError, "train.lora_targets: None -> ['to_q', 'to_k']"),
+                "fewer_iterations": (ConfigError, "train.iterations=0 is below the checkpoint's iteration 1"),
+                "other_prompts": (ConfigError, "train.prompts: ")}[case]
+    with pytest.raises(expected[0]) as info:
+        Trainer(cfg, policy=_policy(tiny_sd3, cfg)).train()
+    assert expected[1] in str(info.value) and "\n" not in str(info.value), str(info.value)
+    if expected[0] is ConfigError and case != "lora_rank_allowed":
+        assert "--allow-config-change" in str(info.value) or case == "fewer_iterations"
+    after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert after == before  # config.yaml, metrics.jsonl, weights.json: untouched
+
+
+def test_an_allowed_config_change_keeps_the_previous_record(tmp_path, finished_run, tiny_sd3):
+    import yaml
+
+    from flowrl.trainer import Trainer
+
+    run, before = _copy_run(finished_run, tmp_path / "run")
+    cfg = _tiny(tmp_path, "train.iterations=2", "train.ema_decay=0.5", "train.resume_from=latest", "train.learning_rate=1e-5",
+                "train.allow_config_change=true")
+    Trainer(cfg, policy=_policy(tiny_sd3, cfg)).train()
+    assert (run / "config.iter_000001.yaml").read_bytes() == before["config.yaml"]
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["learning_rate"] == 1e-5
+    assert [json.loads(line)["iteration"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
