@@ -1038,7 +1038,9 @@ class Trainer:
         """accelerate trackers of ``train.report_to``, attached to the accelerator (main process)."""
         if not self.accelerator.is_main_process:
             return []
-        trackers = tracking.start_trackers(self.config.train.report_to, self.run_dir, config=self.config.to_dict())
+        from flowrl.secrets import redact
+
+        trackers = tracking.start_trackers(self.config.train.report_to, self.run_dir, config=redact(self.config.to_dict()))
         self.accelerator.trackers = list(getattr(self.accelerator, "trackers", None) or []) + trackers
         self._trackers = trackers
         return trackers

@@ -589,6 +589,9 @@ def build_rewards(
         for dk, dv in defaults.items():
             if dk not in kwargs and _accepts(cls, dk):
                 kwargs[dk] = dv
+        from flowrl.secrets import expand
+
+        kwargs = expand(kwargs, f"reward.rewards.{key}")  # api_key: ${VAR} / api_key_env: VAR, read now
         _check_paths(key, kwargs)
         try:
             reward = get(key, **kwargs)

@@ -75,6 +75,7 @@ class _Judge(http.server.BaseHTTPRequestHandler):
         srv = self.server
         with srv.lock:
             srv.hits += chat
+            srv.auth.append(self.headers.get("Authorization"))
         if srv.mode == "hang":
             srv.release.wait(5.0)  # bounded: the test never waits on a thread forever
             return
@@ -82,7 +83,8 @@ class _Judge(http.server.BaseHTTPRequestHandler):
             return self._send(b"<html><body>It works!</body></html>", "text/html")
         if not chat:
             return self._send(json.dumps({"data": [{"id": "judge"}]}).encode(), "application/json")
-        body = {"choices": [{"message": {"content": "A lovely picture."}}]} if srv.mode == "noscore" else {"error": "nope"}
+        answer = {"noscore": "A lovely picture.", "ok": "Image 1 is better.\nFinal Score: 3"}
+        body = {"choices": [{"message": {"content": answer[srv.mode]}}]} if srv.mode in answer else {"error": "nope"}
         self._send(json.dumps(body).encode(), "application/json")
 
     def do_GET(self):
@@ -100,10 +102,12 @@ def judge_server():
     def start(mode: str) -> str:
         srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Judge)
         srv.mode, srv.lock, srv.hits, srv.release, srv.daemon_threads = mode, threading.Lock(), 0, threading.Event(), True
+        srv.auth = []
         threading.Thread(target=srv.serve_forever, daemon=True).start()
         started.append(srv)
         return f"http://127.0.0.1:{srv.server_address[1]}/v1"
 
+    start.servers = started
     yield start
     for srv in started:
         srv.release.set()
@@ -321,3 +325,41 @@ def test_an_allowed_config_change_keeps_the_previous_record(tmp_path, finished_r
     assert (run / "config.iter_000001.yaml").read_bytes() == before["config.yaml"]
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["learning_rate"] == 1e-5
     assert [json.loads(line)["iteration"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+# ================================================================== 4. secrets
+@pytest.mark.parametrize("how", ["literal", "braces", "env_option"])
+def test_a_judge_api_key_is_used_but_never_written(tmp_path, tiny_sd3, judge_server, monkeypatch, how):
+    import yaml
+
+    from flowrl import gallery, tracking
+    from flowrl.trainer import Trainer
+
+    secret = "sk-test-0123456789abcdef"
+    monkeypatch.setenv("JUDGE_KEY", secret)
+    url = judge_server("ok")
+    option = {"literal": f"api_key: {secret}", "braces": "api_key: '${JUDGE_KEY}'", "env_option": "api_key_env: JUDGE_KEY"}[how]
+    cfg = _tiny(tmp_path, "train.iterations=1", f"reward.rewards={{vlm_judge: {{weight: 1.0, base_url: '{url}', {option}, {_FAST}}}}}")
+    seen = {}
+    monkeypatch.setattr(tracking, "start_trackers", lambda names, run_dir, config: seen.setdefault("config", config) and [])
+    Trainer(cfg, policy=_policy(tiny_sd3, cfg)).train()
+    assert set(judge_server.servers[0].auth) == {f"Bearer {secret}"}  # the health check and every request authenticated
+    run = tmp_path / "run"
+    for f in run.rglob("*"):
+        if f.is_file():
+            assert secret.encode() not in f.read_bytes(), f
+    assert secret not in json.dumps(seen["config"])
+    written = yaml.safe_load((run / "config.yaml").read_text())["reward"]["rewards"]["vlm_judge"]
+    assert written.get("api_key", written.get("api_key_env")) == {"literal": "<redacted>", "braces": "${JUDGE_KEY}", "env_option": "JUDGE_KEY"}[how]
+    # the gallery shows a run's config: redacted even for a record written before redaction existed
+    old = (run / "config.yaml").read_text().replace("<redacted>", secret)
+    assert secret not in gallery._redacted_yaml(old) and "<redacted>" in gallery._redacted_yaml(old) or how != "literal"
+
+
+def test_a_missing_or_redacted_secret_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
+    base = ["train", "--set", f"train.output_dir={tmp_path / 'run'}"]
+    line = _one_error_line(capsys, base + ["--set", "reward.rewards={vlm_judge: {weight: 1.0, api_key_env: NO_SUCH_KEY_VAR}}"])
+    assert "reward.rewards.vlm_judge.api_key_env" in line and "NO_SUCH_KEY_VAR is not set" in line, line
+    line = _one_error_line(capsys, base + ["--set", "reward.rewards={vlm_judge: {weight: 1.0, api_key: <redacted>}}"])
+    assert "reward.rewards.vlm_judge.api_key was redacted" in line and "api_key_env" in line, line
