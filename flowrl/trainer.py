@@ -257,6 +257,9 @@ class Trainer:
         self.config = config
         self.resolved = config.resolved()
         t = config.train
+        from flowrl.preflight import check_environment
+
+        check_environment(config)  # output folder writable, device present, resolution fits: before any model loads
         if t.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True

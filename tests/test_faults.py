@@ -363,3 +363,54 @@ def test_a_missing_or_redacted_secret_is_one_line(tmp_path, capsys, monkeypatch)
     assert "reward.rewards.vlm_judge.api_key_env" in line and "NO_SUCH_KEY_VAR is not set" in line, line
     line = _one_error_line(capsys, base + ["--set", "reward.rewards={vlm_judge: {weight: 1.0, api_key: <redacted>}}"])
     assert "reward.rewards.vlm_judge.api_key was redacted" in line and "api_key_env" in line, line
+
+
+# ================================================================== 5. checks before any model loads
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Any attempt to build a model fails the test: the check under test must come first."""
+    def boom(*args, **kwargs):
+        raise AssertionError("a model was loaded before the environment check")
+
+    monkeypatch.setattr("flowrl.trainer.build_policy", boom)
+    monkeypatch.setattr("flowrl.builders.load_pipeline", boom)
+
+
+@pytest.mark.parametrize("case", ["output_is_file", "output_not_writable", "no_cuda", "resolution"])
+def test_environment_errors_are_one_line_before_the_model_loads(tmp_path, capsys, no_model_loads, case):
+    (tmp_path / "afile").write_text("x")
+    if case == "no_cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    sets = {
+        "output_is_file": [f"train.output_dir={tmp_path / 'afile'}"],
+        "output_not_writable": ["train.output_dir=/proc/flowrl-no-such/run"],
+        "no_cuda": [f"train.output_dir={tmp_path / 'run'}", "model.device=cuda"],
+        "resolution": [f"train.output_dir={tmp_path / 'run'}", "sampler.height=18"],
+    }[case]
+    argv = ["train", "--config", str(REPO / "assets" / "configs" / "digits.yaml")] + [a for s in sets for a in ("--set", s)]
+    line = _one_error_line(capsys, argv)
+    want = {"output_is_file": ["train.output_dir=", "is a file"], "output_not_writable": ["train.output_dir=/proc/flowrl-no-such/run", "cannot write in /proc"],
+            "no_cuda": ["model.device=cuda", "no CUDA device", "model.device=cpu"],
+            "resolution": ["sampler.height=18 is not a multiple of 4", "patch 4", "use 16 or 20"]}[case]
+    assert all(w in line for w in want), line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_resume_with_another_lora_shape_fails_before_the_model_loads(tmp_path, capsys, finished_run, no_model_loads):
+    run, before = _copy_run(finished_run, tmp_path / "run")
+    line = _one_error_line(capsys, ["train", "--config", str(run / "config.yaml"), "--set", "train.resume_from=latest", "--set", "train.iterations=2",
+                                    "--set", "train.lora_rank=8", "--set", "train.lora_targets=[to_q]"])
+    assert "train.lora_rank: 4 -> 8" in line and "train.lora_targets: None -> ['to_q']" in line and "--allow-config-change" in line, line
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+@pytest.mark.parametrize("command", ["eval", "sample"])
+def test_a_damaged_lora_folder_is_one_line(tmp_path, capsys, finished_run, no_model_loads, command):
+    run, _ = _copy_run(finished_run, tmp_path / "run")
+    f = next((run / "lora").glob("*.safetensors"))
+    f.write_bytes(f.read_bytes()[:64])
+    out = ["--out", str(tmp_path / ("x.json" if command == "eval" else "x.png"))]
+    line = _one_error_line(capsys, [command, "--run", str(run), *out])
+    assert str(f) in line and "cannot read these LoRA weights" in line, line
+    line = _one_error_line(capsys, [command, "--lora", str(run / "lora"), *out])
+    assert str(f) in line, line
