@@ -11,6 +11,7 @@ iteration."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -24,9 +25,71 @@ from flowrl.sharding import full_state, like, shard_like_params
 
 
 def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write ``text`` aside (``<name>.tmp``) and rename it over ``path``: a reader sees the old file
+    or the new one, never half of one. A full disk or a denied write is one line naming the path."""
+    with written_aside(Path(path)) as tmp:
+        tmp.write_text(text)
+
+
+@contextlib.contextmanager
+def written_aside(path: Path, *, folder: bool = False, needed_bytes: int | None = None):
+    """Yield a temporary sibling of ``path`` (a file, or a folder with ``folder=True``) to write;
+    on success it replaces ``path`` (a folder: the old one is renamed away first, then removed).
+    On failure the temporary is removed and a full disk or a denied write raises
+    :class:`~flowrl.safeload.WriteError` (one line: the path, the cause, the space needed)."""
+    from flowrl.safeload import WriteError
+
+    path = Path(path)
+    # a file keeps its suffix (image writers pick the format from it): reward_curve.tmp.png
+    tmp = path.with_name(path.name + ".tmp") if folder else path.with_name(f"{path.stem}.tmp{path.suffix}")
+    try:
+        if folder:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        yield tmp
+        if folder and path.exists():
+            old = path.with_name(path.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException as exc:
+        if folder:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        failure = write_failure(exc)
+        if failure is not None:
+            from flowrl.preflight import disk_error
+
+            raise WriteError(disk_error(failure, path, needed_bytes)) from None
+        raise
+
+
+def write_failure(exc: BaseException) -> OSError | None:
+    """The write error behind ``exc`` as an ``OSError`` (torch's zip writer reports a full disk as
+    ``RuntimeError: [enforce fail at inline_container.cc] ... unexpected pos``), else None."""
+    import errno
+
+    if isinstance(exc, OSError):
+        return exc
+    text = str(exc)
+    if isinstance(exc, RuntimeError) and ("inline_container" in text or "file write failed" in text or "unexpected pos" in text):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return None
+
+
+def state_bytes(obj: Any) -> int:
+    """Bytes of every tensor in a (nested) state: what writing it needs on disk, about."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(state_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_bytes(v) for v in obj)
+    return 0
 
 
 def jsonable(x: Any) -> Any:
@@ -75,6 +138,13 @@ def prepare_run_dir(trainer: Any) -> None:
         return
     trainer.run_dir.mkdir(parents=True, exist_ok=True)
     (trainer.run_dir / "checkpoints").mkdir(exist_ok=True)
+    # leftovers of a write that was killed (kill -9, power loss): never a finished checkpoint
+    for folder in [*existing_checkpoints(trainer.run_dir), trainer.run_dir / "lora"]:
+        old = folder.with_name(folder.name + ".old")
+        if old.is_dir() and not folder.exists():  # killed between the two renames: the old one is the one
+            os.replace(old, folder)
+    for stale in [*(trainer.run_dir / "checkpoints").glob("iter_*.tmp"), *(trainer.run_dir / "checkpoints").glob("iter_*.old"), trainer.run_dir / "lora.tmp", trainer.run_dir / "lora.old"]:
+        shutil.rmtree(stale, ignore_errors=True)
     resolved = trainer.config.to_dict()
     resolved["resolved"] = {
         "preset": jsonable(dataclasses.asdict(trainer.resolved.preset)),
@@ -262,9 +332,6 @@ def save_checkpoint(trainer: Any, it: int) -> Path:
         acc.wait_for_everyone()
         return trainer.run_dir / "checkpoints" / f"iter_{it:06d}"
     final = trainer.run_dir / "checkpoints" / f"iter_{it:06d}"
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     from safetensors.torch import save_file
 
     if not sharded:
@@ -272,26 +339,27 @@ def save_checkpoint(trainer: Any, it: int) -> Path:
         optimizer_state = trainer.optimizer.state_dict()
         ema_state = trainer.ema.state_dict() if trainer.ema is not None else None
         obj_state = trainer.objective.state_dict() if hasattr(trainer.objective, "state_dict") else None
-    save_file(named, str(tmp / "trainable.safetensors"))
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    if ema_state is not None:
-        torch.save(ema_state, tmp / "ema.pt")
-    if obj_state is not None:
-        torch.save(obj_state, tmp / "objective.pt")
-    est_state = trainer.estimator.state_dict() if hasattr(trainer.estimator, "state_dict") else None
-    if est_state is not None:
-        torch.save(est_state, tmp / "estimator.pt")
-    if hasattr(trainer.selector, "state_dict"):
-        torch.save(trainer.selector.state_dict(), tmp / "selector.pt")
-    scaler = getattr(acc, "scaler", None)
-    if scaler is not None:  # fp16 loss scaling: the current scale and growth counter (else a resume restarts at 2^16)
-        torch.save(scaler.state_dict(), tmp / "scaler.pt")
-    state = {"iteration": it, "history": trainer.history}
-    if sharded:  # the optimizer state is keyed by parameter name (torch.distributed.checkpoint's full form)
-        state["optimizer_format"] = "full_by_name"
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    needed = state_bytes([named, optimizer_state, ema_state, obj_state])
+    # written aside (iter_NNNNNN.tmp) and renamed: a crash or a full disk never leaves half a checkpoint
+    with written_aside(final, folder=True, needed_bytes=needed) as tmp:
+        save_file(named, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        if ema_state is not None:
+            torch.save(ema_state, tmp / "ema.pt")
+        if obj_state is not None:
+            torch.save(obj_state, tmp / "objective.pt")
+        est_state = trainer.estimator.state_dict() if hasattr(trainer.estimator, "state_dict") else None
+        if est_state is not None:
+            torch.save(est_state, tmp / "estimator.pt")
+        if hasattr(trainer.selector, "state_dict"):
+            torch.save(trainer.selector.state_dict(), tmp / "selector.pt")
+        scaler = getattr(acc, "scaler", None)
+        if scaler is not None:  # fp16 loss scaling: the current scale and growth counter (else a resume restarts at 2^16)
+            torch.save(scaler.state_dict(), tmp / "scaler.pt")
+        state = {"iteration": it, "history": trainer.history}
+        if sharded:  # the optimizer state is keyed by parameter name (torch.distributed.checkpoint's full form)
+            state["optimizer_format"] = "full_by_name"
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
     limit = trainer.config.train.save_total_limit
     if limit:
         for old in existing_checkpoints(trainer.run_dir)[:-limit]:

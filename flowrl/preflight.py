@@ -113,13 +113,20 @@ def check_environment(config: Any) -> None:
 def disk_error(exc: OSError, path: Path, needed_bytes: int | None = None) -> str:
     """One line for a failed write: the path, what went wrong, the space needed when known."""
     if exc.errno == errno.ENOSPC:
-        need = f"; about {needed_bytes / 2**20:.1f} MiB are needed" if needed_bytes else ""
+        need = f"; about {_size(needed_bytes)} are needed" if needed_bytes else ""
         try:
-            free = os.statvfs(path.parent if not path.exists() else path).f_bavail * os.statvfs(path.parent if not path.exists() else path).f_frsize
-            have = f", {free / 2**20:.1f} MiB free"
+            st = os.statvfs(path if path.exists() else path.parent)
+            have = f", {_size(st.f_bavail * st.f_frsize)} free"
         except OSError:
             have = ""
         return f"no space left on the device writing {path}{need}{have}. Free some space (or set train.save_total_limit), then resume with train.resume_from=latest."
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"cannot write {path}: {os.strerror(exc.errno)}. Make the folder writable or choose another train.output_dir."
     return f"cannot write {path}: {os.strerror(exc.errno) if exc.errno else exc}."
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 2**10:.1f} KiB"

@@ -1000,14 +1000,16 @@ class Trainer:
         exported = None
         if self.config.train.lora_rank > 0 and saver is not None:
             weights = self.ema.active if self.ema is not None else contextlib.nullcontext
+            # written aside (lora.tmp) and renamed over lora/: never half a LoRA folder
             if self.sharded:  # every process gathers its shards of the (EMA) weights; the main one writes
                 with weights():
                     state = self.trainable_state_dict()
                 if self.accelerator.is_main_process:
-                    saver(out, state_dict=state)
+                    with checkpointing.written_aside(out, folder=True) as tmp:
+                        saver(tmp, state_dict=state)
             elif self.accelerator.is_main_process:
-                with weights():
-                    saver(out)
+                with weights(), checkpointing.written_aside(out, folder=True) as tmp:
+                    saver(tmp)
             exported = out
         if not self.accelerator.is_main_process:
             return None
@@ -1115,15 +1117,17 @@ class Trainer:
                 for k, v in (result or {}).items():
                     if not k.startswith("num_"):
                         evals.setdefault(k, []).append((it, v))
-            gallery.plot_reward_curve(self.history, self.run_dir / "reward_curve.png", evals=evals)
+            with checkpointing.written_aside(self.run_dir / "reward_curve.png") as tmp:
+                gallery.plot_reward_curve(self.history, tmp, evals=evals)
             outs = getattr(self, "_eval_outputs", {})
             if "base" in outs and "tuned" in outs and isinstance(outs["base"][0], Tensor):
                 k, n = self.config.train.eval_samples_per_prompt, self.config.train.iterations
                 tuned = f"tuned{' (EMA)' if self.ema is not None else ''}, iteration {n}"
-                gallery.before_after_grid(  # the first sample of each prompt: same prompt, same noise
-                    outs["base"][0][::k], outs["tuned"][0][::k], self.run_dir / "before_after.png", max_items=16,
-                    prompts=outs["base"][1][::k], labels=("base", tuned), title=f"{self.run_dir.name}: base vs {tuned} (same noise)",
-                )
+                with checkpointing.written_aside(self.run_dir / "before_after.png") as tmp:
+                    gallery.before_after_grid(  # the first sample of each prompt: same prompt, same noise
+                        outs["base"][0][::k], outs["tuned"][0][::k], tmp, max_items=16,
+                        prompts=outs["base"][1][::k], labels=("base", tuned), title=f"{self.run_dir.name}: base vs {tuned} (same noise)",
+                    )
         except Exception as exc:  # plots are a convenience; never lose a run for them
             print(f"[flowrl] could not write plots: {exc}")
 

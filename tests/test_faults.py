@@ -414,3 +414,102 @@ def test_a_damaged_lora_folder_is_one_line(tmp_path, capsys, finished_run, no_mo
     assert str(f) in line and "cannot read these LoRA weights" in line, line
     line = _one_error_line(capsys, [command, "--lora", str(run / "lora"), *out])
     assert str(f) in line, line
+
+
+# ================================================================== 6. a full disk
+def _full_disk_after(n_ok: int):
+    """A ``torch.save`` that writes ``n_ok`` files, then fails as torch does on a full disk: some
+    bytes land, then ``RuntimeError: [enforce fail at inline_container.cc] ... unexpected pos``."""
+    real = torch.save
+    calls = {"n": 0}
+
+    def save(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] <= n_ok:
+            return real(obj, f, *args, **kwargs)
+        Path(f).write_bytes(b"PK\x03\x04partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 3584 vs 3472")
+
+    return save
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(tmp_path, tiny_sd3, monkeypatch):
+    from flowrl.cli import _is_user_error
+    from flowrl.safeload import WriteError, load_state
+    from flowrl.trainer import Trainer
+
+    cfg = _tiny(tmp_path, "train.iterations=2", "train.save_every=1")
+    trainer = Trainer(cfg, policy=_policy(tiny_sd3, cfg))
+    real, probe = torch.save, []
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (probe.append(1), real(*a, **k))[1])
+    trainer.save_checkpoint(0)  # a dry run of the writer: how many torch.save calls one checkpoint makes
+    import shutil
+
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "iter_000000")
+    monkeypatch.setattr(torch, "save", _full_disk_after(len(probe) + 1))  # the 2nd checkpoint's optimizer write fails
+    with pytest.raises(WriteError) as info:
+        trainer.train()
+    msg, ckpts = str(info.value), tmp_path / "run" / "checkpoints"
+    assert "\n" not in msg and _is_user_error(info.value)
+    assert msg.startswith(f"no space left on the device writing {ckpts / 'iter_000002'}") and "iB are needed" in msg and "iB free" in msg, msg
+    assert "inline_container" not in msg and sorted(p.name for p in ckpts.iterdir()) == ["iter_000001"]  # no .tmp left
+    monkeypatch.undo()
+    assert load_state(ckpts / "iter_000001" / "optimizer.pt")["state"]  # the previous checkpoint is whole
+
+
+@pytest.mark.parametrize("error", ["ENOSPC", "EACCES"])
+def test_folders_are_written_aside_and_a_failed_write_keeps_the_old_one(tmp_path, error):
+    import errno
+
+    from flowrl.checkpointing import atomic_write, written_aside
+    from flowrl.safeload import WriteError
+
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "pytorch_lora_weights.safetensors").write_bytes(b"old weights")
+    with pytest.raises(WriteError) as info:
+        with written_aside(lora, folder=True, needed_bytes=3 * 2**20) as tmp:
+            (tmp / "pytorch_lora_weights.safetensors").write_bytes(b"new, half")
+            raise OSError(getattr(errno, error), os.strerror(getattr(errno, error)))
+    want = f"no space left on the device writing {lora}; about 3.0 MiB are needed" if error == "ENOSPC" else f"cannot write {lora}: Permission denied"
+    assert str(info.value).startswith(want), str(info.value)
+    assert (lora / "pytorch_lora_weights.safetensors").read_bytes() == b"old weights" and sorted(p.name for p in tmp_path.iterdir()) == ["lora"]
+    with written_aside(lora, folder=True) as tmp:
+        (tmp / "pytorch_lora_weights.safetensors").write_bytes(b"new weights")
+    assert (lora / "pytorch_lora_weights.safetensors").read_bytes() == b"new weights" and sorted(p.name for p in tmp_path.iterdir()) == ["lora"]
+    atomic_write(tmp_path / "weights.json", "{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora", "weights.json"]
+
+
+_SLOW_WRITER = """
+import sys, time
+from pathlib import Path
+import torch
+marker, real = Path(sys.argv[1]), torch.save
+def save(obj, f, *args, **kwargs):  # the 2nd checkpoint's files are written slowly: time to kill -9 mid-write
+    real(obj, f, *args, **kwargs)
+    if "iter_000002" in str(f):
+        marker.touch()
+        time.sleep(120)
+torch.save = save
+from flowrl.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one_and_resume_is_exact(tmp_path, job):
+    cfg_path, full = job
+    run, marker = tmp_path / "run", tmp_path / "writing"
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_WRITER, str(marker), *_train_cmd(cfg_path, f"train.output_dir={run}", "train.save_every=1")[3:]],
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert _wait_for(marker.exists, proc), "the run never reached the second checkpoint"
+    finally:
+        proc.kill()  # SIGKILL in the middle of writing iter_000002
+        proc.wait()
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["iter_000001", "iter_000002.tmp"]
+    resumed = subprocess.run(_train_cmd(cfg_path, f"train.output_dir={run}", "train.resume_from=latest"), env=ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert not list(ckpts.glob("*.tmp"))
+    _assert_same_final_state(full, run)
