@@ -139,8 +139,8 @@ def prepare_run_dir(trainer: Any) -> None:
     trainer.run_dir.mkdir(parents=True, exist_ok=True)
     (trainer.run_dir / "checkpoints").mkdir(exist_ok=True)
     # leftovers of a write that was killed (kill -9, power loss): never a finished checkpoint
-    for folder in [*existing_checkpoints(trainer.run_dir), trainer.run_dir / "lora"]:
-        old = folder.with_name(folder.name + ".old")
+    for old in [*(trainer.run_dir / "checkpoints").glob("iter_*.old"), trainer.run_dir / "lora.old"]:
+        folder = old.with_name(old.name[: -len(".old")])
         if old.is_dir() and not folder.exists():  # killed between the two renames: the old one is the one
             os.replace(old, folder)
     for stale in [*(trainer.run_dir / "checkpoints").glob("iter_*.tmp"), *(trainer.run_dir / "checkpoints").glob("iter_*.old"), trainer.run_dir / "lora.tmp", trainer.run_dir / "lora.old"]:
