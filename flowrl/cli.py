@@ -156,6 +156,7 @@ def _gallery(args: argparse.Namespace) -> int:
 
 
 def _eval_setting_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-run-code", action="store_true", help="allow importing a module (e.g. a reward plug-in) that sits in the run folder itself")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: the run's train.eval_prompts")
     p.add_argument("--seed", type=int, default=None, help="evaluation seed (default: the run's train.seed)")
     p.add_argument("--samples-per-prompt", type=int, default=None, help="default: the run's train.eval_samples_per_prompt")
@@ -204,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=_pretrain_digits)
     args = parser.parse_args(argv)
+    if getattr(args, "trust_run_code", False):
+        from flowrl.registry import trust_run_code
+
+        trust_run_code()
     try:
         return args.fn(args)
     except Exception as exc:

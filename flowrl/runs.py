@@ -185,10 +185,14 @@ class Run:
 
 
 def load_run(run_dir: str | Path) -> Run:
-    """Read a run directory: ``config.yaml`` (its ``resolved:`` section kept aside) and ``metrics.jsonl``."""
+    """Read a run directory: ``config.yaml`` (its ``resolved:`` section kept aside) and ``metrics.jsonl``.
+    A module its config names is never imported from the run folder itself (a run folder may come
+    from someone else) unless ``--trust-run-code`` (:func:`flowrl.registry.trust_run_code`)."""
     from flowrl.config import load_yaml
+    from flowrl.registry import distrust
 
     run_dir = Path(run_dir)
+    distrust(run_dir)
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a flowrl run directory (no config.yaml); give the folder a run wrote (train.output_dir).")

@@ -513,3 +513,45 @@ def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one_and_resume_is_e
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert not list(ckpts.glob("*.tmp"))
     _assert_same_final_state(full, run)
+
+
+# ================================================================== 7. a run folder never runs code
+_EVIL = "from pathlib import Path\nPath(__file__).with_name('PWNED').touch()\nraise SystemExit(7)\n"
+
+
+def _untrusted_run(src: Path, dst: Path) -> Path:
+    import yaml
+
+    run, _ = _copy_run(src, dst)
+    (run / "evil_reward_x.py").write_text(_EVIL)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["reward"]["rewards"] = {"evil_reward_x:Evil": 1.0}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return run
+
+
+def test_loading_a_run_never_imports_code_from_its_folder(tmp_path, finished_run):
+    run = _untrusted_run(finished_run, tmp_path / "run")
+    proc = subprocess.run([sys.executable, "-m", "flowrl", "eval", "--run", "."], cwd=run, env=ENV, capture_output=True, text=True, timeout=300)
+    assert not (run / "PWNED").exists(), "the run folder's module was imported"
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("flowrl: error: reward.rewards.evil_reward_x:Evil") and str(run / "evil_reward_x.py") in line and "--trust-run-code" in line, line
+    trusted = subprocess.run([sys.executable, "-m", "flowrl", "eval", "--run", ".", "--trust-run-code"], cwd=run, env=ENV, capture_output=True, text=True, timeout=300)
+    assert trusted.returncode == 7 and (run / "PWNED").exists()  # the user said so: it ran
+
+
+def test_a_module_importable_elsewhere_is_taken_from_there(tmp_path, finished_run, monkeypatch):
+    from flowrl import registry, runs
+
+    run = _untrusted_run(finished_run, tmp_path / "run")
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "evil_reward_x.py").write_text("import torch\nclass Evil:\n    name = 'fine'\n    def __call__(self, outputs, prompts, meta=None):\n        return torch.zeros(len(prompts))\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.syspath_prepend(str(run))  # the run folder first, as `python -m` puts the working directory
+    monkeypatch.delitem(sys.modules, "evil_reward_x", raising=False)
+    monkeypatch.setattr(registry, "_UNTRUSTED", [])
+    loaded = runs.load_run(run)
+    rs = build_rewards(loaded.config.reward.rewards)
+    assert list(rs.rewards) == ["fine"] and not (run / "PWNED").exists()
+    assert sys.modules["evil_reward_x"].__file__ == str(tmp_path / "site" / "evil_reward_x.py")
