@@ -10,9 +10,12 @@ from typing import Any
 
 import torch
 
-from flowrl.config import ConfigError, ResolvedConfig, TrainConfig
+from flowrl.config import ResolvedConfig, TrainConfig
+from flowrl.errors import ConfigError
+from flowrl.devices import choose_device as _device, enable_gradient_checkpointing  # noqa: F401  (re-exported)
 from flowrl.ema import EMA
-from flowrl.plugins import PIPELINE_SOURCES, POLICY_BUILDERS, import_builtin_components
+from flowrl.pipelines.sources import _pipeline_class, load_pipeline  # noqa: F401  (re-exported; registers the built-in sources)
+from flowrl.plugins import POLICY_BUILDERS, import_builtin_components
 from flowrl.seeding import derive_seed
 from flowrl.sharding import fsdp_modules
 
@@ -65,89 +68,6 @@ def _build_reward_set(config: TrainConfig, *, process_device: torch.device | str
         except (RuntimeError, TypeError) as exc:
             raise ConfigError(f"reward.device: '{device}' is not a device ({exc}); use cpu, cuda, cuda:1 or auto.") from None
     return build_rewards(config.reward.rewards, combine=config.reward.combine, max_failures=config.reward.max_failures, **defaults)
-
-
-def load_pipeline(spec: str, run_dir: Path, dtype: torch.dtype = torch.float32):
-    """A diffusers pipeline from a built-in name (``PIPELINE_SOURCES``) or a local folder."""
-    _import_pipeline_sources()
-    if spec in PIPELINE_SOURCES:
-        pipe = PIPELINE_SOURCES.get(spec)(run_dir)
-    else:
-        path = Path(spec)
-        if not path.is_dir():
-            raise ConfigError(
-                f"model.pipeline '{spec}' is neither a local folder nor a built-in "
-                f"({', '.join(PIPELINE_SOURCES.names())}). flowrl never downloads: point it at a local checkpoint."
-            )
-        pipe = _pipeline_class(path).from_pretrained(str(path), local_files_only=True, torch_dtype=dtype)
-    if dtype != torch.float32 and hasattr(pipe, "to"):
-        pipe = pipe.to(dtype=dtype)
-    return pipe
-
-
-def _pipeline_class(path: Path):
-    """The class named in ``model_index.json``: a flowrl pipeline with a registered adapter (e.g.
-    ``DigitsPipeline``, which ``DiffusionPipeline`` cannot resolve by name), else ``DiffusionPipeline``."""
-    import json
-
-    from diffusers import DiffusionPipeline
-
-    from flowrl.pipelines.base import _ADAPTERS, _import_builtin_adapters
-
-    index = path / "model_index.json"
-    if not index.is_file():
-        raise ConfigError(f"model.pipeline: {path} has no model_index.json; point it at a folder written by save_pretrained.")
-    name = json.loads(index.read_text()).get("_class_name")
-    _import_builtin_adapters()
-    for cls in _ADAPTERS:
-        if cls is not None and cls.__name__ == name and not cls.__module__.startswith("diffusers"):
-            return cls
-    return DiffusionPipeline
-
-
-def _import_pipeline_sources() -> None:
-    import importlib
-
-    for mod in ("flowrl.pipelines.digits",):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name != mod:
-                raise
-
-
-def _tiny_source(builder_name: str):
-    def build(run_dir: Path):
-        from flowrl.pipelines import tiny
-
-        pipe = getattr(tiny, builder_name)()
-        return tiny.save_and_reload(pipe, Path(run_dir) / "base_model")
-
-    return build
-
-
-def _digits_source(run_dir: Path):
-    from flowrl.pipelines.digits import load_default_digits_pipeline
-
-    return load_default_digits_pipeline()
-
-
-def _tiny_video_source(builder_name: str):
-    def build(run_dir: Path):
-        from flowrl.pipelines import tiny, tiny_video
-
-        pipe = tiny.save_and_reload(getattr(tiny_video, builder_name)(), Path(run_dir) / "base_model")
-        return tiny_video.with_test_defaults(pipe)
-
-    return build
-
-
-PIPELINE_SOURCES.register("digits", _digits_source)
-PIPELINE_SOURCES.register("tiny-sd3", _tiny_source("tiny_sd3_pipeline"))
-PIPELINE_SOURCES.register("tiny-flux", _tiny_source("tiny_flux_pipeline"))
-PIPELINE_SOURCES.register("tiny-wan", _tiny_video_source("tiny_wan_pipeline"))
-PIPELINE_SOURCES.register("tiny-hunyuan-video", _tiny_video_source("tiny_hunyuan_video15_pipeline"))
-PIPELINE_SOURCES.register("tiny-qwen-image", _tiny_video_source("tiny_qwen_image_pipeline"))
 
 
 @POLICY_BUILDERS.register("flow")
@@ -222,40 +142,6 @@ def apply_memory_options(policy: Any, cfg: TrainConfig) -> None:
         if adapter is None or not hasattr(adapter, "offload_text_encoders"):
             raise ConfigError("model.offload_text_encoders applies to diffusion pipelines with text encoders; set it to false.")
         adapter.offload_text_encoders("cpu")
-
-
-def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
-    """Activation checkpointing of a diffusers (``enable_gradient_checkpointing``) or transformers
-    (``activation_checkpointing_enable`` / ``gradient_checkpointing_enable``) model, always the
-    non-reentrant form (``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``): the
-    reentrant one runs a block's backward outside the outer autograd pass, which breaks DDP with
-    ``find_unused_parameters=True`` (a parameter is marked ready twice) and drops gradients of LoRA
-    weights whose block inputs do not require grad."""
-    import functools
-
-    from torch.utils.checkpoint import checkpoint
-
-    if getattr(model, "_supports_gradient_checkpointing", None) is not None and hasattr(model, "enable_gradient_checkpointing"):  # diffusers
-        if not model._supports_gradient_checkpointing:
-            raise ConfigError(f"train.gradient_checkpointing: {type(model).__name__} does not support gradient checkpointing; set it to false.")
-        model.enable_gradient_checkpointing(lambda module, *args: checkpoint(module.__call__, *args, use_reentrant=False))
-        return
-    kwargs = {"use_reentrant": False}
-    for name, key in (("activation_checkpointing_enable", "activation_checkpointing_kwargs"), ("gradient_checkpointing_enable", "gradient_checkpointing_kwargs")):
-        fn = getattr(model, name, None)
-        if fn is not None:
-            try:
-                fn(**{key: kwargs})
-            except ValueError as exc:  # transformers: "... does not support activation checkpointing"
-                raise ConfigError(f"train.gradient_checkpointing: {exc} Set it to false.") from None
-            return
-    raise ConfigError(f"train.gradient_checkpointing: {type(model).__name__} does not support gradient checkpointing; set it to false.")
-
-
-def _device(cfg: TrainConfig) -> torch.device:
-    if cfg.model.device != "auto":
-        return torch.device(cfg.model.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def build_policy(resolved: ResolvedConfig, run_dir: Path):

@@ -49,7 +49,7 @@ def check_fresh_run_dir(run_dir: Path, resume_from: str | None) -> None:
     """A new run (no ``train.resume_from``) never starts in a folder that holds another run's
     checkpoints: it would mix two runs' metrics and let a later ``resume_from: latest`` pick up a
     stale checkpoint. Raises a :class:`~flowrl.config.ConfigError` naming the ways out."""
-    from flowrl.config import ConfigError
+    from flowrl.errors import ConfigError
 
     if resume_from:
         return

@@ -33,6 +33,7 @@ def reward_metrics(trainer: Any, all_table: Tensor, names: list[str]) -> dict[st
         out[f"reward/{n}/std"] = float(v.std(unbiased=False)) if v.numel() > 1 else 0.0
     return out
 
+
 def reward_weights(reward_set: Any, names: list[str]) -> Tensor | None:
     """Weight of each reward column in the combined reward (None for a reward set without them)."""
     fn = getattr(reward_set, "column_weights", None)
@@ -40,6 +41,7 @@ def reward_weights(reward_set: Any, names: list[str]) -> Tensor | None:
         return fn(list(names)) if fn is not None else None
     except (KeyError, ValueError):  # columns a reward transform renamed
         return None
+
 
 def global_advantages(trainer: Any, traj: Trajectories, rewards: Tensor, groups: Tensor, table: Tensor, names: list[str], rows: GlobalRows) -> Tensor:
     """The estimator on the global batch: gathered rows in, advantages of the gathered rows out.

@@ -20,7 +20,7 @@ from flowrl.policy import Trajectories, slice_eval
 from flowrl.sharding import is_sharded
 
 if TYPE_CHECKING:
-    from flowrl.config import ResolvedConfig
+    from flowrl.algorithms import ResolvedConfig
 
 
 @dataclass

@@ -26,6 +26,7 @@ def start_trackers(trainer: Any) -> list[Any]:
     trainer._trackers = trackers
     return trackers
 
+
 def log_eval_images(trainer: Any, tag: str, outputs: Any, prompts: list[str]) -> None:
     """A few evaluation images (one per prompt) to the trackers, at the evaluation's iteration."""
     trackers = getattr(trainer, "_trackers", None)
@@ -38,6 +39,7 @@ def log_eval_images(trainer: Any, tag: str, outputs: Any, prompts: list[str]) ->
     if images is not None:
         tracking.log_images(trackers, images, prompts[::every][: len(images)], step)
 
+
 def log(trainer: Any, record: dict[str, float], writer: Any) -> None:
     if "reward/mean" in record:
         trainer.history.append(record)
@@ -47,11 +49,13 @@ def log(trainer: Any, record: dict[str, float], writer: Any) -> None:
         f.write(json.dumps(record) + "\n")
     tracking.log_metrics(writer or [], record, int(record["iteration"]))
 
+
 def report_column(trainer: Any, result: dict[str, float]) -> str | None:
     cols = [k for k in result if k != "num_prompts"]
     if trainer.config.train.report:
         return trainer.config.train.report
     return cols[0] if cols else None
+
 
 def summary(trainer: Any, before: dict[str, float], after: dict[str, float]) -> str:
     if not before or not after:
@@ -61,6 +65,7 @@ def summary(trainer: Any, before: dict[str, float], after: dict[str, float]) -> 
         return ""
     label = f"{col.split('/')[0]} correctness" if col.endswith("/correct") else col
     return f"{label}: base {before[col]:.2f} -> tuned {after[col]:.2f} (held-out, {len(trainer.eval_prompts)} prompts)"
+
 
 def breakdown(trainer: Any, before: dict[str, float], after: dict[str, float]) -> str:
     """``<column> by category: a base B -> tuned T (P prompts, S samples); ...`` from the
@@ -80,11 +85,10 @@ def breakdown(trainer: Any, before: dict[str, float], after: dict[str, float]) -
         return ""
     return f"{col} by category: " + "; ".join(parts) + f"; all: {len(trainer.eval_prompts)} prompts, {int(after.get('num_samples', 0))} samples"
 
+
 def write_artifacts(trainer: Any) -> None:
     if not trainer.accelerator.is_main_process:
         return
-    from flowrl import gallery
-
     trainer._evals = getattr(trainer, "_evals", {})
 
     try:
