@@ -157,6 +157,23 @@ def build_policy(resolved: ResolvedConfig, run_dir: Path):
 
 
 # ------------------------------------------------------------------------ training set-up
+def make_selector(trainer: Any):
+    """The preset's prompt selector (``flowrl.prompt_selection``); a selector that takes a value
+    ``tracker`` shares the advantage estimator's (SPO)."""
+    import inspect
+
+    from flowrl.prompt_selection import PROMPT_SELECTORS, make_selector
+
+    name = trainer.resolved.preset.prompt_selection
+    params = inspect.signature(PROMPT_SELECTORS.get(name).__init__).parameters
+    kwargs: dict[str, Any] = {}
+    if "tracker" in params and getattr(trainer.estimator, "tracker", None) is not None:
+        kwargs["tracker"] = trainer.estimator.tracker
+    if "prompts" in params:
+        kwargs["prompts"] = trainer.train_prompts
+    return make_selector(name, len(trainer.train_prompts), **kwargs)
+
+
 def setup_training(trainer: Any) -> None:
     """Make the trainer's model trainable (LoRA, or every weight plus a frozen reference copy when
     a KL term needs one), build the optimizer, ``accelerator.prepare`` both, and set up the EMA:

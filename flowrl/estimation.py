@@ -142,3 +142,28 @@ def run_estimator(estimator: Any, inputs: AdvantageInputs) -> Tensor:
     out = adv_valid.new_zeros((len(inputs.rewards),) + tuple(adv_valid.shape[1:]))
     out[idx] = adv_valid
     return out
+
+
+def iteration_advantages(trainer: Any, traj: Trajectories, combined: Tensor, g: dict[str, Any], rows: GlobalRows) -> Tensor:
+    """Phase 3 of an iteration: set ``traj.advantages`` (this process's rows; ``traj.mask`` loses
+    the steps an estimator pruned) and return every process's advantages. ``g``: the gathered
+    rewards (:meth:`~flowrl.trainer.Trainer._gather_rewards`)."""
+    prepare = getattr(trainer.objective, "before_advantages", None)
+    if prepare is not None:  # objectives whose estimator reads policy evaluations (GRPO-CARE)
+        with trainer.gathered_weights():
+            prepare(trainer, traj)
+    if trainer.accelerator.num_processes == 1 or not traj.meta.get("rollout_structure"):
+        adv_all = global_advantages(trainer, traj, g["rewards"], g["groups"], g["table"], g["names"], rows)
+        traj.advantages = adv_all[rows.lo : rows.hi]
+        if "train_mask" in traj.meta:  # an estimator pruned trained steps (BranchGRPO width pruning)
+            traj.mask = traj.mask & traj.meta.pop("train_mask")[rows.lo : rows.hi].to(traj.mask.device)
+        return adv_all
+    # structured rollouts (trees): the estimator needs the trajectory; whole trees are local
+    traj.advantages = run_estimator(trainer.estimator, AdvantageInputs(
+        rewards=combined.float().cpu(), group_ids=traj.group_ids.cpu(), reward_table=g["local_table"], reward_names=g["names"],
+        mask=None, traj=traj, prompts=traj.prompts, meta=traj.meta,
+        reward_weights=reward_weights(trainer.reward_set, g["names"]),
+    ))
+    if "train_mask" in traj.meta:
+        traj.mask = traj.mask & traj.meta.pop("train_mask").to(traj.mask.device)
+    return trainer.dist.gather_uneven(traj.advantages.float())

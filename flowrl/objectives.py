@@ -165,3 +165,14 @@ def nonfinite_where(loss: Tensor, batch: Trajectories, steps: Tensor, metrics: d
     if bad_metrics:
         parts.append("non-finite " + ", ".join(bad_metrics))
     return "; ".join(parts)
+
+
+def zero_weight_batch(batch: Trajectories | None, filler: Trajectories) -> Trajectories:
+    """One real row (finite loss) with zero advantage, for a zero-weight backward pass."""
+    data = batch.select([0]) if batch is not None else filler.select([0])
+    data.mask = torch.ones_like(data.mask)
+    shape = data.advantages.shape if isinstance(data.advantages, Tensor) else (1,)
+    data.advantages = torch.zeros(shape)
+    if not isinstance(data.meta.get("reward"), Tensor):
+        data.meta["reward"] = torch.zeros(1)
+    return data

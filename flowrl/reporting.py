@@ -1,6 +1,22 @@
 """What a run reports: metrics to ``metrics.jsonl`` and the trackers, evaluation images, the
 summary lines, the reward curve and before/after plots, and the progress bars. Functions of the
-:class:`~flowrl.trainer.Trainer`; the plotting helpers are also the gallery's."""
+:class:`~flowrl.trainer.Trainer`; the plotting helpers are also the gallery's.
+
+Metrics (``metrics.jsonl`` and TensorBoard, one record per iteration):
+``reward/mean`` (combined reward, mean over samples whose reward did not fail), ``reward/std``,
+``reward/<column>`` (each component, NaN-safe mean), ``reward/failures/<name>`` (failed samples so
+far), ``adv/abs_mean`` (mean |A|), ``samples/generated`` (output rows this iteration),
+``samples/trained`` (rows with non-zero advantage), ``loss/policy`` (aggregated surrogate),
+``loss/kl`` (β·KL), ``kl/ref`` (masked mean per-step KL to the reference), ``ratio/mean``
+(masked mean of π_θ/π_old), ``ratio/clipfrac`` (fraction of steps on the clipped branch),
+``grad_norm`` (before clipping), ``update/steps`` (optimizer steps), ``update/skipped_nonfinite``
+(optimizer steps skipped because a log-prob, the loss or a gradient was NaN/inf; past
+``train.max_nonfinite_updates`` in a run the loop stops with :class:`NonFiniteUpdateError`), ``cost/model_evals_per_sample``
+and ``cost/trained_steps_per_sample`` (transformer evaluations and trained steps per output),
+``select/*`` (prompt selection rounds, drawn, kept), ``time/rollout``, ``time/rewards``,
+``time/update`` (seconds; ``time/rewards`` is what the loop waited for rewards beyond the
+rollout, so it shrinks when scoring overlaps later rollout calls: ``train.rollout_batch_size``), ``eval/<column>`` (held-out means, deterministic samples).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +30,8 @@ import torch
 from torch import Tensor
 
 from flowrl import tracking
+from flowrl.errors import NonFiniteUpdateError
+from flowrl.estimation import reward_metrics
 
 
 # ------------------------------------------------------------------------------- the run's record
@@ -108,6 +126,65 @@ def write_artifacts(trainer: Any) -> None:
             )
     except Exception as exc:  # plots are a convenience; never lose a run for them
         print(f"[flowrl] could not write plots: {exc}")
+
+
+# ------------------------------------------------------------------------------- metrics
+def iteration_record(trainer: Any, it: int, lr: float, traj: Trajectories, keep: Tensor, g: dict[str, Any], adv_all: Tensor, update_metrics: dict[str, float]) -> dict[str, float]:
+    """The iteration's metrics over all processes (the names are listed in the module docstring)."""
+    all_rewards, all_raw, raw_names = g["rewards"], g["raw"], g["raw_names"]
+    ok = torch.isfinite(all_rewards)
+    record: dict[str, float] = {"iteration": it, "reward/mean": float(all_rewards[ok].mean()), "reward/std": float(all_rewards[ok].std(unbiased=False))}
+    for i, n in enumerate(raw_names):
+        record[f"reward/{n}"] = float(all_raw[:, i].nanmean())
+    record["lr"] = lr
+    record["samples/generated"] = float(len(all_rewards))
+    record["adv/abs_mean"] = float(adv_all.abs().mean())
+    trained_steps = trainer.dist.sum(torch.tensor([float(keep.sum()), float(traj.mask[keep].sum()) if len(traj) else 0.0]))
+    record["samples/trained"] = float(trained_steps[0])
+    for k in ("model_evals",):
+        if k in traj.meta and isinstance(traj.meta[k], (int, float)):
+            record[f"cost/{k}_per_sample"] = float(traj.meta[k])
+    if isinstance(traj.meta.get("transformer_calls"), (int, float)):
+        record["cost/transformer_calls"] = float(traj.meta["transformer_calls"])
+    record["cost/trained_steps_per_sample"] = float(trained_steps[1] / max(float(trained_steps[0]), 1.0))
+    record.update(update_metrics)
+    hook = getattr(trainer.objective, "on_iteration_end", None)
+    if hook is not None:
+        record.update(hook(self, it) or {})
+    record.update(reward_metrics(trainer, all_raw, raw_names))
+    return record
+
+
+def update_metrics(trainer: Any, sums: dict[str, float], wsums: dict[str, float], grad_norms: list[float], n_updates: int, skipped: int) -> dict[str, float]:
+    sums, wsums = trainer.dist.sum_dicts(sums), trainer.dist.sum_dicts(wsums)
+    out = {k: v / max(n_updates, 1) for k, v in sums.items()}
+    for k, w in wsums.items():
+        if w > 0 and abs(w - n_updates) > 1e-6:  # reported by some chunks only (e.g. ratio_step/<k>/*)
+            out[k] = sums[k] / w
+    if grad_norms:
+        out["grad_norm"] = sum(grad_norms) / len(grad_norms)
+    out["update/steps"] = float(n_updates)
+    out["update/skipped_nonfinite"] = float(skipped)
+    return out
+
+
+def skip_nonfinite(trainer: Any, it: int, minibatch: int, where: str, skipped_now: int) -> None:
+    """Count a skipped optimizer step, say where it happened, and stop past
+    ``train.max_nonfinite_updates`` (counted over the whole run, resumes included)."""
+    limit = trainer.config.train.max_nonfinite_updates
+    total = skipped_now + int(sum(h.get("update/skipped_nonfinite", 0.0) for h in trainer.history))
+    msg = f"iteration {it}, minibatch {minibatch}: {where}"
+    if total > limit:
+        raise NonFiniteUpdateError(
+            f"{total} optimizer steps had NaN/inf values (more than train.max_nonfinite_updates={limit}); the last at {msg}. "
+            "Lower train.learning_rate, use model.dtype=float32, check the rewards, or raise train.max_nonfinite_updates."
+        )
+    if trainer.accelerator.is_main_process:
+        import sys
+
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"[flowrl] skipped an optimizer step ({total}/{limit} allowed): NaN/inf at {msg}", file=sys.stderr)
 
 
 # ------------------------------------------------------------------------------- progress

@@ -27,26 +27,12 @@ The loop's parts live beside it: :mod:`flowrl.objectives` (what a step optimises
 (collectives), :mod:`flowrl.builders` (model, rewards, accelerator, optimizer),
 :mod:`flowrl.evaluation`, :mod:`flowrl.reporting` and :mod:`flowrl.checkpointing`.
 
-Metrics (``metrics.jsonl`` and TensorBoard, one record per iteration):
-``reward/mean`` (combined reward, mean over samples whose reward did not fail), ``reward/std``,
-``reward/<column>`` (each component, NaN-safe mean), ``reward/failures/<name>`` (failed samples so
-far), ``adv/abs_mean`` (mean |A|), ``samples/generated`` (output rows this iteration),
-``samples/trained`` (rows with non-zero advantage), ``loss/policy`` (aggregated surrogate),
-``loss/kl`` (β·KL), ``kl/ref`` (masked mean per-step KL to the reference), ``ratio/mean``
-(masked mean of π_θ/π_old), ``ratio/clipfrac`` (fraction of steps on the clipped branch),
-``grad_norm`` (before clipping), ``update/steps`` (optimizer steps), ``update/skipped_nonfinite``
-(optimizer steps skipped because a log-prob, the loss or a gradient was NaN/inf; past
-``train.max_nonfinite_updates`` in a run the loop stops with :class:`NonFiniteUpdateError`), ``cost/model_evals_per_sample``
-and ``cost/trained_steps_per_sample`` (transformer evaluations and trained steps per output),
-``select/*`` (prompt selection rounds, drawn, kept), ``time/rollout``, ``time/rewards``,
-``time/update`` (seconds; ``time/rewards`` is what the loop waited for rewards beyond the
-rollout, so it shrinks when scoring overlaps later rollout calls: ``train.rollout_batch_size``), ``eval/<column>`` (held-out means, deterministic samples).
+Metrics: one record per iteration, every name listed in :mod:`flowrl.reporting`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,22 +42,21 @@ import torch
 from torch import Tensor
 
 from flowrl import checkpointing, estimation, evaluation, reporting, tracking
-from flowrl.advantages import AdvantageInputs, make_estimator
-from flowrl.builders import (  # noqa: F401  (re-exported: the loop's public helpers lived here)
-    _build_reward_set, _device, _load_prompt_set, _load_prompts, add_lora, build_flow_policy, build_policy, load_pipeline,
-    make_accelerator, make_optimizer, setup_training,
+from flowrl.advantages import make_estimator
+from flowrl.builders import (  # noqa: F401  (add_lora, load_pipeline, make_optimizer: re-exported)
+    _build_reward_set, _load_prompt_set, add_lora, build_policy, load_pipeline, make_accelerator, make_optimizer, make_selector,
+    setup_training,
 )
-from flowrl.checkpointing import atomic_write as _atomic_write, jsonable as _jsonable  # noqa: F401
 from flowrl.config import TrainConfig
 from flowrl.distributed import Collectives, GlobalRows
 from flowrl.errors import ConfigError, NonFiniteUpdateError
 from flowrl.evaluation import eval_samples  # noqa: F401  (re-exported)
-from flowrl.objectives import (  # noqa: F401  (re-exported for code written against flowrl.trainer)
+from flowrl.objectives import (  # noqa: F401  (loss_normaliser, policy_gradient_*: re-exported)
     UpdateContext, batched_form, grad_norm, learning_rate_at, loss_normaliser, nonfinite_where, objective_chunk_losses,
-    policy_gradient_chunks, policy_gradient_objective, select_train_steps,
+    policy_gradient_chunks, policy_gradient_objective, select_train_steps, zero_weight_batch,
 )
 from flowrl.overlap import rollout_in_calls
-from flowrl.plugins import (  # noqa: F401  (re-exported for code written against flowrl.trainer)
+from flowrl.plugins import (  # noqa: F401  (re-exported: flowrl.trainer.OBJECTIVES etc.)
     OBJECTIVES, PIPELINE_SOURCES, POLICY_BUILDERS, REWARD_TRANSFORMS, import_builtin_components, make_objective,
 )
 from flowrl.policy import Trajectories, group_step_chunks
@@ -151,7 +136,7 @@ class Trainer:
             policy.check_config(self.resolved)
         self.estimator = make_estimator(self.resolved.preset.advantage, **self.resolved.preset.advantage_params)
         self.objective = make_objective(self.resolved.preset.objective, **self.resolved.preset.objective_params)
-        self.selector = self._make_selector()
+        self.selector = make_selector(self)
         setup_training(self)  # LoRA / reference copy, optimizer, accelerate.prepare, EMA
         self.history: list[dict[str, float]] = []
         self.start_iteration = 0
@@ -204,7 +189,7 @@ class Trainer:
         rows = self.dist.global_rows(traj.group_ids, one_round=select_metrics.get("select/rounds", 1.0) <= 1)
         gathered = self._gather_rewards(traj, combined)
         # 3. advantages
-        adv_all = self._advantages(traj, combined, gathered, rows)
+        adv_all = estimation.iteration_advantages(self, traj, combined, gathered, rows)
         traj.mask = select_train_steps(
             traj.mask, self.resolved.timestep_fraction, self.resolved.timestep_selection, generator_for(t.seed, it, "steps"),
             rows=rows.canonical[rows.lo : rows.hi], total_rows=rows.total,
@@ -218,7 +203,7 @@ class Trainer:
         if hasattr(self.estimator, "observe_shift"):  # stateful estimators that track policy drift (SPO)
             estimation.observe_shift(self, traj, rows)
         t2 = time.perf_counter()
-        record = self._record(it, lr, traj, keep, gathered, adv_all, update_metrics)
+        record = reporting.iteration_record(self, it, lr, traj, keep, gathered, adv_all, update_metrics)
         record.update(select_metrics)
         record["time/rollout"] = rollout_time
         record["time/rewards"] = (t1 - t0) - rollout_time
@@ -268,14 +253,14 @@ class Trainer:
                     if self.dist.any_process(bad is not None):  # skip the step: NaN/inf would corrupt weights and Adam state
                         self.optimizer.zero_grad(set_to_none=True)
                         skipped += 1
-                        self._skip_nonfinite(it, start // t.train_batch_size, bad or "another process", skipped)
+                        reporting.skip_nonfinite(self, it, start // t.train_batch_size, bad or "another process", skipped)
                         continue
                     if t.max_grad_norm > 0:
                         grad_norms.append(float(gn))
                     self._optimizer_step()
                     n_updates += 1
         self.policy.model.eval()
-        return self._update_metrics(sums, wsums, grad_norms, n_updates, skipped)
+        return reporting.update_metrics(self, sums, wsums, grad_norms, n_updates, skipped)
 
     # ------------------------------------------------------------- 1-2. rollout and rewards
     def _rollout_and_score(self, it: int) -> tuple[Trajectories, Tensor, dict[str, float], float]:
@@ -350,29 +335,6 @@ class Trainer:
             "local_table": table, "names": names, "raw_names": raw_names,
             "raw": self.dist.gather_uneven(traj.rewards.float().cpu() if traj.rewards is not None else torch.zeros(0, len(raw_names))),
         }
-
-    # --------------------------------------------------------------------------- 3. advantages
-    def _advantages(self, traj: Trajectories, combined: Tensor, g: dict[str, Any], rows: GlobalRows) -> Tensor:
-        """Set ``traj.advantages`` (this process's rows) and return every process's advantages."""
-        prepare = getattr(self.objective, "before_advantages", None)
-        if prepare is not None:  # objectives whose estimator reads policy evaluations (GRPO-CARE)
-            with self.gathered_weights():
-                prepare(self, traj)
-        if self.accelerator.num_processes == 1 or not traj.meta.get("rollout_structure"):
-            adv_all = estimation.global_advantages(self, traj, g["rewards"], g["groups"], g["table"], g["names"], rows)
-            traj.advantages = adv_all[rows.lo : rows.hi]
-            if "train_mask" in traj.meta:  # an estimator pruned trained steps (BranchGRPO width pruning)
-                traj.mask = traj.mask & traj.meta.pop("train_mask")[rows.lo : rows.hi].to(traj.mask.device)
-            return adv_all
-        # structured rollouts (trees): the estimator needs the trajectory; whole trees are local
-        traj.advantages = estimation.run_estimator(self.estimator, AdvantageInputs(
-            rewards=combined.float().cpu(), group_ids=traj.group_ids.cpu(), reward_table=g["local_table"], reward_names=g["names"],
-            mask=None, traj=traj, prompts=traj.prompts, meta=traj.meta,
-            reward_weights=estimation.reward_weights(self.reward_set, g["names"]),
-        ))
-        if "train_mask" in traj.meta:
-            traj.mask = traj.mask & traj.meta.pop("train_mask").to(traj.mask.device)
-        return self.dist.gather_uneven(traj.advantages.float())
 
     # ------------------------------------------------------------------------------ 4. update
     def _minibatch_plan(self, traj: Trajectories, keep: Tensor, rows: GlobalRows) -> tuple[Tensor, Tensor, Tensor | None] | None:
@@ -458,7 +420,7 @@ class Trainer:
                 if not ((last or self.sharded) and world > 1):
                     continue
                 share = 0.0  # zero-weight pass: this process joins the gradient all-reduce
-            data = batch if batch is not None and l_chunk > 0 else self._zero_weight_batch(batch)
+            data = batch if batch is not None and l_chunk > 0 else zero_weight_batch(batch, self._filler)
             # DDP all-reduces in the backward of the minibatch's last chunk only (forward and
             # backward of the others run under no_sync: local accumulation)
             sync = contextlib.nullcontext() if (last or world == 1) else acc.no_sync(self.prepared_model)
@@ -488,72 +450,6 @@ class Trainer:
         on_update = getattr(self.objective, "on_update", None)
         if on_update is not None:  # per optimizer step (SAGE's moving anchor and adaptive β)
             on_update(self)
-
-    def _update_metrics(self, sums: dict[str, float], wsums: dict[str, float], grad_norms: list[float], n_updates: int, skipped: int) -> dict[str, float]:
-        sums, wsums = self.dist.sum_dicts(sums), self.dist.sum_dicts(wsums)
-        out = {k: v / max(n_updates, 1) for k, v in sums.items()}
-        for k, w in wsums.items():
-            if w > 0 and abs(w - n_updates) > 1e-6:  # reported by some chunks only (e.g. ratio_step/<k>/*)
-                out[k] = sums[k] / w
-        if grad_norms:
-            out["grad_norm"] = sum(grad_norms) / len(grad_norms)
-        out["update/steps"] = float(n_updates)
-        out["update/skipped_nonfinite"] = float(skipped)
-        return out
-
-    # ------------------------------------------------------------------------------ metrics
-    def _record(self, it: int, lr: float, traj: Trajectories, keep: Tensor, g: dict[str, Any], adv_all: Tensor, update_metrics: dict[str, float]) -> dict[str, float]:
-        """The iteration's metrics over all processes (the names are listed in the module docstring)."""
-        all_rewards, all_raw, raw_names = g["rewards"], g["raw"], g["raw_names"]
-        ok = torch.isfinite(all_rewards)
-        record: dict[str, float] = {"iteration": it, "reward/mean": float(all_rewards[ok].mean()), "reward/std": float(all_rewards[ok].std(unbiased=False))}
-        for i, n in enumerate(raw_names):
-            record[f"reward/{n}"] = float(all_raw[:, i].nanmean())
-        record["lr"] = lr
-        record["samples/generated"] = float(len(all_rewards))
-        record["adv/abs_mean"] = float(adv_all.abs().mean())
-        trained_steps = self.dist.sum(torch.tensor([float(keep.sum()), float(traj.mask[keep].sum()) if len(traj) else 0.0]))
-        record["samples/trained"] = float(trained_steps[0])
-        for k in ("model_evals",):
-            if k in traj.meta and isinstance(traj.meta[k], (int, float)):
-                record[f"cost/{k}_per_sample"] = float(traj.meta[k])
-        if isinstance(traj.meta.get("transformer_calls"), (int, float)):
-            record["cost/transformer_calls"] = float(traj.meta["transformer_calls"])
-        record["cost/trained_steps_per_sample"] = float(trained_steps[1] / max(float(trained_steps[0]), 1.0))
-        record.update(update_metrics)
-        hook = getattr(self.objective, "on_iteration_end", None)
-        if hook is not None:
-            record.update(hook(self, it) or {})
-        record.update(estimation.reward_metrics(self, all_raw, raw_names))
-        return record
-
-    def _skip_nonfinite(self, it: int, minibatch: int, where: str, skipped_now: int) -> None:
-        """Count a skipped optimizer step, say where it happened, and stop past
-        ``train.max_nonfinite_updates`` (counted over the whole run, resumes included)."""
-        limit = self.config.train.max_nonfinite_updates
-        total = skipped_now + int(sum(h.get("update/skipped_nonfinite", 0.0) for h in self.history))
-        msg = f"iteration {it}, minibatch {minibatch}: {where}"
-        if total > limit:
-            raise NonFiniteUpdateError(
-                f"{total} optimizer steps had NaN/inf values (more than train.max_nonfinite_updates={limit}); the last at {msg}. "
-                "Lower train.learning_rate, use model.dtype=float32, check the rewards, or raise train.max_nonfinite_updates."
-            )
-        if self.accelerator.is_main_process:
-            import sys
-
-            from tqdm.auto import tqdm
-
-            tqdm.write(f"[flowrl] skipped an optimizer step ({total}/{limit} allowed): NaN/inf at {msg}", file=sys.stderr)
-
-    def _zero_weight_batch(self, batch: Trajectories | None) -> Trajectories:
-        """One real row (finite loss) with zero advantage, for a zero-weight backward pass."""
-        data = batch.select([0]) if batch is not None else self._filler.select([0])
-        data.mask = torch.ones_like(data.mask)
-        shape = data.advantages.shape if isinstance(data.advantages, Tensor) else (1,)
-        data.advantages = torch.zeros(shape)
-        if not isinstance(data.meta.get("reward"), Tensor):
-            data.meta["reward"] = torch.zeros(1)
-        return data
 
     @contextlib.contextmanager
     def _prepared_model(self):
@@ -606,46 +502,5 @@ class Trainer:
         checkpointing.load_checkpoint(self, path)
 
     def export_lora(self) -> Path | None:
-        """Save the evaluated weights' LoRA — the EMA weights when ``train.ema_decay`` > 0, else the
-        live ones — in the diffusers format (``pipe.load_lora_weights(dir)`` loads them), or the
-        peft format for language models; ``<run>/weights.json`` records which."""
-        out = self.run_dir / "lora"
-        saver = getattr(self.policy, "save_lora", None)
-        exported = None
-        if self.config.train.lora_rank > 0 and saver is not None:
-            weights = self.ema.active if self.ema is not None else contextlib.nullcontext
-            if self.sharded:  # every process gathers its shards of the (EMA) weights; the main one writes
-                with weights():
-                    state = self.trainable_state_dict()
-                if self.accelerator.is_main_process:
-                    saver(out, state_dict=state)
-            elif self.accelerator.is_main_process:
-                with weights():
-                    saver(out)
-            exported = out
-        if not self.accelerator.is_main_process:
-            return None
-        info = {
-            "evaluated": "ema" if self.ema is not None else "live",
-            "lora": "lora" if exported is not None else None,
-            "lora_weights": ("ema" if self.ema is not None else "live") if exported is not None else None,
-            "ema": self.ema.describe() if self.ema is not None else None,
-        }
-        _atomic_write(self.run_dir / "weights.json", json.dumps(info, indent=1) + "\n")
-        return exported
-
-    def _make_selector(self):
-        """The preset's prompt selector (``flowrl.prompt_selection``); a selector that takes a value
-        ``tracker`` shares the advantage estimator's (SPO)."""
-        import inspect
-
-        from flowrl.prompt_selection import PROMPT_SELECTORS, make_selector
-
-        name = self.resolved.preset.prompt_selection
-        params = inspect.signature(PROMPT_SELECTORS.get(name).__init__).parameters
-        kwargs: dict[str, Any] = {}
-        if "tracker" in params and getattr(self.estimator, "tracker", None) is not None:
-            kwargs["tracker"] = self.estimator.tracker
-        if "prompts" in params:
-            kwargs["prompts"] = self.train_prompts
-        return make_selector(name, len(self.train_prompts), **kwargs)
+        """Save the evaluated weights' LoRA (see :func:`flowrl.checkpointing.export_lora`)."""
+        return checkpointing.export_lora(self)
