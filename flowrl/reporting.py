@@ -150,7 +150,7 @@ def iteration_record(trainer: Any, it: int, lr: float, traj: Trajectories, keep:
     record.update(update_metrics)
     hook = getattr(trainer.objective, "on_iteration_end", None)
     if hook is not None:
-        record.update(hook(self, it) or {})
+        record.update(hook(trainer, it) or {})
     record.update(reward_metrics(trainer, all_raw, raw_names))
     return record
 
