@@ -21,75 +21,8 @@ from typing import Any
 
 import torch
 
+from flowrl.atomic import atomic_write, state_bytes, written_aside  # noqa: F401  (atomic_write: re-exported)
 from flowrl.sharding import full_state, like, shard_like_params
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` aside (``<name>.tmp``) and rename it over ``path``: a reader sees the old file
-    or the new one, never half of one. A full disk or a denied write is one line naming the path."""
-    with written_aside(Path(path)) as tmp:
-        tmp.write_text(text)
-
-
-@contextlib.contextmanager
-def written_aside(path: Path, *, folder: bool = False, needed_bytes: int | None = None):
-    """Yield a temporary sibling of ``path`` (a file, or a folder with ``folder=True``) to write;
-    on success it replaces ``path`` (a folder: the old one is renamed away first, then removed).
-    On failure the temporary is removed and a full disk or a denied write raises
-    :class:`~flowrl.safeload.WriteError` (one line: the path, the cause, the space needed)."""
-    from flowrl.safeload import WriteError
-
-    path = Path(path)
-    # a file keeps its suffix (image writers pick the format from it): reward_curve.tmp.png
-    tmp = path.with_name(path.name + ".tmp") if folder else path.with_name(f"{path.stem}.tmp{path.suffix}")
-    try:
-        if folder:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        yield tmp
-        if folder and path.exists():
-            old = path.with_name(path.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException as exc:
-        if folder:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
-        failure = write_failure(exc)
-        if failure is not None:
-            from flowrl.preflight import disk_error
-
-            raise WriteError(disk_error(failure, path, needed_bytes)) from None
-        raise
-
-
-def write_failure(exc: BaseException) -> OSError | None:
-    """The write error behind ``exc`` as an ``OSError`` (torch's zip writer reports a full disk as
-    ``RuntimeError: [enforce fail at inline_container.cc] ... unexpected pos``), else None."""
-    import errno
-
-    if isinstance(exc, OSError):
-        return exc
-    text = str(exc)
-    if isinstance(exc, RuntimeError) and ("inline_container" in text or "file write failed" in text or "unexpected pos" in text):
-        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    return None
-
-
-def state_bytes(obj: Any) -> int:
-    """Bytes of every tensor in a (nested) state: what writing it needs on disk, about."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(state_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(state_bytes(v) for v in obj)
-    return 0
 
 
 def jsonable(x: Any) -> Any:
@@ -112,7 +45,7 @@ def check_fresh_run_dir(run_dir: Path, resume_from: str | None) -> None:
     """A new run (no ``train.resume_from``) never starts in a folder that holds another run's
     checkpoints: it would mix two runs' metrics and let a later ``resume_from: latest`` pick up a
     stale checkpoint. Raises a :class:`~flowrl.config.ConfigError` naming the ways out."""
-    from flowrl.config import ConfigError
+    from flowrl.errors import ConfigError
 
     if resume_from:
         return
@@ -234,7 +167,7 @@ def check_resume_settings(config: Any, run_dir: Path) -> None:
     """Before any model loads: the checkpoint exists, its state is readable, ``train.iterations``
     reaches it, and the settings equal the run's recorded ones (or ``train.allow_config_change``).
     Raises a one-line :class:`~flowrl.config.ConfigError` / ``CheckpointError``; writes nothing."""
-    from flowrl.config import ConfigError
+    from flowrl.errors import ConfigError
 
     t = config.train
     path = checkpoint_to_resume(run_dir, t.resume_from)
@@ -276,7 +209,7 @@ def read_state(path: Path) -> dict:
 def validate_resume(trainer: Any, path: Path) -> ResumePlan:
     """After the model is built, before anything is written: the checkpoint's files are readable
     and its trainable weights have this model's names and shapes (same LoRA rank and targets)."""
-    from flowrl.config import ConfigError
+    from flowrl.errors import ConfigError
     from flowrl.safeload import load_safetensors, load_state
 
     state = read_state(path)
@@ -411,3 +344,35 @@ def load_checkpoint(trainer: Any, path: Path, plan: ResumePlan | None = None) ->
     if trainer.accelerator.is_main_process:
         atomic_write(trainer.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in trainer.history))
     trainer.accelerator.wait_for_everyone()
+
+
+def export_lora(trainer: Any) -> Path | None:
+    """Save the evaluated weights' LoRA — the EMA weights when ``train.ema_decay`` > 0, else the
+    live ones — in the diffusers format (``pipe.load_lora_weights(dir)`` loads them), or the
+    peft format for language models; ``<run>/weights.json`` records which."""
+    out = trainer.run_dir / "lora"
+    saver = getattr(trainer.policy, "save_lora", None)
+    exported = None
+    if trainer.config.train.lora_rank > 0 and saver is not None:
+        weights = trainer.ema.active if trainer.ema is not None else contextlib.nullcontext
+        # written aside (lora.tmp) and renamed over lora/: never half a LoRA folder
+        if trainer.sharded:  # every process gathers its shards of the (EMA) weights; the main one writes
+            with weights():
+                state = trainer.trainable_state_dict()
+            if trainer.accelerator.is_main_process:
+                with written_aside(out, folder=True) as tmp:
+                    saver(tmp, state_dict=state)
+        elif trainer.accelerator.is_main_process:
+            with weights(), written_aside(out, folder=True) as tmp:
+                saver(tmp)
+        exported = out
+    if not trainer.accelerator.is_main_process:
+        return None
+    info = {
+        "evaluated": "ema" if trainer.ema is not None else "live",
+        "lora": "lora" if exported is not None else None,
+        "lora_weights": ("ema" if trainer.ema is not None else "live") if exported is not None else None,
+        "ema": trainer.ema.describe() if trainer.ema is not None else None,
+    }
+    atomic_write(trainer.run_dir / "weights.json", json.dumps(info, indent=1) + "\n")
+    return exported

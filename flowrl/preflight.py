@@ -5,14 +5,13 @@ remote rewards' servers are checked by their own modules, also before the model 
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from flowrl.config import ConfigError
+from flowrl.errors import ConfigError
 
 
 def check_output_dir(path: str | Path, field: str = "train.output_dir") -> None:
@@ -108,25 +107,3 @@ def check_environment(config: Any) -> None:
     check_output_dir(config.train.output_dir)
     check_device(config.model.device)
     check_resolution(config)
-
-
-def disk_error(exc: OSError, path: Path, needed_bytes: int | None = None) -> str:
-    """One line for a failed write: the path, what went wrong, the space needed when known."""
-    if exc.errno == errno.ENOSPC:
-        need = f"; about {_size(needed_bytes)} are needed" if needed_bytes else ""
-        try:
-            st = os.statvfs(path if path.exists() else path.parent)
-            have = f", {_size(st.f_bavail * st.f_frsize)} free"
-        except OSError:
-            have = ""
-        return f"no space left on the device writing {path}{need}{have}. Free some space (or set train.save_total_limit), then resume with train.resume_from=latest."
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"cannot write {path}: {os.strerror(exc.errno)}. Make the folder writable or choose another train.output_dir."
-    return f"cannot write {path}: {os.strerror(exc.errno) if exc.errno else exc}."
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n / 2**10:.1f} KiB"

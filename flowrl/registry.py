@@ -65,7 +65,7 @@ def _import_checked(module_name: str, path: str) -> Any:
             return importlib.import_module(module_name)
         finally:
             sys.path[:] = saved
-    from flowrl.config import ConfigError
+    from flowrl.errors import ConfigError
 
     raise ConfigError(
         f"'{path}' would import {origin}, which sits in the run folder {folder}: loading a run never runs code from "

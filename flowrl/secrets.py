@@ -38,7 +38,7 @@ def expand(options: Mapping[str, Any], where: str) -> dict[str, Any]:
     """Options with secrets read from the environment: ``key: ${VAR}`` → the variable's value,
     ``key_env: VAR`` → ``key`` = the variable's value. A missing variable, or a value redacted from a
     run's record, is a :class:`~flowrl.config.ConfigError` naming the field."""
-    from flowrl.config import ConfigError
+    from flowrl.errors import ConfigError
 
     out = dict(options)
     for k in list(out):

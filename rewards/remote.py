@@ -155,8 +155,22 @@ def check_server(name: str, url: str, *, timeout: float, headers: dict[str, str]
         ) from None
 
 
+def check_remote_rewards(reward_set: Any, *, announce: bool = True) -> None:
+    """Before any model loads: every remote reward of ``reward_set`` answers its health check
+    (:meth:`RewardSet.health_check`), and each one's worst-case wait is printed (``announce``)."""
+    import sys
+
+    check = getattr(reward_set, "health_check", None)
+    if check is not None:
+        check()
+    describe = getattr(reward_set, "describe_limits", None)
+    if describe is not None and announce:
+        for line in describe():
+            print(f"[flowrl] {line}", file=sys.stderr)
+
+
 def failure_summary(name: str, url: str, last_error: str | None) -> str:
     return f"reward '{name}' at {url}: last error {last_error or 'unknown'}"
 
 
-__all__ = ["RetryPolicy", "CircuitBreaker", "ServerDown", "check_server", "post_json", "error_text", "failure_summary", "RETRY_STATUS"]
+__all__ = ["RetryPolicy", "CircuitBreaker", "ServerDown", "check_server", "post_json", "error_text", "failure_summary", "check_remote_rewards", "RETRY_STATUS"]
