@@ -145,7 +145,8 @@ def test_a_reward_that_fails_on_every_sample_stops_the_run(tmp_path, tiny_sd3, j
     from flowrl.trainer import Trainer
 
     url = judge_server(mode)
-    cfg = _tiny(tmp_path, f"reward.rewards={{{reward}: {{weight: 1.0, base_url: '{url}', {_FAST}}}}}", "reward.max_failures=1000")
+    # a generous timeout: the server answers at once; on a loaded machine 0.5 s could time out instead
+    cfg = _tiny(tmp_path, f"reward.rewards={{{reward}: {{weight: 1.0, base_url: '{url}', timeout: 30, max_retries: 1, backoff: 0.0}}}}", "reward.max_failures=1000")
     with pytest.raises(RewardError) as info:
         Trainer(cfg, policy=_policy(tiny_sd3, cfg)).train()
     msg = str(info.value)
@@ -339,7 +340,7 @@ def test_a_judge_api_key_is_used_but_never_written(tmp_path, tiny_sd3, judge_ser
     monkeypatch.setenv("JUDGE_KEY", secret)
     url = judge_server("ok")
     option = {"literal": f"api_key: {secret}", "braces": "api_key: '${JUDGE_KEY}'", "env_option": "api_key_env: JUDGE_KEY"}[how]
-    cfg = _tiny(tmp_path, "train.iterations=1", f"reward.rewards={{vlm_judge: {{weight: 1.0, base_url: '{url}', {option}, {_FAST}}}}}")
+    cfg = _tiny(tmp_path, "train.iterations=1", f"reward.rewards={{vlm_judge: {{weight: 1.0, base_url: '{url}', {option}, timeout: 30}}}}")
     seen = {}
     monkeypatch.setattr(tracking, "start_trackers", lambda names, run_dir, config: seen.setdefault("config", config) and [])
     Trainer(cfg, policy=_policy(tiny_sd3, cfg)).train()
