@@ -65,8 +65,15 @@ def log(trainer: Any, record: dict[str, float], writer: Any) -> None:
         trainer.history.append(record)
     if not trainer.accelerator.is_main_process:
         return
-    with open(trainer.run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    path = trainer.run_dir / "metrics.jsonl"
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as exc:  # a full disk or a denied write: one line (an appended record is cut at worst)
+        from flowrl.atomic import disk_error
+        from flowrl.safeload import WriteError
+
+        raise WriteError(disk_error(exc, path, len(json.dumps(record)) + 1)) from None
     tracking.log_metrics(writer or [], record, int(record["iteration"]))
 
 

@@ -556,3 +556,15 @@ def test_a_module_importable_elsewhere_is_taken_from_there(tmp_path, finished_ru
     rs = build_rewards(loaded.config.reward.rewards)
     assert list(rs.rewards) == ["fine"] and not (run / "PWNED").exists()
     assert sys.modules["evil_reward_x"].__file__ == str(tmp_path / "site" / "evil_reward_x.py")
+
+
+def test_a_metrics_record_that_cannot_be_written_is_one_line(tmp_path):
+    from types import SimpleNamespace
+
+    from flowrl import reporting
+    from flowrl.safeload import WriteError
+
+    (tmp_path / "metrics.jsonl").mkdir()  # not writable as a file
+    trainer = SimpleNamespace(history=[], run_dir=tmp_path, accelerator=SimpleNamespace(is_main_process=True))
+    with pytest.raises(WriteError, match=rf"^cannot write {tmp_path / 'metrics.jsonl'}: Is a directory"):
+        reporting.log(trainer, {"iteration": 1, "reward/mean": 0.5}, [])
