@@ -184,9 +184,17 @@ def test_language_model_estimators_and_selectors_on_two_processes(tmp_path):
     - ``reward.combine: gdpo``: its final z-score spans the whole batch (before: each process's share);
       this job also checkpoints the Llama's activations (non-reentrant, under DDP).
 
+    - every loss aggregation: ``grpo`` (``seq-mean-token-mean``), ``token-mean`` (DAPO's),
+      ``dr_grpo`` (``seq-mean-token-sum-norm``) and ``seq-mean-token-sum``. The model ends its
+      completions on several ids, so lengths differ between samples and the widest completion
+      differs between the processes (asserted): a process's rows weigh its share of the samples
+      under a per-sample aggregation (before: also (global tokens before its width)/(all tokens),
+      grad_norm 0.369 on 2 processes vs 0.390 on 1 for ``grpo``).
+
     With the uniform selector the first iteration draws two product prompts (flat rewards, zero
     advantages); the second trains."""
-    algorithms = ["spo", "dapo", "unlikeliness", "seed_grpo", "tempo", "grpo_care", "grpo@reward.combine=gdpo@train.gradient_checkpointing=true"]
+    aggregations = ["grpo", "grpo@loss.aggregation=token-mean", "dr_grpo", "grpo@loss.aggregation=seq-mean-token-sum"]
+    algorithms = aggregations + ["spo", "dapo", "unlikeliness", "seed_grpo", "tempo", "grpo_care", "grpo@reward.combine=gdpo@train.gradient_checkpointing=true"]
     one, two = tmp_path / "one", tmp_path / "two"
     _run([sys.executable, str(WORKER), str(one), f"--llm={','.join(algorithms)}"])
     _run(_torchrun(2) + [str(WORKER), str(two), f"--llm={','.join(algorithms)}"], timeout=240)
@@ -214,6 +222,9 @@ def test_language_model_estimators_and_selectors_on_two_processes(tmp_path):
         assert change > 0.1, name
         assert float((got - ref).norm()) <= 1e-4 * change, name
     assert sum(r["select/rounds"] for r in _records(one / "dapo")) > 2  # a group was dropped and refilled
+    for name in aggregations:  # the processes' widest completions differed in some update
+        widths = [json.loads((two / name / f"rank{r}_info.json").read_text())["widths"] for r in (0, 1)]
+        assert any(a != b for a, b in zip(*widths)), (name, widths)
     for rank in (0, 1):
         info = json.loads((two / algorithms[-1] / f"rank{rank}_info.json").read_text())
         assert info["gradient_checkpointing"] is True
@@ -225,3 +236,17 @@ def test_language_model_estimators_and_selectors_on_two_processes(tmp_path):
             # measured: shift 5e-7 relative apart (log-probs recomputed in other batch shapes)
             assert states[1][part][prompt] == pytest.approx(v, rel=1e-5), (part, prompt)
     assert len(states[0]["shift"]) == 4
+
+
+def test_sample_share_of_a_process_whose_completions_are_shorter():
+    """Per-sample aggregation, token policy (one chunk of all its stored steps): a process weighs its
+    rows by its share of the samples whatever its width; a flow policy's per-step chunks keep their
+    share of the steps."""
+    from flowrl.trainer import sample_chunk_share
+
+    counts = torch.tensor([4.0, 4.0, 3.0, 1.0, 1.0, 1.0])  # global tokens per position (widths 3 and 6)
+    assert sample_chunk_share(counts, torch.arange(3), 3, 2, 4) == pytest.approx(0.5)  # before: 11/14 · 0.5
+    assert sample_chunk_share(counts, torch.arange(6), 6, 2, 4) == pytest.approx(0.5)
+    flow = torch.full((4,), 8.0)
+    assert sum(sample_chunk_share(flow, torch.tensor([t]), 4, 1, 2) for t in range(4)) == pytest.approx(0.5)
+    assert sample_chunk_share(counts, torch.arange(3), 0, 0, 4) == 0.0  # no rows here
