@@ -699,7 +699,8 @@ DIFFUSION_NFT = register_preset(
         "forward-process NFT loss (x̂0-adaptive form) on a random 9 of 10 timesteps per sample, between v_θ and "
         "θ_old, soft-updated after each iteration with d = min(0.001·optimizer steps so far, 0.5); nft_beta 1.0 (0.1 for OCR / multi-reward), distinct from the KL "
         "weight beta 1e-4 (velocity-space, to the LoRA-disabled reference). Reported: GenEval 0.24 → 0.98 within "
-        "1k steps, up to 25× more efficient than Flow-GRPO. Samples with A = 0 are skipped (loss.skip_zero_advantage).",
+        "1k steps, up to 25× more efficient than Flow-GRPO. Every sample trains, A = 0 included (r = ½ pulls v_θ toward "
+        "v_old), as the reference; loss.skip_zero_advantage=true leaves them out.",
         kernel="ode",
         noise_level=0.0,
         rollout="x0_only",
@@ -710,6 +711,7 @@ DIFFUSION_NFT = register_preset(
         objective="nft",
         objective_params={"nft_beta": 1.0, "x0_adaptive": True, "decay": "linear", "adv_clip_max": 5.0, "loss_scale": 5.0},
         defaults={"learning_rate": 3e-4, "timestep_fraction": 0.99, "timestep_selection": "random"},
+        skip_zero_advantage=False,
     )
 )
 
