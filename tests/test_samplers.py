@@ -194,3 +194,27 @@ def test_compressed_post_window_grid_is_the_shifted_linspace_at_every_window_pos
         torch.testing.assert_close(out[: last + 1], grid[: last + 1], rtol=0, atol=0)
         # float64 arithmetic rounded to float32: a few ulps of σ ≤ 1 (measured ≤ 6e-8)
         torch.testing.assert_close(out[last + 1 :], ref, rtol=0, atol=3e-7)
+
+
+def test_mix_grpo_presets_follow_the_reference_scripts():
+    """Shared initial noise in every MixGRPO preset (--init_same_noise), the Flash window sliding
+    every 20 iterations, and one group z-score per reward model, summed with the weights."""
+    from flowrl.advantages import AdvantageInputs, make_estimator
+
+    for name, every in (("mix_grpo", 25), ("mix_grpo_flash", 20)):
+        p = TrainConfig().override([f"algorithm={name}"]).resolved().preset
+        assert p.share_initial_noise and p.rollout_params["slide_every"] == every, name
+        assert p.advantage_params["per_reward"] is True, name
+    # two reward models of very different spreads, two groups of 3
+    table = torch.tensor([[0.0, 10.0], [1.0, 0.0], [2.0, 20.0], [5.0, 0.0], [5.5, 30.0], [6.0, 0.0]])
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    w = torch.tensor([1.0, 0.5])
+    inputs = AdvantageInputs(rewards=table @ w, group_ids=groups, reward_table=table, reward_names=["a", "b"], reward_weights=w)
+    z = lambda x: torch.cat([(g - g.mean()) / (g.std(unbiased=False) + 1e-4) for g in x.view(2, 3)])  # noqa: E731
+    adv = make_estimator("group", std="group", clip=5.0, per_reward=True)(inputs)
+    torch.testing.assert_close(adv, (z(table[:, 0]) + 0.5 * z(table[:, 1])).clamp(-5, 5))
+    combined = make_estimator("group", std="group", clip=5.0)(inputs)
+    torch.testing.assert_close(combined, z(table @ w))
+    assert (adv - combined).abs().max() > 0.3  # the forms really differ here
+    one = AdvantageInputs(rewards=table[:, 0], group_ids=groups, reward_table=table[:, :1], reward_names=["a"])
+    torch.testing.assert_close(make_estimator("group", per_reward=True)(one), make_estimator("group")(one))
