@@ -10,6 +10,7 @@ import torch
 from flowrl import FlowPolicy, TrainConfig
 from flowrl.algorithms import PRESETS
 from flowrl.trainer import Trainer
+from tests._tolerance import assert_recomputed_log_probs
 
 SAMPLER_PRESETS = ("flow_grpo_fast", "mix_grpo", "mix_grpo_flash", "sage_grpo", "g2rpo", "branch_grpo", "branch_grpo_mix")
 
@@ -145,7 +146,8 @@ def test_flash_solver_beats_euler_after_the_window_and_keeps_ratio_one(window_st
         exact = policy.exact_x0(traj.actions[:, -1], traj.sigmas_next[:, -1])  # from where the window ended
         errors[solver] = float((traj.meta["final_latents"] - exact).abs().max())
         assert traj.meta["model_evals"] == 10.0  # equal steps
-        torch.testing.assert_close(policy.log_prob(traj), traj.log_probs, atol=1e-6, rtol=0)  # ratio 1
+        ev = policy.evaluate(traj)  # ratio 1, within the float32 bound of a recomputed step mean
+        assert_recomputed_log_probs(ev.log_prob, traj.log_probs, traj.actions, ev.mean, ev.std)
         trajs[solver] = traj
     assert errors["dpm2"] < errors["euler"] / 4, errors  # measured: euler 0.17–0.22, dpm2 0.02–0.03
     for field in ("states", "actions", "log_probs", "sigmas"):  # the window is the same under both solvers
