@@ -66,7 +66,7 @@ def varied_length_llama(path: Path) -> str:
     return str(path)
 
 
-def llm_config(algorithm: str, overrides: list[str], model: str):
+def llm_config(algorithm: str, overrides: list[str], model: str = "tiny-llama"):
     from flowrl.config import TrainConfig
     from flowrl.rewards.verifiers import arithmetic_prompts
 
