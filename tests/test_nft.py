@@ -271,8 +271,8 @@ def test_zero_advantage_samples_train_as_the_reference(tmp_path):
     nft_loss(v_theta, v_old, v, torch.full((5,), 0.5), beta=1.0, x0_adaptive=True, t=t).backward()
     assert float((v_theta.grad * (v_theta - v_old)).sum()) > 0  # descent moves v_θ toward v_old
     # the prompt "two 4s" gets a flat reward: its group has A = 0 exactly, and still trains
-    trainer = Trainer(_cfg(tmp_path, "tiny-sd3", "train.iterations=1", "train.prompts=[two 4s, a cat]",
-                           "reward.rewards={tests._dist_worker:FlatForPairs: 1.0}"))
+    trainer = Trainer(_cfg(tmp_path, "tiny-sd3", "train.iterations=1", "train.prompts=[two 4s, a cat]", "sampler.num_steps=2",
+                           "reward.rewards={tests._dist_worker:FlatForPairs: 1.0}", "train.eval_prompts=null"))
     assert trainer.resolved.preset.skip_zero_advantage is False
     (h,) = trainer.train().history
     assert h["samples/trained"] == h["samples/generated"] == 8
