@@ -203,7 +203,8 @@ def test_language_model_estimators_and_selectors_on_two_processes(tmp_path):
         assert [r["iteration"] for r in r2] == [1, 2], name
         for a, b in zip(r1, r2):
             # same completions, rewards and advantages; the rest up to float summation order
-            # (measured: loss/policy 5e-8 apart, grad_norm 3e-8, advantages equal)
+            # (measured with completions of unequal lengths: loss/policy ≤ 6e-8 apart, grad_norm ≤ 7.4e-7
+            # relative (DAPO; the others ≤ 9e-8), advantages equal)
             assert b["reward/mean"] == a["reward/mean"], name
             for k in ("samples/generated", "update/steps", "select/rounds"):
                 assert b[k] == a[k], (name, k)
@@ -215,12 +216,14 @@ def test_language_model_estimators_and_selectors_on_two_processes(tmp_path):
             w0, w1 = _weights(two / name / f"rank0_it{it}.safetensors"), _weights(two / name / f"rank1_it{it}.safetensors")
             for n in w0:  # exact: every process applies the same all-reduced gradient to the same weights
                 torch.testing.assert_close(w0[n], w1[n], rtol=0, atol=0)
-        # measured after 2 iterations: ‖Δw‖ ≤ 7.5e-7 (largest weight 5.7e-7 apart) against a change
-        # of 0.33–0.82 from the initial LoRA
+        # measured after 2 iterations: ‖Δw‖ ≤ 2.1e-6 (largest weight 2.1e-6 apart) against a change
+        # of 0.33–0.84 from the initial LoRA, except DAPO: 4.2e-5 of 0.81 (one weight: AdamW's first
+        # steps move a weight by ≈ lr·sign(g), so a gradient near 0 amplifies rounding); the bound
+        # 1e-3 of the change leaves 20× over DAPO and stays far below a wrong normaliser (28%)
         ref, got = _flat(_weights(one / name / "rank0_it2.safetensors")), _flat(_weights(two / name / "rank0_it2.safetensors"))
         change = float((ref - init).norm())
         assert change > 0.1, name
-        assert float((got - ref).norm()) <= 1e-4 * change, name
+        assert float((got - ref).norm()) <= 1e-3 * change, name
     assert sum(r["select/rounds"] for r in _records(one / "dapo")) > 2  # a group was dropped and refilled
     for name in aggregations:  # the processes' widest completions differed in some update
         widths = [json.loads((two / name / f"rank{r}_info.json").read_text())["widths"] for r in (0, 1)]
