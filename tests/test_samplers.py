@@ -150,7 +150,9 @@ def test_flash_solver_beats_euler_after_the_window_and_keeps_ratio_one(window_st
         assert_recomputed_log_probs(ev.log_prob, traj.log_probs, traj.actions, ev.mean, ev.std)
         trajs[solver] = traj
     assert errors["dpm2"] < errors["euler"] / 4, errors  # measured: euler 0.17–0.22, dpm2 0.02–0.03
-    for field in ("states", "actions", "log_probs", "sigmas"):  # the window is the same under both solvers
+    # the window is the same under both solvers: exact, the steps up to and through it run the same
+    # arithmetic on the same inputs (the solvers differ only after it)
+    for field in ("states", "actions", "log_probs", "sigmas"):
         torch.testing.assert_close(getattr(trajs["dpm2"], field), getattr(trajs["euler"], field), atol=0, rtol=0)
     # compressed as the preset (ratio 0.4) at the reference's 25 steps: fewer evaluations, and at
     # equal (compressed) steps still more accurate than Euler
