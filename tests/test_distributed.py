@@ -245,7 +245,7 @@ def test_sample_share_of_a_process_whose_completions_are_shorter():
     """Per-sample aggregation, token policy (one chunk of all its stored steps): a process weighs its
     rows by its share of the samples whatever its width; a flow policy's per-step chunks keep their
     share of the steps."""
-    from flowrl.trainer import sample_chunk_share
+    from flowrl.objectives import sample_chunk_share
 
     counts = torch.tensor([4.0, 4.0, 3.0, 1.0, 1.0, 1.0])  # global tokens per position (widths 3 and 6)
     assert sample_chunk_share(counts, torch.arange(3), 3, 2, 4) == pytest.approx(0.5)  # before: 11/14 · 0.5
