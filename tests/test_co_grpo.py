@@ -225,7 +225,7 @@ def test_schedule_column_follows_theta_through_its_entropy_feature():
     lp = pol.evaluate(traj, cols).log_prob
     # θ = θ_old: the stored value (the same computation on the same rows; a few ulps of |log p|
     # allowed for a machine whose kernels round the two calls differently)
-    torch.testing.assert_close(lp, traj.log_probs[:, 2:], rtol=0, atol=4 * EPS32 * float(lp.abs().max()))
+    torch.testing.assert_close(lp, traj.log_probs[:, 2:], rtol=0, atol=4 * EPS32 * float(lp.detach().abs().max()))
     grad, = torch.autograd.grad(lp.sum(), toy.module.theta)
 
     def by_hand(th):  # Σ_i log N(a_i; μ_φ(f_i(θ)), σ²), f from the logits of θ at the stored states
@@ -252,7 +252,7 @@ def test_schedule_column_follows_theta_through_its_entropy_feature():
     torch.testing.assert_close(grad, fd, rtol=2e-2, atol=2e-3)
     pol.modules.transformer.requires_grad_(False)  # a frozen token model: the stored features, no model call
     assert not pol.features_follow_theta
-    torch.testing.assert_close(pol.evaluate(traj, cols).log_prob, lp.detach(), rtol=0, atol=4 * EPS32 * float(lp.abs().max()))
+    torch.testing.assert_close(pol.evaluate(traj, cols).log_prob, lp.detach(), rtol=0, atol=4 * EPS32 * float(lp.detach().abs().max()))
 
 
 def test_decode_samples_the_law_of_its_token_column():
