@@ -8,7 +8,8 @@ to reach 0.7 / 0.8 / 0.9; the final KL to the base model. Prints, and with ``--o
 Markdown, one table (statistics over seeds) with the machine load next to the figures, and with
 ``--plot`` draws correctness against training wall time (one line per method, seeds shaded).
 
-Idle machine, every preset, 3 seeds (about an hour per preset and seed on one core at 9,600 samples):
+Idle machine, every preset, 3 seeds, 150 iterations each (estimated from 640-sample runs at ≈ 20 s: about
+5–10 min per run on one core, 2–3 h for 12 presets × 3 seeds two at a time):
 
     python benchmarks/digits.py --seeds 0 1 2 --budget 9600 --jobs 2 --rows rows.jsonl \
         --out benchmarks/results_digits.md --plot benchmarks/results_digits.png
