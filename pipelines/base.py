@@ -45,10 +45,16 @@ def adapter_for(pipe: Any) -> "FlowAdapter":
     )
 
 
+def has_hand_adapter(pipe: Any) -> bool:
+    """True when a family adapter (not the generic modular one) is registered for ``pipe``'s class."""
+    _import_builtin_adapters()
+    return any(cls in _ADAPTERS and _ADAPTERS[cls].__name__ != "ModularAdapter" for cls in type(pipe).__mro__)
+
+
 def _import_builtin_adapters() -> None:
     import importlib
 
-    for mod in ("sd3", "flux", "digits", "wan", "hunyuan_video", "qwen_image"):
+    for mod in ("sd3", "flux", "digits", "wan", "hunyuan_video", "qwen_image", "modular"):
         try:
             importlib.import_module(f"flowrl.pipelines.{mod}")
         except ModuleNotFoundError as exc:  # an adapter module not written yet, or an optional dep
