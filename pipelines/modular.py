@@ -93,6 +93,38 @@ def to_modular(pipe: Any) -> Any:
     return modular
 
 
+# ------------------------------------------------------------------------------------ shims
+# Every family-specific line of the modular path is here, with its reason. A shim is installed on a
+# block instance of the pipeline (so the stock call gets it too) and leaves the block's math alone.
+
+
+def _shim_always_encode_negative(block: Any) -> None:
+    """Wan (diffusers 0.42.1): with guidance off, ``WanTextEncoderStep.encode_prompt`` raises
+    UnboundLocalError, and the Wan denoiser requires ``negative_prompt_embeds`` anyway; so the
+    negative is always encoded (a guider with one condition never reads it)."""
+    if getattr(block, "_flowrl_shimmed", False):
+        return
+    orig = block.encode_prompt
+
+    def encode_prompt(components, prompt, device=None, prepare_unconditional_embeds=True, negative_prompt=None, max_sequence_length=512):
+        pe, ne = orig(components=components, prompt=prompt, device=device, prepare_unconditional_embeds=True, negative_prompt=negative_prompt, max_sequence_length=max_sequence_length)
+        return pe, ne
+
+    block.encode_prompt = encode_prompt
+    block._flowrl_shimmed = True
+
+
+#: block class name → shim installed on each such block of a wrapped pipeline.
+SHIMS = {"WanTextEncoderStep": _shim_always_encode_negative}
+
+
+def _install_shims(blocks: Any) -> None:
+    if type(blocks).__name__ in SHIMS:
+        SHIMS[type(blocks).__name__](blocks)
+    for sub in (getattr(blocks, "sub_blocks", None) or {}).values():
+        _install_shims(sub)
+
+
 class _Captured(Exception):
     """Raised from the intercepted ``loop_step``: carries the loop's block state at step 0."""
 
@@ -146,6 +178,7 @@ class ModularAdapter(FlowAdapter):
         self._step_map: tuple[Tensor, Tensor] | None = None
         self.num_steps: int | None = None
         self._last_prepare: tuple | None = None
+        _install_shims(pipe._blocks)
         self.plan()  # fail early, with the reason, for a loop flowrl cannot drive
 
     # ------------------------------------------------------------------ options and sizes
@@ -203,6 +236,7 @@ class ModularAdapter(FlowAdapter):
             return self._plan
         triggers = {k: v for k, v in self.call_kwargs.items() if v is not None}
         blocks = self.pipe._blocks.get_execution_blocks(prompt="x", **triggers)
+        _install_shims(blocks)
         items = list(blocks.sub_blocks.items())
         loops = [i for i, (_, b) in enumerate(items) if isinstance(b, LoopSequentialPipelineBlocks)]
         name = type(self.pipe).__name__
