@@ -107,14 +107,31 @@ def _peak_mb(device: torch.device) -> float | None:
 
 
 def _stock_output(mp: Any, prompts: list[str], *, steps: int, height: int, width: int, seed: int, call_kwargs: dict) -> torch.Tensor:
+    from flowrl.pipelines.modular import _output_tensor
+
+    call_kwargs = {k: v for k, v in call_kwargs.items() if k != "decode_batch_size"}
     state = mp(prompt=list(prompts), num_inference_steps=steps, height=height, width=width, generator=torch.Generator().manual_seed(seed), output_type="pt", **call_kwargs)
-    for name in ("images", "videos", "video", "image"):
-        v = state.get(name)
-        if isinstance(v, torch.Tensor):
-            return v.float()
-        if isinstance(v, list) and v and isinstance(v[0], torch.Tensor):
-            return torch.stack(v).float()
-    raise TypeError(f"{type(mp).__name__}'s call returned no image or video tensor")
+    return _output_tensor(state, [], type(mp).__name__)
+
+
+def _load_lora_stock(pipe: Any, directory: str, notes: list[str]) -> Any:
+    """Load a LoRA folder the stock way → the modular pipeline to call: the regular pipeline's
+    ``load_lora_weights`` when it has one, else the modular pipeline's, else the transformer's own
+    ``load_lora_adapter`` (diffusers' model-level loader; noted in the row)."""
+    from flowrl.pipelines.modular import to_modular
+
+    for obj in (pipe, None):
+        target = pipe if obj is not None else to_modular(pipe)
+        try:
+            loader = getattr(target, "load_lora_weights")
+        except AttributeError:
+            continue
+        loader(directory)
+        return to_modular(target)
+    mp = to_modular(pipe)
+    mp.transformer.load_lora_adapter(directory, prefix="transformer")
+    notes.append(f"{type(pipe).__name__} has no load_lora_weights; loaded with transformer.load_lora_adapter")
+    return mp
 
 
 def check_pipeline(
@@ -200,8 +217,7 @@ def check_pipeline(
         with tempfile.TemporaryDirectory() as d:
             policy.save_lora(d)
             fresh = copy.deepcopy(original)
-            fresh.load_lora_weights(d)
-            fresh_mp = to_modular(fresh)
+            fresh_mp = _load_lora_stock(fresh, d, res.notes)
             fresh_mp.set_progress_bar_config(disable=True)
             mine = policy.generate(prompts, generator=torch.Generator().manual_seed(seed), num_steps=num_steps)
             # the same guider / call inputs as the policy's, then the stock call with the loaded LoRA

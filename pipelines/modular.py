@@ -114,6 +114,11 @@ def _shim_always_encode_negative(block: Any) -> None:
     block._flowrl_shimmed = True
 
 
+#: encoder block class name → call inputs set (unless given) when guidance is on. SD3: its modular
+#: text encoder encodes a negative only when one is given, so without it the call silently runs with
+#: no CFG; "" is the regular pipeline's negative.
+GUIDED_CALL_DEFAULTS = {"StableDiffusion3TextEncoderStep": {"negative_prompt": ""}}
+
 #: block class name → shim installed on each such block of a wrapped pipeline.
 SHIMS = {"WanTextEncoderStep": _shim_always_encode_negative}
 
@@ -163,6 +168,9 @@ class ModularAdapter(FlowAdapter):
 
     negative_keys: dict[str, str] = {}  # the encoder blocks output the negative rows themselves
     #: call inputs flowrl sets itself (an option naming one is refused).
+    #: samples per decoder run (None: all at once for images, one at a time for video — HunyuanVideo
+    #: 1.5's VAE decodes one video at a time; ``decode_batch_size`` option).
+    decode_batch_size: int | None = None
     RESERVED = ("prompt", "latents", "generator", "height", "width", "num_inference_steps", "output_type", "num_images_per_prompt")
 
     def __init__(self, pipe: Any):
@@ -184,6 +192,9 @@ class ModularAdapter(FlowAdapter):
     # ------------------------------------------------------------------ options and sizes
     def configure(self, **options: Any) -> "ModularAdapter":
         inputs = self.plan().inputs
+        options = dict(options)
+        if "decode_batch_size" in options:
+            self.decode_batch_size = options.pop("decode_batch_size")
         for k, v in options.items():
             if k in self.RESERVED:
                 raise ValueError(f"adapter option '{k}' is set by flowrl itself; use the policy's own setting instead.")
@@ -222,11 +233,10 @@ class ModularAdapter(FlowAdapter):
             self.pipe.update_components(guider=guider.new(guidance_scale=float(guidance_scale)))
             self.clear_prompt_cache()
             self._dummy_row = None
-        # Shim (SD3, and any family whose encoder block encodes a negative only when one is given):
-        # with guidance on, the negative prompt is "" as in the regular pipelines' __call__, else the
-        # modular call silently runs without CFG.
-        if guidance_scale > 1.0 and "negative_prompt" in self.plan().inputs and self.call_kwargs.get("negative_prompt") is None:
-            self.call_kwargs["negative_prompt"] = ""
+        if guidance_scale > 1.0:
+            for _, block in self.plan().encode:
+                for k, v in GUIDED_CALL_DEFAULTS.get(type(block).__name__, {}).items():
+                    self.call_kwargs.setdefault(k, v)
         return float(guidance_scale)
 
     # ------------------------------------------------------------------------- the plan
@@ -418,24 +428,38 @@ class ModularAdapter(FlowAdapter):
     def decode(self, latents: Tensor, *, height: int, width: int) -> Tensor:
         """The blocks after the loop with ``output_type="pt"``: images ``[B, C, H, W]`` or videos
         ``[B, F, C, H, W]``, float32 in [0, 1]."""
+        from flowrl.pipelines.video_common import decode_in_chunks
+
+        chunk = self.decode_batch_size if self.decode_batch_size is not None else (1 if self.is_video else None)
+        return decode_in_chunks(lambda z: self._decode(z, height=height, width=width), latents, chunk)
+
+    @property
+    def is_video(self) -> bool:
+        return "num_frames" in self.plan().inputs
+
+    def _decode(self, latents: Tensor, *, height: int, width: int) -> Tensor:
         plan = self.plan()
         with torch.no_grad():
             state, _ = self._prepare(self._dummy(latents.shape[0]), height=height, width=width, latents=latents)
             state.set("latents", latents)
             state.set("output_type", "pt")
             state = self._run(plan.decode, state)
-        outs = [p.name for _, b in plan.decode[-1:] for p in b.intermediate_outputs]
-        for name in outs + ["images", "videos", "video", "image"]:
-            v = state.get(name)
-            if isinstance(v, Tensor):
-                return v.float()
-            if isinstance(v, list) and v and isinstance(v[0], Tensor):
-                return torch.stack(v).float()
-        raise TypeError(f"{type(self.pipe).__name__}: its decoder blocks returned no tensor (outputs {outs}).")
+        return _output_tensor(state, [p.name for _, b in plan.decode[-1:] for p in b.intermediate_outputs], type(self.pipe).__name__)
 
     def _text_encoders(self) -> list[torch.nn.Module]:
         comps = self.pipe.components
         return [m for name, m in sorted(comps.items()) if name.startswith("text_encoder") and isinstance(m, torch.nn.Module)]
+
+
+def _output_tensor(state: Any, names: list[str], who: str) -> Tensor:
+    """The decoded images / videos in ``state`` (the decoder's output names first) as float32."""
+    for name in names + ["images", "videos", "video", "image"]:
+        v = state.get(name)
+        if isinstance(v, Tensor):
+            return v.float()
+        if isinstance(v, list) and v and isinstance(v[0], Tensor):
+            return torch.stack(v).float()
+    raise TypeError(f"{who}: its decoder blocks returned no image or video tensor (outputs {names}).")
 
 
 def _step_free(guider: Any) -> bool:
