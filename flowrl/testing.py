@@ -114,6 +114,19 @@ def _stock_output(mp: Any, prompts: list[str], *, steps: int, height: int, width
     return _output_tensor(state, [], type(mp).__name__)
 
 
+def check_family(name: str, directory: str, **kwargs: Any) -> CheckResult:
+    """:func:`check_pipeline` on the tiny random pipeline of family ``name``
+    (``flowrl.pipelines.tiny_modular.TINY_FAMILIES``), saved to ``directory`` and loaded back."""
+    from flowrl.pipelines.tiny_modular import TINY_FAMILIES, build_family
+
+    fam = TINY_FAMILIES[name] if name in TINY_FAMILIES else None
+    pipe = build_family(name, directory)
+    h, w = fam.size or (None, None)
+    opts = {"family": name, "guidance_scale": fam.guidance_scale, "adapter_options": dict(fam.options) or None,
+            "prompts": fam.prompts, "height": h, "width": w, "modular_fix": fam.modular_fix}
+    return check_pipeline(pipe, **{**opts, **kwargs})
+
+
 def _load_lora_stock(pipe: Any, directory: str, notes: list[str]) -> Any:
     """Load a LoRA folder the stock way → the modular pipeline to call: the regular pipeline's
     ``load_lora_weights`` when it has one, else the modular pipeline's, else the transformer's own
@@ -149,6 +162,7 @@ def check_pipeline(
     timings: bool = True,
     seed: int = 0,
     verbose: bool = False,
+    modular_fix: Any = None,
 ) -> CheckResult:
     """Run the conformance checks on ``pipe`` (a regular diffusers pipeline diffusers has a modular
     pipeline for, or a ``ModularPipeline``) and return its :class:`CheckResult`. ``pipe`` is not
@@ -160,7 +174,8 @@ def check_pipeline(
     prompts = list(prompts)
     original = pipe
     pipe = copy.deepcopy(pipe)  # the LoRA and guider changes stay on the copy
-    mp = to_modular(pipe)
+    fix = modular_fix or (lambda m: m)
+    mp = fix(to_modular(pipe))
     policy = FlowPolicy.from_pipeline(mp, num_steps=num_steps, guidance_scale=guidance_scale, height=height, width=width, adapter_options=adapter_options)
     res = CheckResult(family=family or type(original).__name__, pipeline=type(mp).__name__, task=_task(mp, policy), guidance=_guidance_form(mp, policy))
     say = print if verbose else (lambda *a, **k: None)
@@ -217,7 +232,7 @@ def check_pipeline(
         with tempfile.TemporaryDirectory() as d:
             policy.save_lora(d)
             fresh = copy.deepcopy(original)
-            fresh_mp = _load_lora_stock(fresh, d, res.notes)
+            fresh_mp = fix(_load_lora_stock(fresh, d, res.notes))
             fresh_mp.set_progress_bar_config(disable=True)
             mine = policy.generate(prompts, generator=torch.Generator().manual_seed(seed), num_steps=num_steps)
             # the same guider / call inputs as the policy's, then the stock call with the loaded LoRA

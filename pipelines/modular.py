@@ -130,6 +130,10 @@ def _install_shims(blocks: Any) -> None:
         _install_shims(sub)
 
 
+#: cond-key suffix of the row lengths of a list-valued conditioning (see ``encode_texts``).
+LENGTHS = "#lengths"
+
+
 class _Captured(Exception):
     """Raised from the intercepted ``loop_step``: carries the loop's block state at step 0."""
 
@@ -185,7 +189,9 @@ class ModularAdapter(FlowAdapter):
         #: the stored-σ → (step index, scheduler timestep) map of the last grid (``velocity`` uses it).
         self._step_map: tuple[Tensor, Tensor] | None = None
         self.num_steps: int | None = None
-        self._last_prepare: tuple | None = None
+        self._template_cache: tuple | None = None
+        #: True once the denoiser showed it needs one timestep per call (see ``velocity``)
+        self._per_step = False
         _install_shims(pipe._blocks)
         self.plan()  # fail early, with the reason, for a loop flowrl cannot drive
 
@@ -261,11 +267,13 @@ class ModularAdapter(FlowAdapter):
                 "[before_denoiser,] denoiser, after_denoiser (the after-denoiser is the scheduler step it replaces)."
             )
         after = subs[-1][1]
-        written = {p.name for p in after.intermediate_outputs}
-        if written - {"latents"}:
+        touched = {p.name for p in after.intermediate_outputs} | {p.name for p in after.inputs if p.name}
+        others = sorted(n for n in touched if n != "latents" and (n.endswith("latents") or n.endswith("scheduler")))
+        if others:
             raise TypeError(
-                f"{name}: its after-denoiser ({type(after).__name__}) updates {sorted(written)}, not only `latents`; "
-                "flowrl's kernels step one latent tensor, so this family is not supported on the modular path."
+                f"{name}: its after-denoiser ({type(after).__name__}) also steps {others}, not only `latents` "
+                "(e.g. LTX-2's joint audio latents); flowrl's kernels step one latent tensor, so this family is "
+                "not supported on the modular path."
             )
         top = loop_name.split(".")[0]
         encode = [(n, b) for n, b in items[:li] if n.split(".")[0] != top]
@@ -280,6 +288,9 @@ class ModularAdapter(FlowAdapter):
         plan = self.plan()
         state = PipelineState()
         given = {**self.call_kwargs, **values}
+        for k in [k for k in given if k.endswith(LENGTHS)]:
+            lengths, key = given.pop(k), k[: -len(LENGTHS)]
+            given[key] = [row[: int(n)] for row, n in zip(given[key], lengths)]
         if self.max_sequence_length is not None and "max_sequence_length" in plan.inputs:
             given.setdefault("max_sequence_length", self.max_sequence_length)
         for k, default in plan.inputs.items():
@@ -306,6 +317,11 @@ class ModularAdapter(FlowAdapter):
                 v = state.get(p.name)
                 if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == len(run):
                     out[p.name] = v[:n]
+                elif isinstance(v, list) and len(v) == len(run) and all(isinstance(x, Tensor) for x in v):
+                    # a list of per-prompt tensors of different lengths (Z-Image's unpadded embeddings):
+                    # rows padded on dim 0, with their lengths, and turned back into the list in _state
+                    out[p.name] = _stack_padded(v[:n])
+                    out[p.name + LENGTHS] = torch.tensor([x.shape[0] for x in v[:n]])
         if not out:
             raise TypeError(f"{type(self.pipe).__name__}: its encoder blocks output no batch-first tensor to condition on.")
         return out
@@ -339,13 +355,15 @@ class ModularAdapter(FlowAdapter):
         return {k: v.unsqueeze(0).expand(batch, *v.shape).contiguous() for k, v in self._dummy_row.items()}
 
     # -------------------------------------------------------------------- prepare stage
-    def _prepare(self, cond: dict[str, Tensor], *, height: int, width: int, latents: Tensor | None = None, generator: torch.Generator | None = None, num_steps: int | None = None) -> tuple[Any, Any]:
-        """Run the prepare stage and enter the loop up to its first step → (state, loop block state)."""
+    def _prepare(self, cond: dict[str, Tensor], *, height: int, width: int, generator: torch.Generator | None = None, num_steps: int | None = None) -> tuple[Any, Any]:
+        """Run the prepare stage and enter the loop up to its first step → (state, loop block state).
+        Its latents are drawn from ``generator`` (a private seeded one when None: the global RNG is
+        never touched); callers that bring their own latents replace them."""
         plan = self.plan()
         steps = int(num_steps or self.num_steps or 10)
-        if latents is None and generator is None:
-            generator = torch.Generator().manual_seed(0)  # never draw from the global RNG
-        state = self._state(height=height, width=width, num_inference_steps=steps, latents=latents, generator=generator, **cond)
+        if generator is None:
+            generator = torch.Generator().manual_seed(0)
+        state = self._state(height=height, width=width, num_inference_steps=steps, generator=generator, **cond)
         state = self._run(plan.prepare, state)
         loop = plan.loop
 
@@ -366,6 +384,18 @@ class ModularAdapter(FlowAdapter):
             else:
                 loop._progress_bar_config = bar
         raise RuntimeError(f"{type(loop).__name__} ran no step (empty timesteps?)")
+
+    def _template(self, cond: dict[str, Tensor], batch: int, *, height: int, width: int) -> Any:
+        """The loop's block state for these conditioning rows, reused while the same tensors come
+        back (every step of a rollout): the prepare stage runs once per rollout, not once per step."""
+        key = (batch, height, width, self.num_steps, tuple(sorted(cond)))
+        hit = self._template_cache
+        if hit is not None and hit[0] == key and all(hit[1][k] is v for k, v in cond.items()):
+            return hit[2]
+        with torch.no_grad():
+            _, bs = self._prepare(cond, height=height, width=width)
+        self._template_cache = (key, dict(cond), bs)
+        return bs
 
     def initial_noise(self, batch: int, *, height: int, width: int, generator: torch.Generator | None) -> Tensor:
         """The prepare stage's own draw from ``generator``: the stock call's initial latents."""
@@ -401,28 +431,44 @@ class ModularAdapter(FlowAdapter):
         return idx, t
 
     def velocity(self, latents: Tensor, sigma: Tensor, cond: dict[str, Tensor], *, guidance_scale: float, height: int, width: int) -> Tensor:
-        """``noise_pred`` of the loop's blocks up to the denoiser (transformer + guider) at each row's σ."""
-        plan = self.plan()
+        """``noise_pred`` of the loop's blocks up to the denoiser (transformer + guider) at each row's σ.
+
+        Rows of different steps share one call (the batched update) with a per-row timestep ``[N]``,
+        unless the family needs one timestep per call — its guider depends on the step (a
+        start/stop window, momentum), or its denoiser branches on ``t`` (Wan 2.2's expert switch):
+        then each step's rows run in their own call with the scalar ``t`` the stock loop passes."""
         idx, t = self._steps_of(sigma)
-        guider = getattr(self.pipe, "guider", None)
-        # a guider whose rule depends on the step (a start/stop window, momentum) sees one step per call
-        groups = [torch.arange(len(idx))] if _step_free(guider) else [torch.nonzero(idx == i).flatten() for i in torch.unique(idx)]
-        out = torch.empty_like(latents) if len(groups) > 1 else None
-        for rows in groups:
+        if self._step_map is None and self.num_steps:
+            self.sigmas(self.num_steps, height=height, width=width)
+            idx, t = self._steps_of(sigma)
+        template = self._template(cond, latents.shape[0], height=height, width=width)
+        single = bool((t == t[0]).all())
+        if single or (not self._per_step and _step_free(getattr(self.pipe, "guider", None))):
+            try:
+                return self._denoise(template, latents, int(idx[0]), t[0] if single else t)
+            except (RuntimeError, TypeError, ValueError):
+                if single:
+                    raise
+                self._per_step = True  # a denoiser that branches on t: one step per call from now on
+        out = None
+        for step in torch.unique(idx).tolist():
+            rows = torch.nonzero(idx == step).flatten()
             sub = {k: (v[rows.to(v.device)] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == len(idx) else v) for k, v in cond.items()}
-            x = latents[rows.to(latents.device)] if len(groups) > 1 else latents
-            with torch.no_grad():
-                _, template = self._prepare(sub, height=height, width=width, latents=x.detach())
-            bs = type(template)(**template.as_dict())
-            bs.latents = x  # keeps the graph (the update differentiates w.r.t. the weights, not x)
-            tt = t[rows].to(x.device)
-            for _, block in plan.steps:
-                _, bs = _call(block, self.pipe, bs, i=int(idx[rows[0]]), t=tt)
-            v = bs.noise_pred
+            bs = self._template(sub, len(rows), height=height, width=width)
+            v = self._denoise(bs, latents[rows.to(latents.device)], step, t[rows[0]])
             if out is None:
-                return v
-            out[rows.to(out.device)] = v.to(out.dtype)
+                out = v.new_empty((latents.shape[0], *v.shape[1:]))
+            out = out.index_copy(0, rows.to(out.device), v)
         return out
+
+    def _denoise(self, template: Any, latents: Tensor, step: int, t: Tensor) -> Tensor:
+        """The loop's sub-blocks before the after-denoiser on a copy of ``template`` → ``noise_pred``."""
+        bs = type(template)(**template.as_dict())
+        bs.latents = latents
+        t = t.to(latents.device)
+        for _, block in self.plan().steps:
+            _, bs = _call(block, self.pipe, bs, i=step, t=t)
+        return bs.noise_pred
 
     # ---------------------------------------------------------------------------- decode
     def decode(self, latents: Tensor, *, height: int, width: int) -> Tensor:
@@ -440,7 +486,7 @@ class ModularAdapter(FlowAdapter):
     def _decode(self, latents: Tensor, *, height: int, width: int) -> Tensor:
         plan = self.plan()
         with torch.no_grad():
-            state, _ = self._prepare(self._dummy(latents.shape[0]), height=height, width=width, latents=latents)
+            state, _ = self._prepare(self._dummy(latents.shape[0]), height=height, width=width)
             state.set("latents", latents)
             state.set("output_type", "pt")
             state = self._run(plan.decode, state)
