@@ -175,9 +175,11 @@ def check_pipeline(
     original = pipe
     pipe = copy.deepcopy(pipe)  # the LoRA and guider changes stay on the copy
     fix = modular_fix or (lambda m: m)
-    mp = fix(to_modular(pipe))
+    mp = to_modular(pipe)
+    pipeline_name = type(mp).__name__
+    mp = fix(mp)
     policy = FlowPolicy.from_pipeline(mp, num_steps=num_steps, guidance_scale=guidance_scale, height=height, width=width, adapter_options=adapter_options)
-    res = CheckResult(family=family or type(original).__name__, pipeline=type(mp).__name__, task=_task(mp, policy), guidance=_guidance_form(mp, policy))
+    res = CheckResult(family=family or type(original).__name__, pipeline=pipeline_name, task=_task(mp, policy), guidance=_guidance_form(mp, policy))
     say = print if verbose else (lambda *a, **k: None)
 
     mp.set_progress_bar_config(disable=True)

@@ -175,6 +175,9 @@ class ModularAdapter(FlowAdapter):
     #: samples per decoder run (None: all at once for images, one at a time for video — HunyuanVideo
     #: 1.5's VAE decodes one video at a time; ``decode_batch_size`` option).
     decode_batch_size: int | None = None
+    #: call inputs that come per row in dict prompts (``{"prompt": ..., "image": ...}``): they select
+    #: the pipeline's blocks as a given input does (an image-editing workflow), so set them before use.
+    row_inputs: frozenset[str] = frozenset()
     RESERVED = ("prompt", "latents", "generator", "height", "width", "num_inference_steps", "output_type", "num_images_per_prompt")
 
     def __init__(self, pipe: Any):
@@ -251,6 +254,7 @@ class ModularAdapter(FlowAdapter):
         if self._plan is not None:
             return self._plan
         triggers = {k: v for k, v in self.call_kwargs.items() if v is not None}
+        triggers.update({k: True for k in self.row_inputs if k not in triggers})
         blocks = self.pipe._blocks.get_execution_blocks(prompt="x", **triggers)
         _install_shims(blocks)
         items = list(blocks.sub_blocks.items())
@@ -305,12 +309,20 @@ class ModularAdapter(FlowAdapter):
         return state
 
     # --------------------------------------------------------------------------- prompts
-    def encode_texts(self, texts: list[str]) -> dict[str, Tensor]:
-        """Rows of every batch-first tensor the encoder blocks output for ``texts``."""
+    def encode_texts(self, texts: list[Any]) -> dict[str, Tensor]:
+        """Rows of every batch-first tensor the encoder blocks output for ``texts``.
+
+        An item is a prompt string or a dict of per-row call inputs (``{"prompt": ..., "image": ...}``;
+        every dict of one call has the same keys); the encoder blocks get each input as a list with
+        one entry per row (``prompt=[...]``, ``image=[...]``), as a batched stock call would."""
         plan = self.plan()
         n = len(texts)
         run = list(texts) if n > 1 else list(texts) + [texts[0]]  # a batch of ≥ 2 tells batch dims apart
-        state = self._run(plan.encode, self._state(prompt=run))
+        if isinstance(run[0], dict):
+            values = {k: [r[k] for r in run] for k in run[0]}
+        else:
+            values = {"prompt": run}
+        state = self._run(plan.encode, self._state(**values))
         out = {}
         for _, block in plan.encode:
             for p in block.intermediate_outputs:
@@ -326,26 +338,31 @@ class ModularAdapter(FlowAdapter):
             raise TypeError(f"{type(self.pipe).__name__}: its encoder blocks output no batch-first tensor to condition on.")
         return out
 
-    def encode_prompts(self, prompts: list[str], *, guidance_scale: float) -> dict[str, Tensor]:
+    def encode_prompts(self, prompts: list[Any], *, guidance_scale: float) -> dict[str, Tensor]:
+        """Conditioning rows of ``prompts`` (strings, or dicts of per-row call inputs: see
+        :meth:`encode_texts`). Strings are cached like every adapter's; dict rows (which may carry
+        images) are encoded on every call, each distinct object once."""
         # The negative rows come from diffusers' encoder (the guider decides whether it needs them),
         # so the base class never adds "" itself. Rows of different lengths (encoders that pad to the
         # batch's longest prompt, with a mask) are zero-padded to the longest, as a batch would be.
-        rows = self._cached_rows(list(dict.fromkeys(prompts)))
-        missing = [t for t in dict.fromkeys(prompts) if t not in rows]
+        keys = [p if isinstance(p, str) else ("#row", id(p)) for p in prompts]
+        items = dict(zip(keys, prompts))
+        rows = self._cached_rows([k for k in items if isinstance(k, str)])
+        missing = [k for k in items if k not in rows]
         if missing:
             caching = self.prompt_cache_bytes > 0 and self._prompt_cache_key is not None
-            calls = [[t] for t in missing] if caching else [missing]
+            calls = [[k] for k in missing] if caching else [missing]
             with self._text_encoders_on(self.device):
-                for texts in calls:
+                for ks in calls:
                     with torch.no_grad():
-                        enc = self.encode_texts(texts)
+                        enc = self.encode_texts([items[k] for k in ks])
                     self.text_encoder_calls += 1
-                    for i, text in enumerate(texts):
-                        rows[text] = {k: v[i] for k, v in enc.items()}
+                    for i, k in enumerate(ks):
+                        rows[k] = {name: v[i] for name, v in enc.items()}
             if caching:
                 self._prompt_cache_key = self._encoder_fingerprint()
-            self._store_rows({t: rows[t] for t in missing})
-        return {k: _stack_padded([rows[p][k] for p in prompts]) for k in rows[prompts[0]]}
+            self._store_rows({k: rows[k] for k in missing if isinstance(k, str)})
+        return {name: _stack_padded([rows[k][name] for k in keys]) for name in rows[keys[0]]}
 
     def _dummy(self, batch: int) -> dict[str, Tensor]:
         """Conditioning rows of "" repeated ``batch`` times: the prepare stage reads only their shapes

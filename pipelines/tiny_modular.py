@@ -105,6 +105,8 @@ class TinyFamily:
     size: tuple[int, int] | None = None
     #: called on the modular pipeline after loading (test-size text contexts)
     modular_fix: Callable[[Any], Any] | None = None
+    #: the regular pipeline class the builder makes (``flowrl check-pipeline FluxPipeline``)
+    pipeline_class: str = ""
 
 
 def _tiny_sd3():
@@ -159,16 +161,29 @@ QWEN_TEXT = {"max_sequence_length": 32}
 
 #: the kit's text-to-image / text-to-video families (name → TinyFamily)
 TINY_FAMILIES: dict[str, TinyFamily] = {
-    "SD3": TinyFamily(_tiny_sd3, guidance_scale=4.5, size=(16, 16)),
-    "Flux": TinyFamily(_tiny_flux, size=(16, 16)),
-    "Flux.2 Klein": TinyFamily(tiny_flux2_klein_pipeline, options={"text_encoder_out_layers": (1, 2, 3), **QWEN_TEXT}, size=(32, 32)),
+    "SD3": TinyFamily(_tiny_sd3, guidance_scale=4.5, size=(16, 16), pipeline_class="StableDiffusion3Pipeline"),
+    "Flux": TinyFamily(_tiny_flux, size=(16, 16), pipeline_class="FluxPipeline"),
+    "Flux.2 Klein": TinyFamily(tiny_flux2_klein_pipeline, options={"text_encoder_out_layers": (1, 2, 3), **QWEN_TEXT}, size=(32, 32), pipeline_class="Flux2KleinPipeline"),
     "Flux.2 Klein base": TinyFamily(lambda: tiny_flux2_klein_pipeline(distilled=False), options={"text_encoder_out_layers": (1, 2, 3), **QWEN_TEXT}, guidance_scale=4.0, size=(32, 32)),
-    "Qwen-Image": TinyFamily(_tiny_qwen, size=(64, 64)),
-    "Z-Image": TinyFamily(tiny_z_image_pipeline, options=QWEN_TEXT, size=(32, 32)),
-    "Wan 2.1 T2V": TinyFamily(_tiny_wan, options=VIDEO, size=(32, 32)),
+    "Qwen-Image": TinyFamily(_tiny_qwen, size=(64, 64), pipeline_class="QwenImagePipeline"),
+    "Z-Image": TinyFamily(tiny_z_image_pipeline, options=QWEN_TEXT, size=(32, 32), pipeline_class="ZImagePipeline"),
+    "Wan 2.1 T2V": TinyFamily(_tiny_wan, options=VIDEO, size=(32, 32), pipeline_class="WanPipeline"),
     "Wan 2.2 T2V (two experts)": TinyFamily(tiny_wan22_pipeline, options=VIDEO, size=(32, 32)),
-    "HunyuanVideo 1.5 T2V": TinyFamily(_tiny_hv15, options=VIDEO, guidance_scale=6.0, prompts=("a cat",), size=(32, 32), modular_fix=short_hunyuan_video15_context),
+    "HunyuanVideo 1.5 T2V": TinyFamily(_tiny_hv15, options=VIDEO, guidance_scale=6.0, prompts=("a cat",), size=(32, 32), modular_fix=short_hunyuan_video15_context, pipeline_class="HunyuanVideo15Pipeline"),
 }
+
+
+def family_of(name: str) -> str | None:
+    """The kit family called ``name`` (case-insensitive), or whose tiny builder makes pipeline class
+    ``name`` (e.g. ``FluxPipeline``, ``Flux2KleinPipeline``); None when there is none."""
+    low = name.lower()
+    for fam in TINY_FAMILIES:
+        if fam.lower() == low:
+            return fam
+    for fam, spec in TINY_FAMILIES.items():
+        if spec.pipeline_class.lower() in (low, low.replace("modular", "")):
+            return fam
+    return None
 
 
 def build_family(name: str, directory: str) -> Any:
