@@ -152,6 +152,42 @@ class _Plan:
     inputs: dict  # execution blocks' input name → default
 
 
+def split_blocks(blocks: Any, name: str = "pipeline") -> _Plan:
+    """Execution blocks (a flat ``SequentialPipelineBlocks``) → encode / prepare / loop / decode.
+
+    Encoders are the blocks before the loop outside the loop's top-level group (``text_encoder``,
+    ``vae_encoder``, ...); the prepare stage is the loop group's blocks before it (``denoise.input``,
+    ``denoise.set_timesteps``, ...). Raises TypeError, with the reason, for a loop flowrl cannot
+    drive: not exactly one loop, a loop not ending in ``after_denoiser``, or an after-denoiser that
+    steps a second latent stream (LTX-2's audio)."""
+    items = list(blocks.sub_blocks.items())
+    loops = [i for i, (_, b) in enumerate(items) if isinstance(b, LoopSequentialPipelineBlocks)]
+    if len(loops) != 1:
+        raise TypeError(f"{name}: flowrl drives pipelines with one denoising loop; its blocks have {len(loops)}.")
+    li = loops[0]
+    loop_name, loop = items[li]
+    subs = list(loop.sub_blocks.items())
+    if not subs or subs[-1][0] != "after_denoiser" or "denoiser" not in loop.sub_blocks:
+        raise TypeError(
+            f"{name}: its loop {type(loop).__name__} has sub-blocks {[n for n, _ in subs]}; flowrl needs "
+            "[before_denoiser,] denoiser, after_denoiser (the after-denoiser is the scheduler step it replaces)."
+        )
+    after = subs[-1][1]
+    touched = {p.name for p in after.intermediate_outputs} | {p.name for p in after.inputs if p.name}
+    others = sorted(n for n in touched if n != "latents" and (n.endswith("latents") or n.endswith("scheduler")))
+    if others:
+        raise TypeError(
+            f"{name}: its after-denoiser ({type(after).__name__}) also steps {others}, not only `latents` "
+            "(e.g. LTX-2's joint audio latents); flowrl's kernels step one latent tensor, so this family is "
+            "not supported on the modular path."
+        )
+    top = loop_name.split(".")[0]
+    encode = [(n, b) for n, b in items[:li] if n.split(".")[0] != top]
+    prepare = [(n, b) for n, b in items[:li] if n.split(".")[0] == top]
+    inputs = {p.name: p.default for p in blocks.inputs if p.name}
+    return _Plan(encode=encode, prepare=prepare, loop=loop, steps=subs[:-1], decode=items[li + 1 :], inputs=inputs)
+
+
 def _call(block: Any, *args: Any, **kwargs: Any) -> Any:
     """``block(*args)``; with gradients enabled, bypass a ``@torch.no_grad()`` on its ``__call__``
     (diffusers' loop blocks carry one) so the update can differentiate through diffusers' code."""
@@ -251,39 +287,12 @@ class ModularAdapter(FlowAdapter):
     # ------------------------------------------------------------------------- the plan
     def plan(self) -> _Plan:
         """Split the execution blocks (for the current options) into encode / prepare / loop / decode."""
-        if self._plan is not None:
-            return self._plan
-        triggers = {k: v for k, v in self.call_kwargs.items() if v is not None}
-        triggers.update({k: True for k in self.row_inputs if k not in triggers})
-        blocks = self.pipe._blocks.get_execution_blocks(prompt="x", **triggers)
-        _install_shims(blocks)
-        items = list(blocks.sub_blocks.items())
-        loops = [i for i, (_, b) in enumerate(items) if isinstance(b, LoopSequentialPipelineBlocks)]
-        name = type(self.pipe).__name__
-        if len(loops) != 1:
-            raise TypeError(f"{name}: flowrl drives pipelines with one denoising loop; its blocks have {len(loops)}.")
-        li = loops[0]
-        loop_name, loop = items[li]
-        subs = list(loop.sub_blocks.items())
-        if not subs or subs[-1][0] != "after_denoiser" or "denoiser" not in loop.sub_blocks:
-            raise TypeError(
-                f"{name}: its loop {type(loop).__name__} has sub-blocks {[n for n, _ in subs]}; flowrl needs "
-                "[before_denoiser,] denoiser, after_denoiser (the after-denoiser is the scheduler step it replaces)."
-            )
-        after = subs[-1][1]
-        touched = {p.name for p in after.intermediate_outputs} | {p.name for p in after.inputs if p.name}
-        others = sorted(n for n in touched if n != "latents" and (n.endswith("latents") or n.endswith("scheduler")))
-        if others:
-            raise TypeError(
-                f"{name}: its after-denoiser ({type(after).__name__}) also steps {others}, not only `latents` "
-                "(e.g. LTX-2's joint audio latents); flowrl's kernels step one latent tensor, so this family is "
-                "not supported on the modular path."
-            )
-        top = loop_name.split(".")[0]
-        encode = [(n, b) for n, b in items[:li] if n.split(".")[0] != top]
-        prepare = [(n, b) for n, b in items[:li] if n.split(".")[0] == top]
-        inputs = {p.name: p.default for p in blocks.inputs if p.name}
-        self._plan = _Plan(encode=encode, prepare=prepare, loop=loop, steps=subs[:-1], decode=items[li + 1 :], inputs=inputs)
+        if self._plan is None:
+            triggers = {k: v for k, v in self.call_kwargs.items() if v is not None}
+            triggers.update({k: True for k in self.row_inputs if k not in triggers})
+            blocks = self.pipe._blocks.get_execution_blocks(prompt="x", **triggers)
+            _install_shims(blocks)
+            self._plan = split_blocks(blocks, type(self.pipe).__name__)
         return self._plan
 
     def _state(self, **values: Any) -> Any:
