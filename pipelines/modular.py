@@ -338,6 +338,10 @@ class ModularAdapter(FlowAdapter):
                 v = state.get(p.name)
                 if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == len(run):
                     out[p.name] = v[:n]
+                elif isinstance(v, Tensor) and v.dim() > 1 and v.shape[0] == 1:
+                    # one row for the whole batch (Qwen-Image encodes its negative prompt once): every
+                    # row gets it, as the input step's batch expansion would give
+                    out[p.name] = v.expand(n, *v.shape[1:])
                 elif isinstance(v, list) and len(v) == len(run) and all(isinstance(x, Tensor) for x in v):
                     # a list of per-prompt tensors of different lengths (Z-Image's unpadded embeddings):
                     # rows padded on dim 0, with their lengths, and turned back into the list in _state
