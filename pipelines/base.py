@@ -38,6 +38,10 @@ def adapter_for(pipe: Any) -> "FlowAdapter":
     for cls in type(pipe).__mro__:
         if cls in _ADAPTERS:
             return _ADAPTERS[cls](pipe)
+    from flowrl.pipelines.modular import MODULAR_EQUIVALENT, to_modular
+
+    if type(pipe).__name__ in MODULAR_EQUIVALENT:  # no hand adapter: diffusers' modular pipeline of it
+        return adapter_for(to_modular(pipe))
     known = ", ".join(sorted(c.__name__ for c in _ADAPTERS))
     raise TypeError(
         f"flowrl has no adapter for {type(pipe).__name__}. Supported pipelines: {known}. "
