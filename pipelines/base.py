@@ -52,7 +52,9 @@ def adapter_for(pipe: Any) -> "FlowAdapter":
 def has_hand_adapter(pipe: Any) -> bool:
     """True when a family adapter (not the generic modular one) is registered for ``pipe``'s class."""
     _import_builtin_adapters()
-    return any(cls in _ADAPTERS and _ADAPTERS[cls].__name__ != "ModularAdapter" for cls in type(pipe).__mro__)
+    from flowrl.pipelines.modular import ModularAdapter
+
+    return any(cls in _ADAPTERS and not issubclass(_ADAPTERS[cls], ModularAdapter) for cls in type(pipe).__mro__)
 
 
 def _import_builtin_adapters() -> None:

@@ -124,14 +124,13 @@ def test_check_pipeline_cli_prints_the_table(capsys):
 
 @pytest.mark.parametrize("family,guidance,options", [
     ("tiny_flux", 1.0, {}),
-    ("tiny_qwen_image", 1.0, {}),
-    ("tiny_qwen_image", 4.0, {"negative_prompt": " "}),  # the hand adapter's default negative
     ("tiny_wan", 1.0, {"num_frames": 5}),
     ("tiny_wan", 5.0, {"num_frames": 5}),
 ])
 def test_hand_adapters_and_the_modular_path_agree_bit_for_bit(family, guidance, options, request):
     """Where docs/models.md says a hand adapter equals the modular path on the same weights: same
-    ODE samples and the same log-probs of one stored trajectory, bit for bit (measured 0)."""
+    ODE samples and the same log-probs of one stored trajectory, bit for bit (measured 0). Qwen-Image
+    passed this too (with and without CFG, negative " " on both sides) and its hand adapter is retired."""
     pipe = request.getfixturevalue(family)
     hand_opts = {k: v for k, v in options.items() if k != "negative_prompt"} or None
     hand = FlowPolicy.from_pipeline(pipe, modular=False, guidance_scale=guidance, num_steps=3, adapter_options=hand_opts)
@@ -144,3 +143,13 @@ def test_hand_adapters_and_the_modular_path_agree_bit_for_bit(family, guidance, 
         lp_hand = hand.evaluate(traj).log_prob
         traj.cond = mod.encode(traj.prompts)
         assert torch.equal(mod.evaluate(traj).log_prob, lp_hand)
+
+
+def test_the_retired_qwen_image_adapter_is_the_modular_path(tiny_qwen_image):
+    from flowrl.pipelines.modular import ModularAdapter
+
+    policy = FlowPolicy(tiny_qwen_image, num_steps=2, guidance_scale=4.0)
+    assert isinstance(policy.adapter, ModularAdapter)
+    assert type(policy.adapter.pipe).__name__ == "QwenImageModularPipeline"
+    assert policy.adapter.call_kwargs["negative_prompt"] == " "  # the model card's negative, as before
+    assert "negative_prompt_embeds" in policy.encode(["a cat"])
