@@ -99,16 +99,17 @@ def to_modular(pipe: Any) -> Any:
 
 
 def _shim_always_encode_negative(block: Any) -> None:
-    """Wan (diffusers 0.42.1): with guidance off, ``WanTextEncoderStep.encode_prompt`` raises
-    UnboundLocalError, and the Wan denoiser requires ``negative_prompt_embeds`` anyway; so the
-    negative is always encoded (a guider with one condition never reads it)."""
+    """Wan and LTX (diffusers 0.42.1): their denoisers require ``negative_prompt_embeds`` even with
+    guidance off, but their text encoders make it only when the guider needs it (Wan's then even
+    raises UnboundLocalError); so the negative is always encoded (a guider with guidance off never
+    reads it)."""
     if getattr(block, "_flowrl_shimmed", False):
         return
     orig = block.encode_prompt
 
-    def encode_prompt(components, prompt, device=None, prepare_unconditional_embeds=True, negative_prompt=None, max_sequence_length=512):
-        pe, ne = orig(components=components, prompt=prompt, device=device, prepare_unconditional_embeds=True, negative_prompt=negative_prompt, max_sequence_length=max_sequence_length)
-        return pe, ne
+    def encode_prompt(*args, **kwargs):
+        kwargs["prepare_unconditional_embeds"] = True
+        return orig(*args, **kwargs)
 
     block.encode_prompt = encode_prompt
     block._flowrl_shimmed = True
@@ -120,7 +121,7 @@ def _shim_always_encode_negative(block: Any) -> None:
 GUIDED_CALL_DEFAULTS = {"StableDiffusion3TextEncoderStep": {"negative_prompt": ""}}
 
 #: block class name → shim installed on each such block of a wrapped pipeline.
-SHIMS = {"WanTextEncoderStep": _shim_always_encode_negative}
+SHIMS = {"WanTextEncoderStep": _shim_always_encode_negative, "LTXTextEncoderStep": _shim_always_encode_negative}
 
 
 def _install_shims(blocks: Any) -> None:

@@ -169,6 +169,7 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
     "Z-Image": TinyFamily(tiny_z_image_pipeline, options=QWEN_TEXT, size=(32, 32), pipeline_class="ZImagePipeline"),
     "Wan 2.1 T2V": TinyFamily(_tiny_wan, options=VIDEO, size=(32, 32), pipeline_class="WanPipeline"),
     "Wan 2.2 T2V (two experts)": TinyFamily(tiny_wan22_pipeline, options=VIDEO, size=(32, 32)),
+    "LTX-Video T2V": TinyFamily(lambda: tiny_ltx_pipeline(), options={"num_frames": 9, "max_sequence_length": 32}, guidance_scale=3.0, size=(32, 32), pipeline_class="LTXPipeline"),
     "HunyuanVideo 1.5 T2V": TinyFamily(_tiny_hv15, options=VIDEO, guidance_scale=6.0, prompts=("a cat",), size=(32, 32), modular_fix=short_hunyuan_video15_context, pipeline_class="HunyuanVideo15Pipeline"),
 }
 
@@ -195,3 +196,29 @@ def build_family(name: str, directory: str) -> Any:
     pipe = save_and_reload(TINY_FAMILIES[name].build(), directory)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_ltx_pipeline(*, seed: int = 0):
+    """An ``LTXPipeline`` (LTX-Video 0.9): T5 text encoder (2 layers, d_model 32),
+    ``AutoencoderKLLTXVideo`` (2 levels, one spatio-temporal downsampling, patch 4: spatial scale 8,
+    temporal 2 → 9 frames of 32×32 give latents ``[B, 8, 5, 4, 4]``), ``LTXVideoTransformer3DModel``
+    (1 layer, 2 heads of 8)."""
+    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
+
+    from flowrl.pipelines.tiny import t5_tokenizer, tiny_t5_encoder
+
+    tok = t5_tokenizer(model_max_length=32)
+    text_encoder = tiny_t5_encoder(vocab_size=len(tok), seed=seed + 2)
+    _seeded(seed)
+    transformer = LTXVideoTransformer3DModel(
+        in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16, num_layers=1, caption_channels=32,
+    ).eval()
+    _seeded(seed + 1)
+    vae = AutoencoderKLLTXVideo(
+        latent_channels=8, block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), layers_per_block=(1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1), spatio_temporal_scaling=(True, False), decoder_spatio_temporal_scaling=(True, False),
+        decoder_inject_noise=(False, False, False), upsample_residual=(False, False), upsample_factor=(1, 1),
+        down_block_types=("LTXVideoDownBlock3D",) * 2, downsample_type=("conv", "conv"),
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05, base_image_seq_len=1024, max_image_seq_len=4096)
+    return LTXPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok, transformer=transformer)
