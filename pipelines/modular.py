@@ -22,6 +22,12 @@ other blocks as diffusers wrote them:
 The loop block's state is captured the way the stock loop builds it: the loop is entered with its
 ``loop_step`` intercepted at step 0, so any field the loop wrapper sets before its first step is there.
 
+Extending it (image-conditioned families): a prompt may be a dict of per-row call inputs
+(``{"prompt": ..., "image": ...}``, :meth:`ModularAdapter.encode_prompts`), fixed call inputs go in
+``configure(**inputs)`` (``FlowPolicy(adapter_options=...)``), inputs that arrive per row but select
+blocks (``image``) in ``ModularAdapter.row_inputs``; a family-specific fix is one entry of ``SHIMS``
+(a block class → a function patching that block instance) or ``GUIDED_CALL_DEFAULTS``, with its reason.
+
 The only requirement: the loop's last sub-block is named ``after_denoiser`` and its scheduler is a
 ``FlowMatchEulerDiscreteScheduler``; and the denoiser writes ``block_state.noise_pred`` (the
 velocity the scheduler's Euler step integrates). Families whose after-denoiser does more than one
