@@ -14,6 +14,8 @@ def _train(args: argparse.Namespace) -> int:
     cfg = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
     if args.set:
         cfg = cfg.override(args.set)
+    if args.allow_config_change:
+        cfg = cfg.override(["train.allow_config_change=true"])
     result = train(cfg)
     from accelerate import PartialState
 
@@ -154,6 +156,7 @@ def _gallery(args: argparse.Namespace) -> int:
 
 
 def _eval_setting_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-run-code", action="store_true", help="allow importing a module (e.g. a reward plug-in) that sits in the run folder itself")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: the run's train.eval_prompts")
     p.add_argument("--seed", type=int, default=None, help="evaluation seed (default: the run's train.seed)")
     p.add_argument("--samples-per-prompt", type=int, default=None, help="default: the run's train.eval_samples_per_prompt")
@@ -222,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("train", help="run a training job from a YAML config")
     p.add_argument("--config", help="YAML config (default: built-in defaults)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. train.learning_rate=1e-4")
+    p.add_argument("--allow-config-change", action="store_true", help="resume with settings that differ from the run's config.yaml (listed otherwise, and refused)")
     p.set_defaults(fn=_train)
     for name, fn, help_text in (
         ("sample", _sample, "sample a run's (or a config's) evaluation prompts into one labelled PNG grid; videos into mp4/WebP files"),
@@ -268,16 +272,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=_pretrain_digits)
     args = parser.parse_args(argv)
+    if getattr(args, "trust_run_code", False):
+        from flowrl.registry import trust_run_code
+
+        trust_run_code()
     try:
         return args.fn(args)
-    except KeyboardInterrupt:
-        print("flowrl: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # clear one-line errors for config/input mistakes
-        if _is_user_error(exc):
+    except Exception as exc:
+        if type(exc).__name__ == "TrainingInterrupted":  # SIGTERM/SIGINT: saved, then stopped
+            print(f"flowrl: {_one_line(exc)}", file=sys.stderr)
+            return exc.exit_code
+        if _is_user_error(exc):  # clear one-line errors for config/input mistakes
             print(f"flowrl: error: {_one_line(exc)}", file=sys.stderr)
             return 2
         raise
+    except KeyboardInterrupt:
+        print("flowrl: interrupted", file=sys.stderr)
+        return 130
 
 
 #: exception types whose message tells the user what to fix (printed as one line, exit code 2)
