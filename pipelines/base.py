@@ -48,7 +48,7 @@ def adapter_for(pipe: Any) -> "FlowAdapter":
 def _import_builtin_adapters() -> None:
     import importlib
 
-    for mod in ("sd3", "flux", "digits", "wan", "hunyuan_video", "qwen_image"):
+    for mod in ("sd3", "flux", "digits", "wan", "hunyuan_video", "qwen_image", "flux_kontext", "wan_i2v"):
         try:
             importlib.import_module(f"flowrl.pipelines.{mod}")
         except ModuleNotFoundError as exc:  # an adapter module not written yet, or an optional dep
