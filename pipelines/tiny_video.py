@@ -79,6 +79,30 @@ def tiny_wan_pipeline(*, seed: int = 0, shift: float = 3.0, unipc: bool = False)
     return WanPipeline(tokenizer=tok, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=scheduler)
 
 
+def tiny_wan_i2v_pipeline(*, seed: int = 0, shift: float = 3.0):
+    """A ``WanImageToVideoPipeline`` (Wan 2.1 I2V layout) with random tiny weights: the transformer
+    takes latents + mask + first-frame condition (in_channels 16 + 4 + 16) and CLIP vision features
+    of the frame through its added key/value projections; a tiny ``CLIPVisionModel`` (32×32 input)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    base = tiny_wan_pipeline(seed=seed, shift=shift)
+    _seeded(seed + 3)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=36, out_channels=16, text_dim=32,
+        freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+        image_dim=16, added_kv_proj_dim=24,
+    ).eval()
+    _seeded(seed + 4)
+    image_encoder = CLIPVisionModel(CLIPVisionConfig(hidden_size=16, projection_dim=16, num_hidden_layers=2, num_attention_heads=2,
+                                                     image_size=32, intermediate_size=24, patch_size=8)).eval()
+    image_processor = CLIPImageProcessor(crop_size={"height": 32, "width": 32}, size={"shortest_edge": 32})
+    return WanImageToVideoPipeline(
+        tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
+        image_processor=image_processor, image_encoder=image_encoder, transformer=transformer,
+    )
+
+
 def tiny_hunyuan_video15_pipeline(*, seed: int = 0, shift: float = 5.0, guidance_scale: float = 6.0):
     """A ``HunyuanVideo15Pipeline`` with random tiny weights (text-to-video), ``shift`` 5 and a CFG
     guider at scale 6 as released."""
@@ -160,6 +184,7 @@ def shrink_hunyuan_text_context(pipe, *, text_tokens: int = 24, glyph_tokens: in
 #: generation defaults of the tiny builders: latents of 2 frames × 4×4 (Wan), 2 × 2×2 (HunyuanVideo), 8×8 (Qwen-Image)
 TEST_DEFAULTS = {
     "WanPipeline": {"size": (32, 32), "num_frames": 5},
+    "WanImageToVideoPipeline": {"size": (32, 32), "num_frames": 5},
     "HunyuanVideo15Pipeline": {"size": (32, 32), "num_frames": 5},
     "QwenImagePipeline": {"size": (64, 64)},
 }
