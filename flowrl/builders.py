@@ -143,6 +143,8 @@ PIPELINE_SOURCES.register("tiny-flux", _tiny_source("tiny_flux_pipeline"))
 PIPELINE_SOURCES.register("tiny-wan", _tiny_video_source("tiny_wan_pipeline"))
 PIPELINE_SOURCES.register("tiny-hunyuan-video", _tiny_video_source("tiny_hunyuan_video15_pipeline"))
 PIPELINE_SOURCES.register("tiny-qwen-image", _tiny_video_source("tiny_qwen_image_pipeline"))
+PIPELINE_SOURCES.register("tiny-flux-kontext", _tiny_source("tiny_flux_kontext_pipeline"))
+PIPELINE_SOURCES.register("tiny-wan-i2v", _tiny_video_source("tiny_wan_i2v_pipeline"))
 
 
 @POLICY_BUILDERS.register("flow")

@@ -29,20 +29,20 @@ from .preprocess import clip_preprocess, normalize, resize
 BACKBONES = {"clip": "clip", "dinov2": "dinov2"}
 
 
-def source_paths(meta: dict | None, n: int) -> list[list[str]]:
+def source_paths(meta: dict | None, n: int, who: str = "edit_consistency") -> list[list[str]]:
     """Per sample, its source image paths from ``meta["image"]`` (a path or a list of paths per
     sample); a clear error when a sample has none."""
     values = (meta or {}).get("image")
     if values is None or len(values) != n:
         raise ValueError(
-            "edit_consistency needs each sample's source image: give the prompt rows an 'image' column "
+            f"{who} needs each sample's source image: give the prompt rows an 'image' column "
             "(a path relative to the prompt file), e.g. {\"prompt\": \"make the sky red\", \"image\": \"photos/1.png\"}."
         )
     out = []
     for i, v in enumerate(values):
         paths = [v] if isinstance(v, (str, Path)) else list(v or [])
         if not paths:
-            raise ValueError(f"edit_consistency: sample {i} has no source image (its prompt row lacks the 'image' column).")
+            raise ValueError(f"{who}: sample {i} has no source image (its prompt row lacks the 'image' column).")
         out.append([str(p) for p in paths])
     return out
 
