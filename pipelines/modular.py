@@ -355,6 +355,18 @@ class ModularAdapter(FlowAdapter):
         """Conditioning rows of ``prompts`` (strings, or dicts of per-row call inputs: see
         :meth:`encode_texts`). Strings are cached like every adapter's; dict rows (which may carry
         images) are encoded on every call, each distinct object once."""
+        from flowrl.prompts import prompt_images
+
+        with_images = next((p for p in prompts if prompt_images(p)), None)
+        if with_images is not None:
+            # The modular blocks take reference images per call (shared by the batch: Flux.2's
+            # `image` list, Qwen-Image-Edit's `image`), not per row, so per-row sources are not wired
+            # yet; ignoring them would train the wrong task.
+            raise ValueError(
+                f"{type(self.pipe).__name__} (modular path): the prompt {str(with_images)!r} carries a source image "
+                "(its row's 'image' column), which this path cannot condition on per row yet. Image-conditioned "
+                "families with an adapter: FluxKontextPipeline, WanImageToVideoPipeline."
+            )
         # The negative rows come from diffusers' encoder (the guider decides whether it needs them),
         # so the base class never adds "" itself. Rows of different lengths (encoders that pad to the
         # batch's longest prompt, with a mask) are zero-padded to the longest, as a batch would be.

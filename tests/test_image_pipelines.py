@@ -93,3 +93,12 @@ def test_rollout_log_probs_recompute_and_the_source_matters(family, request, tmp
     # a prompt without a source image: one clear error
     with pytest.raises(ValueError, match="has none: give its prompt row an 'image' column"):
         policy.rollout(["edit"], group_size=1)
+
+
+def test_modular_path_refuses_per_row_sources_instead_of_ignoring_them(tmp_path):
+    from flowrl.pipelines.modular import to_modular
+    from flowrl.pipelines.tiny import tiny_flux_pipeline
+
+    policy = FlowPolicy.from_pipeline(to_modular(tiny_flux_pipeline()), height=16, width=16, num_steps=2)
+    with pytest.raises(ValueError, match="carries a source image .* cannot condition on per row yet"):
+        policy.rollout([ImagePrompt("edit", [_png(tmp_path / "a.png", 0, 16)])], group_size=1)
