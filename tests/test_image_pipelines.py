@@ -102,3 +102,20 @@ def test_modular_path_refuses_per_row_sources_instead_of_ignoring_them(tmp_path)
     policy = FlowPolicy.from_pipeline(to_modular(tiny_flux_pipeline()), height=16, width=16, num_steps=2)
     with pytest.raises(ValueError, match="carries a source image .* cannot condition on per row yet"):
         policy.rollout([ImagePrompt("edit", [_png(tmp_path / "a.png", 0, 16)])], group_size=1)
+
+
+@pytest.mark.parametrize("family", ["kontext", "wan_i2v"])
+def test_on_policy_ratio_is_one_for_every_kernel(family, request, tmp_path):
+    """The conformance kit's ratio row for the image-conditioned hand adapters: a rollout
+    re-evaluated with unchanged weights gives π_new/π_old = 1 for every stochastic kernel."""
+    from flowrl.testing import stochastic_kernels
+
+    pipe = request.getfixturevalue(family)
+    prompt = ImagePrompt("edit", [_png(tmp_path / "a.png", 0, 32)])
+    errs = {}
+    for kernel in stochastic_kernels():
+        policy = FlowPolicy.from_pipeline(pipe, num_steps=3, sampler=kernel, noise_level=0.5, rollout="window", **FAMILIES[family],
+                                          rollout_params={"window_size": 2, "window_range": (0, 2), "mode": "random"})  # the kit's: σ' > 0
+        traj = policy.rollout([prompt], group_size=2, generator=torch.Generator().manual_seed(1))
+        errs[kernel] = (policy.evaluate(traj).log_prob.double() - traj.log_probs.double()).exp().sub(1).abs().max().item()
+    assert max(errs.values()) < 1e-4, errs
