@@ -44,7 +44,7 @@ class ModelConfig:
     pipeline: str = "tiny-sd3"
     """What to train: a local diffusers pipeline folder, a causal-LM folder (``kind: causal_lm``),
     or a built-in: ``digits`` (the shipped embedded default), ``tiny-sd3``, ``tiny-flux``, ``tiny-wan``,
-    ``tiny-hunyuan-video``, ``tiny-qwen-image``, ``tiny-flux-kontext``, ``tiny-wan-i2v`` (random tiny test models of each family)."""
+    ``tiny-hunyuan-video``, ``tiny-qwen-image``, ``tiny-flux-kontext``, ``tiny-wan-i2v``, ``tiny-hunyuan-video-i2v`` (random tiny test models of each family)."""
     kind: Literal["flow", "causal_lm", "masked"] = "flow"
     """``flow`` wraps a diffusers flow pipeline in FlowPolicy; ``causal_lm`` a transformers LM in TokenPolicy;
     ``masked`` a masked-token image model (aMUSEd) in the Co-GRPO policy (``pipelines/amused.py``)."""

@@ -58,7 +58,7 @@ def has_hand_adapter(pipe: Any) -> bool:
 def _import_builtin_adapters() -> None:
     import importlib
 
-    for mod in ("sd3", "flux", "digits", "wan", "hunyuan_video", "qwen_image", "flux_kontext", "wan_i2v", "modular"):
+    for mod in ("sd3", "flux", "digits", "wan", "hunyuan_video", "qwen_image", "flux_kontext", "wan_i2v", "hunyuan_video_i2v", "modular"):
         try:
             importlib.import_module(f"flowrl.pipelines.{mod}")
         except ModuleNotFoundError as exc:  # an adapter module not written yet, or an optional dep

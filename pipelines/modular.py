@@ -365,7 +365,7 @@ class ModularAdapter(FlowAdapter):
             raise ValueError(
                 f"{type(self.pipe).__name__} (modular path): the prompt {str(with_images)!r} carries a source image "
                 "(its row's 'image' column), which this path cannot condition on per row yet. Image-conditioned "
-                "families with an adapter: FluxKontextPipeline, WanImageToVideoPipeline."
+                "families with an adapter: FluxKontextPipeline, WanImageToVideoPipeline, HunyuanVideo15ImageToVideoPipeline."
             )
         # The negative rows come from diffusers' encoder (the guider decides whether it needs them),
         # so the base class never adds "" itself. Rows of different lengths (encoders that pad to the

@@ -94,3 +94,4 @@ PIPELINE_SOURCES.register("tiny-hunyuan-video", _tiny_video_source("tiny_hunyuan
 PIPELINE_SOURCES.register("tiny-qwen-image", _tiny_video_source("tiny_qwen_image_pipeline"))
 PIPELINE_SOURCES.register("tiny-flux-kontext", _tiny_source("tiny_flux_kontext_pipeline"))
 PIPELINE_SOURCES.register("tiny-wan-i2v", _tiny_video_source("tiny_wan_i2v_pipeline"))
+PIPELINE_SOURCES.register("tiny-hunyuan-video-i2v", _tiny_video_source("tiny_hunyuan_video15_i2v_pipeline"))

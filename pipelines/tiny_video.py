@@ -133,6 +133,33 @@ def tiny_hunyuan_video15_pipeline(*, seed: int = 0, shift: float = 5.0, guidance
     )
 
 
+def tiny_hunyuan_video15_i2v_pipeline(*, seed: int = 0, shift: float = 5.0, guidance_scale: float = 6.0):
+    """A ``HunyuanVideo15ImageToVideoPipeline`` with random tiny weights: the text-to-video tiny's
+    text encoders, a transformer of ``task_type="i2v"`` with ``target_size`` 32 (a 32×32 frame
+    generates 32×32 video, as the stock call picks its size from the frame), a VAE wide enough to
+    encode (its encoder groups channels by 2·latent channels), a tiny ``SiglipVisionModel``."""
+    from diffusers import AutoencoderKLHunyuanVideo15, HunyuanVideo15ImageToVideoPipeline, HunyuanVideo15Transformer3DModel
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    base = tiny_hunyuan_video15_pipeline(seed=seed, shift=shift, guidance_scale=guidance_scale)
+    _seeded(seed + 5)
+    transformer = HunyuanVideo15Transformer3DModel(
+        in_channels=2 * 8 + 1, out_channels=8, num_attention_heads=2, attention_head_dim=16, num_layers=1, num_refiner_layers=1,
+        mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=32, text_embed_2_dim=32, image_embed_dim=16,
+        rope_axes_dim=(4, 6, 6), target_size=32, task_type="i2v",
+    ).eval()
+    _seeded(seed + 6)
+    vae = AutoencoderKLHunyuanVideo15(latent_channels=8, block_out_channels=(16,) * 5, layers_per_block=1, spatial_compression_ratio=16, temporal_compression_ratio=4).eval()
+    _seeded(seed + 7)
+    image_encoder = SiglipVisionModel(SiglipVisionConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8)).eval()
+    c = base.components
+    return HunyuanVideo15ImageToVideoPipeline(
+        text_encoder=c["text_encoder"], tokenizer=c["tokenizer"], transformer=transformer, vae=vae, scheduler=c["scheduler"],
+        text_encoder_2=c["text_encoder_2"], tokenizer_2=c["tokenizer_2"], guider=c["guider"], image_encoder=image_encoder,
+        feature_extractor=SiglipImageProcessor(size={"height": 32, "width": 32}),
+    )
+
+
 def tiny_qwen_image_pipeline(*, seed: int = 0):
     """A ``QwenImagePipeline`` with random tiny weights and the released scheduler settings
     (dynamic shift, ``shift_terminal`` 0.02, exponential time shift)."""
@@ -186,6 +213,7 @@ TEST_DEFAULTS = {
     "WanPipeline": {"size": (32, 32), "num_frames": 5},
     "WanImageToVideoPipeline": {"size": (32, 32), "num_frames": 5},
     "HunyuanVideo15Pipeline": {"size": (32, 32), "num_frames": 5},
+    "HunyuanVideo15ImageToVideoPipeline": {"size": (32, 32), "num_frames": 5},
     "QwenImagePipeline": {"size": (64, 64)},
 }
 
@@ -195,7 +223,7 @@ def with_test_defaults(pipe):
     the adapters) and, for HunyuanVideo 1.5, a short text context (:func:`shrink_hunyuan_text_context`)."""
     name = type(pipe).__name__
     pipe.flowrl_defaults = dict(TEST_DEFAULTS.get(name, {}))
-    if name == "HunyuanVideo15Pipeline":
+    if name in ("HunyuanVideo15Pipeline", "HunyuanVideo15ImageToVideoPipeline"):
         shrink_hunyuan_text_context(pipe)
     pipe.set_progress_bar_config(disable=True)
     return pipe

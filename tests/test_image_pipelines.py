@@ -35,7 +35,15 @@ def wan_i2v(tmp_path_factory):
     return tiny_video.with_test_defaults(save_and_reload(tiny_video.tiny_wan_i2v_pipeline(), tmp_path_factory.mktemp("wan_i2v")))
 
 
-FAMILIES = {"kontext": dict(height=32, width=32), "wan_i2v": dict(height=32, width=32)}
+@pytest.fixture(scope="module")
+def hv15_i2v(tmp_path_factory):
+    from flowrl.pipelines import tiny_video
+    from flowrl.pipelines.tiny import save_and_reload
+
+    return tiny_video.with_test_defaults(save_and_reload(tiny_video.tiny_hunyuan_video15_i2v_pipeline(), tmp_path_factory.mktemp("hv15_i2v")))
+
+
+FAMILIES = {"kontext": dict(height=32, width=32), "wan_i2v": dict(height=32, width=32), "hv15_i2v": dict(height=32, width=32)}
 
 
 def _policy(pipe, family, **kw):
@@ -50,6 +58,14 @@ def _stock(pipe, family, prompts, images, guidance):
         kw = dict(true_cfg_scale=guidance, negative_prompt="" if guidance > 1 else None, _auto_resize=False, max_area=32 * 32)
         outs = [pipe(prompt=p, image=Image.open(i[0]).convert("RGB"), height=32, width=32, num_inference_steps=2, generator=g, output_type="pt", **kw).images
                 for p, i in zip(prompts, images)]
+    elif family == "hv15_i2v":  # size from the frame (target_size bucket: 32×32); CFG from the guider
+        guider = pipe.guider
+        pipe.guider = guider.new(guidance_scale=guidance)
+        try:
+            outs = [pipe(prompt=p, image=Image.open(i[0]).convert("RGB"), num_frames=5, num_inference_steps=2, generator=g, output_type="pt").frames
+                    for p, i in zip(prompts, images)]
+        finally:
+            pipe.guider = guider
     else:
         kw = dict(guidance_scale=guidance, negative_prompt="" if guidance > 1 else None, num_frames=5)
         outs = [pipe(prompt=p, image=Image.open(i[0]).convert("RGB"), height=32, width=32, num_inference_steps=2, generator=g, output_type="pt", **kw).frames
@@ -57,7 +73,7 @@ def _stock(pipe, family, prompts, images, guidance):
     return torch.cat(outs)
 
 
-@pytest.mark.parametrize("family", ["kontext", "wan_i2v"])
+@pytest.mark.parametrize("family", ["kontext", "wan_i2v", "hv15_i2v"])
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
 def test_ode_generate_equals_the_stock_image_conditioned_call(family, guidance, request, tmp_path):
     pipe = request.getfixturevalue(family)
@@ -72,7 +88,7 @@ def test_ode_generate_equals_the_stock_image_conditioned_call(family, guidance, 
     torch.testing.assert_close(ours, stock.float(), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["kontext", "wan_i2v"])
+@pytest.mark.parametrize("family", ["kontext", "wan_i2v", "hv15_i2v"])
 def test_rollout_log_probs_recompute_and_the_source_matters(family, request, tmp_path):
     pipe = request.getfixturevalue(family)
     a, b = _png(tmp_path / "a.png", 0, 32), _png(tmp_path / "b.png", 1, 32)
@@ -104,7 +120,7 @@ def test_modular_path_refuses_per_row_sources_instead_of_ignoring_them(tmp_path)
         policy.rollout([ImagePrompt("edit", [_png(tmp_path / "a.png", 0, 16)])], group_size=1)
 
 
-@pytest.mark.parametrize("family", ["kontext", "wan_i2v"])
+@pytest.mark.parametrize("family", ["kontext", "wan_i2v", "hv15_i2v"])
 def test_on_policy_ratio_is_one_for_every_kernel(family, request, tmp_path):
     """The conformance kit's ratio row for the image-conditioned hand adapters: a rollout
     re-evaluated with unchanged weights gives π_new/π_old = 1 for every stochastic kernel."""
