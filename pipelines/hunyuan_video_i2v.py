@@ -9,8 +9,8 @@ embeddings of text-to-video. Text, σ grid, guider-driven CFG (the negative bran
 conditioning) and decoding are :class:`~flowrl.pipelines.hunyuan_video.HunyuanVideo15Adapter`'s.
 
 Difference from the stock call: the generation size is ``sampler.height``/``width`` (default: the
-transformer's ``target_size`` bucket nearest the frame's aspect ratio, as the stock call picks for
-each image); the stock call always uses that bucket. MeanFlow-distilled transformers
+16:9 bucket of the transformer's ``target_size``, as for text-to-video); the stock call uses the
+bucket nearest each frame's aspect ratio. MeanFlow-distilled transformers
 (``use_meanflow``) are refused: their second timestep depends on the step index.
 """
 
