@@ -236,7 +236,7 @@ class ModularAdapter(FlowAdapter):
 
     # ------------------------------------------------------------------ options and sizes
     def configure(self, **options: Any) -> "ModularAdapter":
-        inputs = self.plan().inputs
+        inputs = {p.name for p in self.pipe._blocks.inputs if p.name} | set(self.plan().inputs)  # trigger inputs (image) included
         options = dict(options)
         if "decode_batch_size" in options:
             self.decode_batch_size = options.pop("decode_batch_size")
