@@ -66,8 +66,22 @@ class ImageConditionMixin:
             cond[k] = torch.stack([r[k] for r in rows])
         return cond
 
+    def _image_encoder_fingerprint(self) -> tuple:
+        """Identity of the weights that encode images (VAE, image encoder): it changes when a
+        parameter is replaced, moved, cast or modified in place, which empties the image cache."""
+        fp = []
+        for name in ("vae", "image_encoder"):
+            module = getattr(self.pipe, name, None)
+            if isinstance(module, torch.nn.Module):
+                fp.extend((id(p), p._version, p.dtype, p.device) for p in module.parameters())
+        return tuple(fp)
+
     def _image_rows(self, paths: tuple[str, ...], height: int, width: int) -> dict[str, Tensor]:
         cache: OrderedDict = self.__dict__.setdefault("_image_cache", OrderedDict())
+        fingerprint = self._image_encoder_fingerprint()
+        if self.__dict__.get("_image_cache_key") != fingerprint:
+            cache.clear()
+            self._image_cache_key = fingerprint
         key = (paths, height, width)
         hit = cache.get(key)
         if hit is not None:

@@ -1,6 +1,8 @@
-"""Image-conditioned families (Flux Kontext editing, Wan 2.1 image-to-video): the source image of
+"""Image-conditioned families (Flux Kontext editing, Wan 2.1 and HunyuanVideo 1.5 image-to-video): the source image of
 each prompt row is in the conditioning; ODE sampling reproduces the stock call from the same
 generator; recomputed log-probs equal the rollout's; another source gives another sample."""
+
+import copy
 
 import pytest
 import torch
@@ -135,3 +137,27 @@ def test_on_policy_ratio_is_one_for_every_kernel(family, request, tmp_path):
         traj = policy.rollout([prompt], group_size=2, generator=torch.Generator().manual_seed(1))
         errs[kernel] = (policy.evaluate(traj).log_prob.double() - traj.log_probs.double()).exp().sub(1).abs().max().item()
     assert max(errs.values()) < 1e-4, errs
+
+
+def test_image_conditioning_is_cached_per_source_and_size_and_dropped_when_the_vae_changes(kontext, tmp_path):
+    a, b = _png(tmp_path / "a.png", 0, 32), _png(tmp_path / "b.png", 1, 32)
+    policy = _policy(kontext, "kontext")
+    ad = policy.adapter
+    c1 = policy.encode([ImagePrompt("x", [a]), ImagePrompt("y", [a]), ImagePrompt("x", [b])])
+    assert len(ad._image_cache) == 2  # per source image (and size), not per text
+    assert torch.equal(c1["image_latents"][0], c1["image_latents"][1]) and not torch.equal(c1["image_latents"][0], c1["image_latents"][2])
+    policy.height = policy.width = 16
+    policy.encode([ImagePrompt("x", [a])])
+    assert len(ad._image_cache) == 3
+    original = kontext.vae
+    try:
+        kontext.vae = copy.deepcopy(original)  # the module fixture's VAE stays untouched
+        before = policy.encode([ImagePrompt("x", [a])])["image_latents"]
+        assert len(ad._image_cache) == 1  # another VAE: the cache starts over
+        with torch.no_grad():
+            for p in kontext.vae.encoder.parameters():
+                p.mul_(1.5)  # in-place changes of the VAE's weights
+        after = policy.encode([ImagePrompt("x", [a])])["image_latents"]
+        assert len(ad._image_cache) == 1 and not torch.equal(before, after)  # re-encoded, not served stale
+    finally:
+        kontext.vae = original
