@@ -55,7 +55,7 @@ from torch import Tensor
 
 from flowrl.advantages import AdvantageInputs, estimator_reads, make_estimator
 from flowrl.config import ConfigError, ResolvedConfig, TrainConfig
-from flowrl.losses import LossInputs, policy_loss
+from flowrl.losses import LossInputs, loss_reads_entropy, policy_loss
 from flowrl.policy import Trajectories, _index, group_step_chunks, slice_eval
 from flowrl import checkpointing, tracking
 from flowrl.builders import (  # noqa: F401  (re-exported: the loop's public helpers lived here)
@@ -99,6 +99,8 @@ def policy_gradient_chunks(policy: Any, batch: Trajectories, chunks: list[Tensor
     union = torch.cat(list(chunks))
     with ctx.autocast():
         current_all = policy.evaluate(batch, union)
+    # one update per batch (the trainer marked it): the old log-probs are the current ones detached, as TRL
+    on_policy = batch.meta.get("old_log_probs") == "current"
     reference_all = None
     if spec.kl and spec.beta > 0:
         with torch.no_grad(), policy.reference(), ctx.autocast():
@@ -112,7 +114,7 @@ def policy_gradient_chunks(policy: Any, batch: Trajectories, chunks: list[Tensor
         adv = adv[:, steps] if adv.dim() == 2 else adv[:, None].expand(-1, len(steps))
         inputs = LossInputs(
             log_prob=current.log_prob.float(),
-            old_log_prob=batch.log_probs[:, steps].to(current.log_prob.device).float(),
+            old_log_prob=current.log_prob.detach().float() if on_policy else batch.log_probs[:, steps].to(current.log_prob.device).float(),
             advantages=adv.to(current.log_prob.device).float(),
             mask=batch.mask[:, steps].to(current.log_prob.device).float(),
             current=current,
@@ -127,6 +129,25 @@ def policy_gradient_chunks(policy: Any, batch: Trajectories, chunks: list[Tensor
 
 
 policy_gradient_objective.evaluate_chunks = policy_gradient_chunks  # type: ignore[attr-defined]
+policy_gradient_objective.old_log_probs_from_current = True  # type: ignore[attr-defined]
+
+
+def old_log_probs_reason(train: Any, batch_rows: int, estimator: Any, objective: Any) -> str | None:
+    """Why an iteration needs the rollout's log-probs recomputed by a full forward pass, or None when
+    they are exactly the current ones detached: one pass (``inner_epochs`` 1) and one optimizer step
+    over the batch (``batch_rows`` ≤ ``train_batch_size``), an objective that takes the old log-probs
+    from its own evaluation (``old_log_probs_from_current``), and an estimator that reads neither the
+    stored log-probs nor the policy's drift. (TRL skips the pass under the same condition.)"""
+    if train.inner_epochs > 1:
+        return f"train.inner_epochs={train.inner_epochs}: the later passes are off-policy"
+    if batch_rows > train.train_batch_size:
+        return f"{batch_rows} samples over train.train_batch_size={train.train_batch_size}: the later optimizer steps are off-policy"
+    inner = getattr(objective, "func", objective)
+    if not getattr(inner, "old_log_probs_from_current", False):
+        return "the objective reads the stored log-probs"
+    if "log_probs" in estimator_reads(estimator)[0] or hasattr(estimator, "observe_shift"):
+        return "the advantage estimator reads the stored log-probs"
+    return None
 
 
 def objective_chunk_losses(objective: Any, policy: Any, batch: Trajectories, chunks: list[Tensor], ctx: UpdateContext) -> list[tuple[Tensor, dict[str, float]]]:
@@ -303,6 +324,9 @@ class Trainer:
             model.requires_grad_(True)
             if self.resolved.preset.loss.beta > 0 and self.resolved.preset.loss.kl:
                 self.policy.set_reference_model(copy.deepcopy(model))
+        if hasattr(self.policy, "recompute_old_log_probs"):  # token policies: the trainer recomputes when needed
+            self.policy.recompute_old_log_probs = False
+            self.policy.compute_entropy = loss_reads_entropy(self.resolved.preset.loss)
         for p in getattr(self.policy, "always_trainable_parameters", lambda: [])():
             p.requires_grad_(True)  # trained in full even when the rest of the model gets LoRA
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -433,6 +457,7 @@ class Trainer:
         t1 = time.perf_counter()
         # groups never span processes; statistics are computed on the gathered rewards
         rows = self._global_rows(traj.group_ids, one_round=select_metrics.get("select/rounds", 1.0) <= 1)
+        self._settle_old_log_probs(traj, rows.total)
         all_rewards, all_groups = self._gather_uneven(combined.float().cpu()), self._gather_uneven(traj.group_ids.cpu())
         names = list(names or [])
         all_table = self._gather_uneven(table.float().cpu() if table is not None else torch.zeros(0, len(names)))
@@ -498,6 +523,17 @@ class Trainer:
         record["time/update"] = t2 - t1
         self._last_traj = traj
         return record
+
+    def _settle_old_log_probs(self, traj: Trajectories, batch_rows: int) -> None:
+        """A token policy samples without recomputing its log-probs: mark the batch ``"current"``
+        when that is exact (:func:`old_log_probs_reason`), else recompute them once (one forward)."""
+        if traj.meta.get("old_log_probs") != "sampling":
+            return
+        if old_log_probs_reason(self.config.train, batch_rows, self.estimator, self.objective) is None:
+            traj.meta["old_log_probs"] = "current"
+            return
+        with self.gathered_weights(), torch.no_grad(), self.autocast():
+            traj.log_probs = self.policy.old_log_probs(traj) if len(traj) else traj.log_probs
 
     def _reward_metrics(self, all_table: Tensor, names: list[str]) -> dict[str, float]:
         """The reward set's metrics over all processes: column mean/std of the gathered table,
