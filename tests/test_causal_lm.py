@@ -289,3 +289,16 @@ def test_rollout_without_recompute_keeps_sampling_log_probs(policy):
     m = a.mask
     torch.testing.assert_close(b.log_probs[m], a.log_probs[m], atol=1e-5, rtol=0)
     assert torch.equal(policy.old_log_probs(b)[m], a.log_probs[m]) and b.meta["old_log_probs"] == "recomputed"
+
+
+def test_shared_prompt_pass_samples_what_one_pass_per_sample_samples(policy):
+    # a group's prompt runs once and its KV cache is repeated G times: the same draws (per-prompt
+    # streams) and log-probs as running the prompt once per sample
+    from flowrl.seeding import PromptGenerators
+
+    u_ids, u_attn = policy.encode_prompts(PROMPTS)
+    shared = policy._sample(u_ids, u_attn, PromptGenerators(0, "t", keys=[0, 1]), repeats=3)
+    per_row = policy._sample(u_ids.repeat_interleave(3, 0), u_attn.repeat_interleave(3, 0), PromptGenerators(0, "t", keys=[0, 1]))
+    assert torch.equal(shared[0], per_row[0]) and torch.equal(shared[1], per_row[1])
+    # measured: equal to 1e-7 (the prompt pass in another batch shape)
+    torch.testing.assert_close(shared[2], per_row[2], atol=1e-5, rtol=0)
