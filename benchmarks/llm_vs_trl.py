@@ -360,6 +360,61 @@ def run_flowrl(args: argparse.Namespace, model_dir: str, adapter_dir: str) -> No
     emit({"done": True})
 
 
+# ------------------------------------------------------------------------------ samplers alone
+def compare_samplers(args: argparse.Namespace, model_dir: str, adapter_dir: str, rounds: int) -> None:
+    """CPU seconds of one batch of sampling (the first step's prompts × G, one thread), interleaved
+    rounds: flowrl's loop with one prompt pass per group (its KV cache repeated G times), the same
+    loop with one prompt pass per sample, and transformers' ``generate`` with a logits processor
+    recording the chosen tokens' log-probs (what TRL's sampling runs)."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    from flowrl.pipelines.causal_lm import TokenPolicy
+    from flowrl.seeding import PromptGenerators
+
+    torch.set_num_threads(1)
+    model, tok = load_model(model_dir, adapter_dir)
+    policy = TokenPolicy(model, tok, max_new_tokens=args.max_new_tokens, temperature=1.0)
+    prompts = step_prompts(args)[: args.prompts_per_step]
+    G = args.num_generations
+    u_ids, u_attn = policy.encode_prompts(prompts)
+
+    class Record(LogitsProcessor):
+        def __init__(self):
+            self.prev, self.lps = None, []
+
+        def __call__(self, input_ids, scores):
+            if self.prev is not None:
+                self.lps.append(self.prev.gather(-1, input_ids[:, -1:])[:, 0])
+            self.prev = torch.log_softmax(scores.float(), -1)
+            return scores
+
+    def flowrl_shared():
+        policy._sample(u_ids, u_attn, PromptGenerators(args.seed, "bench", keys=range(len(prompts))), repeats=G)
+
+    def flowrl_per_sample():
+        policy._sample(u_ids.repeat_interleave(G, 0), u_attn.repeat_interleave(G, 0), PromptGenerators(args.seed, "bench", keys=range(len(prompts))))
+
+    def hf_generate():
+        with torch.no_grad():
+            model.generate(input_ids=u_ids.repeat_interleave(G, 0), attention_mask=u_attn.repeat_interleave(G, 0), do_sample=True,
+                           temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=args.max_new_tokens, pad_token_id=policy.pad_token_id,
+                           eos_token_id=policy.eos_token_ids, logits_processor=LogitsProcessorList([Record()]))
+
+    fns = {"flowrl, one prompt pass per group": flowrl_shared, "flowrl, one prompt pass per sample": flowrl_per_sample,
+           "transformers generate + recording processor": hf_generate}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    model.eval()
+    for r in range(rounds):
+        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            t0 = time.process_time()
+            fns[name]()
+            times[name].append(time.process_time() - t0)
+    print(f"sampling one batch ({len(prompts)} prompts × G={G}, up to {args.max_new_tokens} tokens), CPU seconds, median of {rounds} rounds:")
+    for name, ts in times.items():
+        print(f"  {name:<46} {statistics.median(ts):7.2f}")
+
+
 # -------------------------------------------------------------------------------------- driver
 class Worker:
     def __init__(self, side: str, args: argparse.Namespace, model_dir: str, adapter_dir: str):
@@ -412,6 +467,8 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="use the tiny random Llama even when the wheel is installed")
     ap.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "flowrl_llm_vs_trl"), help="where the float32 model and the adapter are kept")
     ap.add_argument("--verbose", action="store_true", help="show the workers' stderr")
+    ap.add_argument("--samplers", type=int, default=0, metavar="ROUNDS",
+                    help="instead: time the sampling loops alone (flowrl's, with and without the shared prompt pass, and transformers' generate), ROUNDS interleaved rounds")
     ap.add_argument("--worker", choices=("trl", "flowrl"), help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--adapter-dir", help=argparse.SUPPRESS)
@@ -429,6 +486,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     model_dir, adapter_dir, desc = prepare(work, args)
     print(f"model: {desc}", flush=True)
+    if args.samplers:
+        compare_samplers(args, model_dir, adapter_dir, args.samplers)
+        return
 
     workers = {side: Worker(side, args, model_dir, adapter_dir) for side in ("trl", "flowrl")}
     try:
