@@ -498,6 +498,58 @@ class TokenPolicy(PolicyBase):
             return None
         return decoder, head
 
+    def _shared_prompt_hidden(self, decoder: torch.nn.Module, ids: Tensor, attn: Tensor, positions: Tensor, T: int) -> Tensor | None:
+        """Hidden states ``[b, T, H]`` of the positions that predict the completions, with each
+        distinct prompt run once: per prompt one packed sequence ``[prompt, completion_1, …,
+        completion_k]`` whose attention mask lets each completion see the prompt and itself
+        (causally), with the stored position ids. The same attention as one row per sample, so the
+        same numbers up to float rounding, with the prompt computed once per group instead of G times.
+        None (the caller runs one row per sample) when no prompt repeats, or when the model's
+        attention does not take a custom mask (only ``sdpa`` and ``eager`` do)."""
+        impl = getattr(getattr(self.model, "config", None), "_attn_implementation", None)
+        b, L = ids.shape
+        P = L - T
+        if impl not in ("sdpa", "eager") or P < 1 or b < 2:
+            return None
+        prompt_key = torch.cat([ids[:, :P] * attn[:, :P], attn[:, :P]], dim=1)
+        uniq, inverse = torch.unique(prompt_key, dim=0, return_inverse=True)
+        g = uniq.shape[0]
+        if g == b:
+            return None
+        device = ids.device
+        counts = torch.bincount(inverse, minlength=g)
+        k_max = int(counts.max())
+        width = P + k_max * T
+        # slot of each row inside its prompt's packed sequence (rows in their order)
+        order = torch.argsort(inverse, stable=True)
+        slot = torch.empty(b, dtype=torch.long, device=device)
+        starts = torch.cumsum(counts, 0) - counts
+        slot[order] = torch.arange(b, device=device) - starts[inverse[order]]
+        first = torch.full((g,), b, dtype=torch.long, device=device).scatter_reduce(0, inverse, torch.arange(b, device=device), reduce="amin")
+        pad_id = self.pad_token_id
+        p_ids = torch.full((g, width), pad_id, dtype=ids.dtype, device=device)
+        p_pos = torch.zeros((g, width), dtype=positions.dtype, device=device)
+        valid = torch.zeros((g, width), dtype=torch.bool, device=device)
+        segment = torch.full((g, width), -1, dtype=torch.long, device=device)  # -1: prompt, j: completion slot j
+        p_ids[:, :P], p_pos[:, :P], valid[:, :P] = ids[first, :P], positions[first, :P], attn[first, :P].bool()
+        cols = P + slot[:, None] * T + torch.arange(T, device=device)[None, :]  # [b, T]
+        rows_g = inverse[:, None].expand(-1, T)
+        p_ids[rows_g, cols], p_pos[rows_g, cols] = ids[:, P:], positions[:, P:]
+        valid[rows_g, cols] = attn[:, P:].bool()
+        segment[rows_g, cols] = slot[:, None].expand(-1, T)
+        # key k visible to query q: k valid, k ≤ q, and k in the prompt or in q's own completion; every
+        # query sees itself (a padded query would otherwise see nothing: NaN in the softmax)
+        idx = torch.arange(width, device=device)
+        causal = idx[None, :] <= idx[:, None]
+        same = (segment[:, None, :] == -1) | (segment[:, None, :] == segment[:, :, None])
+        allowed = (causal[None] & same & valid[:, None, :]) | torch.eye(width, dtype=torch.bool, device=device)[None]
+        dtype = next(decoder.parameters()).dtype
+        mask = torch.zeros((g, 1, width, width), dtype=dtype, device=device).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+        hidden = decoder(input_ids=p_ids, attention_mask=mask, position_ids=p_pos).last_hidden_state  # [g, width, H]
+        # position predicting completion token t: the prompt's last position for t = 0, else the row's token t − 1
+        src_cols = torch.cat([torch.full((b, 1), P - 1, dtype=torch.long, device=device), cols[:, :-1]], dim=1)
+        return hidden[inverse[:, None].expand(-1, T), src_cols]
+
     def _chosen(self, ids: Tensor, attn: Tensor, positions: Tensor, actions: Tensor, temperature: float, want_entropy: bool) -> tuple[Tensor, Tensor | None]:
         """Chosen-token log-probs (and entropies) ``[b, T]`` of one micro-batch, the output layer
         run over ``logit_chunk_elements / (b · V)`` positions at a time."""
@@ -509,8 +561,10 @@ class TokenPolicy(PolicyBase):
             head, source = None, logits
         else:
             decoder, head = split
-            hidden = decoder(input_ids=ids, attention_mask=attn, position_ids=positions).last_hidden_state
-            source = hidden[:, -(T + 1) : -1]
+            source = self._shared_prompt_hidden(decoder, ids, attn, positions, T)
+            if source is None:
+                hidden = decoder(input_ids=ids, attention_mask=attn, position_ids=positions).last_hidden_state
+                source = hidden[:, -(T + 1) : -1]
         vocab = int(head.out_features if isinstance(head, torch.nn.Linear) else getattr(getattr(self.model, "config", None), "vocab_size", 0) or source.shape[-1])
         step = max(1, self.logit_chunk_elements // max(1, b * vocab))
         checkpoint = head is not None and torch.is_grad_enabled() and source.requires_grad
