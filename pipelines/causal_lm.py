@@ -504,8 +504,9 @@ class TokenPolicy(PolicyBase):
         completion_k]`` whose attention mask lets each completion see the prompt and itself
         (causally), with the stored position ids. The same attention as one row per sample, so the
         same numbers up to float rounding, with the prompt computed once per group instead of G times.
-        None (the caller runs one row per sample) when no prompt repeats, or when the model's
-        attention does not take a custom mask (only ``sdpa`` and ``eager`` do)."""
+        None (the caller runs one row per sample) when no prompt repeats, when the model's attention
+        does not take a custom mask (only ``sdpa`` and ``eager`` do), or when the packed attention
+        (dense over ``P + k·T`` positions) would cost over twice the per-row one (long completions)."""
         impl = getattr(getattr(self.model, "config", None), "_attn_implementation", None)
         b, L = ids.shape
         P = L - T
@@ -520,6 +521,10 @@ class TokenPolicy(PolicyBase):
         counts = torch.bincount(inverse, minlength=g)
         k_max = int(counts.max())
         width = P + k_max * T
+        if g * width * width > 2 * b * L * L:
+            # the packed attention scores (dense, g·width²) would cost over twice the rows' (b·L²):
+            # long completions, where the prompt is a small share anyway
+            return None
         # slot of each row inside its prompt's packed sequence (rows in their order)
         order = torch.argsort(inverse, stable=True)
         slot = torch.empty(b, dtype=torch.long, device=device)
