@@ -160,8 +160,9 @@ def test_one_update_per_batch_skips_the_old_log_prob_pass(tmp_path, monkeypatch)
     """One pass and one optimizer step per batch: the rollout's log-probs are not recomputed (no
     second forward, as TRL) and the loss takes the current log-probs detached (ratio exactly 1); the
     run equals one that recomputes them, to float rounding. μ = 2 recomputes once per batch."""
-    import flowrl.trainer as trainer_mod
-    from flowrl.trainer import Trainer, old_log_probs_reason
+    import flowrl.objectives as objectives_mod
+    from flowrl.objectives import old_log_probs_reason
+    from flowrl.trainer import Trainer
 
     calls = []
     real = TokenPolicy.old_log_probs
@@ -178,7 +179,7 @@ def test_one_update_per_batch_skips_the_old_log_prob_pass(tmp_path, monkeypatch)
     assert trainer.policy.compute_entropy is False  # no loss of this preset reads entropies
     assert all(r["ratio/mean"] == 1.0 and r["ratio/max_abs_log"] == 0.0 for r in skipped)
     # the same run with the recompute forced (as before): same losses and weights to float rounding
-    monkeypatch.setattr(trainer_mod, "old_log_probs_reason", lambda *a: "forced")
+    monkeypatch.setattr(objectives_mod, "old_log_probs_reason", lambda *a: "forced")
     trainer2 = Trainer(_config(tmp_path, "grpo", iterations=2, output_dir=str(tmp_path / "forced")))
     forced = trainer2.train().history
     w_forced = {n: p.detach().clone() for n, p in trainer2.policy.model.named_parameters() if p.requires_grad}
@@ -192,7 +193,7 @@ def test_one_update_per_batch_skips_the_old_log_prob_pass(tmp_path, monkeypatch)
     for n in w_skip:
         torch.testing.assert_close(w_skip[n], w_forced[n], rtol=0, atol=1e-5)
     calls.clear()
-    monkeypatch.setattr(trainer_mod, "old_log_probs_reason", old_log_probs_reason)
+    monkeypatch.setattr(objectives_mod, "old_log_probs_reason", old_log_probs_reason)
     Trainer(_config(tmp_path, "grpo", inner_epochs=2, output_dir=str(tmp_path / "mu2"))).train()
     assert calls == [8]  # μ = 2: once per batch
     monkeypatch.undo()
