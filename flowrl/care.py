@@ -58,7 +58,7 @@ class GRPOCareObjective:
     LoRA weights, or all weights of a full fine-tune). Stateful: the EMA and the step count are
     checkpointed."""
 
-    #: the update is :func:`~flowrl.trainer.policy_gradient_objective`'s (old log-probs from its evaluation when exact)
+    #: the update is :func:`~flowrl.objectives.policy_gradient_objective`'s (old log-probs from its evaluation when exact)
     old_log_probs_from_current = True
 
     def __init__(self, *, decay: float = 0.995, update_every: int = 10, confidence_upper_bound: float | None = 0.95, answer_start: str = "<answer>", answer_end: str = "</answer>"):
