@@ -478,12 +478,16 @@ class TokenPolicy(PolicyBase):
 
     def _split_head(self) -> tuple[torch.nn.Module, torch.nn.Module] | None:
         """``(decoder, output layer)`` when the model's logits are exactly ``output_layer(decoder
-        hidden states)`` (a plain transformers causal LM, LoRA or not), else None (a wrapped module
-        such as DDP's, or a model that rescales or soft-caps its logits): then the whole model is
-        called and its logits are reduced in chunks."""
+        hidden states)`` (a plain transformers causal LM, LoRA or not), else None (a module wrapped
+        for DDP or sharded with FSDP, or a model that rescales or soft-caps its logits): then the whole
+        model is called and its logits are reduced in chunks."""
         model = self.model
         get_dec, get_head = getattr(model, "get_decoder", None), getattr(model, "get_output_embeddings", None)
         if get_dec is None or get_head is None or isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            return None
+        from flowrl.sharding import fsdp_modules
+
+        if fsdp_modules(model):  # FSDP gathers the root's weights (embeddings, head) in the whole model's forward only
             return None
         config = getattr(model, "config", None)
         for name in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
