@@ -552,8 +552,11 @@ class TokenPolicy(PolicyBase):
         causal = idx[None, :] <= idx[:, None]
         same = (segment[:, None, :] == -1) | (segment[:, None, :] == segment[:, :, None])
         allowed = (causal[None] & same & valid[:, None, :]) | torch.eye(width, dtype=torch.bool, device=device)[None]
-        dtype = next(decoder.parameters()).dtype
-        mask = torch.zeros((g, 1, width, width), dtype=dtype, device=device).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+        if impl == "sdpa":  # a boolean mask (True: attend) suits any query dtype (autocast included)
+            mask = allowed[:, None]
+        else:  # eager attention adds the mask to its scores
+            dtype = next(decoder.parameters()).dtype
+            mask = torch.zeros((g, 1, width, width), dtype=dtype, device=device).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
         hidden = decoder(input_ids=p_ids, attention_mask=mask, position_ids=p_pos).last_hidden_state  # [g, width, H]
         # position predicting completion token t: the prompt's last position for t = 0, else the row's token t − 1
         src_cols = torch.cat([torch.full((b, 1), P - 1, dtype=torch.long, device=device), cols[:, :-1]], dim=1)

@@ -304,12 +304,13 @@ def test_shared_prompt_pass_samples_what_one_pass_per_sample_samples(policy):
     torch.testing.assert_close(shared[2], per_row[2], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_prompt_computed_once_per_group_equals_one_row_per_sample(tiny_lm_dir, checkpointing):
+@pytest.mark.parametrize("checkpointing,attention", [(False, "sdpa"), (True, "sdpa"), (False, "eager")])
+def test_prompt_computed_once_per_group_equals_one_row_per_sample(tiny_lm_dir, checkpointing, attention):
     # evaluate packs each distinct prompt with its completions into one sequence (each completion sees
     # the prompt and itself): the same log-probs and gradients as one row per sample, to rounding
     torch.manual_seed(0)
     pol = TokenPolicy.from_pretrained(tiny_lm_dir, lora={"r": 4}, max_new_tokens=6)
+    pol.model.config._attn_implementation = attention  # sdpa takes a boolean mask, eager an additive one
     with torch.no_grad():
         for n, p in pol.model.named_parameters():
             if "lora_B" in n:
