@@ -84,7 +84,9 @@ def test_recompute_equals_rollout_ratio_one(policy):
     traj = policy.rollout(PROMPTS, group_size=3, generator=torch.Generator().manual_seed(0))
     ev = policy.evaluate(traj)
     m = traj.mask
-    # stored old log-probs are the full-forward ones: bit-identical, ratio exactly 1
+    # stored old log-probs are the full-forward ones: the rollout stores this very call (same rows,
+    # same shapes), so bit-identical wherever the kernels are deterministic for a fixed shape and
+    # thread count (CPU, and CUDA without nondeterministic atomics): ratio exactly 1
     assert torch.equal(ev.log_prob.detach()[m], traj.log_probs[m])
     assert torch.exp(ev.log_prob.detach() - traj.log_probs)[m].sub(1).abs().max() == 0
     # the incremental (KV-cache) sampling log-probs agree to float precision
@@ -93,7 +95,8 @@ def test_recompute_equals_rollout_ratio_one(policy):
     steps = torch.tensor([0, 2])
     assert torch.equal(policy.evaluate(traj, steps).log_prob.detach(), ev.log_prob.detach()[:, steps])
     sub = traj.select([1, 4])
-    torch.testing.assert_close(policy.evaluate(sub).log_prob.detach()[sub.mask], sub.log_probs[sub.mask], atol=1e-6, rtol=0)
+    got, want = policy.evaluate(sub).log_prob.detach()[sub.mask], sub.log_probs[sub.mask]  # other rows: other batch shapes
+    assert ((got - want).abs() <= _token_tol(policy, want)).all()
 
 
 def test_entropy_and_temperature(tiny_lm_dir):
@@ -120,7 +123,7 @@ def test_reference_disables_lora(policy):
             ref = policy.evaluate(traj).log_prob
     m = traj.mask
     assert (moved - traj.log_probs)[m].abs().max() > 1e-3
-    torch.testing.assert_close(ref[m], traj.log_probs[m], atol=1e-6, rtol=0)  # LoRA-B was 0 at rollout
+    assert ((ref[m] - traj.log_probs[m]).abs() <= _token_tol(policy, traj.log_probs[m])).all()  # LoRA-B was 0 at rollout
     assert all("lora_" in n for n, p in policy.model.named_parameters() if p.requires_grad)
 
 
@@ -287,7 +290,7 @@ def test_rollout_without_recompute_keeps_sampling_log_probs(policy):
     assert torch.equal(a.actions, b.actions)  # the same draws
     assert torch.equal(b.log_probs, b.meta["sampling_log_probs"])
     m = a.mask
-    torch.testing.assert_close(b.log_probs[m], a.log_probs[m], atol=1e-5, rtol=0)
+    assert ((b.log_probs[m] - a.log_probs[m]).abs() <= _token_tol(policy, a.log_probs[m])).all()
     assert torch.equal(policy.old_log_probs(b)[m], a.log_probs[m]) and b.meta["old_log_probs"] == "recomputed"
 
 
@@ -300,8 +303,8 @@ def test_shared_prompt_pass_samples_what_one_pass_per_sample_samples(policy):
     shared = policy._sample(u_ids, u_attn, PromptGenerators(0, "t", keys=[0, 1]), repeats=3)
     per_row = policy._sample(u_ids.repeat_interleave(3, 0), u_attn.repeat_interleave(3, 0), PromptGenerators(0, "t", keys=[0, 1]))
     assert torch.equal(shared[0], per_row[0]) and torch.equal(shared[1], per_row[1])
-    # measured: equal to 1e-7 (the prompt pass in another batch shape)
-    torch.testing.assert_close(shared[2], per_row[2], atol=1e-5, rtol=0)
+    # the prompt pass in another batch shape: float32 rounding only
+    assert ((shared[2] - per_row[2]).abs() <= _token_tol(policy, per_row[2])).all()
 
 
 @pytest.mark.parametrize("checkpointing,attention", [(False, "sdpa"), (True, "sdpa"), (False, "eager")])
@@ -339,3 +342,10 @@ def test_prompt_computed_once_per_group_equals_one_row_per_sample(tiny_lm_dir, c
     g_row = torch.autograd.grad((per_row * w).sum(), params)
     for a, b in zip(g_packed, g_row):
         assert (a - b).abs().max() <= 1e-5 * float(b.abs().max()) + 1e-12  # measured 1.2e-6 relative (1 and 2 threads)
+
+
+def _token_tol(policy, log_probs):
+    from tests._tolerance import token_log_prob_tol
+
+    c = policy.model.config
+    return token_log_prob_tol(log_probs, hidden_size=c.hidden_size, vocab_size=c.vocab_size)
