@@ -6,7 +6,7 @@ the base model's score under the same evaluation noise (every evaluation draws i
 streams (train.seed, "eval", i), whatever training drew). That is ``eval_before`` of the run itself
 (the config refuses learning_rate 0), so tuned − control is a paired difference: the evaluation
 noise cancels and only the learning remains. The README's job uses LoRA and runs for hundreds of
-iterations; this test fine-tunes every weight, which moves faster per iteration, on 10 iterations
+iterations; this test fine-tunes every weight, which moves faster per iteration, on 20 iterations
 of 8 prompts × 8 samples and evaluates 2 samples on each of the 25 held-out prompts."""
 
 from pathlib import Path
@@ -24,7 +24,7 @@ MARGIN = 0.05
 
 def test_short_grpo_run_beats_its_learning_rate_zero_control(tmp_path):
     cfg = TrainConfig.from_yaml(CONFIG).override([
-        f"train.output_dir={tmp_path / 'run'}", "algorithm=flow_grpo", "train.iterations=10", "train.eval_every=0",
+        f"train.output_dir={tmp_path / 'run'}", "algorithm=flow_grpo", "train.iterations=20", "train.eval_every=0",
         "train.eval_samples_per_prompt=2", "train.lora_rank=0", "train.learning_rate=3e-4", "train.lr_schedule=constant",
         "train.ema_decay=0", "train.progress=false", "train.report_to=none", "train.save_every=0",
         # the measured setting: the job's kernel, 8 steps, clip 1e-4 and no KL term, whatever the job file says
