@@ -68,8 +68,8 @@ OVERRIDES = {
     "branch_grpo_mix": ["train.num_generations=16", "train.prompts_per_iteration=4", "sampler.rollout_params={split_steps: [0, 2, 4, 6], split_noise_scale: 1.0}"],
     # MixGRPO's window: 4 of 25 steps → 2 of 8; it slides so that it sweeps the grid once per run
     # (the papers slide every 25 / 20 iterations over runs of several hundred): see base_config
-    "mix_grpo": ["sampler.rollout_params={window_size: 2}"],
-    "mix_grpo_flash": ["sampler.rollout_params={window_size: 2}"],
+    "mix_grpo": ["sampler.rollout_params={window_size: 2, slide_every: SLIDE}"],
+    "mix_grpo_flash": ["sampler.rollout_params={window_size: 2, slide_every: SLIDE}"],
 }
 
 #: how each paper's setting was scaled to this task (written into the results file's header).
@@ -102,13 +102,13 @@ def base_config(run_dir: Path, algorithm: str, budget: int, eval_every: int, see
     # the job's sampler.noise_level (0.7) is the flow kernel's a; the dance (η 0.3) and sage (η 0.5)
     # kernels use other scales — with η = 0.7 and ×4 split noise BranchGRPO's leaves are noise.
     # The job's clip range and KL weight are Flow-GRPO's choice: unset, every preset uses its own.
+    overrides = OVERRIDES.get(algorithm, [])
+    probe = cfg.override([f"algorithm={algorithm}", *(o for o in overrides if "SLIDE" not in o)])
+    iters = max(1, budget // (probe.train.prompts_per_iteration * probe.train.num_generations))
+    slide = str(max(1, iters // cfg.sampler.num_steps))  # the window sweeps the step grid once per run
     cfg = cfg.override([f"algorithm={algorithm}", "sampler.noise_level=null", "loss.clip_range=null", "loss.beta=null",
-                        *OVERRIDES.get(algorithm, [])])
-    per_iter = cfg.train.prompts_per_iteration * cfg.train.num_generations
-    iters = max(1, budget // per_iter)
+                        *(o.replace("SLIDE", slide) for o in overrides)])
     extra = []
-    if PRESETS.get(algorithm).rollout == "window" and "slide_every" in PRESETS.get(algorithm).rollout_params:
-        extra.append(f"sampler.rollout_params={{slide_every: {max(1, iters // cfg.sampler.num_steps)}}}")
     if lr == "scaled":
         paper = PRESETS.get(algorithm).defaults.get("learning_rate", 3e-4)
         extra.append(f"train.learning_rate={paper * cfg.train.learning_rate / PRESETS.get('flow_grpo').defaults['learning_rate']:.3g}")
