@@ -107,6 +107,13 @@ class TinyFamily:
     modular_fix: Callable[[Any], Any] | None = None
     #: the regular pipeline class the builder makes (``flowrl check-pipeline FluxPipeline``)
     pipeline_class: str = ""
+    #: the path the kit checks: the modular one (True) or the hand adapter against the stock
+    #: regular call (False; the image-conditioned families)
+    modular: bool = True
+    #: extra inputs of the stock regular call (hand-adapter families)
+    stock_kwargs: dict[str, Any] = field(default_factory=dict)
+    #: called on the regular pipeline after loading (test-size defaults)
+    after_load: Callable[[Any], Any] | None = None
 
 
 def _tiny_sd3():
@@ -156,10 +163,56 @@ def short_hunyuan_video15_context(mp: Any) -> Any:
     return mp
 
 
+def _tiny_kontext():
+    from flowrl.pipelines.tiny import tiny_flux_kontext_pipeline
+
+    return tiny_flux_kontext_pipeline()
+
+
+def _tiny_wan_i2v():
+    from flowrl.pipelines.tiny_video import tiny_wan_i2v_pipeline
+
+    return tiny_wan_i2v_pipeline()
+
+
+def _tiny_hv15_i2v():
+    from flowrl.pipelines.tiny_video import tiny_hunyuan_video15_i2v_pipeline
+
+    return tiny_hunyuan_video15_i2v_pipeline()
+
+
+def _test_defaults(pipe: Any) -> Any:
+    from flowrl.pipelines.tiny_video import with_test_defaults
+
+    return with_test_defaults(pipe)
+
+
+def tiny_wan22_i2v_pipeline(*, seed: int = 0, boundary_ratio: float = 0.9):
+    """Wan 2.2 A14B image-to-video layout: a ``WanImageToVideoPipeline`` with no CLIP image encoder
+    (the transformer takes latents + mask + first-frame condition, in_channels 16 + 4 + 16, and no
+    image features) and two experts (``transformer_2`` below ``boundary_ratio``·1000)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+
+    from flowrl.pipelines.tiny_video import tiny_wan_pipeline
+
+    base = tiny_wan_pipeline(seed=seed)
+    experts = []
+    for k in range(2):
+        _seeded(seed + 3 + k)
+        experts.append(WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=36, out_channels=16, text_dim=32,
+            freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+        ).eval())
+    return WanImageToVideoPipeline(
+        tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        image_processor=None, image_encoder=None, transformer=experts[0], transformer_2=experts[1], boundary_ratio=boundary_ratio,
+    )
+
+
 VIDEO = {"num_frames": 5}
 QWEN_TEXT = {"max_sequence_length": 32}
 
-#: the kit's text-to-image / text-to-video families (name → TinyFamily)
+#: the kit's families (name → TinyFamily)
 TINY_FAMILIES: dict[str, TinyFamily] = {
     "SD3": TinyFamily(_tiny_sd3, guidance_scale=4.5, size=(16, 16), pipeline_class="StableDiffusion3Pipeline"),
     "Flux": TinyFamily(_tiny_flux, size=(16, 16), pipeline_class="FluxPipeline"),
@@ -171,6 +224,15 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
     "Wan 2.2 T2V (two experts)": TinyFamily(tiny_wan22_pipeline, options=VIDEO, size=(32, 32)),
     "LTX-Video T2V": TinyFamily(lambda: tiny_ltx_pipeline(), options={"num_frames": 9, "max_sequence_length": 32}, guidance_scale=3.0, size=(32, 32), pipeline_class="LTXPipeline"),
     "HunyuanVideo 1.5 T2V": TinyFamily(_tiny_hv15, options=VIDEO, guidance_scale=6.0, prompts=("a cat",), size=(32, 32), modular_fix=short_hunyuan_video15_context, pipeline_class="HunyuanVideo15Pipeline"),
+    # image-conditioned: hand adapters against the stock regular call, the kit makes the source images
+    "Flux Kontext": TinyFamily(_tiny_kontext, size=(32, 32), modular=False, stock_kwargs={"_auto_resize": False, "max_area": 32 * 32},
+                               pipeline_class="FluxKontextPipeline"),
+    "Wan 2.1 I2V": TinyFamily(_tiny_wan_i2v, options=VIDEO, size=(32, 32), modular=False, stock_kwargs={"guidance_scale": 1.0, **VIDEO},
+                              after_load=_test_defaults, pipeline_class="WanImageToVideoPipeline"),
+    "Wan 2.2 A14B I2V (two experts)": TinyFamily(tiny_wan22_i2v_pipeline, options=VIDEO, size=(32, 32), modular=False,
+                                                 stock_kwargs={"guidance_scale": 1.0, "guidance_scale_2": 1.0, **VIDEO}, after_load=_test_defaults),
+    "HunyuanVideo 1.5 I2V": TinyFamily(_tiny_hv15_i2v, options=VIDEO, guidance_scale=6.0, prompts=("a cat",), size=(32, 32), modular=False,
+                                       stock_kwargs=VIDEO, after_load=_test_defaults, pipeline_class="HunyuanVideo15ImageToVideoPipeline"),
 }
 
 
@@ -193,7 +255,10 @@ def build_family(name: str, directory: str) -> Any:
 
     if name not in TINY_FAMILIES:
         raise ValueError(f"unknown tiny family '{name}'. Known: {', '.join(TINY_FAMILIES)}.")
-    pipe = save_and_reload(TINY_FAMILIES[name].build(), directory)
+    fam = TINY_FAMILIES[name]
+    pipe = save_and_reload(fam.build(), directory)
+    if fam.after_load is not None:
+        pipe = fam.after_load(pipe)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
