@@ -418,7 +418,7 @@ def _check_hand(pipe: Any, *, family: str | None, prompts: Sequence[str], num_st
                 if hasattr(fresh, "load_lora_weights"):
                     fresh.load_lora_weights(d)
                 else:
-                    fresh.transformer.load_lora_adapter(d, prefix="transformer")
+                    fresh.transformer.load_lora_adapter(d, prefix="transformer", weight_name="pytorch_lora_weights.safetensors")
                     res.notes.append(f"{type(fresh).__name__} has no load_lora_weights; loaded with transformer.load_lora_adapter")
                 with torch.no_grad():
                     mine = ours_per_prompt(policy)
