@@ -224,6 +224,8 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
     "Wan 2.2 T2V (two experts)": TinyFamily(tiny_wan22_pipeline, options=VIDEO, size=(32, 32)),
     "LTX-Video T2V": TinyFamily(lambda: tiny_ltx_pipeline(), options={"num_frames": 9, "max_sequence_length": 32}, guidance_scale=3.0, size=(32, 32), pipeline_class="LTXPipeline"),
     "HunyuanVideo 1.5 T2V": TinyFamily(_tiny_hv15, options=VIDEO, guidance_scale=6.0, prompts=("a cat",), size=(32, 32), modular_fix=short_hunyuan_video15_context, pipeline_class="HunyuanVideo15Pipeline"),
+    # the byte-level test tokenizer spends 149 tokens on Krea 2's fixed template prefix (34 with the real one)
+    "Krea 2": TinyFamily(lambda: tiny_krea2_pipeline(), options={"max_sequence_length": 160}, guidance_scale=4.0, size=(32, 32), pipeline_class="Krea2Pipeline"),
     # image-conditioned: hand adapters against the stock regular call, the kit makes the source images
     "Flux Kontext": TinyFamily(_tiny_kontext, size=(32, 32), modular=False, stock_kwargs={"_auto_resize": False, "max_area": 32 * 32},
                                pipeline_class="FluxKontextPipeline"),
@@ -287,3 +289,36 @@ def tiny_ltx_pipeline(*, seed: int = 0):
     ).eval()
     scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05, base_image_seq_len=1024, max_image_seq_len=4096)
     return LTXPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok, transformer=transformer)
+
+
+def tiny_krea2_pipeline(*, seed: int = 0):
+    """A ``Krea2Pipeline`` (the base, CFG-guided checkpoint layout): a ``Qwen3VLModel`` text encoder
+    (35 text layers of hidden 16 — diffusers' modular Krea 2 encoder taps the released layers 2, 5,
+    …, 35 — and a one-block vision part it does not use), the tiny Qwen-Image VAE (scale 8, 16 latent
+    channels, packed 2×2 → 64), ``Krea2Transformer2DModel`` (1 layer, 2 heads of 16)."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, Krea2Pipeline, Krea2Transformer2DModel
+    from transformers import Qwen3VLConfig, Qwen3VLModel
+
+    from flowrl.pipelines.tiny_video import QWEN_CHAT_SPECIALS
+
+    tok, pad, eos = _qwen_tok()
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_CHAT_SPECIALS}
+    _seeded(seed + 2)
+    text_encoder = Qwen3VLModel(Qwen3VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=16, intermediate_size=24, num_hidden_layers=35, num_attention_heads=2, num_key_value_heads=1,
+                         head_dim=8, max_position_embeddings=1024, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
+                         pad_token_id=pad, bos_token_id=None, eos_token_id=eos),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=24, num_heads=2, out_hidden_size=16, patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2, deepstack_visual_indexes=[]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )).eval()
+    _seeded(seed)
+    transformer = Krea2Transformer2DModel(
+        in_channels=64, num_layers=1, attention_head_dim=16, num_attention_heads=2, num_key_value_heads=1, intermediate_size=48,
+        timestep_embed_dim=32, text_hidden_dim=16, num_text_layers=12, text_num_attention_heads=2, text_num_key_value_heads=2,
+        text_intermediate_size=24, num_layerwise_text_blocks=1, num_refiner_text_blocks=1, axes_dims_rope=(4, 6, 6),
+    ).eval()
+    _seeded(seed + 1)
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+    return Krea2Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok, transformer=transformer)
