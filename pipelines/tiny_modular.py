@@ -226,6 +226,7 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
     "HunyuanVideo 1.5 T2V": TinyFamily(_tiny_hv15, options=VIDEO, guidance_scale=6.0, prompts=("a cat",), size=(32, 32), modular_fix=short_hunyuan_video15_context, pipeline_class="HunyuanVideo15Pipeline"),
     # the byte-level test tokenizer spends 149 tokens on Krea 2's fixed template prefix (34 with the real one)
     "Krea 2": TinyFamily(lambda: tiny_krea2_pipeline(), options={"max_sequence_length": 160}, guidance_scale=4.0, size=(32, 32), pipeline_class="Krea2Pipeline"),
+    "Krea 2 Turbo": TinyFamily(lambda: tiny_krea2_pipeline(distilled=True), options={"max_sequence_length": 160}, size=(32, 32)),
     # image-conditioned: hand adapters against the stock regular call, the kit makes the source images
     "Flux Kontext": TinyFamily(_tiny_kontext, size=(32, 32), modular=False, stock_kwargs={"_auto_resize": False, "max_area": 32 * 32},
                                pipeline_class="FluxKontextPipeline"),
@@ -291,8 +292,9 @@ def tiny_ltx_pipeline(*, seed: int = 0):
     return LTXPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok, transformer=transformer)
 
 
-def tiny_krea2_pipeline(*, seed: int = 0):
-    """A ``Krea2Pipeline`` (the base, CFG-guided checkpoint layout): a ``Qwen3VLModel`` text encoder
+def tiny_krea2_pipeline(*, seed: int = 0, distilled: bool = False):
+    """A ``Krea2Pipeline`` (the base, CFG-guided checkpoint layout; ``distilled=True``: the turbo
+    layout, no guider, fixed shift ``mu`` 1.15): a ``Qwen3VLModel`` text encoder
     (35 text layers of hidden 16 — diffusers' modular Krea 2 encoder taps the released layers 2, 5,
     …, 35 — and a one-block vision part it does not use), the tiny Qwen-Image VAE (scale 8, 16 latent
     channels, packed 2×2 → 64), ``Krea2Transformer2DModel`` (1 layer, 2 heads of 16)."""
@@ -321,4 +323,4 @@ def tiny_krea2_pipeline(*, seed: int = 0):
     _seeded(seed + 1)
     vae = AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]).eval()
     scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
-    return Krea2Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok, transformer=transformer)
+    return Krea2Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok, transformer=transformer, is_distilled=distilled)
