@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-prompts", type=int, default=None, help="only the first N evaluation prompts")
     _eval_setting_args(p)
     p.set_defaults(fn=_gallery)
-    p = sub.add_parser("check-pipeline", help="conformance kit: ratio 1 per kernel, stock parity, LoRA round trip, step costs of a pipeline on flowrl's modular path")
+    p = sub.add_parser("check-pipeline", help="conformance kit: ratio 1 per kernel, stock parity, LoRA round trip, step costs of a pipeline on flowrl's modular path or hand adapter")
     p.add_argument("target", nargs="?", help="a saved pipeline folder, or a tiny family name / pipeline class (offline random weights)")
     p.add_argument("--table", action="store_true", help="every tiny family, as the Markdown table of docs/models.md")
     p.add_argument("--steps", type=int, default=3, help="denoising steps of every check (default 3)")
