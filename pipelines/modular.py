@@ -67,6 +67,7 @@ MODULAR_EQUIVALENT: dict[str, str] = {
     "LTX2Pipeline": "LTX2ModularPipeline",
     "LTXPipeline": "LTXModularPipeline",
     "Krea2Pipeline": "Krea2ModularPipeline",
+    "ErnieImagePipeline": "ErnieImageModularPipeline",
 }
 
 

@@ -94,6 +94,16 @@ def tiny_wan22_pipeline(*, seed: int = 0, boundary_ratio: float = 0.9):
                        transformer=base.transformer, transformer_2=second, boundary_ratio=boundary_ratio)
 
 
+def _randomize_zero_init(module: torch.nn.Module, seed: int, std: float = 0.05) -> None:
+    """Give the zero-initialised parameters (adaLN modulation, final projection) random values, so a
+    random tiny model's velocity is not identically 0 (which would make every check pass trivially)."""
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for p in module.parameters():
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
 @dataclass
 class TinyFamily:
     """One family of the kit: its tiny builder and the call inputs / guidance the kit uses."""
@@ -227,6 +237,7 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
     # the byte-level test tokenizer spends 149 tokens on Krea 2's fixed template prefix (34 with the real one)
     "Krea 2": TinyFamily(lambda: tiny_krea2_pipeline(), options={"max_sequence_length": 160}, guidance_scale=4.0, size=(32, 32), pipeline_class="Krea2Pipeline"),
     "Krea 2 Turbo": TinyFamily(lambda: tiny_krea2_pipeline(distilled=True), options={"max_sequence_length": 160}, size=(32, 32)),
+    "ERNIE-Image": TinyFamily(lambda: tiny_ernie_image_pipeline(), guidance_scale=4.0, size=(32, 32), pipeline_class="ErnieImagePipeline"),
     # image-conditioned: hand adapters against the stock regular call, the kit makes the source images
     "Flux Kontext": TinyFamily(_tiny_kontext, size=(32, 32), modular=False, stock_kwargs={"_auto_resize": False, "max_area": 32 * 32},
                                pipeline_class="FluxKontextPipeline"),
@@ -324,3 +335,34 @@ def tiny_krea2_pipeline(*, seed: int = 0, distilled: bool = False):
     vae = AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]).eval()
     scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
     return Krea2Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tok, transformer=transformer, is_distilled=distilled)
+
+
+def tiny_ernie_image_pipeline(*, seed: int = 0):
+    """An ``ErnieImagePipeline`` without its optional prompt enhancer: a ``Mistral3Model`` text
+    encoder (3 text layers of hidden 16 and a one-layer Pixtral vision part it does not use; the
+    pipeline reads the penultimate hidden states of the plain tokenized prompt), the tiny Flux.2 VAE
+    (4 latent channels, 2×2 patchified → 16), ``ErnieImageTransformer2DModel`` (1 layer, 2 heads of 16)."""
+    from diffusers import AutoencoderKLFlux2, ErnieImagePipeline, ErnieImageTransformer2DModel, FlowMatchEulerDiscreteScheduler
+    from transformers import Mistral3Config, Mistral3Model
+
+    tok, pad, eos = _qwen_tok()
+    _seeded(seed + 2)
+    text_encoder = Mistral3Model(Mistral3Config(
+        text_config=dict(model_type="mistral", vocab_size=len(tok), hidden_size=16, intermediate_size=24, num_hidden_layers=3, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=8, max_position_embeddings=512, pad_token_id=pad, bos_token_id=None, eos_token_id=eos),
+        vision_config=dict(model_type="pixtral", hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, head_dim=8,
+                           image_size=32, patch_size=8),
+        image_token_index=pad, spatial_merge_size=2, projector_hidden_act="gelu", vision_feature_layer=-1,
+    )).eval()
+    _seeded(seed)
+    transformer = ErnieImageTransformer2DModel(
+        hidden_size=32, num_attention_heads=2, num_layers=1, ffn_hidden_size=48, in_channels=16, out_channels=16, text_in_dim=16, rope_axes_dim=(4, 6, 6),
+    ).eval()
+    _randomize_zero_init(transformer, seed)
+    _seeded(seed + 1)
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32, mid_block_add_attention=False,
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    return ErnieImagePipeline(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tok, scheduler=scheduler)
