@@ -25,7 +25,7 @@ from flowrl.sharding import full_state, like, shard_like_params
 
 def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -64,6 +64,8 @@ def check_fresh_run_dir(run_dir: Path, resume_from: str | None) -> None:
 def prepare_run_dir(trainer: Any) -> None:
     """Create the run directory (main process only; the others wait): refuse a used one for a new
     run (:func:`check_fresh_run_dir`), write the resolved config, start ``metrics.jsonl``."""
+    from flowrl.algorithms import preset_overrides
+
     check_fresh_run_dir(trainer.run_dir, trainer.config.train.resume_from)
     acc = trainer.accelerator
     if not acc.is_main_process:
@@ -80,10 +82,12 @@ def prepare_run_dir(trainer: Any) -> None:
         "log_prob_reduce": trainer.config.sampler.log_prob_reduce,
         # inputs read from a config file are taken relative to its folder; outputs relative to the cwd
         "paths": {"output_dir": str(trainer.run_dir.resolve()), **getattr(trainer.config, "resolved_paths", {})},
+        # preset-owned settings this config changes (printed when the run starts)
+        "overrides": jsonable(preset_overrides(trainer.config)),
     }
     import yaml
 
-    atomic_write(trainer.run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    atomic_write(trainer.run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
     if not trainer.config.train.resume_from:
         (trainer.run_dir / "metrics.jsonl").write_text("")
     acc.wait_for_everyone()

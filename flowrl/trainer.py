@@ -255,6 +255,9 @@ class Trainer:
 
         self.config = config
         self.resolved = config.resolved()
+        from flowrl.rules import check_compatibility
+
+        check_compatibility(self.resolved, rewards=reward_set is None)  # before anything loads
         t = config.train
         if t.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
