@@ -61,11 +61,35 @@ def check_fresh_run_dir(run_dir: Path, resume_from: str | None) -> None:
         )
 
 
+def resolved_yaml(config: Any, resolved: Any, run_dir: Path | None = None) -> str:
+    """The config as a run records it (``<run>/config.yaml``; ``flowrl config show`` prints it): every
+    section, then ``resolved:`` — the preset with the config's changes applied, the learning rate and
+    timestep selection it settles on, the input paths rewritten relative to the config file, and
+    ``overrides``: the preset-owned settings the config changes (:func:`flowrl.algorithms.preset_overrides`).
+    Plain UTF-8 (``μ``, ``→`` as they are)."""
+    import yaml
+
+    from flowrl.algorithms import preset_overrides
+
+    data = config.to_dict()
+    paths = {"output_dir": str(Path(run_dir).resolve())} if run_dir is not None else {}
+    data["resolved"] = {
+        "preset": jsonable(dataclasses.asdict(resolved.preset)),
+        "learning_rate": resolved.learning_rate,
+        "timestep_fraction": resolved.timestep_fraction,
+        "timestep_selection": resolved.timestep_selection,
+        "log_prob_reduce": config.sampler.log_prob_reduce,
+        # inputs read from a config file are taken relative to its folder; outputs relative to the cwd
+        "paths": {**paths, **getattr(config, "resolved_paths", {})},
+        # preset-owned settings this config changes (printed when the run starts)
+        "overrides": jsonable(preset_overrides(config)),
+    }
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
 def prepare_run_dir(trainer: Any) -> None:
     """Create the run directory (main process only; the others wait): refuse a used one for a new
     run (:func:`check_fresh_run_dir`), write the resolved config, start ``metrics.jsonl``."""
-    from flowrl.algorithms import preset_overrides
-
     check_fresh_run_dir(trainer.run_dir, trainer.config.train.resume_from)
     acc = trainer.accelerator
     if not acc.is_main_process:
@@ -73,21 +97,7 @@ def prepare_run_dir(trainer: Any) -> None:
         return
     trainer.run_dir.mkdir(parents=True, exist_ok=True)
     (trainer.run_dir / "checkpoints").mkdir(exist_ok=True)
-    resolved = trainer.config.to_dict()
-    resolved["resolved"] = {
-        "preset": jsonable(dataclasses.asdict(trainer.resolved.preset)),
-        "learning_rate": trainer.resolved.learning_rate,
-        "timestep_fraction": trainer.resolved.timestep_fraction,
-        "timestep_selection": trainer.resolved.timestep_selection,
-        "log_prob_reduce": trainer.config.sampler.log_prob_reduce,
-        # inputs read from a config file are taken relative to its folder; outputs relative to the cwd
-        "paths": {"output_dir": str(trainer.run_dir.resolve()), **getattr(trainer.config, "resolved_paths", {})},
-        # preset-owned settings this config changes (printed when the run starts)
-        "overrides": jsonable(preset_overrides(trainer.config)),
-    }
-    import yaml
-
-    atomic_write(trainer.run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
+    atomic_write(trainer.run_dir / "config.yaml", resolved_yaml(trainer.config, trainer.resolved, trainer.run_dir))
     if not trainer.config.train.resume_from:
         (trainer.run_dir / "metrics.jsonl").write_text("")
     acc.wait_for_everyone()

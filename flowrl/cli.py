@@ -7,17 +7,27 @@ import sys
 from pathlib import Path
 
 
-def _train(args: argparse.Namespace) -> int:
+def _load_config(args: argparse.Namespace):
     from flowrl.config import TrainConfig
-    from flowrl.trainer import train
 
     cfg = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
-    if args.set:
-        cfg = cfg.override(args.set)
-    result = train(cfg)
+    return cfg.override(args.set) if args.set else cfg
+
+
+def _train(args: argparse.Namespace) -> int:
+    from flowrl.algorithms import format_overrides, preset_overrides
+    from flowrl.trainer import train
+
+    cfg = _load_config(args)
+    set_num_threads(cfg)
     from accelerate import PartialState
 
-    if not PartialState().is_main_process:  # several processes: one report
+    main_process = PartialState().is_main_process
+    table = format_overrides(preset_overrides(cfg))
+    if table and main_process:  # what this config changes of its method, before anything loads
+        print(table, flush=True)
+    result = train(cfg)
+    if not main_process:  # several processes: one report
         return 0
     last = result.history[-1] if result.history else {}
     print(f"run directory: {result.run_dir}")
@@ -40,6 +50,43 @@ def final_line(last: dict) -> str:
     else:
         text += " (no KL term: loss.beta = 0)"
     return text
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    """Print the resolved config (what a run records in config.yaml) and the override table, after
+    every check a run makes before loading anything; runs nothing."""
+    from flowrl.algorithms import format_overrides, preset_overrides
+    from flowrl.checkpointing import resolved_yaml
+    from flowrl.rules import check_compatibility
+
+    cfg = _load_config(args)
+    resolved = cfg.resolved()
+    check_compatibility(resolved)
+    print(resolved_yaml(cfg, resolved), end="")
+    table = format_overrides(preset_overrides(cfg))
+    print(f"# {table.replace(chr(10), chr(10) + '# ')}" if table else f"# no setting differs from preset {cfg.algorithm}")
+    print("# checks passed: this config can start (model, prompts and reward files are read when it runs)")
+    return 0
+
+
+#: built-in models small enough that one CPU thread is the fastest setting on a shared machine
+TINY_PIPELINES = ("digits", "tiny-sd3", "tiny-flux", "tiny-wan", "tiny-hunyuan-video", "tiny-qwen-image", "tiny-llama", "tiny-amused")
+
+
+def set_num_threads(cfg) -> int | None:
+    """torch's CPU threads for this command: ``train.num_threads`` when set; else, for the embedded
+    tiny models on the CPU, 1 unless ``OMP_NUM_THREADS`` says otherwise (many threads on a tiny model
+    mostly wait on each other: see docs/performance.md); else torch's default. Returns what it set."""
+    import os
+
+    import torch
+
+    n = getattr(cfg.train, "num_threads", None)
+    if n is None and cfg.model.pipeline in TINY_PIPELINES and cfg.model.device in ("cpu", "auto") and not torch.cuda.is_available():
+        n = None if os.environ.get("OMP_NUM_THREADS") else 1
+    if n is not None:
+        torch.set_num_threads(int(n))
+    return n
 
 
 def _pretrain_digits(args: argparse.Namespace) -> int:
@@ -101,6 +148,7 @@ def _sample(args: argparse.Namespace) -> int:
     from flowrl import gallery, runs
 
     run, cfg, weights = _run_and_weights(args)
+    set_num_threads(cfg)
     outputs, prompts = runs.generate(run, weights, config=cfg)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -127,13 +175,14 @@ def _eval(args: argparse.Namespace) -> int:
     from flowrl import runs
 
     run, cfg, weights = _run_and_weights(args)
+    set_num_threads(cfg)
     result = runs.evaluate(run, weights, config=cfg)
     report = runs.eval_report(result, run=run, category=args.category)
     same_settings = cfg.train.eval_prompts == run.config.train.eval_prompts and runs.Run(cfg).eval_settings == run.eval_settings
     reported = run.reported(weights) if same_settings else None
     if reported:
         report["run_reported"] = {k: v for k, v in reported.items() if k in report["aggregate"]}
-    out = Path(args.out)
+    out = Path(args.out) if args.out else (run.dir / "eval.json" if run.dir is not None else Path("eval.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     print(runs.format_report(report, reported))
@@ -160,12 +209,28 @@ def _eval_setting_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="flowrl", description="RL fine-tuning of flow-matching models and causal LMs.")
+    from flowrl import __version__
+
+    parser = argparse.ArgumentParser(prog="flowrl", description="RL fine-tuning of flow-matching models and causal LMs.",
+                                     epilog=DOCS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"flowrl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="run a training job from a YAML config")
-    p.add_argument("--config", help="YAML config (default: built-in defaults)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. train.learning_rate=1e-4")
+    p = sub.add_parser("train", help="run a training job from a YAML config", epilog=_train_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML config (default: built-in defaults); shipped ones: assets/configs/*.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. train.learning_rate=1e-4 or algorithm=grpo_guard")
     p.set_defaults(fn=_train)
+    p = sub.add_parser("config", help="inspect a config without running it")
+    csub = p.add_subparsers(dest="config_command", required=True)
+    p = csub.add_parser("show", help="print the resolved config (preset filled in), the settings that override the preset, and run every pre-start check")
+    p.add_argument("--config", help="YAML config (default: built-in defaults)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(fn=_config_show)
+    p = sub.add_parser("export", help="write a run's evaluated LoRA as diffusers/PEFT files (or merged weights) with a model card")
+    p.add_argument("run", metavar="RUN_DIR", help="a run directory (train.output_dir)")
+    p.add_argument("--out", required=True, help="output folder (must be empty or absent)")
+    p.add_argument("--merge", action="store_true", help="fuse the LoRA into the transformer and save the whole pipeline (diffusers) or model (LMs)")
+    p.add_argument("--checkpoint", help="export this checkpoint's weights (its EMA when the run kept one) instead of the evaluated ones")
+    p.set_defaults(fn=_export)
     for name, fn, help_text in (
         ("sample", _sample, "sample a run's (or a config's) evaluation prompts into one labelled PNG grid; videos into mp4/WebP files"),
         ("eval", _eval, "evaluate a run's weights as the run did; writes eval.json and prints a table"),
@@ -183,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--fps", type=float, default=16.0, help="video frame rate of the written files")
             p.add_argument("--video-format", default="auto", choices=["auto", "mp4", "webp"], help="auto: mp4 when PyAV is installed, else animated WebP")
         else:
-            p.add_argument("--out", default="eval.json", help="where to write the JSON report (default ./eval.json)")
+            p.add_argument("--out", default=None, help="where to write the JSON report (default: <run>/eval.json with --run, else ./eval.json)")
             p.add_argument("--category", help="metadata column to break results down by (default: category, else tag)")
         p.set_defaults(fn=fn)
     p = sub.add_parser("gallery", help="a static HTML site comparing base and tuned samples of one or more runs")
@@ -211,6 +276,45 @@ def main(argv: list[str] | None = None) -> int:
             print(f"flowrl: error: {_one_line(exc)}", file=sys.stderr)
             return 2
         raise
+
+
+DOCS_EPILOG = """documentation (docs/ in the source tree):
+  configuration.md   config fields, presets and what a config overrides, checks before a run
+  algorithms.md      every preset: its paper, defaults and where flowrl differs
+  evaluation.md      flowrl eval / sample / gallery / export
+  language-models.md causal LMs: tiny-llama, GGUF, the LM presets
+  performance.md     threads (OMP_NUM_THREADS), memory, speed knobs
+  rewards.md         built-in rewards, custom rewards and their column names"""
+
+
+def _train_epilog() -> str:
+    """``flowrl train --help``: the presets by model kind, and where to read more."""
+    try:
+        from flowrl.algorithms import PRESETS
+        from flowrl.plugins import import_builtin_components
+
+        import_builtin_components()
+        lm = [n for n in PRESETS.names() if PRESETS.get(n).kernel == "token" and PRESETS.get(n).rollout == "full"]
+        other = [n for n in PRESETS.names() if n not in lm]
+    except Exception:  # noqa: BLE001 - help must print even if a plug-in is broken
+        lm, other = [], []
+    import textwrap
+
+    wrap = lambda names: textwrap.fill(", ".join(names), width=96, initial_indent="  ", subsequent_indent="  ")  # noqa: E731
+    return (
+        "algorithm presets (--set algorithm=NAME; a config states only what differs from its preset):\n"
+        f" diffusion / masked models:\n{wrap(other)}\n language models (model.kind causal_lm):\n{wrap(lm)}\n\n"
+        "examples:\n  flowrl train --config assets/configs/digits.yaml\n"
+        "  flowrl config show --config assets/configs/digits.yaml --set algorithm=grpo_guard\n\n" + DOCS_EPILOG
+    )
+
+
+def _export(args: argparse.Namespace) -> int:
+    from flowrl import export
+
+    out = export.export_run(args.run, args.out, merge=args.merge, checkpoint=args.checkpoint)
+    print(f"exported {'merged weights' if args.merge else 'the LoRA'} of {args.run} to {out} (model card: {out / 'README.md'})")
+    return 0
 
 
 #: exception types whose message tells the user what to fix (printed as one line, exit code 2)

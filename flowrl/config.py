@@ -296,6 +296,10 @@ class TrainSection:
     optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
     """``adamw`` (torch) or ``adamw_8bit`` (bitsandbytes' 8-bit AdamW: optimizer state in 8 bits;
     needs the ``bnb`` extra and a CUDA device)."""
+    num_threads: int | None = None
+    """torch CPU threads (``torch.set_num_threads``) for the ``flowrl`` commands. Default: 1 for the
+    embedded tiny models (``digits``, ``tiny-*``) on the CPU unless ``OMP_NUM_THREADS`` is set, else
+    torch's default (docs/performance.md). Numbers of a CPU run depend on the thread count."""
     allow_tf32: bool = False
     """Let CUDA matmuls and convolutions use TF32 (faster on Ampere+ GPUs, ~1e-3 relative error)."""
 
@@ -566,6 +570,7 @@ def _range_checks(cfg: "TrainConfig") -> list[tuple[str, Any, Callable[[Any], bo
         ("train.save_every", t.save_every, lambda x: x >= 0, "≥ 0 (0 saves only at the end)"),
         ("train.eval_every", t.eval_every, lambda x: x >= 0, "≥ 0 (0 evaluates only before and after training)"),
         ("train.eval_samples_per_prompt", t.eval_samples_per_prompt, lambda x: x >= 1, "≥ 1"),
+        ("train.num_threads", t.num_threads, lambda x: x >= 1, "≥ 1 (or unset: the default of docs/performance.md)"),
         ("sampler.num_steps", s.num_steps, lambda x: x >= 1, "≥ 1"),
         ("sampler.eval_num_steps", s.eval_num_steps, lambda x: x >= 1, "≥ 1"),
         *((f"sampler.noise_level.{k}" if isinstance(s.noise_level, dict) else "sampler.noise_level", v, _non_negative, "≥ 0")
