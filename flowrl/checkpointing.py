@@ -161,7 +161,10 @@ def save_checkpoint(trainer: Any, it: int) -> Path:
     scaler = getattr(acc, "scaler", None)
     if scaler is not None:  # fp16 loss scaling: the current scale and growth counter (else a resume restarts at 2^16)
         torch.save(scaler.state_dict(), tmp / "scaler.pt")
-    state = {"iteration": it, "history": trainer.history}
+    state = {"iteration": it, "history": trainer.history,
+             # the story a resume continues: the schedule's planned length and the base evaluation
+             "schedule_iterations": int(getattr(trainer, "schedule_iterations", trainer.config.train.iterations)),
+             "eval_base": (getattr(trainer, "_evals", None) or {}).get("base")}
     if sharded:  # the optimizer state is keyed by parameter name (torch.distributed.checkpoint's full form)
         state["optimizer_format"] = "full_by_name"
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
@@ -213,9 +216,68 @@ def load_checkpoint(trainer: Any, path: Path) -> None:
     scaler = getattr(trainer.accelerator, "scaler", None)
     if scaler is not None and (path / "scaler.pt").is_file():
         scaler.load_state_dict(load_state(path / "scaler.pt"))
-    trainer.start_iteration = int(state["iteration"])
+    trainer.start_iteration = it = int(state["iteration"])
     trainer.history = list(state["history"])
-    # rewrite metrics.jsonl to exactly the checkpoint's history (drop records past it)
+    rows = resumed_metrics(trainer.run_dir / "metrics.jsonl", it, trainer.history, extending=trainer.config.train.iterations > it)
+    base = state.get("eval_base") or next(({k[5:]: v for k, v in r.items() if k.startswith("eval/")} for r in rows if r.get("iteration") == 0 and "reward/mean" not in r), None)
+    if base:
+        trainer._evals = {**(getattr(trainer, "_evals", None) or {}), "base": base}
+    note = plan_schedule(trainer, state.get("schedule_iterations"), it)
     if trainer.accelerator.is_main_process:
-        atomic_write(trainer.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in trainer.history))
+        # metrics.jsonl keeps the run's story up to the checkpoint: the base evaluation, every
+        # iteration and evaluation before it (records past it — a crash's leftovers — are dropped)
+        atomic_write(trainer.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        if note:
+            print(note, flush=True)
     trainer.accelerator.wait_for_everyone()
+
+
+def resumed_metrics(path: Path, iteration: int, history: list[dict[str, Any]], *, extending: bool) -> list[dict[str, Any]]:
+    """The ``metrics.jsonl`` records a run resumed at ``iteration`` keeps: every record before it,
+    the iteration's own record, and an evaluation-only record at it (the final evaluation of the run
+    being extended) when the run goes on past it. Without a readable file: the checkpoint's
+    ``history`` (training records only)."""
+    rows: list[dict[str, Any]] = []
+    if Path(path).is_file():
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+            if not isinstance(r, dict) or not isinstance(r.get("iteration"), (int, float)):
+                continue
+            i = int(r["iteration"])
+            if i < iteration or (i == iteration and ("reward/mean" in r or extending)) or (i == 0 and "reward/mean" not in r):
+                rows.append(r)
+    trained = {int(r["iteration"]) for r in rows if "reward/mean" in r}
+    if not rows or trained != {int(r["iteration"]) for r in history if "iteration" in r}:
+        return list(history) if not rows else [r for r in rows if "reward/mean" not in r and int(r["iteration"]) == 0] + list(history)
+    return rows
+
+
+def plan_schedule(trainer: Any, planned: int | None, iteration: int) -> str:
+    """Set ``trainer.schedule_iterations`` for a resumed run and say what happens to the learning
+    rate when ``train.iterations`` changed: a cosine schedule keeps its original plan (the extra
+    iterations run at its final rate, ``lr_min_ratio × learning_rate``); a checkpoint without the
+    record (older flowrl) re-plans over the new length, and says so."""
+    from flowrl.trainer import learning_rate_at
+
+    t = trainer.config.train
+    total = t.iterations
+    if planned is None:
+        trainer.schedule_iterations = total
+        if t.lr_schedule != "constant" and total != iteration:
+            return (f"[flowrl] resume: this checkpoint does not record its learning-rate plan; the {t.lr_schedule} schedule is "
+                    f"re-planned over train.iterations={total} from iteration {iteration + 1} "
+                    f"(lr {learning_rate_at(iteration + 1, total, trainer.resolved.learning_rate, t.lr_schedule, t.lr_min_ratio):.3g}).")
+        return ""
+    trainer.schedule_iterations = int(planned)
+    if t.lr_schedule == "constant" or total == planned:
+        return ""
+    lr = lambda i: learning_rate_at(min(i, planned), planned, trainer.resolved.learning_rate, t.lr_schedule, t.lr_min_ratio)  # noqa: E731
+    if total > planned:
+        return (f"[flowrl] resume: train.iterations {planned} -> {total}. The {t.lr_schedule} learning-rate schedule keeps its "
+                f"original plan over {planned} iterations; iterations {max(planned, iteration) + 1}-{total} run at its final rate "
+                f"{lr(planned):.3g} (lr_min_ratio × learning_rate). For a new schedule, start a new run from this one's weights.")
+    return (f"[flowrl] resume: train.iterations {planned} -> {total}. The {t.lr_schedule} learning-rate schedule keeps its plan "
+            f"over {planned} iterations, so the run stops at lr {lr(total):.3g}, before the schedule's end.")

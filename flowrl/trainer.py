@@ -293,6 +293,8 @@ class Trainer:
         self._setup_training()
         self.history: list[dict[str, float]] = []
         self.start_iteration = 0
+        #: the run length the learning-rate schedule is planned over (a resumed run keeps its original plan)
+        self.schedule_iterations = t.iterations
 
     # -------------------------------------------------------------------------------- setup
     def _setup_training(self) -> None:
@@ -341,9 +343,12 @@ class Trainer:
         if t.resume_from:
             self.load_checkpoint(self._resolve_checkpoint(t.resume_from))
         writer = self._start_trackers()
-        eval_before = self.evaluate(tag="base") if self.eval_prompts and self.start_iteration == 0 else {}
-        if eval_before:
-            self._log({"iteration": 0, **{f"eval/{k}": v for k, v in eval_before.items()}}, writer)
+        if self.start_iteration == 0:
+            eval_before = self.evaluate(tag="base") if self.eval_prompts else {}
+            if eval_before:
+                self._log({"iteration": 0, **{f"eval/{k}": v for k, v in eval_before.items()}}, writer)
+        else:  # resumed: the base evaluation the run made at iteration 0 (checkpoint state / metrics.jsonl)
+            eval_before = dict(getattr(self, "_evals", {}).get("base") or {})
         bar = _progress(range(self.start_iteration + 1, t.iterations + 1), enabled=t.progress and self.accelerator.is_main_process, total=t.iterations, initial=self.start_iteration)
         for it in bar:
             record = self.iteration(it)
@@ -372,7 +377,7 @@ class Trainer:
         cfg, t, preset = self.config, self.config.train, self.resolved.preset
         acc = self.accelerator
         self.policy.iteration = it
-        lr = learning_rate_at(it, t.iterations, self.resolved.learning_rate, t.lr_schedule, t.lr_min_ratio)
+        lr = learning_rate_at(min(it, self.schedule_iterations), self.schedule_iterations, self.resolved.learning_rate, t.lr_schedule, t.lr_min_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         # 1. rollout + 2. rewards (the prompt selector may filter groups and refill: DAPO) ------
