@@ -153,8 +153,9 @@ def _sample(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     title = f"{weights.title} · seed {cfg.train.seed}"
-    if not hasattr(outputs, "dim"):  # language models: text
-        out.write_text("".join(f"### {p}\n{o}\n\n" for p, o in zip(prompts, outputs)))
+    if not hasattr(outputs, "dim"):  # language models: text, as Markdown (samples.png → samples.md)
+        out = out.with_suffix(".md") if out.suffix.lower() in (".png", ".jpg", ".webp") else out
+        out.write_text("".join(f"### {p}\n{o}\n\n" for p, o in zip(prompts, outputs)), encoding="utf-8")
     elif outputs.dim() == 5:  # video [B, F, C, H, W]: one file per sample (+ poster) and a grid of posters
         from flowrl import media
 
@@ -244,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--base", action="store_true", help="the base model (no trained weights)")
         _eval_setting_args(p)
         if name == "sample":
-            p.add_argument("--out", default="samples.png", help="PNG grid; video models also write <out without .png>/NNNN.mp4 (or .webp)")
+            p.add_argument("--out", default="samples.png", help="PNG grid; video models also write <out without .png>/NNNN.mp4 (or .webp); language models write Markdown (samples.md)")
             p.add_argument("--fps", type=float, default=16.0, help="video frame rate of the written files")
             p.add_argument("--video-format", default="auto", choices=["auto", "mp4", "webp"], help="auto: mp4 when PyAV is installed, else animated WebP")
         else:

@@ -292,6 +292,13 @@ def trainer_for(config: TrainConfig, weights: Weights, *, rewards: bool = True) 
 def load_lora(policy: Any, path: str | Path | None) -> None:
     """Load a LoRA folder into a policy's pipeline with the stock ``load_lora_weights``; its
     parameters are marked trainable so a trainer built around the policy accepts it."""
+    own = getattr(policy, "load_lora", None)
+    if callable(own):  # language models: the peft folder into the policy's own adapters
+        own(str(path))
+        for n, p in policy.model.named_parameters():
+            if "lora_" in n:
+                p.requires_grad_(True)
+        return
     pipe = getattr(policy, "pipe", None)
     loader = getattr(pipe, "load_lora_weights", None)
     if loader is None:
