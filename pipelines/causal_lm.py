@@ -488,8 +488,10 @@ def build_causal_lm_policy(resolved: Any, run_dir: Any) -> TokenPolicy:
     path = cfg.model.pipeline
     if path == "tiny-llama":
         path = build_tiny_causal_lm(str(Path(run_dir) / "base_model"))
-    elif not Path(path).is_dir():
-        raise ValueError(f"model.pipeline '{path}' is not a local folder (flowrl never downloads); or use 'tiny-llama'.")
+    else:  # a local folder or a Hugging Face id in the local cache (nothing is downloaded)
+        from flowrl.builders import local_model_folder
+
+        path = str(local_model_folder(path, builtins=("tiny-llama",)))
     lora = None
     if t.lora_rank > 0:
         lora = {"r": t.lora_rank, "lora_alpha": t.lora_alpha, "target_modules": list(t.lora_targets or DEFAULT_LORA_TARGETS)}

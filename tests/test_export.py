@@ -82,3 +82,29 @@ def test_export_from_a_checkpoint_and_refusals(digits_run, tmp_path, capsys):
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k]) for k in a)  # both the EMA at the last iteration
     assert main(["export", str(digits_run), "--out", str(tmp_path / "ck")]) == 2  # never overwrites
     assert "already holds files" in capsys.readouterr().err
+
+
+def test_model_names_cache_ids_and_single_files(tmp_path, monkeypatch):
+    """A Hugging Face id in the local cache is a valid model.pipeline (as the docs say; nothing is
+    downloaded); a single-file checkpoint is refused with the conversion to a folder."""
+    import shutil
+
+    import huggingface_hub.constants as C
+
+    from flowrl.builders import load_pipeline
+    from flowrl.config import ConfigError
+
+    cache = tmp_path / "hub"
+    snap = cache / "models--someone--digits" / "snapshots" / ("0" * 40)
+    shutil.copytree(Path(__file__).resolve().parents[1] / "assets" / "digits" / "pipeline", snap)
+    (cache / "models--someone--digits" / "refs").mkdir()
+    (cache / "models--someone--digits" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(C, "HF_HUB_CACHE", str(cache))
+    pipe = load_pipeline("someone/digits", tmp_path / "run")
+    assert type(pipe).__name__ == "DigitsPipeline"
+    with pytest.raises(ConfigError, match="nor a Hugging Face id in the local cache"):
+        load_pipeline("someone/absent", tmp_path / "run")
+    single = tmp_path / "model.safetensors"
+    single.write_bytes(b"\0")
+    with pytest.raises(ConfigError, match="single-file checkpoint.*from_single_file"):
+        load_pipeline(str(single), tmp_path / "run")
