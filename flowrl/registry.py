@@ -13,6 +13,23 @@ from typing import Any, Callable, Generic, Iterator, TypeVar
 T = TypeVar("T")
 
 
+def _import_with_cwd(module_name: str) -> Any:
+    """Import ``module_name``; when its top-level package is not importable, look in the working
+    directory too (``python -m`` puts it on ``sys.path``; the ``flowrl`` command does not), so a
+    ``my_rewards.py`` beside the config you run works without ``PYTHONPATH=.``."""
+    import os
+    import sys
+
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        cwd = os.getcwd()
+        if exc.name != module_name.split(".")[0] or cwd in sys.path or "" in sys.path:
+            raise
+        sys.path.append(cwd)
+        return importlib.import_module(module_name)
+
+
 def load_dotted(path: str) -> Any:
     """Import ``package.module:attr`` (or ``package.module.attr``) and return the object."""
     if ":" in path:
@@ -22,7 +39,7 @@ def load_dotted(path: str) -> Any:
     if not module_name or not attr:
         raise ValueError(f"'{path}' is not a dotted path; write it as 'package.module:object'.")
     try:
-        module = importlib.import_module(module_name)
+        module = _import_with_cwd(module_name)
     except ImportError as exc:
         raise ImportError(
             f"could not import module '{module_name}' for '{path}' ({exc}); install the package that provides it, "

@@ -212,16 +212,22 @@ def report_column(resolved: Any) -> None:
     report = resolved.config.train.report
     if not report:
         return
-    columns = reward_columns(resolved.config)
-    if report.split("/")[0] not in columns:
-        import difflib
+    known: list[str] = []  # columns a reward declares; "<reward>/*" where it returns undeclared components
+    for key, col in zip(resolved.config.reward.rewards, reward_columns(resolved.config)):
+        parts = getattr(reward_class(key), "components", None)
+        known += [f"{col}/{c}" for c in parts] if parts else [col, f"{col}/*"]
+    head = report.split("/")[0]
+    if report in known or (f"{head}/*" in known and "/" in report):
+        return
+    import difflib
 
-        close = difflib.get_close_matches(report, columns, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise _error(
-            f"train.report '{report}' is not a reward column{hint}. The rewards log {', '.join(columns)} "
-            "(a reward returning components logs <reward>/<component>, e.g. digits/correct)."
-        )
+    named = [k for k in known if not k.endswith("/*")]
+    close = difflib.get_close_matches(report, named, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise _error(
+        f"train.report '{report}' is not a reward column{hint}. The rewards log {', '.join(k.replace('/*', '/<component>') for k in known)}; "
+        "a reward returning components logs <reward>/<component>, e.g. digits/correct."
+    )
 
 
 # structural rules first: a language-model preset on an image model is named as such, not as a kernel

@@ -144,3 +144,33 @@ def test_shipped_example_configs_are_real_runs():
             assert isinstance(spec, str) and Path(spec).is_file(), (path, spec)  # resolved next to the config
             assert len([ln for ln in Path(spec).read_text().splitlines() if ln.strip()]) >= 10
         assert t.eval_every > 0, path
+
+
+def test_dotted_path_reward_in_the_working_directory(tmp_path, monkeypatch):
+    """``my_rewards:Brightness`` beside the command's working directory imports without
+    PYTHONPATH=. (as ``python -m`` would), logs under the documented column name, and
+    ``train.report`` must name one of the columns."""
+    import sys
+
+    from flowrl.rules import reward_columns
+
+    (tmp_path / "my_rewards_issue24.py").write_text(
+        "import torch\nfrom flowrl.rewards import Reward\n\n"
+        "class Brightness(Reward):\n    def __call__(self, outputs, prompts, meta=None):\n        return outputs.float().mean(dim=(1, 2, 3))\n\n"
+        "class Named(Reward):\n    name = 'glow'\n    def __call__(self, outputs, prompts, meta=None):\n        return outputs.float().mean(dim=(1, 2, 3))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "my_rewards_issue24", raising=False)
+    cfg = TrainConfig().override(["reward.rewards={'my_rewards_issue24:Brightness': 1.0, 'my_rewards_issue24:Named': 0.5}"])
+    assert reward_columns(cfg) == ["brightness", "glow"]  # the class name lower-cased, or its own `name`
+    _validate(cfg.override(["train.report=glow"]))
+    with pytest.raises(ConfigError, match="train.report 'brightnes' is not a reward column .did you mean 'brightness'"):
+        _validate(cfg.override(["train.report=brightnes"]))
+    from flowrl.builders import _build_reward_set
+
+    rs = _build_reward_set(cfg)
+    import torch
+
+    table, names = rs.score(torch.full((2, 3, 4, 4), 0.5), ["a", "b"])
+    assert names == ["brightness", "glow"] and torch.allclose(table, torch.full((2, 2), 0.5))
