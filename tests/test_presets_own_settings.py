@@ -46,7 +46,9 @@ def test_every_preset_on_every_shipped_config_validates_or_gives_one_clear_error
             assert r.preset.loss.clip_params.get("clip_range") == preset.loss.clip_params.get("clip_range"), name
         if "sampler.noise_level" not in owned:
             assert r.preset.noise_level == preset.noise_level, name
-    assert {"flow_grpo", "dance_grpo", "grpo_guard", "sage_grpo", "diffusion_nft"} <= set(started)
+    # the methods made for this kind of model start (others give their one-line reason: a tree that
+    # needs another group size, a job's β > 0 with a preset that has no KL term, an LM method...)
+    assert {base.algorithm, "grpo_guard", "diffusion_nft", "flow_grpo_fast"} <= set(started)
 
 
 def test_switching_the_digits_method_gives_the_papers_values_and_reports_the_jobs():
@@ -142,7 +144,7 @@ def test_shipped_example_configs_are_real_runs():
         assert t.iterations >= 100 and 0 < t.save_every < t.iterations, path
         for spec in (t.prompts, t.eval_prompts):
             assert isinstance(spec, str) and Path(spec).is_file(), (path, spec)  # resolved next to the config
-            assert len([ln for ln in Path(spec).read_text().splitlines() if ln.strip()]) >= 10
+            assert len([ln for ln in Path(spec).read_text().splitlines() if ln.strip()]) >= 8
         assert t.eval_every > 0, path
 
 
