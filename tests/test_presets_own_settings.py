@@ -176,3 +176,26 @@ def test_dotted_path_reward_in_the_working_directory(tmp_path, monkeypatch):
 
     table, names = rs.score(torch.full((2, 3, 4, 4), 0.5), ["a", "b"])
     assert names == ["brightness", "glow"] and torch.allclose(table, torch.full((2, 2), 0.5))
+
+
+def test_thread_default_for_tiny_jobs(monkeypatch):
+    """The CLI runs the embedded tiny models with one torch thread unless OMP_NUM_THREADS or
+    train.num_threads says otherwise; other models keep torch's default."""
+    import torch
+
+    from flowrl.cli import set_num_threads
+
+    before = torch.get_num_threads()
+    try:
+        digits = TrainConfig.from_yaml(DIGITS)
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        if not torch.cuda.is_available():
+            assert set_num_threads(digits) == 1 and torch.get_num_threads() == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert set_num_threads(digits) is None  # the environment's choice stands
+        assert set_num_threads(digits.override(["train.num_threads=2"])) == 2 and torch.get_num_threads() == 2
+        assert set_num_threads(TrainConfig().override(["model.pipeline=/models/sd3"])) is None
+        with pytest.raises(ConfigError, match="train.num_threads must be ≥ 1"):
+            TrainConfig().override(["train.num_threads=0"]).validate()
+    finally:
+        torch.set_num_threads(before)

@@ -28,6 +28,8 @@ def test_extending_a_run_keeps_its_metrics_summary_and_schedule(tmp_path, capsys
     first = capsys.readouterr().out
     assert "digits correctness: base" in first
     before = _rows(run)
+    saved = (run / "config.yaml").read_text(encoding="utf-8")
+    assert "\\u" not in saved and "ε" in saved  # plain UTF-8 (the presets' docs hold ε, σ, ±)
     assert before[0]["iteration"] == 0 and "eval/digits/correct" in before[0]
 
     assert main(["train", *common, "--set", "train.iterations=4", "--set", "train.resume_from=latest"]) == 0
