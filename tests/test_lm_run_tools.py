@@ -58,3 +58,24 @@ def test_sample_and_gallery_show_text(lm_run, tmp_path):
     assert main(["gallery", str(run_dir), "--out", str(tmp_path / "gallery")]) == 0
     page = (tmp_path / "gallery" / "index.html").read_text()
     assert "2+3=?" in page and "exact_match" in page
+
+
+def test_lm_export_adapter_and_merged(lm_run, tmp_path):
+    """``flowrl export`` on a language-model run: the peft adapter, and the adapter merged into the
+    base model; stock transformers/peft loading gives the run's logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    root, run_dir = lm_run
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "adapter")]) == 0
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "merged"), "--merge"]) == 0
+    base_dir = run_dir / "base_model"  # tiny-llama writes the base model into the run
+    ids = torch.tensor([[1, 5, 7, 9, 11]])
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir))
+    with torch.no_grad():
+        plain = base(ids).logits
+        adapted = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()(ids).logits
+    assert not torch.allclose(plain, adapted)  # the adapter changes the model
+    assert torch.allclose(adapted, merged, atol=1e-5)  # W + BA·s merged vs applied: float32 rounding
+    assert "exact_match" in (tmp_path / "adapter" / "README.md").read_text()
