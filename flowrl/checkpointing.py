@@ -11,6 +11,7 @@ iteration."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -49,7 +50,7 @@ def check_fresh_run_dir(run_dir: Path, resume_from: str | None) -> None:
     """A new run (no ``train.resume_from``) never starts in a folder that holds another run's
     checkpoints: it would mix two runs' metrics and let a later ``resume_from: latest`` pick up a
     stale checkpoint. Raises a :class:`~flowrl.config.ConfigError` naming the ways out."""
-    from flowrl.config import ConfigError
+    from flowrl.errors import ConfigError
 
     if resume_from:
         return
@@ -260,7 +261,7 @@ def plan_schedule(trainer: Any, planned: int | None, iteration: int) -> str:
     rate when ``train.iterations`` changed: a cosine schedule keeps its original plan (the extra
     iterations run at its final rate, ``lr_min_ratio × learning_rate``); a checkpoint without the
     record (older flowrl) re-plans over the new length, and says so."""
-    from flowrl.trainer import learning_rate_at
+    from flowrl.objectives import learning_rate_at
 
     t = trainer.config.train
     total = t.iterations
@@ -281,3 +282,33 @@ def plan_schedule(trainer: Any, planned: int | None, iteration: int) -> str:
                 f"{lr(planned):.3g} (lr_min_ratio × learning_rate). For a new schedule, start a new run from this one's weights.")
     return (f"[flowrl] resume: train.iterations {planned} -> {total}. The {t.lr_schedule} learning-rate schedule keeps its plan "
             f"over {planned} iterations, so the run stops at lr {lr(total):.3g}, before the schedule's end.")
+
+
+def export_lora(trainer: Any) -> Path | None:
+    """Save the evaluated weights' LoRA — the EMA weights when ``train.ema_decay`` > 0, else the
+    live ones — in the diffusers format (``pipe.load_lora_weights(dir)`` loads them), or the
+    peft format for language models; ``<run>/weights.json`` records which."""
+    out = trainer.run_dir / "lora"
+    saver = getattr(trainer.policy, "save_lora", None)
+    exported = None
+    if trainer.config.train.lora_rank > 0 and saver is not None:
+        weights = trainer.ema.active if trainer.ema is not None else contextlib.nullcontext
+        if trainer.sharded:  # every process gathers its shards of the (EMA) weights; the main one writes
+            with weights():
+                state = trainer.trainable_state_dict()
+            if trainer.accelerator.is_main_process:
+                saver(out, state_dict=state)
+        elif trainer.accelerator.is_main_process:
+            with weights():
+                saver(out)
+        exported = out
+    if not trainer.accelerator.is_main_process:
+        return None
+    info = {
+        "evaluated": "ema" if trainer.ema is not None else "live",
+        "lora": "lora" if exported is not None else None,
+        "lora_weights": ("ema" if trainer.ema is not None else "live") if exported is not None else None,
+        "ema": trainer.ema.describe() if trainer.ema is not None else None,
+    }
+    atomic_write(trainer.run_dir / "weights.json", json.dumps(info, indent=1) + "\n")
+    return exported

@@ -137,7 +137,7 @@ def _run_and_weights(args: argparse.Namespace):
 def _single(value, flag: str):
     if isinstance(value, list):
         if len(value) > 1:
-            from flowrl.config import ConfigError
+            from flowrl.errors import ConfigError
 
             raise ConfigError(f"{flag} is given {len(value)} times; this command takes one.")
         return value[0] if value else None

@@ -29,7 +29,7 @@ def export_run(run_dir: str | Path, out: str | Path, *, merge: bool = False, che
     """Write the run's evaluated weights (or ``checkpoint``'s) to ``out`` (absent or empty) with a
     model card; returns ``out``."""
     from flowrl import runs
-    from flowrl.config import ConfigError
+    from flowrl.errors import ConfigError
 
     run = runs.load_run(run_dir)
     out = Path(out)

@@ -49,7 +49,7 @@ def rule(name: str) -> Callable[[Callable[[Any], None]], Callable[[Any], None]]:
 
 
 def _error(message: str):
-    from flowrl.config import ConfigError
+    from flowrl.errors import ConfigError
 
     return ConfigError(message)
 

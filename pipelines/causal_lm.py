@@ -190,7 +190,7 @@ class TokenPolicy(PolicyBase):
         disagrees with the config it trains under: ``sampler.max_new_tokens`` (TRL's
         ``max_completion_length``; also Dr.GRPO's constant normaliser) and ``sampler.temperature`` (the
         temperature of the stored log-probs) must be the policy's."""
-        from flowrl.config import ConfigError
+        from flowrl.errors import ConfigError
 
         s = resolved.config.sampler
         if int(s.max_new_tokens) != self.max_new_tokens:
@@ -489,7 +489,7 @@ def build_causal_lm_policy(resolved: Any, run_dir: Any) -> TokenPolicy:
     if path == "tiny-llama":
         path = build_tiny_causal_lm(str(Path(run_dir) / "base_model"))
     else:  # a local folder or a Hugging Face id in the local cache (nothing is downloaded)
-        from flowrl.builders import local_model_folder
+        from flowrl.pipelines.sources import local_model_folder
 
         path = str(local_model_folder(path, builtins=("tiny-llama",)))
     lora = None
@@ -502,7 +502,7 @@ def build_causal_lm_policy(resolved: Any, run_dir: Any) -> TokenPolicy:
         max_new_tokens=s.max_new_tokens, temperature=s.temperature,
     )
     if t.gradient_checkpointing:
-        from flowrl.builders import enable_gradient_checkpointing
+        from flowrl.devices import enable_gradient_checkpointing
 
         enable_gradient_checkpointing(policy.model)
     return policy
