@@ -155,6 +155,7 @@ class Trainer:
         writer = reporting.start_trackers(self)
         if self.start_iteration == 0:
             eval_before = self.evaluate(tag="base") if self.eval_prompts else {}
+            reporting.check_report_column(self, eval_before)
             if eval_before:
                 reporting.log(self, {"iteration": 0, **{f"eval/{k}": v for k, v in eval_before.items()}}, writer)
         else:  # resumed: the base evaluation the run made at iteration 0 (checkpoint state / metrics.jsonl)

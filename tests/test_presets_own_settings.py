@@ -199,3 +199,30 @@ def test_thread_default_for_tiny_jobs(monkeypatch):
             TrainConfig().override(["train.num_threads=0"]).validate()
     finally:
         torch.set_num_threads(before)
+
+
+def test_report_of_an_undeclared_component_fails_after_the_base_evaluation(tmp_path, monkeypatch):
+    """A reward that returns components without declaring them: ``train.report`` naming a component
+    it does not return stops the run right after the base evaluation (before any training), with
+    the columns it does log — never a silently missing final line."""
+    import sys
+
+    from flowrl.trainer import Trainer
+
+    (tmp_path / "comp_rewards_issue24.py").write_text(
+        "from flowrl.rewards import Reward\n\n"
+        "class Parts(Reward):\n    def __call__(self, outputs, prompts, meta=None):\n"
+        "        m = outputs.float().mean(dim=(1, 2, 3))\n        return {'light': m, 'dark': 1 - m}\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "comp_rewards_issue24", raising=False)
+    cfg = TrainConfig.from_yaml(DIGITS).override([
+        "reward.rewards={'comp_rewards_issue24:Parts': 1.0}", "train.report=parts/lite", f"train.output_dir={tmp_path / 'run'}",
+        "train.eval_prompts=['a 3']", "train.eval_samples_per_prompt=1", "sampler.eval_num_steps=1", "train.progress=false",
+        "train.report_to=none", "train.iterations=1",
+    ])
+    _validate(cfg)  # undeclared components: the name is plausible before anything ran
+    with pytest.raises(ConfigError, match="train.report 'parts/lite' is not an evaluated column; the rewards log parts/light, parts/dark"):
+        Trainer(cfg).train()
+    assert not list((tmp_path / "run" / "checkpoints").glob("iter_*"))
