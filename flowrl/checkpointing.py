@@ -251,9 +251,11 @@ def resumed_metrics(path: Path, iteration: int, history: list[dict[str, Any]], *
             if i < iteration or (i == iteration and ("reward/mean" in r or extending)) or (i == 0 and "reward/mean" not in r):
                 rows.append(r)
     trained = {int(r["iteration"]) for r in rows if "reward/mean" in r}
-    if not rows or trained != {int(r["iteration"]) for r in history if "iteration" in r}:
-        return list(history) if not rows else [r for r in rows if "reward/mean" not in r and int(r["iteration"]) == 0] + list(history)
-    return rows
+    if trained == {int(r["iteration"]) for r in history if "iteration" in r}:
+        return rows
+    # the file does not match the checkpoint (missing, cut, or edited): its base evaluation, then the checkpoint's history
+    base = [r for r in rows if "reward/mean" not in r and int(r["iteration"]) == 0]
+    return base + list(history)
 
 
 def plan_schedule(trainer: Any, planned: int | None, iteration: int) -> str:
