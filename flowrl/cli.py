@@ -18,16 +18,19 @@ def _train(args: argparse.Namespace) -> int:
     from flowrl.algorithms import format_overrides, preset_overrides
     from flowrl.trainer import train
 
+    import os
+
     cfg = _load_config(args)
     set_num_threads(cfg)
-    from accelerate import PartialState
-
-    main_process = PartialState().is_main_process
     table = format_overrides(preset_overrides(cfg))
-    if table and main_process:  # what this config changes of its method, before anything loads
+    # what this config changes of its method, before anything loads; once under a launcher (the
+    # process group does not exist yet: RANK is what torchrun / accelerate launch set)
+    if table and os.environ.get("RANK", "0") == "0":
         print(table, flush=True)
     result = train(cfg)
-    if not main_process:  # several processes: one report
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # several processes: one report
         return 0
     last = result.history[-1] if result.history else {}
     print(f"run directory: {result.run_dir}")
