@@ -219,7 +219,10 @@ def main(argv: list[str] | None = None) -> int:
                                      epilog=DOCS_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"flowrl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="run a training job from a YAML config", epilog=_train_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    argv_seen = sys.argv[1:] if argv is None else argv
+    wants_help = any(a in ("-h", "--help") for a in argv_seen)  # the preset list imports the methods: only for --help
+    p = sub.add_parser("train", help="run a training job from a YAML config", epilog=_train_epilog() if wants_help else None,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML config (default: built-in defaults); shipped ones: assets/configs/*.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. train.learning_rate=1e-4 or algorithm=grpo_guard")
     p.set_defaults(fn=_train)
