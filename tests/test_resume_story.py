@@ -27,8 +27,13 @@ def test_extending_a_run_keeps_its_metrics_summary_and_schedule(tmp_path, capsys
     assert main(["train", *common, "--set", "train.iterations=2"]) == 0
     first = capsys.readouterr().out
     assert "digits correctness: base" in first
+    # the run starts with what the digits config changes of its preset (and records it)
+    assert first.startswith("settings that differ from preset flow_grpo") and "train.learning_rate" in first.splitlines()[1] + first.splitlines()[2]
     before = _rows(run)
     saved = (run / "config.yaml").read_text(encoding="utf-8")
+    import yaml
+
+    assert yaml.safe_load(saved)["resolved"]["overrides"]["overrides"]["train.learning_rate"] == {"value": 1e-3, "preset": 3e-4}
     assert "\\u" not in saved and "ε" in saved  # plain UTF-8 (the presets' docs hold ε, σ, ±)
     assert before[0]["iteration"] == 0 and "eval/digits/correct" in before[0]
 
