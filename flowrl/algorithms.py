@@ -743,3 +743,31 @@ CO_GRPO = register_preset(
         defaults={"learning_rate": 1e-4, "timestep_fraction": 1.0},
     )
 )
+
+
+# ===================================================================================== issue 27
+# Likelihood-free methods on the model's own ODE samples (flowrl.matching): AWM, online
+# Flow-DPO, DGPO. Documented in docs/algorithms.md, section "Matching objectives".
+
+AWM = register_preset(
+    Preset(
+        name="awm",
+        doc="AWM, Advantage Weighted Matching (Xue et al. 2025): CFG-free ODE rollouts (DPM-Solver++(2M) on the "
+        "sampler's grid; the reference uses SA-Solver with zero noise, 14 steps), only x0 kept; the pretraining "
+        "flow-matching error e = ‖v_θ(x_t, t) − (ε − x0)‖² at x_t = (1−t)·x0 + t·ε, each sample's loss weighted by "
+        "its advantage A = (R − mean_prompt)/(std_batch + 1e-4) clipped to ±1; the reference code's generalised-Huber "
+        "weighting t·((e + δ)^p − δ^p)/p, p = 0.25 (loss.objective_options {weighting: uniform} is the paper's plain e); "
+        "velocity KL β = 0.003 (GenEval/OCR; 1e-4 PickScore) to the LoRA-disabled reference, lr 3e-4, 90% of the slots "
+        "trained (random per sample). No SDE log-probs. Reported: up to 24× faster than Flow-GRPO on GenEval/OCR/PickScore.",
+        kernel="ode",
+        noise_level=0.0,
+        rollout="x0_only",
+        rollout_params={"solver": "dpm2"},
+        advantage="group",
+        advantage_params={"std": "global", "clip": 1.0},
+        loss=LossSpec(clip="ppo_clip", clip_params={}, aggregation="token-mean", kl="velocity", beta=0.003),
+        objective="awm",
+        objective_params={"weighting": "ghuber", "ghuber_power": 0.25},
+        defaults={"learning_rate": 3e-4, "timestep_fraction": 0.9, "timestep_selection": "random"},
+    )
+)
