@@ -771,3 +771,36 @@ AWM = register_preset(
         defaults={"learning_rate": 3e-4, "timestep_fraction": 0.9, "timestep_selection": "random"},
     )
 )
+
+FLOW_DPO = register_preset(
+    replace(
+        AWM,
+        name="flow_dpo",
+        doc="Online Diffusion-DPO / Flow-DPO (Wallace et al. 2023; Liu et al. 2025): CFG-free ODE rollouts as awm, "
+        "one pair per group (highest against lowest reward; loss.objective_options {pairing: all} for every pair), "
+        "both members at the same (t, ε); −log σ(−β/2·[(e_θ^w − e_ref^w) − (e_θ^l − e_ref^l)]) with a constant β = 5000 "
+        "(Diffusion-DPO's; its value for flow models is inferred), e the flow-matching error, the LoRA-disabled model "
+        "as reference; every slot trained, samples with zero advantage kept (they may be a pair's member). lr 1e-5 "
+        "(inferred for online LoRA training).",
+        advantage_params={"std": "group", "clip": 5.0},
+        loss=LossSpec(clip="ppo_clip", clip_params={}, aggregation="token-mean", kl=None, beta=0.0),
+        objective="flow_dpo",
+        objective_params={"dpo_beta": 5000.0, "pairing": "best_worst"},
+        skip_zero_advantage=False,
+        defaults={"learning_rate": 1e-5, "timestep_fraction": 1.0, "timestep_selection": "first"},
+    )
+)
+
+DGPO = register_preset(
+    replace(
+        FLOW_DPO,
+        name="dgpo",
+        doc="DGPO, Direct Group Preference Optimization (Luo et al. 2025): CFG-free ODE rollouts, group z-scored "
+        "advantages; per group one Bradley–Terry term between its positive (A > 0) and negative (A < 0) members, each "
+        "set's implicit rewards −β·(e_θ − e_ref) averaged with weights |A|/Σ_set|A| (the advantage weighting cancels the "
+        "partition function; the per-set normalisation and β = 5000 are inferred). Reported: GenEval 0.63 → 0.97 on "
+        "SD3.5-M, ≈ 20× faster than Flow-GRPO.",
+        objective="dgpo",
+        objective_params={"dgpo_beta": 5000.0},
+    )
+)

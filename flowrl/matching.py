@@ -199,3 +199,84 @@ def awm_objective(policy: Any, batch: Trajectories, steps: Tensor, ctx: Any, *, 
 awm_objective.loss_aggregation = "token-mean"  # type: ignore[attr-defined]
 if "awm" not in OBJECTIVES:
     OBJECTIVES.register("awm", awm_objective)
+
+
+def _group_errors(policy: Any, batch: Trajectories, steps: Tensor, ctx: Any):
+    """Per slot: (e_θ, e_ref, mask ``[B]``) with every group member at its group's first ε (the
+    members of a pair or group are compared at the same x-noise, as Diffusion-DPO's pairs)."""
+    groups = batch.group_ids.cpu()
+    first = torch.zeros(len(groups), dtype=torch.long)
+    for g in torch.unique(groups):
+        rows = torch.nonzero(groups == g).flatten()
+        first[rows] = rows[0]
+    for k, (_, err, err_ref, _) in enumerate(_slot_errors(policy, batch, steps, ctx, reference=True, eps_rows=first)):
+        yield err, err_ref, batch.mask[:, int(steps[k])].to(err.device).bool()
+
+
+class FlowDPOObjective(_GroupedObjective):
+    """``OBJECTIVES["flow_dpo"]``: online Diffusion-DPO / Flow-DPO on pairs inside each group.
+
+    Args:
+        dpo_beta: β of :func:`flow_dpo_loss` (constant over t, as Flow-DPO).
+        pairing: ``best_worst`` (one pair per group) or ``all`` (every ordered pair).
+
+    The chunk loss is the mean of the per-pair losses over the chunk's slots where both members are
+    trained. Metrics: ``loss/policy``, ``dpo/pairs`` (pairs per slot), ``dpo/margin`` (mean
+    −[(e_θ^w − e_ref^w) − (e_θ^l − e_ref^l)], > 0 when the winner gained on the loser) and
+    ``dpo/accuracy`` (share of pairs with a positive margin)."""
+
+    loss_aggregation = "sample-mean"
+
+    def __init__(self, *, dpo_beta: float = 5000.0, pairing: str = "best_worst"):
+        if dpo_beta <= 0:
+            raise ConfigError(f"loss.objective_options.dpo_beta must be > 0, got {dpo_beta}.")
+        dpo_pairs(torch.zeros(1), torch.zeros(1, dtype=torch.long), pairing=pairing)  # validates
+        self.dpo_beta, self.pairing = float(dpo_beta), pairing
+
+    def __call__(self, policy: Any, batch: Trajectories, steps: Tensor, ctx: Any) -> tuple[Tensor, dict[str, float]]:
+        adv = _row_advantages(batch, "cpu")
+        win, lose = dpo_pairs(adv, batch.group_ids.cpu(), pairing=self.pairing)
+        losses, margins, zero = [], [], None
+        for err, ref, m in _group_errors(policy, batch, steps, ctx):
+            zero = err.sum() * 0.0 if zero is None else zero
+            both = (m[win.to(m.device)] & m[lose.to(m.device)]) if len(win) else m.new_zeros(0)
+            w, l_ = win.to(err.device)[both], lose.to(err.device)[both]
+            if len(w):
+                losses.append(flow_dpo_loss(err[w], ref[w], err[l_], ref[l_], beta=self.dpo_beta))
+                margins.append(-((err[w] - ref[w]) - (err[l_] - ref[l_])).detach())
+        if not losses:
+            return zero, {"loss/policy": 0.0, "dpo/pairs": 0.0}
+        loss = torch.cat(losses).mean()
+        margin = torch.cat(margins)
+        return loss, {"loss/policy": float(loss.detach()), "dpo/pairs": float(len(margin)) / len(steps),
+                      "dpo/margin": float(margin.mean()), "dpo/accuracy": float((margin > 0).float().mean())}
+
+
+class DGPOObjective(_GroupedObjective):
+    """``OBJECTIVES["dgpo"]``: :func:`dgpo_loss` per group and slot, averaged. Args: ``dgpo_beta``.
+    Metrics: ``loss/policy``, ``dgpo/groups`` (groups with both signs per slot)."""
+
+    loss_aggregation = "sample-mean"
+
+    def __init__(self, *, dgpo_beta: float = 5000.0):
+        if dgpo_beta <= 0:
+            raise ConfigError(f"loss.objective_options.dgpo_beta must be > 0, got {dgpo_beta}.")
+        self.dgpo_beta = float(dgpo_beta)
+
+    def __call__(self, policy: Any, batch: Trajectories, steps: Tensor, ctx: Any) -> tuple[Tensor, dict[str, float]]:
+        adv = _row_advantages(batch, policy.device)
+        groups = batch.group_ids.to(policy.device)
+        losses, zero = [], None
+        for err, ref, m in _group_errors(policy, batch, steps, ctx):
+            zero = err.sum() * 0.0 if zero is None else zero
+            losses.append(dgpo_loss(err[m], ref[m], adv[m], groups[m], beta=self.dgpo_beta))
+        per = torch.cat(losses)
+        if len(per) == 0:
+            return zero, {"loss/policy": 0.0, "dgpo/groups": 0.0}
+        loss = per.mean()
+        return loss, {"loss/policy": float(loss.detach()), "dgpo/groups": float(len(per)) / len(steps)}
+
+
+for _name, _obj in (("flow_dpo", FlowDPOObjective), ("dgpo", DGPOObjective)):
+    if _name not in OBJECTIVES:
+        OBJECTIVES.register(_name, _obj)

@@ -73,3 +73,58 @@ def test_awm_trains_two_iterations_on_tiny_sd3(tmp_path):
     assert all(r["awm/fm_error"] > 0 for r in h)
     assert h[0]["kl/ref"] == 0.0 and h[1]["kl/ref"] > 0  # LoRA starts at the reference, then moves
     assert max((p.detach() - q).abs().max().item() for p, q in zip(trainer.params, before)) > 0
+
+
+def test_dpo_pairs_and_loss_by_hand():
+    from flowrl.matching import dpo_pairs, flow_dpo_loss
+
+    adv = torch.tensor([0.5, -1.0, 1.5, 0.0, 0.0, 2.0, -2.0])
+    groups = torch.tensor([0, 0, 0, 1, 1, 2, 2])
+    win, lose = dpo_pairs(adv, groups)  # group 1 is tied: no pair
+    assert win.tolist() == [2, 5] and lose.tolist() == [1, 6]
+    win, lose = dpo_pairs(adv[:3], groups[:3], pairing="all")  # 1.5 > 0.5 > −1
+    assert sorted(zip(win.tolist(), lose.tolist())) == [(0, 1), (2, 0), (2, 1)]
+    # −log σ(−β/2·[(e_w − r_w) − (e_l − r_l)]), β = 2: winner gained 0.1, loser lost 0.2:
+    #   (0.9 − 1.0) − (1.2 − 1.0) = −0.3 → inside = 0.3 → −log σ(0.3) = log(1 + e^−0.3) = 0.5543552
+    out = flow_dpo_loss(torch.tensor([0.9]), torch.tensor([1.0]), torch.tensor([1.2]), torch.tensor([1.0]), beta=2.0)
+    assert out.item() == pytest.approx(0.5543552, abs=1e-6)
+    # at θ = ref the loss is log 2
+    z = torch.tensor([0.7])
+    assert flow_dpo_loss(z, z, z, z, beta=5000.0).item() == pytest.approx(math.log(2))
+
+
+def test_dgpo_loss_by_hand():
+    from flowrl.matching import dgpo_loss
+
+    # one group, A = [2, 1, −3]; β = 1; e_θ − e_ref = [−0.3, 0.0, 0.6] → r = [0.3, 0.0, −0.6]
+    #   positive set: w = [2/3, 1/3] → 0.2;  negative set: w = [1] → −0.6
+    #   −log σ(0.2 + 0.6) = log(1 + e^−0.8) = 0.3711007
+    err, ref = torch.tensor([0.7, 1.0, 1.6]), torch.ones(3)
+    out = dgpo_loss(err, ref, torch.tensor([2.0, 1.0, -3.0]), torch.zeros(3, dtype=torch.long), beta=1.0)
+    assert out.tolist() == pytest.approx([0.3711007], abs=1e-6)
+    # a group with no negative member contributes nothing
+    assert len(dgpo_loss(err, ref, torch.tensor([1.0, 1.0, 0.0]), torch.zeros(3, dtype=torch.long), beta=1.0)) == 0
+
+
+@pytest.mark.parametrize("algorithm", ["flow_dpo", "dgpo"])
+def test_preference_presets_train_two_iterations_on_tiny_sd3(tmp_path, algorithm):
+    from flowrl.trainer import Trainer
+
+    trainer = Trainer(_cfg(tmp_path, algorithm, "train.learning_rate=1e-2"))
+    assert trainer.resolved.preset.skip_zero_advantage is False
+    before = [p.detach().clone() for p in trainer.params]
+    h = trainer.train().history
+    key = "dpo/pairs" if algorithm == "flow_dpo" else "dgpo/groups"
+    assert [r[key] for r in h] == [2.0, 2.0]  # one pair (group) per prompt at every slot
+    # LoRA starts at the reference: the first update's loss is exactly log 2
+    assert h[0]["loss/policy"] == pytest.approx(math.log(2), abs=1e-6)
+    assert math.isfinite(h[1]["loss/policy"]) and h[1]["loss/policy"] != pytest.approx(math.log(2), abs=1e-9)
+    assert max((p.detach() - q).abs().max().item() for p, q in zip(trainer.params, before)) > 0
+
+
+def test_preference_objectives_need_whole_groups_per_minibatch(tmp_path):
+    from flowrl.config import ConfigError
+    from flowrl.trainer import Trainer
+
+    with pytest.raises(ConfigError, match="train.train_batch_size=6 must be a multiple of train.num_generations=4"):
+        Trainer(_cfg(tmp_path, "flow_dpo", "train.train_batch_size=6")).train()
