@@ -182,11 +182,42 @@ def resolve(config: Any) -> Any:
         obj_params["nft_beta"] = a.nft_beta  # DiffusionNFT's β (never the KL coefficient `beta`)
     changes["objective_params"] = obj_params
     preset = replace(preset, **changes)
+    preset = _with_reference(preset, getattr(a, "reference", None), getattr(a, "reference_options", None) or {})
     d = preset.defaults
     lr = config.train.learning_rate if config.train.learning_rate is not None else d.get("learning_rate", 1e-4)
     frac = a.timestep_fraction if a.timestep_fraction is not None else d.get("timestep_fraction", 1.0)
     sel = a.timestep_selection if a.timestep_selection is not None else d.get("timestep_selection", "first")
     return ResolvedConfig(config=config, preset=preset, learning_rate=float(lr), timestep_fraction=float(frac), timestep_selection=sel)
+
+
+def _with_reference(preset: Preset, reference: str | None, options: dict[str, Any]) -> Preset:
+    """The preset with its KL reference set: ``base`` leaves it as it is; ``ema`` / ``periodic``
+    wrap its objective in ``moving_reference`` (:mod:`flowrl.reference`), which hands the wrapped
+    objective a policy whose ``reference()`` is the moving copy. A preset may name its own moving
+    reference in ``objective_params`` of a ``moving_reference`` objective (GARDO)."""
+    from flowrl.errors import ConfigError
+
+    if preset.objective == "moving_reference":  # the preset's own moving reference: the user's options refine it
+        params = dict(preset.objective_params)
+        if reference == "base":
+            return replace(preset, objective=params.get("inner", "policy_gradient"), objective_params=dict(params.get("inner_params", {})))
+        if reference is not None:
+            params["mode"] = reference
+        params.update(options)
+        return replace(preset, objective_params=params)
+    if reference is None or reference == "base":
+        if options:
+            raise ConfigError("loss.reference_options are given but loss.reference is base: set loss.reference to ema or periodic.")
+        return preset
+    if reference not in ("ema", "periodic"):
+        raise ConfigError(f"loss.reference must be base, ema or periodic, got '{reference}'.")
+    if not (preset.loss.kl and preset.loss.beta > 0):
+        raise ConfigError(
+            f"loss.reference={reference} moves the KL reference, but algorithm '{preset.name}' has no KL term "
+            "(loss.beta is 0): set loss.beta > 0 (and loss.kl), or leave loss.reference unset."
+        )
+    params = {"inner": preset.objective, "inner_params": dict(preset.objective_params), "mode": reference, **options}
+    return replace(preset, objective="moving_reference", objective_params=params)
 
 
 def _resolve_loss(loss: LossSpec, config: Any, preset_name: str, objective: str = "policy_gradient") -> LossSpec:

@@ -196,6 +196,13 @@ class AlgorithmConfig:
     objective_options: dict[str, Any] = field(default_factory=dict)
     """Extra options of the preset's training objective (merged over the preset's), e.g. DiffusionNFT
     ``{x0_adaptive: true, decay: delayed}``."""
+    reference: str | None = None
+    """The KL term's reference: ``base`` (the model before training: LoRA disabled, or the frozen
+    copy), ``ema`` (an EMA of the trained weights) or ``periodic`` (a copy of them refreshed every
+    ``reference_options.every`` optimizer steps). Default: the preset's (``base`` for most)."""
+    reference_options: dict[str, Any] = field(default_factory=dict)
+    """Options of a moving reference: ``decay`` (EMA d, 0.99) and ``every`` (optimizer steps between
+    updates, 1); merged over the preset's."""
 
 
 @dataclass
