@@ -190,21 +190,19 @@ def resolve(config: Any) -> Any:
     return ResolvedConfig(config=config, preset=preset, learning_rate=float(lr), timestep_fraction=float(frac), timestep_selection=sel)
 
 
+#: objectives that keep a moving reference of their own
+_OWN_REFERENCE = ("gardo", "moving_reference")
+
+
 def _with_reference(preset: Preset, reference: str | None, options: dict[str, Any]) -> Preset:
     """The preset with its KL reference set: ``base`` leaves it as it is; ``ema`` / ``periodic``
     wrap its objective in ``moving_reference`` (:mod:`flowrl.reference`), which hands the wrapped
-    objective a policy whose ``reference()`` is the moving copy. A preset may name its own moving
-    reference in ``objective_params`` of a ``moving_reference`` objective (GARDO)."""
+    objective a policy whose ``reference()`` is the moving copy. Objectives that move their own
+    reference (GARDO) take neither option."""
     from flowrl.errors import ConfigError
 
-    if preset.objective == "moving_reference":  # the preset's own moving reference: the user's options refine it
-        params = dict(preset.objective_params)
-        if reference == "base":
-            return replace(preset, objective=params.get("inner", "policy_gradient"), objective_params=dict(params.get("inner_params", {})))
-        if reference is not None:
-            params["mode"] = reference
-        params.update(options)
-        return replace(preset, objective_params=params)
+    if preset.objective in _OWN_REFERENCE and (reference is not None or options):
+        raise ConfigError(f"algorithm '{preset.name}' refreshes its own KL reference: remove loss.reference and loss.reference_options.")
     if reference is None or reference == "base":
         if options:
             raise ConfigError("loss.reference_options are given but loss.reference is base: set loss.reference to ema or periodic.")
@@ -833,5 +831,23 @@ DGPO = register_preset(
         "SD3.5-M, ≈ 20× faster than Flow-GRPO.",
         objective="dgpo",
         objective_params={"dgpo_beta": 5000.0},
+    )
+)
+
+GARDO = register_preset(
+    replace(
+        FLOW_GRPO,
+        name="gardo",
+        doc="GARDO (He et al. 2025): Flow-GRPO whose KL (β 0.04, Flow-GRPO's reference form) acts only on the gated "
+        "samples — u = rank(main reward) − mean rank(auxiliary rewards) over the batch, gated: u > the 90th percentile of the "
+        "u ≥ 0 (gate_fraction 0.1, inferred; the reference adapts it) — against a reference copied from the policy after an "
+        "iteration whose KL exceeded 3e-4 or every 15 iterations. Needs ≥ 2 rewards (the first is the optimised one, or "
+        "loss.objective_options.main_reward). (R − mean_prompt)/std_batch advantages, PPO clip 1e-5, 89% of the steps, lr 3e-4. "
+        "Diversity-aware advantage shaping (DINO features) is not included.",
+        advantage_params={"std": "global", "clip": 5.0},
+        loss=LossSpec(clip="ppo_clip", clip_params={"clip_range": 1e-5}, aggregation="token-mean", kl="gated_gaussian_reference", beta=0.04),
+        objective="gardo",
+        objective_params={"main_reward": None, "gate_fraction": 0.1, "kl_threshold": 3e-4, "reset_every": 15},
+        defaults={"learning_rate": 3e-4, "timestep_fraction": 0.89},
     )
 )

@@ -119,7 +119,7 @@ class MovingReferenceObjective:
         batched = batched_form(self.inner)
         if batched is not None:
             fn, kw = batched
-            self.evaluate_chunks = lambda policy, batch, chunks, ctx: fn(self._view(policy), batch, chunks, ctx, **kw)
+            self.evaluate_chunks = lambda policy, batch, chunks, ctx: [self.observe(r) for r in fn(self._view(policy), batch, chunks, ctx, **kw)]
         declared = getattr(self.inner, "loss_aggregation", None) or getattr(getattr(self.inner, "func", None), "loss_aggregation", None)
         if declared is not None:
             self.loss_aggregation = declared
@@ -135,7 +135,11 @@ class MovingReferenceObjective:
         return _MovingReferencePolicy(policy, self)
 
     def __call__(self, policy: Any, batch: Any, steps: Tensor, ctx: Any) -> tuple[Tensor, dict[str, float]]:
-        return self.inner(self._view(policy), batch, steps, ctx)
+        return self.observe(self.inner(self._view(policy), batch, steps, ctx))
+
+    def observe(self, result: tuple[Tensor, dict[str, float]]) -> tuple[Tensor, dict[str, float]]:
+        """Every chunk's ``(loss, metrics)`` passes here (subclasses watch the KL)."""
+        return result
 
     def __getattr__(self, name: str) -> Any:  # the inner objective's other hooks
         if name in ("inner", "shadow") or name.startswith("__"):
