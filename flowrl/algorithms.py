@@ -851,3 +851,19 @@ GARDO = register_preset(
         defaults={"learning_rate": 3e-4, "timestep_fraction": 0.89},
     )
 )
+
+TEMPFLOW_GRPO = register_preset(
+    replace(
+        G2RPO,
+        name="tempflow_grpo",
+        doc="TempFlow-GRPO (He et al. 2025): trajectory branching — each group shares the noise and the ODE prefix to a "
+        "branch step k, every member takes one flow-SDE step (a 0.7) at k and an ODE suffix on the full grid, so the reward "
+        "of the image credits step k alone; branch steps: the first half of the grid (sampler.rollout_params.k_steps to "
+        "choose them); group z-score per branch step (clip ±5); the noise-aware weighting multiplies each row's policy loss "
+        "by s_k/mean(s) (s the step's noise std σ√Δ, mean over the trained rows), so high-noise steps, where exploration "
+        "happens, weigh more; PPO clip 1e-4, no KL, lr 1e-5 (inferred for LoRA). Our reading of the reference code; the "
+        "branch set is inferred.",
+        rollout_params={"k_steps": None, "granularities": [1]},
+        loss=LossSpec(clip="ppo_clip", clip_params={"clip_range": 1e-4}, step_weight="noise_aware", aggregation="token-mean", kl=None, beta=0.0),
+    )
+)

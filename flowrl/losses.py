@@ -492,6 +492,27 @@ def inv_dt_weight(inputs: LossInputs) -> Tensor:
     return 1.0 / _step_delta(inputs).to(inputs.log_prob.device)
 
 
+def noise_aware_weights(std: Tensor, mask: Tensor) -> Tensor:
+    """TempFlow-GRPO's noise-aware weighting (He et al. 2025, "TempFlow-GRPO: When Timing Matters
+    for GRPO in Flow Models"): each entry's policy loss × s/mean(s), s the step's noise std σ_t·√Δ
+    (its exploration), the mean over the chunk's masked entries — the reference code's
+    ``std_dev_t / mean(std_dev_t)`` over the batch. Detached (a weight, not a path for gradients).
+    ``[B, T']`` in and out; an empty mask gives ones."""
+    s = std.detach().float()
+    m = mask.float()
+    if float(m.sum()) == 0:
+        return torch.ones_like(s)
+    return s / masked_mean(s, m).clamp(min=1e-12)
+
+
+@STEP_WEIGHTS.register("noise_aware")
+def noise_aware_weight(inputs: LossInputs) -> Tensor:
+    """Registered :func:`noise_aware_weights` on the recomputed step stds (diffusion policies)."""
+    if inputs.current is None or inputs.current.std is None:
+        raise ValueError("the 'noise_aware' step weight needs the Gaussian step std of the policy (diffusion policies).")
+    return noise_aware_weights(inputs.current.std.to(inputs.log_prob.device), inputs.mask)
+
+
 def per_step_ratio_stats(log_ratio: Tensor, raw_log_ratio: Tensor, clipped: Tensor, mask: Tensor, steps: Tensor | None) -> dict[str, Tensor]:
     """Per-timestep statistics of one chunk, as scalar tensors named ``ratio_step/<k>/<stat>``
     (k = the stored step index): ``mean`` and ``std`` of ρ, ``clipfrac``, and ``raw_log_mean``
