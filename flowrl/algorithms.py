@@ -455,7 +455,31 @@ TRL_GRPO = _llm(
     aggregation="token-mean", kl_ratio_weight=True, defaults={"learning_rate": 1e-6},
 )
 
+FGRPO = _llm(
+    "fgrpo",
+    "F-GRPO (Plyusov et al. 2026): the GRPO advantage × (1 − μ̂_pos)^γ, μ̂_pos the group's success rate (reward > 0), "
+    "so prompts already solved often get smaller updates and rare correct solutions are not crowded out; γ 1 "
+    "(inferred: the paper sweeps it); GRPO loss otherwise (PPO clip 0.2, seq-mean-token-mean, β 0).",
+    advantage="fgrpo", advantage_params={"gamma": 1.0, "threshold": 0.0, "std": "group", "clip": None},
+)
+MDPO = _llm(
+    "mdpo",
+    "MDPO (Tomar et al. 2022, mirror descent policy optimisation, on-policy form) on tokens: −ρ·A + (1/t)·ρ·log ρ per "
+    "token, ρ = π_θ/π_old, no clipping — the KL(π_θ‖π_old) term is the trust region; 1/t = 1 constant (inferred: the "
+    "paper anneals t over the inner steps); group z-score advantages.",
+    clip="mdpo", clip_params={"kl_coef": 1.0},
+)
+SAFE_LAGRANGIAN = _llm(
+    "safe_lagrangian",
+    "Multi-objective safety (Safe RLHF, Dai et al. 2024, Lagrangian form): advantage = group z-score of "
+    "(R − λ·C)/(1 + λ) with R the first reward column (helpfulness) and C = −(second column) (a safety score; "
+    "loss.options cost_sign: 1 for a cost column), λ learnt by dual ascent λ ← max(0, λ + η(mean C − d)), d 0, "
+    "λ₀ 1, η 0.1 (inferred); GRPO loss. λ is checkpointed.",
+    advantage="lagrangian", advantage_params={"limit": 0.0, "lambda_init": 1.0, "lambda_lr": 0.1, "std": "group", "clip": None},
+)
+
 LLM_PRESETS = (
+    "fgrpo", "mdpo", "safe_lagrangian",
     "grpo", "dr_grpo", "dapo", "gspo", "gspo_token", "dispo", "ngrpo", "gdpo", "spo", "etr", "dhpo", "sspo",
     "unlikeliness", "noisy_verifier", "seed_grpo", "tempo", "grpo_lambda", "posterior_grpo", "s_grpo", "reg_grpo",
     "real", "trust_grpo", "riskpo", "grpo_care", "trl_grpo",

@@ -482,6 +482,25 @@ def guard_ratio(inputs: LossInputs) -> Tensor:
     return guard_log_ratio(inputs.log_prob, inputs.old_log_prob, inputs.current.mean, old_mean, std, reduce=reduce)
 
 
+def mdpo_token_loss(log_ratio: Tensor, advantages: Tensor, *, kl_coef: float) -> Tensor:
+    """Mirror-descent policy optimisation per token (Tomar et al. 2022, "Mirror Descent Policy
+    Optimization", on-policy form): −ρ·A + (1/t)·ρ·log ρ with ρ = π_θ/π_old and 1/t = ``kl_coef``.
+    ρ·log ρ estimates KL(π_θ ‖ π_old) from π_old's samples; no clipping — the KL keeps the step in a
+    trust region. At ρ = 1 its gradient is the policy gradient −A·∇log π."""
+    ratio = torch.exp(log_ratio)
+    return -ratio * advantages + kl_coef * ratio * log_ratio
+
+
+@CLIP_RULES.register("mdpo")
+def mdpo_rule(log_ratio: Tensor, inputs: LossInputs, *, kl_coef: float = 1.0, **other: Any) -> tuple[Tensor, dict[str, Tensor]]:
+    """Registered :func:`mdpo_token_loss` (``loss.clip_params.kl_coef``: 1/t; 1.0 *inferred* — the
+    paper anneals t_k = 1 − k/K over the inner steps)."""
+    if other:
+        raise ValueError(f"the 'mdpo' rule does not clip; it takes only kl_coef (loss.clip_params), got {', '.join(sorted(other))}.")
+    loss = mdpo_token_loss(log_ratio, inputs.advantages, kl_coef=kl_coef)
+    return loss, {"ratio": torch.exp(log_ratio.detach())}
+
+
 @STEP_WEIGHTS.register("inv_dt")
 def inv_dt_weight(inputs: LossInputs) -> Tensor:
     """GRPO-Guard gradient reweighting: the step's loss × 1/|dt| = 1/(σ − σ'), ``[B, T]``.
