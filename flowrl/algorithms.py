@@ -477,9 +477,23 @@ SAFE_LAGRANGIAN = _llm(
     "λ₀ 1, η 0.1 (inferred); GRPO loss. λ is checkpointed.",
     advantage="lagrangian", advantage_params={"limit": 0.0, "lambda_init": 1.0, "lambda_lr": 0.1, "std": "group", "clip": None},
 )
+VADE = _llm(
+    "vade",
+    "VADE (variance-aware dynamic sampling): per-prompt Beta posterior of the success rate (discount 0.9 per "
+    "update, inferred), Thompson draws θ for a pool of 2n candidate prompts, the n with the largest θ(1 − θ) are "
+    "rolled out (prompt_selection 'vade'); GRPO loss.",
+    prompt_selection="vade",
+)
+KNAPSACK_RL = _llm(
+    "knapsack_rl",
+    "Knapsack RL (rollout budget allocation): the iteration's n prompts share n groups of G rollouts; each gets 0…4 "
+    "groups maximising Σ P(mixed outcomes)·p(1 − p) by greedy marginal gains, p from a discounted Beta posterior "
+    "(prompt_selection 'knapsack'; allocation in units of G, each unit its own group; value form inferred); GRPO loss.",
+    prompt_selection="knapsack",
+)
 
 LLM_PRESETS = (
-    "fgrpo", "mdpo", "safe_lagrangian",
+    "fgrpo", "mdpo", "safe_lagrangian", "vade", "knapsack_rl",
     "grpo", "dr_grpo", "dapo", "gspo", "gspo_token", "dispo", "ngrpo", "gdpo", "spo", "etr", "dhpo", "sspo",
     "unlikeliness", "noisy_verifier", "seed_grpo", "tempo", "grpo_lambda", "posterior_grpo", "s_grpo", "reg_grpo",
     "real", "trust_grpo", "riskpo", "grpo_care", "trl_grpo",

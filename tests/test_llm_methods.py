@@ -79,3 +79,49 @@ def test_llm_methods_train_two_iterations(tmp_path, tiny_llama, algorithm):
             assert trainer.estimator.lam < 1.0
     finally:
         tiny_llama.model.load_state_dict(initial)
+
+
+def test_knapsack_value_and_allocation_by_hand():
+    from flowrl.prompt_selection import knapsack_allocate, knapsack_value
+
+    # p = 0.5, G = 4: one group: (1 − 2·0.5⁴)·0.25 = 0.21875; two: (1 − 2·0.5⁸)·0.25 = 0.248046875
+    v = knapsack_value(torch.tensor([0.5, 0.5, 1.0]), torch.tensor([1, 2, 3]), 4)
+    assert v.tolist() == pytest.approx([0.21875, 0.248046875, 0.0])
+    # p = [0.5, 1, 0.1, 0.9], 4 groups: 0.5 first (0.219); then 0.1 and 0.9 (0.0309 each, 1 − 0.9⁴ − 10⁻⁴ = 0.3438 × 0.09)
+    # beat 0.5's second group (0.0293); the 4th goes to 0.5 (0.0293 > 0.1's second group 0.0203); p = 1 gets none
+    assert knapsack_allocate(torch.tensor([0.5, 1.0, 0.1, 0.9]), 4, 4).tolist() == [2, 0, 1, 1]
+
+
+def test_selectors_learn_and_resume():
+    from flowrl.prompt_selection import KnapsackSelector, VADESelector
+
+    for cls in (KnapsackSelector, VADESelector):
+        sel = cls(6, group_size=2) if cls is KnapsackSelector else cls(6)
+        # prompts 0 and 1 always solved, prompt 2 half the time
+        sel.update([0, 0, 1, 1, 2, 2], torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 0.0]), torch.tensor([0, 0, 1, 1, 2, 2]))
+        # α, β of prompt 0: decay 0.9 then + 2 successes → α = 2.9, β = 0.9
+        assert float(sel.tracker.alpha[0]) == pytest.approx(2.9) and float(sel.tracker.beta[0]) == pytest.approx(0.9)
+        state = copy.deepcopy(sel.state_dict())
+        a = sel.sample(3, torch.Generator().manual_seed(1))
+        assert len(a) == 3 and all(0 <= i < 6 for i in a)
+        other = cls(6, group_size=2) if cls is KnapsackSelector else cls(6)
+        other.load_state_dict(state)
+        assert other.sample(3, torch.Generator().manual_seed(1)) == a  # exact resume
+
+
+@pytest.mark.parametrize("algorithm", ["vade", "knapsack_rl"])
+def test_selection_presets_train_two_iterations(tmp_path, tiny_llama, algorithm):
+    import tests.test_llm_trainer as lt
+    from flowrl.trainer import Trainer
+
+    initial = copy.deepcopy(tiny_llama.model.state_dict())
+    try:
+        trainer = Trainer(lt._config(tmp_path, algorithm, iterations=2), policy=tiny_llama)
+        if algorithm == "knapsack_rl":
+            assert trainer.selector.group_size == 4  # train.num_generations
+        h = trainer.train().history
+        assert len(h) == 2 and all(math.isfinite(r["loss/policy"]) for r in h)
+        tr = trainer.selector.tracker  # it learnt from the scored groups: some posteriors left the Beta(1, 1) prior
+        assert bool(((tr.alpha != 1) | (tr.beta != 1)).any())
+    finally:
+        tiny_llama.model.load_state_dict(initial)
