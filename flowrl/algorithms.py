@@ -491,9 +491,17 @@ KNAPSACK_RL = _llm(
     "(prompt_selection 'knapsack'; allocation in units of G, each unit its own group; value form inferred); GRPO loss.",
     prompt_selection="knapsack",
 )
+TRPA = _llm(
+    "trpa",
+    "TRPA (Su et al. 2025): rewards as preference levels; every pair of a group's responses at different levels is "
+    "trained with −log σ(β_w·(log r_w − log r_l)), log r the response's mean token log-ratio to the sampling policy "
+    "(the trust region), β_w = 2.5·β when the winner is at the group's top level (KTPO anisotropy, the reference "
+    "code's 2.5), β 0.1 (inferred). Whole groups per minibatch (train_batch_size a multiple of num_generations).",
+    objective="trpa", objective_params={"trpa_beta": 0.1, "anisotropy": 2.5},
+)
 
 LLM_PRESETS = (
-    "fgrpo", "mdpo", "safe_lagrangian", "vade", "knapsack_rl",
+    "fgrpo", "mdpo", "safe_lagrangian", "vade", "knapsack_rl", "trpa",
     "grpo", "dr_grpo", "dapo", "gspo", "gspo_token", "dispo", "ngrpo", "gdpo", "spo", "etr", "dhpo", "sspo",
     "unlikeliness", "noisy_verifier", "seed_grpo", "tempo", "grpo_lambda", "posterior_grpo", "s_grpo", "reg_grpo",
     "real", "trust_grpo", "riskpo", "grpo_care", "trl_grpo",

@@ -125,3 +125,33 @@ def test_selection_presets_train_two_iterations(tmp_path, tiny_llama, algorithm)
         assert bool(((tr.alpha != 1) | (tr.beta != 1)).any())
     finally:
         tiny_llama.model.load_state_dict(initial)
+
+
+def test_trpa_pairs_and_loss_by_hand():
+    from flowrl.trpa import trpa_loss, trpa_pairs
+
+    # one group, rewards [1, 0.5, 0]: pairs (0>1, top), (0>2, top), (1>2, not top)
+    w, l_, top = trpa_pairs(torch.tensor([1.0, 0.5, 0.0]), torch.zeros(3, dtype=torch.long))
+    assert list(zip(w.tolist(), l_.tolist(), top.tolist())) == [(0, 1, True), (0, 2, True), (1, 2, False)]
+    # log r = [0.2, 0, −0.2], β 1, anisotropy 2: h = [2·0.2, 2·0.4, 1·0.2] → −log σ(h) = log(1 + e^−h)
+    out = trpa_loss(torch.tensor([0.2, 0.0, -0.2]), w, l_, top, beta=1.0, anisotropy=2.0)
+    assert out.tolist() == pytest.approx([math.log1p(math.exp(-0.4)), math.log1p(math.exp(-0.8)), math.log1p(math.exp(-0.2))])
+
+
+def test_trpa_trains_two_iterations(tmp_path, tiny_llama):
+    import tests.test_llm_trainer as lt
+    from flowrl.trainer import Trainer
+
+    initial = copy.deepcopy(tiny_llama.model.state_dict())
+    try:
+        trainer = Trainer(lt._config(tmp_path, "trpa", iterations=2), policy=tiny_llama)
+        h = trainer.train().history
+        assert len(h) == 2 and all(math.isfinite(r["loss/policy"]) for r in h)
+        pairs = [r.get("trpa/pairs", 0.0) for r in h]
+        # on-policy (one optimizer step per iteration): log r = 0 for every response → loss log 2 when pairs exist
+        for r in h:
+            if r.get("trpa/pairs", 0.0) > 0:
+                assert r["loss/policy"] == pytest.approx(math.log(2), abs=1e-5)
+        assert max(pairs) > 0
+    finally:
+        tiny_llama.model.load_state_dict(initial)
