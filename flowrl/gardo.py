@@ -25,7 +25,7 @@ from torch import Tensor
 from flowrl.errors import ConfigError
 from flowrl.losses import KL_TERMS, LossInputs, gaussian_kl_reference_form
 from flowrl.plugins import OBJECTIVES
-from flowrl.reference import MovingReferenceObjective
+from flowrl.reference import MovingReferenceObjective, check_unsharded
 
 
 def normalised_ranks(x: Tensor) -> Tensor:
@@ -104,6 +104,7 @@ class GARDOObjective(MovingReferenceObjective):
 
     def before_advantages(self, trainer: Any, traj: Any) -> None:
         """Gate this process's samples from every process's reward table (ranks are over the whole batch)."""
+        check_unsharded(trainer)
         names = list(traj.reward_names)
         if traj.rewards is None or len(names) < 2:
             raise ConfigError(

@@ -46,6 +46,13 @@ def moving_reference_update(shadow: list[Tensor], live: list[Tensor], step: int,
     return True
 
 
+def check_unsharded(trainer: Any) -> None:
+    """The moving reference keeps whole copies of the trainable weights: not under FSDP."""
+    if getattr(trainer, "sharded", False):
+        raise ConfigError("a moving KL reference (loss.reference ema/periodic, algorithm gardo) does not run under FSDP; "
+                          "use DDP or one process, or leave loss.reference unset.")
+
+
 class _FunctionalModule(torch.nn.Module):
     """``module`` called with some parameters replaced (``torch.func.functional_call``): nothing is
     written into the live parameters. Attribute reads fall through to ``module``."""
@@ -145,6 +152,12 @@ class MovingReferenceObjective:
         if name in ("inner", "shadow") or name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.inner, name)
+
+    def before_advantages(self, trainer: Any, traj: Any) -> None:
+        check_unsharded(trainer)
+        inner = getattr(self.inner, "before_advantages", None)
+        if inner is not None:
+            inner(trainer, traj)
 
     def on_update(self, trainer: Any) -> None:
         self.updates += 1
