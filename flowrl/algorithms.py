@@ -464,8 +464,8 @@ FGRPO = _llm(
 )
 MDPO = _llm(
     "mdpo",
-    "MDPO (Tomar et al. 2022, mirror descent policy optimisation, on-policy form) on tokens: −ρ·A + (1/t)·ρ·log ρ per "
-    "token, ρ = π_θ/π_old, no clipping — the KL(π_θ‖π_old) term is the trust region; 1/t = 1 constant (inferred: the "
+    "MDPO (Tomar et al. 2022, mirror descent policy optimisation, on-policy form) on tokens: −ρ·A + (1/t)·(ρ·log ρ − ρ + 1) "
+    "per token, ρ = π_θ/π_old, no clipping — the KL(π_θ‖π_old) term is the trust region; 1/t = 1 constant (inferred: the "
     "paper anneals t over the inner steps); group z-score advantages.",
     clip="mdpo", clip_params={"kl_coef": 1.0},
 )

@@ -27,13 +27,20 @@ def test_focal_weights_and_fgrpo_by_hand():
 
 
 def test_mdpo_token_loss_by_hand():
-    # ρ = e^0.1: −ρ·A + c·ρ·log ρ = e^0.1·(−2 + 0.5·0.1) = −1.95·1.1051709 = −2.1550833
+    # ρ = e^0.1 = 1.1051709: −ρ·A + c·(ρ·log ρ − ρ + 1) = −2.2103418 + 0.5·(0.1105171 − 0.1051709)
+    #   = −2.2103418 + 0.0026731 = −2.2076687
     out = mdpo_token_loss(torch.tensor([[0.1]]), torch.tensor([[2.0]]), kl_coef=0.5)
-    assert out.item() == pytest.approx(-2.1550833, abs=1e-6)
-    # at ρ = 1 the gradient wrt log ρ is −A + c·(log ρ + 1)·ρ... = −A + c: the KL term's slope c is a constant
-    lr = torch.zeros(1, 1, requires_grad=True)
-    mdpo_token_loss(lr, torch.tensor([[2.0]]), kl_coef=0.5).sum().backward()
-    assert lr.grad.item() == pytest.approx(-2.0 + 0.5)
+    assert out.item() == pytest.approx(-2.2076687, abs=1e-6)
+    # d/d log ρ = −ρ·A + c·ρ·log ρ: at ρ = 1 it is −A (the policy gradient), and 0 when A = 0 —
+    # an on-policy update with flat rewards moves nothing (ρ·log ρ alone gives slope c there)
+    for adv, grad in ((2.0, -2.0), (0.0, 0.0)):
+        lr = torch.zeros(1, 1, requires_grad=True)
+        mdpo_token_loss(lr, torch.tensor([[adv]]), kl_coef=0.5).sum().backward()
+        assert lr.grad.item() == pytest.approx(grad, abs=1e-7)
+    # away from ρ = 1 the KL term pulls back: log ρ = 0.1, A = 0 → slope c·ρ·log ρ = 0.5·0.1105171 > 0
+    lr = torch.full((1, 1), 0.1, requires_grad=True)
+    mdpo_token_loss(lr, torch.tensor([[0.0]]), kl_coef=0.5).sum().backward()
+    assert lr.grad.item() == pytest.approx(0.0552585, abs=1e-6)
 
 
 def test_lagrangian_by_hand():
