@@ -18,6 +18,9 @@ def test_focal_weights_and_fgrpo_by_hand():
     g = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
     assert focal_weights(r, g, gamma=1.0).tolist() == pytest.approx([0.25] * 4 + [0.75] * 4)
     assert focal_weights(r, g, gamma=2.0).tolist() == pytest.approx([0.0625] * 4 + [0.5625] * 4)
+    # a shaping bonus does not make a wrong answer correct: [1.1, 0.05, 0.05, 0.05] → μ̂_pos 0.25 → 0.75
+    shaped = torch.tensor([1.1, 0.05, 0.05, 0.05])
+    assert focal_weights(shaped, torch.zeros(4, dtype=torch.long)).tolist() == pytest.approx([0.75] * 4)
     # group 0: mean 0.75, unbiased var = (3·0.0625 + 0.5625)/3 = 0.25 → std 0.5:
     #   correct (1 − 0.75)/0.5 = 0.5, wrong −1.5; × 0.25 → 0.125, −0.375
     a = fgrpo_estimator(AdvantageInputs(rewards=r, group_ids=g), gamma=1.0, eps=0.0)
@@ -82,6 +85,9 @@ def test_llm_methods_train_two_iterations(tmp_path, tiny_llama, algorithm):
         assert h[0]["ratio/mean"] == pytest.approx(1.0, abs=1e-5)  # one optimizer step per iteration: on-policy
         moved = sum(float((p.detach() - before[n]).abs().sum()) for n, p in tiny_llama.model.named_parameters() if p.requires_grad)
         assert moved > 0
+        # the advantages were not all 0 (F-GRPO: 1 + a brevity bonus is "correct" at threshold 0.5;
+        # with threshold 0 every sample counted as correct and every weight was 0)
+        assert max(r["adv/abs_mean"] for r in h) > 0
         if algorithm == "safe_lagrangian":  # brevity ∈ (0, 1] read as a safety score: cost < 0 → λ shrinks from 1
             assert trainer.estimator.lam < 1.0
     finally:
