@@ -151,6 +151,17 @@ def test_trpa_pairs_and_loss_by_hand():
     assert out.tolist() == pytest.approx([math.log1p(math.exp(-0.4)), math.log1p(math.exp(-0.8)), math.log1p(math.exp(-0.2))])
 
 
+def test_trpa_pair_mean_scale_by_hand():
+    from flowrl.trpa import pair_mean_scale
+
+    # 2 processes, 4 rows each (N = 8); process A holds 6 pairs with Σ loss S_A, B none.
+    # The loop weighs A's loss by 4/8: (4/8)·S_A·scale must be S_A/6 → scale = (8/4)/6 = 1/3
+    assert pair_mean_scale(4, 8, 6) == pytest.approx(1 / 3)
+    # one process: Σ/P, the plain mean; no pairs anywhere or no rows here: 0
+    assert pair_mean_scale(8, 8, 12) == pytest.approx(1 / 12)
+    assert pair_mean_scale(4, 8, 0) == 0.0 and pair_mean_scale(0, 8, 6) == 0.0
+
+
 def test_trpa_trains_two_iterations(tmp_path, tiny_llama):
     import tests.test_llm_trainer as lt
     from flowrl.trainer import Trainer
