@@ -26,6 +26,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         "flowrl.errors", "flowrl.registry", "flowrl.seeding", "flowrl.sde", "flowrl.policy", "flowrl.sharding",
         "flowrl.ema", "flowrl.paths", "flowrl.safeload", "flowrl.media", "flowrl.tracking", "flowrl.overlap",
         "flowrl.digits_data", "flowrl.prompts", "flowrl.answers", "flowrl.normalization", "flowrl.devices",
+        "flowrl.secrets", "flowrl.atomic", "flowrl.preflight", "flowrl.preemption",
     }),
     # the registries components plug into
     ("plugs", {"flowrl.plugins"}),
