@@ -43,7 +43,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         "flowrl.evaluation", "flowrl.reporting", "flowrl.checkpointing",
     }),
     # the face: command line, run inspection, the gallery, the digits pretraining script
-    ("face", {"flowrl", "flowrl.__main__", "flowrl.cli", "flowrl.gallery", "flowrl.runs", "flowrl.pretrain_digits"}),
+    ("face", {"flowrl", "flowrl.__main__", "flowrl.cli", "flowrl.gallery", "flowrl.runs", "flowrl.pretrain_digits", "flowrl.testing"}),
 ]
 
 
