@@ -841,7 +841,7 @@ AWM = register_preset(
         "its advantage A = (R − mean_prompt)/(std_batch + 1e-4) clipped to ±1; the reference code's generalised-Huber "
         "weighting t·((e + δ)^p − δ^p)/p, p = 0.25 (loss.objective_options {weighting: uniform} is the paper's plain e); "
         "velocity KL β = 0.003 (GenEval/OCR; 1e-4 PickScore) to the LoRA-disabled reference, lr 3e-4, 90% of the slots "
-        "trained (random per sample). No SDE log-probs. Reported: up to 24× faster than Flow-GRPO on GenEval/OCR/PickScore.",
+        "trained (random per sample), samples with zero advantage kept (they carry the KL). No SDE log-probs. Reported: up to 24× faster than Flow-GRPO on GenEval/OCR/PickScore.",
         kernel="ode",
         noise_level=0.0,
         rollout="x0_only",
@@ -851,6 +851,7 @@ AWM = register_preset(
         loss=LossSpec(clip="ppo_clip", clip_params={}, aggregation="token-mean", kl="velocity", beta=0.003),
         objective="awm",
         objective_params={"weighting": "ghuber", "ghuber_power": 0.25},
+        skip_zero_advantage=False,  # the reference keeps them (they still carry the KL term)
         defaults={"learning_rate": 3e-4, "timestep_fraction": 0.9, "timestep_selection": "random"},
     )
 )

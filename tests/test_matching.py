@@ -60,6 +60,7 @@ def test_awm_preset_resolves_to_the_papers_defaults():
     assert (p.objective, p.rollout, p.kernel) == ("awm", "x0_only", "ode")
     assert p.advantage_params == {"std": "global", "clip": 1.0} and p.loss.beta == 0.003
     assert (r.learning_rate, r.timestep_fraction, r.timestep_selection) == (3e-4, 0.9, "random")
+    assert p.skip_zero_advantage is False  # the reference trains every sample
 
 
 def test_awm_trains_two_iterations_on_tiny_sd3(tmp_path):
