@@ -394,6 +394,9 @@ class Trainer:
         weighted by its share, to ``sums``/``wsums``); returns where a loss was non-finite, or None."""
         acc, world, batch = self.accelerator, self.accelerator.num_processes, mb.batch
         normaliser = loss_normaliser(self.objective, self.resolved.preset.loss.aggregation)
+        # (this process's rows, every process's rows) of the minibatch: objectives whose loss is a
+        # mean over units the loop does not count (TRPA's pairs) rescale with them
+        ctx.extras["minibatch_rows"] = (float(mb.counts[0]), float(mb.global_counts[0]))
         chunks = self.policy.step_chunks(batch if batch is not None else self._filler)
         real_chunks = len(chunks)
         if self.sharded and world > 1:
