@@ -1,4 +1,4 @@
-"""``flowrl`` command line: ``train``, ``sample``, ``eval``, ``gallery``, ``pretrain-digits``."""
+"""``flowrl`` command line: ``train``, ``sample``, ``eval``, ``gallery``, ``serve-rewards``, ``pretrain-digits``."""
 
 from __future__ import annotations
 
@@ -153,6 +153,19 @@ def _gallery(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_rewards(args: argparse.Namespace) -> int:
+    from flowrl.rewards.remote import build_server
+
+    server = build_server(args.config, host=args.host, port=args.port, device=args.device)
+    info = server.health()
+    print(f"serving rewards {', '.join(info['rewards'])} at {server.url} (GET /health, POST /score); Ctrl-C stops", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.httpd.server_close()
+    return 0
+
+
 def _eval_setting_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: the run's train.eval_prompts")
     p.add_argument("--seed", type=int, default=None, help="evaluation seed (default: the run's train.seed)")
@@ -197,6 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-prompts", type=int, default=None, help="only the first N evaluation prompts")
     _eval_setting_args(p)
     p.set_defaults(fn=_gallery)
+    p = sub.add_parser("serve-rewards", help="serve a reward set over HTTP for trainers in other processes (reward `remote`)")
+    p.add_argument("--config", required=True, help="YAML: a training config's reward section, or that section alone (rewards: {pickscore: 1.0})")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=18090)
+    p.add_argument("--device", default=None, help="device of the reward models (cpu, cuda:1, auto); default: the file's device")
+    p.set_defaults(fn=_serve_rewards)
     p = sub.add_parser("pretrain-digits", help="pretrain the embedded digits text-to-image model")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=_pretrain_digits)

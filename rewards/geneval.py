@@ -338,7 +338,7 @@ class GenEval(Reward):
     holds, GenEval's score) and ``partial`` (fraction of clauses that hold; flowrl's, logged with
     weight 0 unless ``component_weights`` says otherwise). Video: not supported (images only).
 
-    ``detector``: a local transformers Mask2Former COCO-instance folder; ``clip``: a local
+    ``detector_path``: a local transformers Mask2Former COCO-instance folder; ``clip_path``: a local
     transformers CLIP folder (GenEval uses ViT-L/14). Thresholds default to GenEval's.
     """
 
@@ -346,9 +346,9 @@ class GenEval(Reward):
     scale = "strict in {0,1}; partial in [0,1]"
     component_weights = {"strict": 1.0, "partial": 0.0}
 
-    def __init__(self, detector: str, clip: str, *, clip_processor: str | None = None, device="cpu", threshold: float = 0.3, counting_threshold: float = 0.9,
+    def __init__(self, detector_path: str, clip_path: str, *, clip_processor_path: str | None = None, device="cpu", threshold: float = 0.3, counting_threshold: float = 0.9,
                  max_objects: int = 16, nms_threshold: float = 1.0, position_margin: float = 0.1, max_per_image: int = 100, background: str = "#999999", batch_size: int | None = None):
-        self.models = GenEvalModels(detector, clip, clip_processor=clip_processor, device=device, max_per_image=max_per_image, background=background)
+        self.models = GenEvalModels(detector_path, clip_path, clip_processor=clip_processor_path, device=device, max_per_image=max_per_image, background=background)
         self.device = self.models.device
         self.threshold, self.counting_threshold, self.max_objects, self.nms_threshold = threshold, counting_threshold, max_objects, nms_threshold
         self.position_margin, self.batch_size = position_margin, batch_size

@@ -221,39 +221,40 @@ class RewardServer:
             self._thread.join(timeout=5)
 
 
-def load_server_config(path: str) -> dict[str, Any]:
-    """A rewards YAML: the ``reward`` section of a training config (``{reward: {...}}``) or that
-    section alone (``{rewards: {...}, device: ...}`` or the shorthand ``{pickscore: 1.0}``)."""
+def load_server_config(path: str) -> Any:
+    """The :class:`~flowrl.config.RewardConfig` of a rewards YAML: a training config's ``reward``
+    section (``{reward: {...}}``) or that section alone (``{rewards: {pickscore: 1.0}, device:
+    cuda:1}`` or the shorthand ``{pickscore: 1.0}``). Relative weight paths are taken from the
+    file's folder, as in a training config."""
     from pathlib import Path
 
-    from flowrl.config import ConfigError, RewardConfig, TrainConfig, _reward_shorthand, load_yaml
+    from flowrl.config import ConfigError, TrainConfig, load_yaml, resolve_relative_paths
 
-    data = load_yaml(Path(path).read_text()) or {}
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"rewards file {p} does not exist; check the --config path.")
+    data = load_yaml(p.read_text()) or {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a rewards file is a mapping (e.g. `rewards: {{pickscore: 1.0}}`), got {type(data).__name__}.")
-    section = data.get("reward", data)
-    section = _reward_shorthand(dict(section))
-    known = {f for f in RewardConfig.__dataclass_fields__}
-    unknown = sorted(set(section) - known)
-    if unknown:
-        raise ConfigError(f"{path}: unknown reward options {unknown}; known: {sorted(known)}.")
-    cfg = TrainConfig.from_dict({"reward": section})  # validated like a training config, paths resolved
-    del cfg
-    return section
+        raise ConfigError(f"{p}: a rewards file is a mapping (e.g. `rewards: {{pickscore: 1.0}}`), got {type(data).__name__}.")
+    try:
+        cfg = TrainConfig.from_dict({"reward": data.get("reward", data)})
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
+    return resolve_relative_paths(cfg, p.parent).reward
 
 
 def build_server(path: str, *, host: str = "127.0.0.1", port: int = 18090, device: str | None = None) -> RewardServer:
-    """The server of a rewards YAML (:func:`load_server_config`); ``device`` overrides ``device:``."""
+    """The server of a rewards YAML (:func:`load_server_config`); ``device`` overrides its ``device``."""
     from flowrl.rewards import build_rewards
 
-    section = load_server_config(path)
+    rc = load_server_config(path)
     defaults = {}
-    dev = device or section.get("device")
-    if dev is not None and dev != "auto":
+    dev = device or rc.device
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev is not None:
         defaults["device"] = torch.device(dev)
-    elif dev == "auto":
-        defaults["device"] = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rs = build_rewards(section["rewards"], combine=section.get("combine", "weighted_sum"), **defaults)
+    rs = build_rewards(rc.rewards, combine=rc.combine, **defaults)
     return RewardServer(rs, host, port)
 
 
@@ -362,6 +363,10 @@ class RemoteReward(Reward):
 
 
 # ------------------------------------------------------------------------------ Flow-GRPO's pickle protocol
+class RefusedPickle(pickle.UnpicklingError):
+    """An answer's pickle names a global that :class:`RestrictedUnpickler` does not allow."""
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """Reads only plain containers (dict, list, tuple, set), numbers, strings, bytes, None and
     numpy arrays/scalars; any other global (a class, a function such as ``os.system``) raises
@@ -369,17 +374,19 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     ALLOWED = {
         ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "complex"), ("builtins", "bytearray"),
+        ("_codecs", "encode"),  # protocol 2 writes bytes as _codecs.encode(text, "latin1")
         ("numpy", "ndarray"), ("numpy", "dtype"),
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),  # protocol 5 arrays
     }
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in self.ALLOWED:
+        if (("builtins" if module == "__builtin__" else module), name) in self.ALLOWED:  # protocol 2 names Python 2's module
             return super().find_class(module, name)
         if (module == "numpy" and name.endswith("DType")) or module == "numpy.dtypes":
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(
+        raise RefusedPickle(
             f"refused to unpickle {module}.{name}: a reward server's answer may hold only dicts, lists, tuples, numbers, "
             "strings and numpy arrays (anything else could run code on this machine)."
         )
@@ -436,7 +443,7 @@ class PickleRemoteReward(Reward):
         raw = self.client.request("", pickle.dumps(data), "application/octet-stream")
         try:
             answer = safe_loads(raw)
-        except pickle.UnpicklingError as exc:
+        except RefusedPickle as exc:
             raise RewardError(f"reward remote_pickle: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - garbage bytes raise all sorts
             raise RewardError(f"reward remote_pickle: unreadable answer from {self.client.url} ({type(exc).__name__}: {str(exc)[:100]}; starts {raw[:40]!r}).") from None
@@ -455,4 +462,4 @@ class PickleRemoteReward(Reward):
         return {"http_attempts": float(self.client.attempts)}
 
 
-__all__ = ["RewardServer", "RemoteReward", "PickleRemoteReward", "RestrictedUnpickler", "safe_loads", "build_server", "load_server_config", "HTTPClient"]
+__all__ = ["RewardServer", "RemoteReward", "PickleRemoteReward", "RestrictedUnpickler", "RefusedPickle", "safe_loads", "build_server", "load_server_config", "HTTPClient"]

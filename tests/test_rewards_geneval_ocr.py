@@ -167,7 +167,7 @@ def test_geneval_reward_end_to_end_tiny(geneval_models):
     from flowrl.rewards import build_rewards
 
     det, clip = geneval_models
-    rs = build_rewards({"geneval": {"weight": 1.0, "detector": det, "clip": clip}})
+    rs = build_rewards({"geneval": {"weight": 1.0, "detector_path": det, "clip_path": clip}})
     reward = rs.rewards["geneval"]
     images = torch.rand(2, 3, 48, 64, generator=torch.Generator().manual_seed(0))
     found = reward.models.detect((images[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
