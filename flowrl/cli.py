@@ -73,6 +73,13 @@ def _run_and_weights(args: argparse.Namespace):
         run = runs.Run.from_config(TrainConfig.from_yaml(args.config) if args.config else TrainConfig())
     cfg = run.config.override(args.set) if args.set else run.config
     prompts = list(args.prompt) if args.prompt else None
+    prompt_file = getattr(args, "prompts", None)
+    if prompt_file:
+        if prompts:
+            raise ConfigError("give either --prompt (repeatable) or --prompts FILE, not both.")
+        if not Path(prompt_file).exists():
+            raise ConfigError(f"--prompts {prompt_file}: no such file (a .txt/.jsonl/.json/.csv/.parquet prompt file).")
+        prompts = str(Path(prompt_file).resolve())
     if prompts is None and cfg.train.eval_prompts is None:  # no held-out set: the training prompts
         cfg = runs.with_eval_overrides(cfg, prompts=cfg.train.prompts)
     cfg = runs.with_eval_overrides(cfg, prompts=prompts, seed=args.seed, samples_per_prompt=args.samples_per_prompt)
@@ -127,8 +134,15 @@ def _eval(args: argparse.Namespace) -> int:
     from flowrl import runs
 
     run, cfg, weights = _run_and_weights(args)
+    bench = None
+    if args.benchmark:
+        from flowrl.benchmarks import check_benchmark
+
+        bench = check_benchmark(args.benchmark, list(cfg.reward.rewards))
     result = runs.evaluate(run, weights, config=cfg)
     report = runs.eval_report(result, run=run, category=args.category)
+    if bench is not None:
+        report["benchmark"] = {"name": args.benchmark, "column": bench.column, "table": bench.table(result, bench.column)}
     same_settings = cfg.train.eval_prompts == run.config.train.eval_prompts and runs.Run(cfg).eval_settings == run.eval_settings
     reported = run.reported(weights) if same_settings else None
     if reported:
@@ -137,6 +151,8 @@ def _eval(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     print(runs.format_report(report, reported))
+    if bench is not None:
+        print("\n" + report["benchmark"]["table"])
     print(f"wrote {out}")
     return 0
 
@@ -198,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             p.add_argument("--out", default="eval.json", help="where to write the JSON report (default ./eval.json)")
             p.add_argument("--category", help="metadata column to break results down by (default: category, else tag)")
+            p.add_argument("--benchmark", help="also print a benchmark's own table: geneval (reward geneval, GenEval's metadata) or ocr")
+        p.add_argument("--prompts", help="a prompt file to evaluate on (.jsonl with metadata such as GenEval's evaluation_metadata.jsonl, .txt, .csv, ...)")
         p.set_defaults(fn=fn)
     p = sub.add_parser("gallery", help="a static HTML site comparing base and tuned samples of one or more runs")
     p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run directories; one column each (after the base)")

@@ -138,29 +138,11 @@ def test_instance_postprocessing_matches_mmdet_rule():
 
 
 # ------------------------------------------------------------------------------ geneval plumbing
-def _tiny_mask2former(root):
-    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor, SwinConfig
-
-    torch.manual_seed(0)
-    bb = SwinConfig(image_size=64, patch_size=4, embed_dim=32, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=4, out_features=["stage1", "stage2", "stage3", "stage4"])
-    cfg = Mask2FormerConfig(backbone_config=bb, num_labels=80, hidden_dim=32, mask_feature_size=32, feature_size=32, encoder_feedforward_dim=32, dim_feedforward=32,
-                            num_queries=6, decoder_layers=2, encoder_layers=1, num_attention_heads=2, common_stride=4)
-    model = Mask2FormerForUniversalSegmentation(cfg).eval()
-    with torch.no_grad():  # every query says "class 16 (dog)" with certainty; masks stay random
-        model.class_predictor.weight.zero_()
-        model.class_predictor.bias.fill_(-20.0)
-        model.class_predictor.bias[16] = 20.0
-    model.save_pretrained(str(root))
-    Mask2FormerImageProcessor(size={"shortest_edge": 64, "longest_edge": 128}, size_divisor=32).save_pretrained(str(root))
-    return str(root)
-
-
 @pytest.fixture(scope="module")
 def geneval_models(tmp_path_factory):
-    from fixtures_rewards import tiny_hf_clip_dir
+    from fixtures_rewards import tiny_geneval_models
 
-    root = tmp_path_factory.mktemp("geneval")
-    return _tiny_mask2former(root / "det"), tiny_hf_clip_dir(root / "clip", image_size=32, processor=dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_center_crop=True, resample=3))
+    return tiny_geneval_models(tmp_path_factory.mktemp("geneval"))
 
 
 def test_geneval_reward_end_to_end_tiny(geneval_models):
@@ -264,3 +246,47 @@ def test_ocr_reward_with_a_tiny_trocr(tmp_path):
     video = images[:2, None].expand(2, 2, 3, 40, 50)
     assert rs.rewards["ocr"](video, ['"aaa"', '"b"']).tolist() == pytest.approx([1.0, 0.0])
     json.dumps(names)
+
+
+# ------------------------------------------------------------------------------ flowrl eval --benchmark
+def test_benchmark_tables_from_an_eval_result():
+    from flowrl import runs
+    from flowrl.benchmarks import geneval_table, ocr_table
+
+    # 3 prompts × 2 samples: single_object 1/2, counting 2/2 + 0/2 → counting 2/4; overall (0.5 + 0.5)/2
+    table = torch.tensor([[1.0], [0.0], [1.0], [1.0], [0.0], [0.0]])
+    meta = [{"tag": "single_object"}, {"tag": "counting"}, {"tag": "counting"}]
+    result = runs.EvalResult(weights=runs.Weights("base"), summary={}, table=table, names=["geneval/strict"], prompts=["a", "b", "c"], metadata=meta, samples_per_prompt=2)
+    text = geneval_table(result, "geneval/strict")
+    assert "single_object    = 50.00% (1 / 2)" in text and "counting         = 50.00% (2 / 4)" in text
+    assert "% correct prompts: 66.67%" in text and "Overall score (avg. over tasks): 0.50000" in text
+    result.names = ["ocr"]
+    result.metadata = [{"category": "x"}, {"category": "y"}, {"category": "y"}]
+    text = ocr_table(result, "ocr")
+    assert "% read exactly: 50.00%" in text and "y                = 0.5000 (4 images)" in text
+
+
+def test_flowrl_eval_benchmark_geneval_on_digits(tmp_path, geneval_models, capsys):
+    from pathlib import Path
+
+    from flowrl.cli import main
+
+    config = Path(__file__).resolve().parents[1] / "assets" / "configs" / "digits.yaml"
+    rows = [
+        {"tag": "single_object", "include": [{"class": "dog", "count": 1}], "prompt": "a photo of a dog"},
+        {"tag": "counting", "include": [{"class": "dog", "count": 9}], "exclude": [{"class": "dog", "count": 10}], "prompt": "a photo of nine dogs"},
+    ]
+    prompts = tmp_path / "evaluation_metadata.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    det, clip = geneval_models
+    args = ["eval", "--config", str(config), "--base", "--samples-per-prompt", "1", "--out", str(tmp_path / "eval.json"), "--prompts", str(prompts)]
+    assert main(args + ["--benchmark", "geneval"]) == 2  # the config's rewards lack geneval
+    assert "reads the reward 'geneval'" in capsys.readouterr().err
+    rewards = json.dumps({"geneval": {"weight": 1.0, "detector_path": det, "clip_path": clip}})
+    assert main(args + ["--benchmark", "geneval", "--set", f"reward.rewards={rewards}"]) == 0
+    out = capsys.readouterr().out
+    # the tiny detector sees at least one certain "dog" everywhere and at most 6 (its queries): single 1/1, counting 0/1
+    assert "single_object    = 100.00% (1 / 1)" in out and "counting         = 0.00% (0 / 1)" in out
+    assert "Overall score (avg. over tasks): 0.50000" in out
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["benchmark"]["name"] == "geneval" and report["category_column"] == "tag"
