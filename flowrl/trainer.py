@@ -69,6 +69,7 @@ from flowrl.plugins import (  # noqa: F401  (re-exported for code written agains
 from flowrl.overlap import rollout_in_calls
 from flowrl.prompt_selection import fill_batch, shard_bounds
 from flowrl.prompts import category_column, category_means, reward_meta
+from flowrl.track import after_evaluation, build_tracker
 from flowrl.seeding import PromptGenerators, derive_seed, generator_for
 from flowrl.sharding import fsdp_modules, full_state, full_tensor, gathered_parameters, is_sharded
 
@@ -276,6 +277,7 @@ class Trainer:
         show = t.progress and self.accelerator.is_main_process
         with _phase(f"loading rewards ({', '.join(map(str, config.reward.rewards))})", enabled=show and reward_set is None):
             self.reward_set = reward_set if reward_set is not None else _build_reward_set(config, process_device=self.accelerator.device)  # first: fails fast on a bad reward
+            self.track = build_tracker(config)  # reward.track: scored at evaluations, never trained on
         with _phase(f"loading model {config.model.pipeline}", enabled=show and policy is None):
             if policy is None:  # the main process first: built-in tiny sources write <run>/base_model for the others to read
                 with self.accelerator.main_process_first():
@@ -340,23 +342,31 @@ class Trainer:
         writer = self._start_trackers()
         eval_before = self.evaluate(tag="base") if self.eval_prompts and self.start_iteration == 0 else {}
         if eval_before:
+            after_evaluation(self, 0, eval_before, "base")
             self._log({"iteration": 0, **{f"eval/{k}": v for k, v in eval_before.items()}}, writer)
         bar = _progress(range(self.start_iteration + 1, t.iterations + 1), enabled=t.progress and self.accelerator.is_main_process, total=t.iterations, initial=self.start_iteration)
+        last, stop = t.iterations, False
         for it in bar:
             record = self.iteration(it)
             if self.eval_prompts and t.eval_every and it % t.eval_every == 0 and it != t.iterations:
-                record.update({f"eval/{k}": v for k, v in self.evaluate(tag=f"iter{it}").items()})
+                result = self.evaluate(tag=f"iter{it}")
+                stop = after_evaluation(self, it, result, f"iter{it}")  # reward.track's alarm
+                record.update({f"eval/{k}": v for k, v in result.items()})
             self._log(record, writer)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(progress_postfix(record))
             if t.save_every and it % t.save_every == 0:
                 self.save_checkpoint(it)
-        if t.iterations > self.start_iteration and not (t.save_every and t.iterations % t.save_every == 0):
-            self.save_checkpoint(t.iterations)
+            if stop:
+                last = it
+                break
+        if last > self.start_iteration and not (t.save_every and last % t.save_every == 0):
+            self.save_checkpoint(last)
         eval_after = {}
         if self.eval_prompts:
             eval_after = self.evaluate(tag="tuned")
-            self._log({"iteration": t.iterations, **{f"eval/{k}": v for k, v in eval_after.items()}}, writer)
+            after_evaluation(self, last, eval_after, "tuned")
+            self._log({"iteration": last, **{f"eval/{k}": v for k, v in eval_after.items()}}, writer)
         self.export_lora()
         tracking.finish(writer)
         summary = self._summary(eval_before, eval_after)
@@ -919,7 +929,10 @@ class Trainer:
         lo, hi = shard_bounds(n_samples, acc.process_index, acc.num_processes) if split else (0, n_samples)
         with weights, self.gathered_weights(), _phase(f"eval ({tag}): {hi - lo} samples", enabled=t.progress and acc.is_main_process):
             outputs, prompts = eval_samples(self.policy, self.eval_prompts, self.config, autocast=self.autocast, rows=(lo, hi))
-        table, names = self.reward_set.score(outputs, prompts[lo:hi], {**reward_meta(metadata[lo:hi]), "eval": True})
+        meta = {**reward_meta(metadata[lo:hi]), "eval": True}
+        table, names = self.reward_set.score(outputs, prompts[lo:hi], meta)
+        if getattr(self, "track", None) is not None:  # reward.track: its columns join the table as track/<column>
+            table, names = self.track.extend(table, names, outputs, prompts[lo:hi], meta)
         if split:
             table = self._gather_uneven(table.float().cpu())
             outputs = self._gather_uneven(outputs.float().cpu()) if isinstance(outputs, Tensor) else self._gather_list(outputs)
