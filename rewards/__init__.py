@@ -1,7 +1,7 @@
 """Reward models behind one protocol (``flowrl.rewards``), a registry, and plug-in loading.
 
 Importing this package is cheap: the built-in model rewards import open_clip / transformers only
-when constructed. See ``base.py`` for the protocol and ``README_SECTION.md`` for user docs.
+when constructed. See ``base.py`` for the protocol and docs/rewards.md for user docs.
 """
 
 from __future__ import annotations

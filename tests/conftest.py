@@ -96,3 +96,60 @@ def tiny_hunyuan_video(tmp_path_factory):
 def tiny_qwen_image(tmp_path_factory):
     """A tiny random QwenImagePipeline (reloaded), 64×64 (8×8 latents)."""
     return _tiny_video("tiny_qwen_image_pipeline", tmp_path_factory)
+
+
+# ---- a test run leaves the checkout as it found it ------------------------------------------------
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _checkout_status() -> dict[str, tuple] | None:
+    """``git status --porcelain --untracked-files=all`` lines of the checkout (gitignored paths are
+    left out by git itself), each with its file's size and modification time (so a file already
+    modified before the run and written again by a test counts too); None outside a git checkout
+    or without git."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "-C", _REPO_ROOT, "status", "--porcelain", "--untracked-files=all"],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    status = {}
+    for line in out.stdout.splitlines():
+        try:
+            st = os.stat(os.path.join(_REPO_ROOT, line[3:].split(" -> ")[-1].strip('"')))
+            status[line] = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            status[line] = None
+    return status
+
+
+def _is_controller(session) -> bool:
+    """True in the one process that runs the session (not an xdist worker)."""
+    return not hasattr(session.config, "workerinput")
+
+
+def pytest_sessionstart(session):
+    if _is_controller(session):
+        session.config._flowrl_checkout_before = _checkout_status()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the session when tests created or changed files in the checkout: tests write only to
+    tmp folders. Compares the git status at the end with the one at the start."""
+    before = getattr(session.config, "_flowrl_checkout_before", None)
+    if not _is_controller(session) or before is None:
+        return
+    after = _checkout_status()
+    if after is None:
+        return
+    new = sorted(line for line, stat in after.items() if line not in before or before[line] != stat)
+    if new:
+        lines = "\n".join(f"  {line}" for line in new)
+        print(f"\nflowrl: the test run left files in the checkout {_REPO_ROOT} (tests must write only to "
+              f"tmp_path):\n{lines}", flush=True)
+        if session.exitstatus == 0:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED

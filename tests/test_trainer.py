@@ -204,9 +204,9 @@ def test_cli_eval_and_gallery_load_a_runs_lora(tmp_path, capsys):
     assert main(["train", "--config", str(path)]) == 0
     capsys.readouterr()
     lora = str(tmp_path / "run" / "lora")
-    assert main(["eval", "--config", str(path), "--lora", lora]) == 0
+    assert main(["eval", "--config", str(path), "--lora", lora, "--out", str(tmp_path / "eval_tuned.json")]) == 0
     tuned = capsys.readouterr().out
-    assert main(["eval", "--config", str(path)]) == 0
+    assert main(["eval", "--config", str(path), "--out", str(tmp_path / "eval_base.json")]) == 0
     base = capsys.readouterr().out
     assert "| jpeg_compressibility |" in tuned and tuned != base  # the LoRA changed the samples
     assert main(["gallery", "--config", str(path), "--lora", lora, "--out", str(tmp_path / "g")]) == 0
