@@ -122,6 +122,9 @@ class _Scripted(http.server.BaseHTTPRequestHandler):
             if srv.posts == 1:
                 time.sleep(1.5)
             self._reply(200, json.dumps({"columns": ["r"], "scores": [[0.25], [0.75]]}).encode())
+        elif mode == "gate":
+            srv.gate.wait(timeout=20)
+            self._reply(200, json.dumps({"columns": ["r"], "scores": [[0.25], [0.75]]}).encode())
         elif mode == "garbage":
             self._reply(200, b"\x00\xffnot json at all")
         elif mode == "evil":
@@ -230,3 +233,24 @@ def test_serve_rewards_config_and_cli_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("rewards: {no_such_reward: 1.0}\n")
     assert main(["serve-rewards", "--config", str(bad), "--port", "0"]) == 2
+
+
+def test_remote_scores_in_the_background_while_the_caller_goes_on(scripted):
+    """RewardSet.score_async (what train.overlap_rewards uses): the request is in flight while the
+    caller (the next rollout) runs; the server answers only once the caller says so."""
+    scripted.script = "gate"
+    gate = threading.Event()
+    scripted.gate = gate
+    rs = build_rewards({"remote": {"weight": 1.0, "url": _url(scripted), "timeout": 20}})
+    try:
+        future = rs.score_async(_images(2), ["a", "b"])
+        deadline = time.monotonic() + 20
+        while scripted.posts == 0 and time.monotonic() < deadline:  # the request reached the server...
+            time.sleep(0.01)
+        assert scripted.posts == 1 and not future.done()  # ...and the caller is free meanwhile
+        gate.set()
+        table, cols = future.result(timeout=20)
+        assert cols == ["remote/r"] and table[:, 0].tolist() == [0.25, 0.75]
+    finally:
+        gate.set()
+        rs.close()

@@ -89,6 +89,12 @@ def test_trainer_stops_on_the_alarm_and_keeps_the_best_tracked_checkpoint(tmp_pa
     assert [r.get("eval/track_alarm/quality") for r in evals][:4] == [None, None, None, 1.0]
     assert max(r["iteration"] for r in records) == 3  # stopped: no iteration 4 or 5
     assert "reward hacking alarm at iteration 3" in capsys.readouterr().out
+    from flowrl.cli import main
+
+    STATE["evals"], STATE["tracked"] = 1, [0.0, 0.5]  # the kept checkpoint evaluates like any other
+    assert main(["eval", "--run", str(run), "--checkpoint", str(run / "best_track"), "--out", str(tmp_path / "best.json")]) == 0
+    report = json.loads((tmp_path / "best.json").read_text())
+    assert set(report["aggregate"]) == {"planted", "track/quality"} and report["aggregate"]["track/quality"]["mean"] == pytest.approx(0.5)
 
 
 def test_trainer_quiet_when_both_rise(tmp_path):
