@@ -104,3 +104,17 @@ def test_trainer_quiet_when_both_rise(tmp_path):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert max(r["iteration"] for r in records) == 5 and not any("eval/track_alarm/quality" in r for r in records)
     assert result.eval_after["track/quality"] == pytest.approx(0.6)
+
+
+def test_track_config_round_trips_and_checks_its_window(tmp_path):
+    from flowrl.config import ConfigError
+
+    cfg = TrainConfig.from_dict({"reward": {"jpeg_compressibility": 1.0, "track": {"aesthetic": {"head_path": "./head.pth"}}, "track_stop": True}})
+    assert cfg.reward.track == {"aesthetic": {"head_path": "./head.pth"}} and cfg.reward.rewards == {"jpeg_compressibility": 1.0}
+    path = tmp_path / "c.yaml"
+    path.write_text(cfg.to_yaml() if hasattr(cfg, "to_yaml") else __import__("yaml").safe_dump(cfg.to_dict()))
+    (tmp_path / "head.pth").write_text("")
+    back = TrainConfig.from_yaml(path)
+    assert back.reward.track_stop and back.reward.track["aesthetic"]["head_path"] == str((tmp_path / "head.pth").resolve())  # relative to the file
+    with pytest.raises(ConfigError, match="reward.track_window"):
+        TrainConfig.from_dict({"reward": {"jpeg_compressibility": 1.0, "track_window": 0}}).validate()
