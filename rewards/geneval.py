@@ -324,7 +324,8 @@ class GenEvalModels:
         names = []
         for obj in objects:
             crop = Image.composite(pil, blank, Image.fromarray(obj.mask)) if obj.mask is not None else pil
-            crop = crop.crop(tuple(obj.box))
+            x1, y1, x2, y2 = (int(round(v)) for v in obj.box)  # PIL's own rounding of a float box
+            crop = crop.crop((x1, y1, max(x2, x1 + 1), max(y2, y1 + 1)))  # at least one pixel
             x = torch.from_numpy(np.asarray(crop, dtype=np.uint8).copy()).permute(2, 0, 1)[None].float() / 255
             feats = self.clip.image_features(x)
             names.append(COLORS[int((feats @ clf).argmax(-1)[0])])

@@ -104,6 +104,11 @@ def test_trainer_quiet_when_both_rise(tmp_path):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert max(r["iteration"] for r in records) == 5 and not any("eval/track_alarm/quality" in r for r in records)
     assert result.eval_after["track/quality"] == pytest.approx(0.6)
+    from flowrl.gallery import build_gallery
+
+    STATE["evals"], STATE["tracked"] = 0, [0.1, 0.9]  # the gallery's base and tuned columns
+    html = build_gallery([str(run)], tmp_path / "gallery").read_text()
+    assert "track/quality" in html  # a column of the gallery, like the trained reward
 
 
 def test_track_config_round_trips_and_checks_its_window(tmp_path):
