@@ -170,7 +170,7 @@ def _gallery(args: argparse.Namespace) -> int:
 
 
 def _serve_rewards(args: argparse.Namespace) -> int:
-    from flowrl.rewards.remote import build_server
+    from flowrl.rewards.serving import build_server
 
     server = build_server(args.config, host=args.host, port=args.port, device=args.device)
     info = server.health()

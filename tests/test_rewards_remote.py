@@ -20,7 +20,7 @@ import torch
 torch.set_num_threads(1)
 
 from flowrl.rewards import RewardError, build_rewards  # noqa: E402
-from flowrl.rewards.remote import RestrictedUnpickler, RewardServer, safe_loads  # noqa: E402
+from flowrl.rewards.serving import RestrictedUnpickler, RewardServer, safe_loads  # noqa: E402
 
 
 def brightness(outputs, prompts, meta=None):
@@ -214,14 +214,19 @@ def test_server_dies_mid_run():
     rs = build_rewards({"remote": {"weight": 1.0, "url": srv.url, "timeout": 2, "max_retries": 1, "backoff": 0.01}}, max_failures=0)
     table, _ = rs.score(_images(2), ["a", "b"])
     assert torch.isfinite(table).all()
+    remote = rs.rewards["remote"]
+    assert remote.endpoint == srv.url and "at most 4.01 s per request" in remote.describe_limits()  # 2 × 2 s + 0.01 s back-off
     srv.stop()
     with pytest.raises(RewardError, match="reward 'remote' failed on 2 of 2 samples.*no answer"):
         rs.score(_images(2), ["a", "b"])
+    assert "no answer" in remote.last_error()
+    with pytest.raises(RewardError, match="not answering /health"):  # the check the trainer runs before a rollout
+        remote.health_check()
 
 
 def test_serve_rewards_config_and_cli_errors(tmp_path):
     from flowrl.cli import main
-    from flowrl.rewards.remote import build_server
+    from flowrl.rewards.serving import build_server
 
     cfg = tmp_path / "rewards.yaml"
     cfg.write_text("reward:\n  jpeg_compressibility: 1.0\n  device: cpu\n")

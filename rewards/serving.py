@@ -266,7 +266,17 @@ class HTTPClient:
     def __init__(self, url: str, *, timeout: float = 60.0, max_retries: int = 3, backoff: float = 1.0, max_backoff: float = 30.0):
         self.url = url.rstrip("/")
         self.timeout, self.max_retries, self.backoff, self.max_backoff = float(timeout), int(max_retries), float(backoff), float(max_backoff)
+        if not (self.timeout > 0 and math.isfinite(self.timeout)) or self.max_retries < 0 or self.backoff < 0 or self.max_backoff < 0:
+            raise ValueError(f"{self.url}: timeout must be > 0 s, max_retries, backoff and max_backoff ≥ 0 (got {timeout}, {max_retries}, {backoff}, {max_backoff}).")
         self.attempts = 0
+        self.last_error: str | None = None
+
+    def worst_case_seconds(self) -> float:
+        """``(max_retries + 1) · timeout + Σ_{a < max_retries} min(backoff · 2^a, max_backoff)``."""
+        return (self.max_retries + 1) * self.timeout + sum(min(self.backoff * 2**a, self.max_backoff) for a in range(self.max_retries))
+
+    def describe(self) -> str:
+        return f"{self.url}: timeout {self.timeout:g} s × {self.max_retries + 1} attempts, at most {self.worst_case_seconds():g} s per request"
 
     def request(self, path: str, data: bytes | None = None, content_type: str | None = None) -> bytes:
         headers = {"Content-Type": content_type} if content_type else {}
@@ -281,13 +291,15 @@ class HTTPClient:
                 detail = _error_text(exc)
                 last = RewardError(f"HTTP {exc.code} from {self.url + path}: {detail}")
                 if exc.code not in RETRY_STATUS:
+                    self.last_error = str(last)
                     raise last from None
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
                 reason = getattr(exc, "reason", exc)
                 last = RewardError(f"no answer from {self.url + path}: {type(reason).__name__}: {reason}")
             if attempt < self.max_retries:
                 time.sleep(min(self.backoff * 2**attempt, self.max_backoff))
-        raise RewardError(f"{last} (after {self.max_retries + 1} attempts)")
+        self.last_error = f"{last} (after {self.max_retries + 1} attempts)"
+        raise RewardError(self.last_error)
 
 
 def _error_text(exc: urllib.error.HTTPError) -> str:
@@ -320,8 +332,24 @@ class RemoteReward(Reward):
         self.encoding, self.batch_size = encoding, batch_size
         self.component_weights: dict[str, float] | None = None
         self.server_errors: dict[str, str] = {}
-        if health_check:
+        self.check_health = bool(health_check)
+        if self.check_health:  # the served columns' weights come with the answer
             self.health()
+
+    @property
+    def endpoint(self) -> str:
+        return self.client.url
+
+    def health_check(self) -> None:
+        """Before the first rollout (the trainer's check of every reward): ``GET /health``."""
+        if self.check_health:
+            self.health()
+
+    def describe_limits(self) -> str:
+        return self.client.describe()
+
+    def last_error(self) -> str | None:
+        return self.client.last_error
 
     def health(self) -> dict[str, Any]:
         """``GET /health``; sets the component weights and scale from the server's answer."""
@@ -422,6 +450,16 @@ class PickleRemoteReward(Reward):
         self.client = HTTPClient(url, timeout=timeout, max_retries=max_retries, backoff=backoff, max_backoff=max_backoff)
         self.keys = [keys] if isinstance(keys, str) else list(keys)
         self.send, self.extra, self.jpeg_quality, self.batch_size = tuple(send), dict(extra or {}), jpeg_quality, batch_size
+
+    @property
+    def endpoint(self) -> str:
+        return self.client.url
+
+    def describe_limits(self) -> str:
+        return self.client.describe()
+
+    def last_error(self) -> str | None:
+        return self.client.last_error
 
     def _jpeg(self, image: Tensor) -> bytes:
         from PIL import Image
