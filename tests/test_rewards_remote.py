@@ -259,3 +259,32 @@ def test_remote_scores_in_the_background_while_the_caller_goes_on(scripted):
     finally:
         gate.set()
         rs.close()
+
+
+def test_serve_rewards_in_its_own_process(tmp_path):
+    """`python -m flowrl serve-rewards` in a subprocess; a trainer-side reward set scores through it."""
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "rewards.yaml"
+    cfg.write_text("rewards:\n  jpeg_compressibility: 1.0\n")
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "flowrl", "serve-rewards", "--config", str(cfg), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        rs = None
+        deadline = time.monotonic() + 60
+        while rs is None and time.monotonic() < deadline and proc.poll() is None:
+            try:
+                rs = build_rewards({"remote": {"weight": 1.0, "url": url, "max_retries": 0, "timeout": 5}})
+            except RewardError:
+                time.sleep(0.2)
+        assert rs is not None, proc.stdout.read() if proc.poll() is not None else "server did not come up in 60 s"
+        table, cols = rs.score(_images(2), ["a", "b"])
+        want, _ = build_rewards({"jpeg_compressibility": 1.0}).score(_images(2), ["a", "b"])
+        assert cols == ["remote/jpeg_compressibility"] and torch.equal(table, want)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert "serving rewards jpeg_compressibility at http://127.0.0.1:" in proc.stdout.read()
