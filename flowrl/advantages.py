@@ -228,7 +228,7 @@ def gdpo_estimator(inputs: AdvantageInputs, *, weights: dict[str, float] | None 
     column name), then re-normalise over the batch — :func:`flowrl.rewards.base.gdpo` applied to
     the reward table (the combined ``inputs.rewards`` is ignored). With one column it is the group
     z-score followed by a batch z-score."""
-    from flowrl.rewards.base import gdpo
+    from flowrl.normalization import gdpo
 
     if inputs.reward_table is None or inputs.reward_table.shape[1] == 0:
         raise ValueError("the 'gdpo' estimator needs the per-reward table (AdvantageInputs.reward_table).")
@@ -393,7 +393,7 @@ def seed_grpo_estimator(inputs: AdvantageInputs, *, alpha: float = 0.5, std: str
     :func:`flowrl.rewards.verifiers.extract_answer`. Mechanism certain; the linear f is inferred."""
     answers = inputs.meta.get("answers")
     if answers is None:
-        from flowrl.rewards.verifiers import extract_answer, normalize_answer
+        from flowrl.answers import extract_answer, normalize_answer
 
         outputs = getattr(inputs.traj, "outputs", None)
         if outputs is None:

@@ -100,12 +100,23 @@ DANCE_GRPO = register_preset(
 )
 
 
+@dataclass
+class ResolvedConfig:
+    """A :class:`TrainConfig` with the preset's defaults applied: what the trainer runs."""
+
+    config: Any  # flowrl.config.TrainConfig
+    preset: Any  # flowrl.algorithms.Preset, with overrides applied
+    learning_rate: float
+    timestep_fraction: float
+    timestep_selection: str
+
+
 def resolve(config: Any) -> Any:
     """Apply a :class:`~flowrl.config.TrainConfig`'s overrides on its preset → ``ResolvedConfig``.
 
     Only fields the user set (not None) override the preset; dict options are merged over the
     preset's. The result is what the run directory records."""
-    from flowrl.config import ConfigError, ResolvedConfig
+    from flowrl.errors import ConfigError
 
     config.validate()
     try:
@@ -188,7 +199,7 @@ def _resolve_loss(loss: LossSpec, config: Any, preset_name: str, objective: str 
       normaliser L_max is ``sampler.max_new_tokens`` (TRL's ``max_completion_length``), not the batch's
       completion width, which shrinks when every completion stops early.
     """
-    from flowrl.config import ConfigError
+    from flowrl.errors import ConfigError
     from flowrl.losses import KL_TERMS
 
     token_policy = config.model.kind == "causal_lm"
@@ -465,7 +476,7 @@ def trl_aliases(d: dict[str, Any]) -> dict[str, Any]:
     defaults), so what it leaves unset means what it means in TRL. A name given twice with different
     values (alias and flowrl name) is an error naming both.
     """
-    from flowrl.config import ConfigError
+    from flowrl.errors import ConfigError
 
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items()}
     train = out.get("train")

@@ -1,15 +1,23 @@
 """Build what a config names: the pipeline (a built-in source or a local folder), the policy
-(``POLICY_BUILDERS`` by ``model.kind``), LoRA adapters, the reward set and the prompt lists."""
+(``POLICY_BUILDERS`` by ``model.kind``), LoRA adapters, the reward set and the prompt lists; and
+the training set-up: the accelerator (DDP / FSDP2), the optimizer, the trainable parameters and EMA."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from flowrl.config import ConfigError, ResolvedConfig, TrainConfig
-from flowrl.plugins import PIPELINE_SOURCES, POLICY_BUILDERS, import_builtin_components
+from flowrl.config import ResolvedConfig, TrainConfig
+from flowrl.errors import ConfigError
+from flowrl.devices import choose_device as _device, enable_gradient_checkpointing  # noqa: F401  (re-exported)
+from flowrl.ema import EMA
+from flowrl.pipelines.sources import _pipeline_class, load_pipeline  # noqa: F401  (re-exported; registers the built-in sources)
+from flowrl.plugins import POLICY_BUILDERS, import_builtin_components
+from flowrl.seeding import derive_seed
+from flowrl.sharding import fsdp_modules
 
 
 def add_lora(model: torch.nn.Module, *, rank: int, alpha: float, targets: list[str] | tuple[str, ...], seed: int) -> None:
@@ -60,89 +68,6 @@ def _build_reward_set(config: TrainConfig, *, process_device: torch.device | str
         except (RuntimeError, TypeError) as exc:
             raise ConfigError(f"reward.device: '{device}' is not a device ({exc}); use cpu, cuda, cuda:1 or auto.") from None
     return build_rewards(config.reward.rewards, combine=config.reward.combine, max_failures=config.reward.max_failures, **defaults)
-
-
-def load_pipeline(spec: str, run_dir: Path, dtype: torch.dtype = torch.float32):
-    """A diffusers pipeline from a built-in name (``PIPELINE_SOURCES``) or a local folder."""
-    _import_pipeline_sources()
-    if spec in PIPELINE_SOURCES:
-        pipe = PIPELINE_SOURCES.get(spec)(run_dir)
-    else:
-        path = Path(spec)
-        if not path.is_dir():
-            raise ConfigError(
-                f"model.pipeline '{spec}' is neither a local folder nor a built-in "
-                f"({', '.join(PIPELINE_SOURCES.names())}). flowrl never downloads: point it at a local checkpoint."
-            )
-        pipe = _pipeline_class(path).from_pretrained(str(path), local_files_only=True, torch_dtype=dtype)
-    if dtype != torch.float32 and hasattr(pipe, "to"):
-        pipe = pipe.to(dtype=dtype)
-    return pipe
-
-
-def _pipeline_class(path: Path):
-    """The class named in ``model_index.json``: a flowrl pipeline with a registered adapter (e.g.
-    ``DigitsPipeline``, which ``DiffusionPipeline`` cannot resolve by name), else ``DiffusionPipeline``."""
-    import json
-
-    from diffusers import DiffusionPipeline
-
-    from flowrl.pipelines.base import _ADAPTERS, _import_builtin_adapters
-
-    index = path / "model_index.json"
-    if not index.is_file():
-        raise ConfigError(f"model.pipeline: {path} has no model_index.json; point it at a folder written by save_pretrained.")
-    name = json.loads(index.read_text()).get("_class_name")
-    _import_builtin_adapters()
-    for cls in _ADAPTERS:
-        if cls is not None and cls.__name__ == name and not cls.__module__.startswith("diffusers"):
-            return cls
-    return DiffusionPipeline
-
-
-def _import_pipeline_sources() -> None:
-    import importlib
-
-    for mod in ("flowrl.pipelines.digits",):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name != mod:
-                raise
-
-
-def _tiny_source(builder_name: str):
-    def build(run_dir: Path):
-        from flowrl.pipelines import tiny
-
-        pipe = getattr(tiny, builder_name)()
-        return tiny.save_and_reload(pipe, Path(run_dir) / "base_model")
-
-    return build
-
-
-def _digits_source(run_dir: Path):
-    from flowrl.pipelines.digits import load_default_digits_pipeline
-
-    return load_default_digits_pipeline()
-
-
-def _tiny_video_source(builder_name: str):
-    def build(run_dir: Path):
-        from flowrl.pipelines import tiny, tiny_video
-
-        pipe = tiny.save_and_reload(getattr(tiny_video, builder_name)(), Path(run_dir) / "base_model")
-        return tiny_video.with_test_defaults(pipe)
-
-    return build
-
-
-PIPELINE_SOURCES.register("digits", _digits_source)
-PIPELINE_SOURCES.register("tiny-sd3", _tiny_source("tiny_sd3_pipeline"))
-PIPELINE_SOURCES.register("tiny-flux", _tiny_source("tiny_flux_pipeline"))
-PIPELINE_SOURCES.register("tiny-wan", _tiny_video_source("tiny_wan_pipeline"))
-PIPELINE_SOURCES.register("tiny-hunyuan-video", _tiny_video_source("tiny_hunyuan_video15_pipeline"))
-PIPELINE_SOURCES.register("tiny-qwen-image", _tiny_video_source("tiny_qwen_image_pipeline"))
 
 
 @POLICY_BUILDERS.register("flow")
@@ -219,40 +144,6 @@ def apply_memory_options(policy: Any, cfg: TrainConfig) -> None:
         adapter.offload_text_encoders("cpu")
 
 
-def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
-    """Activation checkpointing of a diffusers (``enable_gradient_checkpointing``) or transformers
-    (``activation_checkpointing_enable`` / ``gradient_checkpointing_enable``) model, always the
-    non-reentrant form (``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``): the
-    reentrant one runs a block's backward outside the outer autograd pass, which breaks DDP with
-    ``find_unused_parameters=True`` (a parameter is marked ready twice) and drops gradients of LoRA
-    weights whose block inputs do not require grad."""
-    import functools
-
-    from torch.utils.checkpoint import checkpoint
-
-    if getattr(model, "_supports_gradient_checkpointing", None) is not None and hasattr(model, "enable_gradient_checkpointing"):  # diffusers
-        if not model._supports_gradient_checkpointing:
-            raise ConfigError(f"train.gradient_checkpointing: {type(model).__name__} does not support gradient checkpointing; set it to false.")
-        model.enable_gradient_checkpointing(lambda module, *args: checkpoint(module.__call__, *args, use_reentrant=False))
-        return
-    kwargs = {"use_reentrant": False}
-    for name, key in (("activation_checkpointing_enable", "activation_checkpointing_kwargs"), ("gradient_checkpointing_enable", "gradient_checkpointing_kwargs")):
-        fn = getattr(model, name, None)
-        if fn is not None:
-            try:
-                fn(**{key: kwargs})
-            except ValueError as exc:  # transformers: "... does not support activation checkpointing"
-                raise ConfigError(f"train.gradient_checkpointing: {exc} Set it to false.") from None
-            return
-    raise ConfigError(f"train.gradient_checkpointing: {type(model).__name__} does not support gradient checkpointing; set it to false.")
-
-
-def _device(cfg: TrainConfig) -> torch.device:
-    if cfg.model.device != "auto":
-        return torch.device(cfg.model.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def build_policy(resolved: ResolvedConfig, run_dir: Path):
     kind = resolved.config.model.kind
     if resolved.config.model.offload_text_encoders and kind != "flow":
@@ -264,3 +155,159 @@ def build_policy(resolved: ResolvedConfig, run_dir: Path):
     import_builtin_components()
     return POLICY_BUILDERS.get(kind)(resolved, run_dir)
 
+
+# ------------------------------------------------------------------------ training set-up
+def make_selector(trainer: Any):
+    """The preset's prompt selector (``flowrl.prompt_selection``); a selector that takes a value
+    ``tracker`` shares the advantage estimator's (SPO)."""
+    import inspect
+
+    from flowrl.prompt_selection import PROMPT_SELECTORS, make_selector
+
+    name = trainer.resolved.preset.prompt_selection
+    params = inspect.signature(PROMPT_SELECTORS.get(name).__init__).parameters
+    kwargs: dict[str, Any] = {}
+    if "tracker" in params and getattr(trainer.estimator, "tracker", None) is not None:
+        kwargs["tracker"] = trainer.estimator.tracker
+    if "prompts" in params:
+        kwargs["prompts"] = trainer.train_prompts
+    return make_selector(name, len(trainer.train_prompts), **kwargs)
+
+
+def setup_training(trainer: Any) -> None:
+    """Make the trainer's model trainable (LoRA, or every weight plus a frozen reference copy when
+    a KL term needs one), build the optimizer, ``accelerator.prepare`` both, and set up the EMA:
+    sets ``params``, ``prepared_model``, ``optimizer``, ``sharded`` and ``ema`` on ``trainer``."""
+    t = trainer.config.train
+    model = trainer.policy.model
+    if t.lora_rank > 0:
+        targets = t.lora_targets or list(getattr(trainer.policy, "default_lora_targets", ("q_proj", "k_proj", "v_proj", "o_proj")))
+        if not getattr(model, "peft_config", None):
+            add_lora(model, rank=t.lora_rank, alpha=t.lora_alpha, targets=targets, seed=derive_seed(t.seed, "lora"))
+    else:
+        model.requires_grad_(True)
+        if trainer.resolved.preset.loss.beta > 0 and trainer.resolved.preset.loss.kl:
+            trainer.policy.set_reference_model(copy.deepcopy(model))
+    for p in getattr(trainer.policy, "always_trainable_parameters", lambda: [])():
+        p.requires_grad_(True)  # trained in full even when the rest of the model gets LoRA
+    trainer.params = [p for p in model.parameters() if p.requires_grad]
+    if not trainer.params:
+        raise ConfigError("the model has no trainable parameters; check train.lora_rank / train.lora_targets.")
+    optimizer = make_optimizer(t.optimizer, trainer.params, lr=trainer.resolved.learning_rate, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
+    trainer._bare_model = model
+    trainer.prepared_model, trainer.optimizer = prepare_training(trainer.accelerator, model, optimizer, wrap=getattr(trainer.policy, "forward_calls_model", True))
+    trainer.sharded = bool(fsdp_modules(model))
+    if trainer.sharded:  # fully_shard replaced the parameters by sharded ones (DTensor), in place
+        trainer.params = [p for p in model.parameters() if p.requires_grad]
+    trainer.ema = EMA(trainer.params, t.ema_decay, ramp=t.ema_ramp, update_every=t.ema_update_every) if t.ema_decay > 0 else None
+
+
+def make_optimizer(name: str, params: list[torch.nn.Parameter], **kwargs: Any) -> torch.optim.Optimizer:
+    """``adamw`` (torch.optim.AdamW) or ``adamw_8bit`` (bitsandbytes.optim.AdamW8bit: the two
+    moment buffers quantised to 8 bits, Dettmers et al. 2022)."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, **kwargs)
+    if name == "adamw_8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError("train.optimizer=adamw_8bit needs bitsandbytes: pip install 'flowrl[bnb]' (CUDA only), or set train.optimizer=adamw.") from None
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    raise ConfigError(f"train.optimizer must be adamw or adamw_8bit, got '{name}'.")
+
+
+def prepare_training(accelerator: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, wrap: bool):
+    """``accelerator.prepare`` the trained module and the optimizer. With several processes the
+    module comes back wrapped (DDP): its backward all-reduces the gradients. The wrapper forwards
+    unknown attributes (``config``, ``dtype``, peft's ``disable_adapters``) to the module, so a
+    policy can call it in place of the bare module during the update. Policies whose model is not
+    called through its ``forward`` (``forward_calls_model = False``) are not wrapped; the trainer
+    all-reduces their gradients itself before each optimizer step.
+
+    FSDP (accelerate's plugin, ``fsdp_version: 2``): ``fully_shard`` is applied to the module in
+    place (each transformer block, then the whole); its parameters become shards, the optimizer
+    holds shards of its state, and backward reduce-scatters the gradients."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        raise ConfigError(
+            f"the accelerate config selects {kind.value}, which flowrl does not support: it cannot be tested without GPUs "
+            "(on the CPU accelerate's DeepSpeed integration gives every process rank 0 of 1). Shard with FSDP instead "
+            "(assets/accelerate/fsdp.yaml: distributed_type FSDP, fsdp_version 2 — parameters, gradients and optimizer state "
+            "sharded like ZeRO-3), or use DDP (assets/accelerate/ddp.yaml); memory: LoRA, train.gradient_checkpointing, adamw_8bit."
+        )
+    if kind == DistributedType.FSDP:
+        version = getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1)
+        if version != 2:
+            raise ConfigError(
+                f"the accelerate config selects FSDP with fsdp_version {version}; flowrl supports FSDP2 only "
+                "(torch's fully_shard). Set fsdp_config.fsdp_version: 2 (see assets/accelerate/fsdp.yaml)."
+            )
+        if not wrap:
+            raise ConfigError(
+                "FSDP shards a model that the policy calls through its forward; this policy calls its model's "
+                "parts directly (forward_calls_model = False). Launch it with a DDP config (assets/accelerate/ddp.yaml)."
+            )
+    if not wrap or (accelerator.num_processes == 1 and kind != DistributedType.FSDP):  # FSDP2: model and optimizer together, always
+        return model, accelerator.prepare(optimizer)
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    inner = getattr(wrapped, "module", wrapped)
+    if "_original_forward" in inner.__dict__:  # the trainer autocasts itself; keep the module's own forward
+        inner.forward = inner.__dict__.pop("_original_forward")
+    if wrapped is not model:
+        cls = type(wrapped)
+
+        def __getattr__(self, name):
+            try:
+                return cls.__getattr__(self, name)
+            except AttributeError:
+                return getattr(self.module, name)
+
+        wrapped.__class__ = type(cls.__name__, (cls,), {"__getattr__": __getattr__, "__module__": cls.__module__})
+    return wrapped, optimizer
+
+
+def make_accelerator(*, cpu: bool, mixed_precision: str):
+    """An ``Accelerator``; in a single process, a previous trainer's state (accelerate keeps one per
+    process) is reset when this run asks for another precision or device."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    state = AcceleratorState._shared_state
+    if state and PartialState().num_processes == 1:
+        same = str(state.get("_mixed_precision", "no")) == mixed_precision and bool(state.get("_cpu", False)) == cpu
+        if not same:
+            AcceleratorState._reset_state(reset_partial_state=True)
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # find_unused_parameters: LoRA may sit on a projection a model skips (SD3's last context block);
+    # broadcast_buffers=False: no collective in forward passes (processes run different numbers)
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)
+    fsdp = fsdp_plugin_from_env()
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision, kwargs_handlers=[ddp], fsdp_plugin=fsdp)
+    if fsdp is not None:
+        from accelerate.utils import DistributedType
+
+        if accelerator.distributed_type == DistributedType.MULTI_CPU:
+            # accelerate applies its FSDP plugin on accelerators only and silently falls back to DDP on
+            # the CPU; torch's fully_shard runs on the CPU too (gloo), so shard as the config asks
+            from accelerate.state import PartialState
+
+            accelerator.state.distributed_type = DistributedType.FSDP
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as accelerate does for GPUs
+            accelerator.state.fsdp_plugin = fsdp
+    return accelerator
+
+
+def fsdp_plugin_from_env():
+    """accelerate's FSDP plugin when the launch asks for FSDP (``accelerate launch`` with an FSDP
+    config exports ``ACCELERATE_USE_FSDP=true`` and ``FSDP_*``; with ``torchrun`` set them
+    yourself), else None."""
+    import os
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return None
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin()

@@ -70,7 +70,7 @@ class GRPOCareObjective:
         self.updates = 0
 
     def __call__(self, policy: Any, batch: Any, steps: Tensor, ctx: Any) -> tuple[Tensor, dict[str, float]]:
-        from flowrl.trainer import policy_gradient_objective
+        from flowrl.objectives import policy_gradient_objective
 
         return policy_gradient_objective(policy, batch, steps, ctx)
 

@@ -11,6 +11,7 @@ iteration."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -49,7 +50,7 @@ def check_fresh_run_dir(run_dir: Path, resume_from: str | None) -> None:
     """A new run (no ``train.resume_from``) never starts in a folder that holds another run's
     checkpoints: it would mix two runs' metrics and let a later ``resume_from: latest`` pick up a
     stale checkpoint. Raises a :class:`~flowrl.config.ConfigError` naming the ways out."""
-    from flowrl.config import ConfigError
+    from flowrl.errors import ConfigError
 
     if resume_from:
         return
@@ -205,3 +206,33 @@ def load_checkpoint(trainer: Any, path: Path) -> None:
     if trainer.accelerator.is_main_process:
         atomic_write(trainer.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in trainer.history))
     trainer.accelerator.wait_for_everyone()
+
+
+def export_lora(trainer: Any) -> Path | None:
+    """Save the evaluated weights' LoRA — the EMA weights when ``train.ema_decay`` > 0, else the
+    live ones — in the diffusers format (``pipe.load_lora_weights(dir)`` loads them), or the
+    peft format for language models; ``<run>/weights.json`` records which."""
+    out = trainer.run_dir / "lora"
+    saver = getattr(trainer.policy, "save_lora", None)
+    exported = None
+    if trainer.config.train.lora_rank > 0 and saver is not None:
+        weights = trainer.ema.active if trainer.ema is not None else contextlib.nullcontext
+        if trainer.sharded:  # every process gathers its shards of the (EMA) weights; the main one writes
+            with weights():
+                state = trainer.trainable_state_dict()
+            if trainer.accelerator.is_main_process:
+                saver(out, state_dict=state)
+        elif trainer.accelerator.is_main_process:
+            with weights():
+                saver(out)
+        exported = out
+    if not trainer.accelerator.is_main_process:
+        return None
+    info = {
+        "evaluated": "ema" if trainer.ema is not None else "live",
+        "lora": "lora" if exported is not None else None,
+        "lora_weights": ("ema" if trainer.ema is not None else "live") if exported is not None else None,
+        "ema": trainer.ema.describe() if trainer.ema is not None else None,
+    }
+    atomic_write(trainer.run_dir / "weights.json", json.dumps(info, indent=1) + "\n")
+    return exported

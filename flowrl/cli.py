@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 from pathlib import Path
 
 
@@ -97,7 +98,7 @@ def _run_and_weights(args: argparse.Namespace):
 def _single(value, flag: str):
     if isinstance(value, list):
         if len(value) > 1:
-            from flowrl.config import ConfigError
+            from flowrl.errors import ConfigError
 
             raise ConfigError(f"{flag} is given {len(value)} times; this command takes one.")
         return value[0] if value else None
@@ -169,9 +170,47 @@ def _gallery(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve_rewards(args: argparse.Namespace) -> int:
-    from flowrl.rewards.serving import build_server
+def load_server_config(path: str) -> Any:
+    """The :class:`~flowrl.config.RewardConfig` of a rewards YAML: a training config's ``reward``
+    section (``{reward: {...}}``) or that section alone (``{rewards: {pickscore: 1.0}, device:
+    cuda:1}`` or the shorthand ``{pickscore: 1.0}``). Relative weight paths are taken from the
+    file's folder, as in a training config."""
+    from pathlib import Path
 
+    from flowrl.config import ConfigError, TrainConfig, load_yaml, resolve_relative_paths
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"rewards file {p} does not exist; check the --config path.")
+    data = load_yaml(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: a rewards file is a mapping (e.g. `rewards: {{pickscore: 1.0}}`), got {type(data).__name__}.")
+    try:
+        cfg = TrainConfig.from_dict({"reward": data.get("reward", data)})
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
+    return resolve_relative_paths(cfg, p.parent).reward
+
+
+def build_server(path: str, *, host: str = "127.0.0.1", port: int = 18090, device: str | None = None) -> Any:
+    """The server of a rewards YAML (:func:`load_server_config`); ``device`` overrides its ``device``."""
+    import torch
+
+    from flowrl.rewards import build_rewards
+    from flowrl.rewards.serving import RewardServer
+
+    rc = load_server_config(path)
+    defaults = {}
+    dev = device or rc.device
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev is not None:
+        defaults["device"] = torch.device(dev)
+    rs = build_rewards(rc.rewards, combine=rc.combine, **defaults)
+    return RewardServer(rs, host, port)
+
+
+def _serve_rewards(args: argparse.Namespace) -> int:
     server = build_server(args.config, host=args.host, port=args.port, device=args.device)
     info = server.health()
     print(f"serving rewards {', '.join(info['rewards'])} at {server.url} (GET /health, POST /score); Ctrl-C stops", flush=True)

@@ -19,6 +19,9 @@ from typing import Any, Callable, ClassVar, Literal
 
 import yaml
 
+from flowrl.algorithms import ResolvedConfig  # noqa: F401  (re-exported: resolution lives with the presets)
+from flowrl.errors import ConfigError  # noqa: F401  (re-exported: flowrl.config.ConfigError)
+
 
 class _Loader(yaml.SafeLoader):
     """YAML 1.1 reads ``3e-4`` as a string; configs mean the number."""
@@ -34,10 +37,6 @@ _Loader.add_implicit_resolver(
 def load_yaml(text: str):
     """Parse YAML the way configs mean it (``1e-4`` is a float)."""
     return yaml.load(text, Loader=_Loader)
-
-
-class ConfigError(ValueError):
-    """A configuration value is wrong; the message names the field and the fix."""
 
 
 @dataclass
@@ -454,7 +453,8 @@ class TrainConfig:
         return self
 
     def resolved(self) -> "ResolvedConfig":
-        """The config with every preset default filled in (what the run records)."""
+        """The config with every preset default filled in (what the run records):
+        :func:`flowrl.algorithms.resolve`."""
         from flowrl.algorithms import resolve
 
         return resolve(self)
@@ -706,14 +706,3 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path} must be a mapping, got {value!r}.")
         return dict(value)
     return value
-
-
-@dataclass
-class ResolvedConfig:
-    """A :class:`TrainConfig` with the preset's defaults applied: what the trainer runs."""
-
-    config: TrainConfig
-    preset: Any  # flowrl.algorithms.Preset, with overrides applied
-    learning_rate: float
-    timestep_fraction: float
-    timestep_selection: str

@@ -48,10 +48,13 @@ def divergence_alarm(trained: Sequence[float], tracked: Sequence[float], tracked
 
 def per_prompt_ci(values: Tensor, samples_per_prompt: int) -> tuple[float, float]:
     """Mean over samples and the 95 % CI half-width over per-prompt means (as ``flowrl eval``)."""
-    from flowrl.runs import mean_ci95
+    per_prompt = values.reshape(-1, samples_per_prompt).nanmean(1).double()
+    v = per_prompt[torch.isfinite(per_prompt)]
+    if v.numel() < 2:
+        return float(values.nanmean()), math.nan
+    from scipy.stats import t as student_t
 
-    per_prompt = values.reshape(-1, samples_per_prompt).nanmean(1)
-    return float(values.nanmean()), mean_ci95(per_prompt)[1]
+    return float(values.nanmean()), float(student_t.ppf(0.975, v.numel() - 1) * v.std(unbiased=True) / math.sqrt(v.numel()))
 
 
 @dataclass
@@ -121,7 +124,9 @@ def after_evaluation(trainer: Any, it: int, result: dict[str, float], tag: str) 
     if tracker is None or tag not in getattr(trainer, "_eval_tables", {}):
         return False
     table, names = trainer._eval_tables[tag]
-    weights = trainer._reward_weights([n for n in names if not n.startswith(PREFIX)])
+    from flowrl.estimation import reward_weights
+
+    weights = reward_weights(trainer.reward_set, [n for n in names if not n.startswith(PREFIX)])
     fired = tracker.observe(table, names, weights, trainer.config.train.eval_samples_per_prompt)
     for n in fired:
         result[f"track_alarm/{n[len(PREFIX):]}"] = 1.0

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from flowrl.config import ConfigError
+from flowrl.errors import ConfigError
 
 
 def tracker_names(report_to: str | Sequence[str] | None) -> list[str]:

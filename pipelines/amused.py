@@ -95,7 +95,8 @@ def co_grpo_policy(pipe: Any, *, num_steps: int = 12, guidance_scale: float = 10
 
 
 def _register() -> None:
-    from flowrl.builders import _device, load_pipeline
+    from flowrl.devices import choose_device
+    from flowrl.pipelines.sources import load_pipeline
     from flowrl.plugins import PIPELINE_SOURCES, POLICY_BUILDERS
 
     def tiny_amused(run_dir: Path):
@@ -106,7 +107,7 @@ def _register() -> None:
     def build(resolved: Any, run_dir: Path) -> CoGRPOPolicy:
         cfg = resolved.config
         pipe = load_pipeline(cfg.model.pipeline, run_dir, getattr(torch, cfg.model.dtype))
-        pipe.to(_device(cfg))
+        pipe.to(choose_device(cfg))
         s = cfg.sampler
         opts = dict(resolved.preset.rollout_params)
         sched = SchedulePolicy(**{k: opts.pop(k) for k in ("hidden", "init_std", "residual", "min_remask_temperature") if k in opts})

@@ -190,7 +190,7 @@ class TokenPolicy(PolicyBase):
         disagrees with the config it trains under: ``sampler.max_new_tokens`` (TRL's
         ``max_completion_length``; also Dr.GRPO's constant normaliser) and ``sampler.temperature`` (the
         temperature of the stored log-probs) must be the policy's."""
-        from flowrl.config import ConfigError
+        from flowrl.errors import ConfigError
 
         s = resolved.config.sampler
         if int(s.max_new_tokens) != self.max_new_tokens:
@@ -486,7 +486,7 @@ def build_causal_lm_policy(resolved: Any, run_dir: Any) -> TokenPolicy:
         max_new_tokens=s.max_new_tokens, temperature=s.temperature,
     )
     if t.gradient_checkpointing:
-        from flowrl.builders import enable_gradient_checkpointing
+        from flowrl.devices import enable_gradient_checkpointing
 
         enable_gradient_checkpointing(policy.model)
     return policy

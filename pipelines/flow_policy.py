@@ -20,6 +20,7 @@ from torch import Tensor
 
 from flowrl.pipelines.base import FlowAdapter, adapter_for
 from flowrl.policy import PolicyBase, PolicyEval, Trajectories
+from flowrl.rollout import chain_rollout  # noqa: F401  (re-exported: the chain sampler lived here)
 from flowrl.sde import KERNELS, check_steps, gaussian_log_prob, sde_step
 
 #: attention projections LoRA targets by default (Flow-GRPO's SD3 list; peft matches name suffixes).
@@ -337,93 +338,3 @@ class FlowPolicy(PolicyBase):
             x = sde_step(x.float(), v.float(), sigma, sigma_next, kind=kind, noise_level=self.noise_level, generator=generator,
                          reduce=self.log_prob_reduce, validate=False).prev_sample.to(x.dtype)
         return self.decode(x)
-
-
-def chain_rollout(policy: FlowPolicy, prompts: list[str], *, group_size: int, generator: torch.Generator | None, stochastic: Sequence[bool] | None = None, grid: Tensor | None = None, ode_solver: str = "euler") -> Trajectories:
-    """Sample one chain per sample; steps with ``stochastic[i]`` use the policy's kernel and are
-    stored, the others are deterministic ODE steps (window schedules). ``stochastic=None``: all steps.
-
-    ``grid``: the σ grid (default: the policy's). ``ode_solver``: ``euler`` for every ODE step, or
-    ``dpm2`` (MixGRPO-Flash): DPM-Solver++(2M) for the ODE steps *after* the last stochastic step
-    (:func:`flowrl.sde.dpm2_step`, multistep on the x̂0 predictions of the previous steps, the
-    window's included, as the MixGRPO reference); ODE steps before the window stay Euler.
-
-    Cost: one text-encoder call for the batch's distinct prompts and the negative (cached across
-    calls), one transformer call (CFG rows batched) and one kernel evaluation per step. The SDE
-    noise is drawn before the loop and every state stays on the model's device until the loop
-    ends, so nothing reads back to the host while denoising (Euler/SDE steps); the trajectory
-    moves to the CPU once."""
-    from flowrl.sde import dpm2_step
-
-    if ode_solver not in ("euler", "dpm2"):
-        raise ValueError(f"unknown ode_solver '{ode_solver}'. Known: euler, dpm2.")
-    grid = policy.sigma_grid() if grid is None else grid.float().cpu()
-    num_steps = len(grid) - 1
-    stochastic = list(stochastic) if stochastic is not None else [True] * num_steps
-    if len(stochastic) != num_steps:
-        raise ValueError(f"stochastic mask has {len(stochastic)} entries for {num_steps} steps")
-    stored = [i for i, s in enumerate(stochastic) if s]
-    if not stored:
-        raise ValueError("the rollout schedule made no step stochastic, so nothing can be trained.")
-    check_steps(policy.sampler, grid[:-1], grid[1:], policy.noise_level, stochastic=False)
-    check_steps(policy.sampler, grid[stored], grid[[i + 1 for i in stored]], policy.noise_level)
-    prompts_rep = [p for p in prompts for _ in range(group_size)]
-    batch = len(prompts_rep)
-    cond_unique = policy.encode(prompts)
-    cond = {k: v.repeat_interleave(group_size, dim=0) for k, v in cond_unique.items()}
-    x = policy.initial_noise(len(prompts), group_size, generator)
-    noises = [policy.draw_noise(x.shape, generator) for _ in stored]  # the draws the loop used to make, in order
-    grid_dev = grid.to(policy.device)
-    states, actions, log_probs, means = [], [], [], []
-    last_sde = stored[-1]
-    prev_x0 = prev_sigma = None
-    shape = (-1,) + (1,) * (x.dim() - 1)
-    for i in range(num_steps):
-        sigma, sigma_next = grid_dev[i].expand(batch), grid_dev[i + 1].expand(batch)
-        v = policy.velocity(x, sigma, cond)
-        x0_pred = x.float() - sigma.view(shape) * v.float() if ode_solver == "dpm2" else None
-        if stochastic[i]:
-            out = policy.transition(x.float(), v.float(), sigma, sigma_next, noise=noises[len(states)], validate=False)
-            x_next = out.prev_sample.to(x.dtype)
-            # log-prob of the stored (possibly down-cast) sample, exactly what recomputation sees
-            lp = out.log_prob if x_next.dtype == torch.float32 else gaussian_log_prob(x_next.float(), out.mean, out.std, reduce=policy.log_prob_reduce)
-            states.append(x.float())
-            actions.append(x_next.float())
-            log_probs.append(lp)
-            if policy.store_means:
-                means.append(out.mean.float())
-        elif x0_pred is not None and i > last_sde:  # MixGRPO-Flash: 2nd-order multistep after the window
-            x_next = dpm2_step(x.float(), x0_pred, sigma.view(shape), sigma_next.view(shape), prev_x0,
-                               None if prev_sigma is None else prev_sigma.view(shape)).to(x.dtype)
-        else:
-            x_next = policy.transition(x.float(), v.float(), sigma, sigma_next, kind="ode", validate=False).prev_sample.to(x.dtype)
-        if x0_pred is not None:
-            prev_x0, prev_sigma = x0_pred, sigma
-        x = x_next
-    images = policy.decode(x)
-    num_prompts = len(prompts)
-    group_ids = torch.arange(num_prompts).repeat_interleave(group_size)
-    cols = torch.tensor(stored)
-    return Trajectories(
-        prompts=prompts_rep,
-        group_ids=group_ids,
-        log_probs=torch.stack(log_probs, 1).cpu(),
-        mask=torch.ones(batch, len(states), dtype=torch.bool),
-        states=torch.stack(states, 1).cpu(),
-        actions=torch.stack(actions, 1).cpu(),
-        sigmas=grid[cols].expand(batch, -1).clone(),
-        sigmas_next=grid[cols + 1].expand(batch, -1).clone(),
-        means=torch.stack(means, 1).cpu() if means else None,
-        outputs=images.float().cpu(),
-        cond={k: v.detach() for k, v in cond.items()},
-        meta={
-            "kernel": policy.sampler,
-            "noise_level": policy.noise_level,
-            "log_prob_reduce": policy.log_prob_reduce,  # GRPO-Guard's b must use the same reduction
-            "step_index": cols.repeat(batch, 1),
-            "final_latents": x.float().cpu(),
-            "model_evals": float(num_steps * (2 if policy.guidance_scale > 1 else 1)),
-            "model_evals_total": float(num_steps * (2 if policy.guidance_scale > 1 else 1) * batch),
-            "transformer_calls": float(num_steps),  # one batched call per step (CFG rows included)
-        },
-    )

@@ -32,47 +32,13 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from flowrl.normalization import gdpo, group_zscore, weighted_sum  # noqa: F401  (re-exported)
 from flowrl.registry import Registry, load_dotted
+
+from .interface import Reward, RewardError, batch_size_of, slice_batch  # noqa: F401  (re-exported)
 
 ENTRY_POINT_GROUP = "flowrl.rewards"
 COMBINE_MODES = ("weighted_sum", "gdpo")
-
-
-class RewardError(RuntimeError):
-    """A reward failed (raised, or returned NaN/inf) on more samples than allowed."""
-
-
-class Reward:
-    """Base class of a reward model; subclass and implement :meth:`__call__`.
-
-    Attributes (class-level defaults; override per class or instance):
-
-    - ``name``: short name, used as the metric suffix ``reward/<name>``.
-    - ``differentiable``: True if gradients flow from the score back into ``outputs``.
-    - ``device`` / ``dtype``: where and in which precision the model runs; inputs are moved there.
-    - ``batch_size``: the largest batch one call may receive (``None``: any).
-    - ``scale``: a note of the output range, e.g. ``"cosine ~0.2-0.4"``.
-    - ``component_weights``: for dict-returning rewards, default weight of each component inside
-      the reward's total (missing components weigh 1; 0 logs a component without using it).
-    - ``isolate_failures``: when a call on a batch raises, score its samples one by one so only the
-      failing ones become NaN (True); False for rewards whose score depends on the whole batch
-      (in-group comparisons).
-    """
-
-    name: str = "reward"
-    differentiable: bool = False
-    device: torch.device | str = "cpu"
-    dtype: torch.dtype = torch.float32
-    batch_size: int | None = None
-    scale: str = "unspecified"
-    component_weights: Mapping[str, float] | None = None
-    isolate_failures: bool = True
-
-    def __call__(self, outputs: Any, prompts: list[str], meta: dict | None = None) -> Tensor | dict[str, Tensor]:
-        raise NotImplementedError(f"{type(self).__name__} must implement __call__(outputs, prompts, meta=None).")
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, device={str(self.device)!r}, scale={self.scale!r})"
 
 
 class FunctionReward(Reward):
@@ -203,25 +169,6 @@ def get(name: str, **kwargs: Any) -> Any:
 # --------------------------------------------------------------------------- helpers
 
 
-def batch_size_of(outputs: Any) -> int:
-    """Number of samples in ``outputs`` (tensor: first dim; sequence: its length)."""
-    if isinstance(outputs, Tensor):
-        return int(outputs.shape[0])
-    return len(outputs)
-
-
-def slice_batch(value: Any, start: int, stop: int, batch: int) -> Any:
-    """Rows ``start:stop`` of anything batch-first (tensor/list/tuple of length ``batch``; dicts
-    recursively); other values pass through unchanged."""
-    if isinstance(value, Tensor):
-        return value[start:stop] if value.dim() > 0 and value.shape[0] == batch else value
-    if isinstance(value, (list, tuple)) and len(value) == batch:
-        return value[start:stop]
-    if isinstance(value, dict):
-        return {k: slice_batch(v, start, stop, batch) for k, v in value.items()}
-    return value
-
-
 def _as_scores(value: Any, n: int, where: str) -> Tensor:
     """Validate one ``[n]`` score vector and return it as float32 on CPU (detached)."""
     if not isinstance(value, Tensor):
@@ -232,51 +179,6 @@ def _as_scores(value: Any, n: int, where: str) -> Tensor:
     if value.shape != (n,):
         raise RewardError(f"{where} returned shape {tuple(value.shape)}; expected [{n}] (one score per sample).")
     return value
-
-
-def group_zscore(values: Tensor, group_ids: Tensor, *, eps: float = 1e-4) -> Tensor:
-    """``(r - mean_g) / (std_g + eps)`` inside each group, population std (Flow-GRPO's ``np.std``).
-
-    NaN entries are ignored by the statistics and stay NaN. A group with one finite member gets 0.
-    """
-    out = torch.full_like(values, float("nan"))
-    for g in torch.unique(group_ids):
-        idx = (group_ids == g).nonzero(as_tuple=True)[0]
-        v = values[idx]
-        ok = torch.isfinite(v)
-        if ok.sum() == 0:
-            continue
-        mean = v[ok].mean()
-        std = v[ok].std(unbiased=False) if ok.sum() > 1 else torch.zeros(())
-        z = (v - mean) / (std + eps)
-        out[idx] = torch.where(ok, z, torch.full_like(z, float("nan")))
-    return out
-
-
-def weighted_sum(table: Tensor, weights: Tensor) -> Tensor:
-    """Flow-GRPO multi-reward: ``r_i = Σ_k w_k · table[i, k]``; NaN in a used column stays NaN.
-
-    Columns with weight 0 are skipped (a NaN there does not poison the sum).
-    """
-    used = weights != 0
-    return (table[:, used] * weights[used]).sum(dim=1)
-
-
-def gdpo(table: Tensor, weights: Tensor, group_ids: Tensor, *, eps: float = 1e-4) -> Tensor:
-    """GDPO (group reward-decoupled normalisation): z-score every column inside its group, take
-    the weighted sum, then z-score that sum over the whole batch.
-
-    ``a_i = BN( Σ_k w_k · (r_ik − mean_g(k)) / (std_g(k) + eps) )`` with ``BN(x) = (x − mean) /
-    (std + eps)`` over the finite entries of the batch (population std). The result is already an
-    advantage-like quantity (zero mean, unit std over the batch).
-    """
-    z = torch.stack([group_zscore(table[:, k], group_ids, eps=eps) for k in range(table.shape[1])], dim=1)
-    s = weighted_sum(z, weights)
-    ok = torch.isfinite(s)
-    if ok.sum() == 0:
-        return s
-    std = s[ok].std(unbiased=False) if ok.sum() > 1 else torch.zeros(())
-    return (s - s[ok].mean()) / (std + eps)
 
 
 # --------------------------------------------------------------------------- RewardSet
@@ -556,7 +458,7 @@ def build_rewards(
         try:
             reward = get(key, **kwargs)
         except OSError as exc:  # weights that are neither a local path nor in the Hugging Face cache
-            from flowrl.config import ConfigError
+            from flowrl.errors import ConfigError
 
             paths = {k: v for k, v in kwargs.items() if isinstance(v, str) and k.lower().endswith(_PATH_KEYS)}
             named = ", ".join(f"{k}={v!r}" for k, v in paths.items()) or "its weights"
@@ -585,7 +487,7 @@ def _first_line(exc: BaseException) -> str:
 def _resolve_for_config(key: str) -> Any:
     """:func:`resolve` with config errors: an unknown name suggests close ones, a dotted path whose
     module cannot be imported says how to make it importable."""
-    from flowrl.config import ConfigError
+    from flowrl.errors import ConfigError
 
     try:
         return resolve(key)
@@ -600,7 +502,7 @@ def _check_paths(key: str, kwargs: Mapping[str, Any]) -> None:
     local path (absolute, ``./``, ``../``, ``~``) must exist."""
     import os
 
-    from flowrl.config import ConfigError
+    from flowrl.errors import ConfigError
 
     for k, v in kwargs.items():
         if not (isinstance(k, str) and k.lower().endswith(_PATH_KEYS) and isinstance(v, (str, os.PathLike))):

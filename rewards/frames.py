@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from .base import Reward
+from .interface import Reward
 
 FRAME_OPTIONS = ("frames", "frame_every", "frame_aggregate", "frame_batch_size")
 FRAME_CHOICES = ("first", "middle", "last", "all", "every_k")
@@ -117,7 +117,7 @@ class FrameReward(Reward):
         step = self.frame_batch_size or n
         pieces = []
         for s in range(0, n, step):
-            from .base import slice_batch
+            from .interface import slice_batch
 
             pieces.append(self.reward(flat[s : s + step], flat_prompts[s : s + step], slice_batch(flat_meta, s, s + step, n) if flat_meta else flat_meta))
         if isinstance(pieces[0], dict):

@@ -221,43 +221,6 @@ class RewardServer:
             self._thread.join(timeout=5)
 
 
-def load_server_config(path: str) -> Any:
-    """The :class:`~flowrl.config.RewardConfig` of a rewards YAML: a training config's ``reward``
-    section (``{reward: {...}}``) or that section alone (``{rewards: {pickscore: 1.0}, device:
-    cuda:1}`` or the shorthand ``{pickscore: 1.0}``). Relative weight paths are taken from the
-    file's folder, as in a training config."""
-    from pathlib import Path
-
-    from flowrl.config import ConfigError, TrainConfig, load_yaml, resolve_relative_paths
-
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"rewards file {p} does not exist; check the --config path.")
-    data = load_yaml(p.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: a rewards file is a mapping (e.g. `rewards: {{pickscore: 1.0}}`), got {type(data).__name__}.")
-    try:
-        cfg = TrainConfig.from_dict({"reward": data.get("reward", data)})
-    except ConfigError as exc:
-        raise ConfigError(f"{p}: {exc}") from None
-    return resolve_relative_paths(cfg, p.parent).reward
-
-
-def build_server(path: str, *, host: str = "127.0.0.1", port: int = 18090, device: str | None = None) -> RewardServer:
-    """The server of a rewards YAML (:func:`load_server_config`); ``device`` overrides its ``device``."""
-    from flowrl.rewards import build_rewards
-
-    rc = load_server_config(path)
-    defaults = {}
-    dev = device or rc.device
-    if dev == "auto":
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
-    if dev is not None:
-        defaults["device"] = torch.device(dev)
-    rs = build_rewards(rc.rewards, combine=rc.combine, **defaults)
-    return RewardServer(rs, host, port)
-
-
 # ------------------------------------------------------------------------------ HTTP client
 class HTTPClient:
     """POST with a timeout and up to ``max_retries`` retries, back-off ``backoff·2^attempt`` s
@@ -500,4 +463,4 @@ class PickleRemoteReward(Reward):
         return {"http_attempts": float(self.client.attempts)}
 
 
-__all__ = ["RewardServer", "RemoteReward", "PickleRemoteReward", "RestrictedUnpickler", "RefusedPickle", "safe_loads", "build_server", "load_server_config", "HTTPClient"]
+__all__ = ["RewardServer", "RemoteReward", "PickleRemoteReward", "RestrictedUnpickler", "RefusedPickle", "safe_loads", "HTTPClient"]

@@ -163,7 +163,7 @@ def _fake_accelerator(kind: str, version: int = 2) -> SimpleNamespace:
 
 
 def test_deepspeed_fsdp1_and_unwrappable_policies_are_refused_with_the_way_out():
-    from flowrl.trainer import _prepare
+    from flowrl.builders import prepare_training as _prepare
 
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.AdamW(model.parameters())

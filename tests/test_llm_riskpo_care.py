@@ -136,15 +136,14 @@ def test_care_estimator_with_a_failed_reward_uses_the_valid_rows_confidences():
     """A sample whose reward failed (NaN, within reward.max_failures) is left out of the estimator,
     and so is its entry of the per-sample meta the estimator reads (``care_confidence``)."""
     from flowrl.advantages import make_estimator
-    from flowrl.trainer import Trainer
+    from flowrl.estimation import run_estimator
 
     rewards = torch.tensor([1.0, 0.0, float("nan"), 1.0, 0.0, 1.0])
     groups = torch.tensor([0, 0, 0, 1, 1, 1])
     conf = torch.tensor([0.9, 0.2, 0.5, 0.8, 0.1, 0.3])
     table = rewards[:, None].clone()
-    host = SimpleNamespace(estimator=make_estimator("grpo_care"))
     meta = {"care_confidence": conf}
-    adv = Trainer._advantages(host, AdvantageInputs(rewards=rewards, group_ids=groups, reward_table=table, reward_names=["acc"], meta=meta))
+    adv = run_estimator(make_estimator("grpo_care"), AdvantageInputs(rewards=rewards, group_ids=groups, reward_table=table, reward_names=["acc"], meta=meta))
     keep = torch.tensor([0, 1, 3, 4, 5])
     expected = grpo_care_estimator(AdvantageInputs(rewards=rewards[keep], group_ids=groups[keep], reward_table=table[keep], reward_names=["acc"],
                                                    meta={"care_confidence": conf[keep]}))

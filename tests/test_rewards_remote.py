@@ -226,7 +226,7 @@ def test_server_dies_mid_run():
 
 def test_serve_rewards_config_and_cli_errors(tmp_path):
     from flowrl.cli import main
-    from flowrl.rewards.serving import build_server
+    from flowrl.cli import build_server
 
     cfg = tmp_path / "rewards.yaml"
     cfg.write_text("reward:\n  jpeg_compressibility: 1.0\n  device: cpu\n")
