@@ -122,9 +122,37 @@ def group_advantages(
     return adv
 
 
+def reward_columns(inputs: AdvantageInputs, weights: dict[str, float] | None = None) -> list[tuple[Tensor, float]]:
+    """``(column, weight)`` of each reward model in ``inputs.reward_table`` with a nonzero weight
+    (``weights`` by column name, else the reward set's weights, else 1); the combined reward with
+    weight 1 when there is no table."""
+    table = inputs.reward_table
+    if table is None or table.dim() != 2 or table.shape[1] == 0:
+        return [(inputs.rewards, 1.0)]
+    names = inputs.reward_names or [str(c) for c in range(table.shape[1])]
+    if weights is not None:
+        w = [float(weights.get(n, 1.0)) for n in names]
+    elif inputs.reward_weights is not None and len(inputs.reward_weights) == table.shape[1]:
+        w = [float(x) for x in inputs.reward_weights]
+    else:
+        w = [1.0] * table.shape[1]
+    return [(table[:, c], w[c]) for c in range(table.shape[1]) if w[c] != 0]
+
+
 @register_advantage("group")
-def group_estimator(inputs: AdvantageInputs, *, std: str = "group", eps: float = 1e-4, clip: float | None = 5.0, std_estimator: str = "population") -> Tensor:
-    """Registered form of :func:`group_advantages` (GRPO, Flow-GRPO, DanceGRPO)."""
+def group_estimator(inputs: AdvantageInputs, *, std: str = "group", eps: float = 1e-4, clip: float | None = 5.0, std_estimator: str = "population", per_reward: bool = False) -> Tensor:
+    """Registered form of :func:`group_advantages` (GRPO, Flow-GRPO, DanceGRPO).
+
+    ``per_reward`` (MixGRPO's multi-reward form, after DanceGRPO's code): z-score each reward
+    model's column within its group on its own and sum with the reward weights,
+    A = clip(Σ_c w_c·(r_c − mean_c)/(std_c + eps)); otherwise the combined reward Σ_c w_c·r_c is
+    z-scored. The two differ when the reward models' spreads differ: the combined form lets the
+    widest one dominate. With one reward model they agree."""
+    if per_reward:
+        columns = reward_columns(inputs)
+        if len(columns) > 1:
+            adv = sum(w * group_advantages(col.to(inputs.rewards.device), inputs.group_ids, std=std, std_estimator=std_estimator, eps=eps, clip=None) for col, w in columns)
+            return adv.clamp(-clip, clip) if clip is not None else adv
     return group_advantages(inputs.rewards, inputs.group_ids, std=std, std_estimator=std_estimator, eps=eps, clip=clip)
 
 
@@ -603,17 +631,7 @@ def multi_granularity_estimator(inputs: AdvantageInputs, *, eps: float = 1e-4, c
     local, blocks = len(k), int(inputs.rewards.shape[0]) // len(k)
     if blocks * local != inputs.rewards.shape[0]:
         raise ValueError(f"'multi_granularity': {inputs.rewards.shape[0]} rewards for a layout of {local} rows.")
-    columns: list[tuple[Tensor, float]] = [(inputs.rewards, 1.0)]
-    table = inputs.reward_table
-    if per_reward and table is not None and table.dim() == 2 and table.shape[1] > 0:
-        names = inputs.reward_names or [str(c) for c in range(table.shape[1])]
-        if weights is not None:
-            w = [float(weights.get(n, 1.0)) for n in names]
-        elif inputs.reward_weights is not None and len(inputs.reward_weights) == table.shape[1]:
-            w = [float(x) for x in inputs.reward_weights]
-        else:
-            w = [1.0] * table.shape[1]
-        columns = [(table[:, c], w[c]) for c in range(table.shape[1]) if w[c] != 0]
+    columns = reward_columns(inputs, weights) if per_reward else [(inputs.rewards, 1.0)]
     K, Gr, G = int(k.max()) + 1, int(g.max()) + 1, int(m.max()) + 1
     P = local // (K * Gr * G)
     p = torch.arange(local) // (K * Gr * G)

@@ -603,11 +603,15 @@ MIX_GRPO = register_preset(
         FLOW_GRPO,
         name="mix_grpo",
         doc="MixGRPO (mixed ODE-SDE): SDE on a sliding window of 4 steps that moves one step forward every 25 "
-        "iterations (wrapping to the start), ODE elsewhere; only window steps stored and trained. Reference: FLUX.1-dev, "
-        "25 steps. Kernel flow a 0.7, PPO clip 1e-4, no KL, lr 1e-5 (our reading of the paper's DanceGRPO-based "
-        "setup; preset mix_grpo_flash adds the higher-order ODE solver after the window).",
+        "iterations (wrapping to the start), ODE elsewhere; only window steps stored and trained. Group members share "
+        "the initial noise (the reference scripts' --init_same_noise); with several reward models each is z-scored "
+        "within the group on its own and the weighted z-scores summed (advantage_params per_reward). Reference: "
+        "FLUX.1-dev, 25 steps. Kernel flow a 0.7, PPO clip 1e-4, no KL, lr 1e-5 (our reading of the paper's "
+        "DanceGRPO-based setup; preset mix_grpo_flash adds the higher-order ODE solver after the window).",
         rollout="window",
         rollout_params={"window_size": 4, "window_range": [0, 1.0], "mode": "sliding", "slide_every": 25, "slide_stride": 1},
+        share_initial_noise=True,
+        advantage_params={"std": "group", "clip": 5.0, "per_reward": True},
         loss=LossSpec(clip="ppo_clip", clip_params={"clip_range": 1e-4}, aggregation="token-mean", kl=None, beta=0.0),
         defaults={"learning_rate": 1e-5, "timestep_fraction": 1.0},
     )
@@ -619,10 +623,12 @@ MIX_GRPO_FLASH = register_preset(
         name="mix_grpo_flash",
         doc="MixGRPO-Flash: MixGRPO with the steps after the SDE window integrated by DPM-Solver++(2M) (multistep, "
         "data prediction, midpoint form; x̂0 of the window steps seed the history) on a compressed grid of "
-        "⌊(T − last)·0.4⌋ points from the σ the window ends on to 0 (sampler.rollout_params.post_compress_ratio; 1 keeps "
-        "every step); steps before the window stay Euler. Fewer model evaluations per image; the window's steps and "
-        "their log-probs are those of mix_grpo. Reference: FLUX.1-dev, 25 steps, dpmsolver++ order 2, post ratio 0.4.",
-        rollout_params={**MIX_GRPO.rollout_params, "ode_solver": "dpm2", "post_compress_ratio": 0.4},
+        "⌊(T − last)·0.4⌋ points from the σ the window ends on to 0, evenly spaced in unshifted time and shifted "
+        "(sampler.rollout_params.post_compress_ratio; 1 keeps every step); steps before the window stay Euler; the "
+        "window slides every 20 iterations (the Flash script's interval). Fewer model evaluations per image; the "
+        "window's steps and their log-probs are those of mix_grpo. Reference: FLUX.1-dev, 25 steps, dpmsolver++ order "
+        "2, post ratio 0.4.",
+        rollout_params={**MIX_GRPO.rollout_params, "slide_every": 20, "ode_solver": "dpm2", "post_compress_ratio": 0.4},
     )
 )
 
@@ -710,7 +716,8 @@ DIFFUSION_NFT = register_preset(
         "forward-process NFT loss (x̂0-adaptive form) on a random 9 of 10 timesteps per sample, between v_θ and "
         "θ_old, soft-updated after each iteration with d = min(0.001·optimizer steps so far, 0.5); nft_beta 1.0 (0.1 for OCR / multi-reward), distinct from the KL "
         "weight beta 1e-4 (velocity-space, to the LoRA-disabled reference). Reported: GenEval 0.24 → 0.98 within "
-        "1k steps, up to 25× more efficient than Flow-GRPO. Samples with A = 0 are skipped (loss.skip_zero_advantage).",
+        "1k steps, up to 25× more efficient than Flow-GRPO. Every sample trains, A = 0 included (r = ½ pulls v_θ toward "
+        "v_old), as the reference; loss.skip_zero_advantage=true leaves them out.",
         kernel="ode",
         noise_level=0.0,
         rollout="x0_only",
@@ -721,6 +728,7 @@ DIFFUSION_NFT = register_preset(
         objective="nft",
         objective_params={"nft_beta": 1.0, "x0_adaptive": True, "decay": "linear", "adv_clip_max": 5.0, "loss_scale": 5.0},
         defaults={"learning_rate": 3e-4, "timestep_fraction": 0.99, "timestep_selection": "random"},
+        skip_zero_advantage=False,
     )
 )
 

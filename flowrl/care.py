@@ -7,7 +7,8 @@ applied every 10 optimizer steps, starting from the initial weights — is at le
 group's accurate answers (minus a margin). The likelihood is exp(mean log p) of the answer tokens
 given the prompt and the member's own reasoning, capped at 0.95.
 
-Answer tokens are those after an answer-start tag (``<answer>``) up to the closing tag; a completion
+Answer tokens are those whose text lies after an answer-start tag (``<answer>``) and before the
+closing tag, both found on the decoded completion (a tag may span several tokens); a completion
 without the tag is scored on all its tokens but its end-of-sequence token (the released code scores
 such a completion with an empty span, i.e. confidence 1 → the cap; they rarely carry accuracy).
 """
@@ -23,20 +24,37 @@ from flowrl.plugins import OBJECTIVES
 
 
 def answer_span_mask(token_texts: list[list[str]], mask: Tensor, *, start: str = "<answer>", end: str = "</answer>") -> Tensor:
-    """``[B, T]`` bool: the tokens strictly between the first token containing ``start`` and the next
-    token containing ``end`` (or the completion's end). Without ``start``, every masked token but the
-    last (the end-of-sequence token) — or the single token of a one-token completion."""
+    """``[B, T]`` bool: the tokens that carry text between the first ``start`` tag and the next
+    ``end`` tag (or the completion's end), found on the completion's text.
+
+    ``token_texts[i]`` holds each token's decoded text; their concatenation is the completion, and
+    token t covers the characters [o_t, o_{t+1}) of it (o: cumulative lengths). The tags are
+    searched in the joined text, so a tag split over several tokens is found (a byte-level BPE
+    such as Qwen2's splits ``<answer>`` into ``'><'``, ``'answer'``, ``'>'``; matching one token
+    containing the tag misses it). A token is in the span when its characters overlap the text
+    strictly after the start tag and before the end tag; a token holding only tag characters is
+    not. Without ``start``, every masked token but the last (the end-of-sequence token) — or the
+    single token of a one-token completion."""
     B, T = mask.shape
     out = torch.zeros(B, T, dtype=torch.bool)
     lengths = mask.bool().sum(-1).tolist()
     for i, texts in enumerate(token_texts):
         n = int(lengths[i])
-        begin = next((t for t in range(n) if start in texts[t]), None)
-        if begin is None:
+        pieces = list(texts[:n])
+        joined = "".join(pieces)
+        offsets = [0]
+        for piece in pieces:
+            offsets.append(offsets[-1] + len(piece))
+        at = joined.find(start)
+        if at < 0:
             out[i, : max(n - 1, 1) if n else 0] = True
             continue
-        stop = next((t for t in range(begin + 1, n) if end in texts[t]), n)
-        out[i, begin + 1 : stop] = True
+        lo = at + len(start)
+        close = joined.find(end, lo)
+        hi = close if close >= 0 else len(joined)
+        for t in range(n):
+            if offsets[t + 1] > lo and offsets[t] < hi:
+                out[i, t] = True
     return out & mask.bool()
 
 

@@ -22,7 +22,9 @@ column i (token policy θ): Σ_{masked at i} log p_θ(token | x_i, w_i, τ_s,i) 
 masked position's sampled token counts, committed or not: the uncommitted ones decide the commit
 order through their confidences, so leaving them out (as a "committed tokens only" column would)
 is not the density of what was sampled and biases the score-function gradient;
-column N + i (schedule policy φ): log N(a_i; μ_φ(f_i), σ_φ²) summed over the 4 action dims.
+column N + i (schedule policy φ): log N(a_i; μ_φ(f_i), σ_φ²) summed over the 4 action dims, with the
+features f_i recomputed from the current token model's logits when it trains (the entropy feature
+depends on θ, so the joint policy's θ-gradient has a term through φ's column too).
 Log-probs come from the model's logits at the stored state; the decoding chain is never
 back-propagated through (states are stored tokens). One group-normalised terminal advantage drives
 both (the ``group`` estimator broadcast to every column).
@@ -329,17 +331,37 @@ class CoGRPOPolicy(PolicyBase):
         dev = self.device
         out = []
         meta = traj.meta
+        cond = {k: v.to(dev) for k, v in traj.cond.items()}
+        logits: dict[int, tuple[Tensor, Tensor | None]] = {}  # step → the model's logits, once per call
+
+        def logits_at(i: int) -> tuple[Tensor, Tensor | None]:
+            if i not in logits:
+                logits[i] = self._logits(traj.states[:, i].to(dev), cond)
+            return logits[i]
+
+        recompute = self.features_follow_theta
         for j in steps.tolist():
             if j >= n:
                 i = j - n
-                out.append(self.schedule.log_prob(meta["features"][:, i].to(dev), traj.actions[:, i].to(dev)))
+                # φ reads the entropy of θ's logits: recomputed so that the schedule column's
+                # θ-gradient is the joint policy's (the stored feature holds θ_old's value)
+                feats = step_features(traj.states[:, i].to(dev), logits_at(i)[0], self.tm.mask_id, i, n) if recompute else meta["features"][:, i].to(dev)
+                out.append(self.schedule.log_prob(feats, traj.actions[:, i].to(dev)))
                 continue
             tokens = traj.states[:, j].to(dev)
-            logits_c, logits_u = self._logits(tokens, {k: v.to(dev) for k, v in traj.cond.items()})
+            logits_c, logits_u = logits_at(j)
             lp, _ = token_step_log_prob(logits_c, logits_u, meta["controls"][:, j].to(dev), tokens, meta["sampled"][:, j].to(dev),
                                         meta["order"][:, j].to(dev), meta["k"][:, j].to(dev), self.tm.mask_id, last=j == n - 1)
             out.append(lp)
         return PolicyEval(log_prob=torch.stack(out, 1).float())
+
+    @property
+    def features_follow_theta(self) -> bool:
+        """Whether :meth:`evaluate` recomputes the schedule's features from the current token model
+        (any of its parameters trains); a frozen token model's features equal the stored ones, so
+        the schedule columns then skip the model call."""
+        module = self.modules.transformer
+        return module is not None and any(p.requires_grad for p in module.parameters())
 
     def reference(self):
         if self.modules.transformer is None:

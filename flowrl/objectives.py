@@ -100,6 +100,25 @@ def loss_normaliser(objective: Any, aggregation: str | None) -> str:
     return "token" if (declared or aggregation or "token-mean") == "token-mean" else "sample"
 
 
+def sample_chunk_share(step_counts: Tensor, steps: Tensor, own_steps: int, samples: float, global_samples: float) -> float:
+    """A process's weight of a chunk's loss under a per-sample (``seq-mean-*``) aggregation:
+    (share of the stored steps in the chunk) × (its samples / all samples).
+
+    The step share is Σ_{t∈chunk} n_t / Σ_{t<own_steps} n_t, with ``n_t`` the global masked
+    entries at step t and ``own_steps`` this process's stored steps: a chunk loss is a mean over
+    the process's samples of a per-sample quantity over the chunk's steps, so a process whose one
+    chunk covers all its steps weighs it by its share of the samples alone. Token policies store
+    as many steps as their widest completion, which differs between processes; normalising by the
+    steps of every process instead would scale a process with shorter completions by (tokens
+    before its width)/(all tokens) < 1, training a different loss than one process."""
+    if own_steps == 0 or global_samples == 0:
+        return 0.0
+    total = float(step_counts[:own_steps].sum())
+    if total == 0:
+        return 0.0
+    return float(step_counts[steps].sum()) / total * (samples / global_samples)
+
+
 def batched_form(objective: Any) -> tuple[Callable[..., Any], dict[str, Any]] | None:
     """The objective's multi-chunk form and the keywords it is bound with, or None."""
     fn = getattr(objective, "evaluate_chunks", None)

@@ -124,18 +124,34 @@ def window_position(num_steps: int, *, window_size: int, window_range: Sequence[
 def compress_after(grid: Tensor, last: int, ratio: float) -> Tensor:
     """MixGRPO-Flash's shorter ODE after the SDE window: keep ``grid[:last + 2]`` (up to the σ the
     last window step lands on) and replace the rest with n = max(⌊(T − last)·ratio⌋, 2) points from
-    σ_{last+1} to 0 — the reference rebuilds n points ``linspace`` in unshifted time and shifts
-    them; we take the grid's own points at the rounded evenly spaced indices, which is the same
-    grid when (T − last − 1) divides by n − 1 (T = 25, window 0…3, ratio 0.4: indices 4, 7, …, 25)
-    and keeps the model's own shift otherwise. ``ratio`` 1 keeps the grid."""
+    σ_{last+1} to 0, placed as the reference places them: evenly in unshifted time,
+    shift(linspace(t_{last+1}, 0, n)) with t_i = 1 − i/T.
+
+    The shift is read off the grid itself: the time shifts of SD3 and Flux (static or Flux's
+    resolution-dependent μ) are σ = k·t/(1 + (k − 1)·t), i.e. logit σ = logit t + log k, so
+    log k_i = logit σ_i − logit t_i is interpolated (linearly in t, held at the ends) between the
+    grid's interior points and σ' = sigmoid(logit t' + log k(t')). For such a grid this is the
+    reference's point set exactly; for a grid of another form (inferred) it follows the grid's own
+    local shift. ``ratio`` 1 keeps the grid."""
+    import numpy as np
+
     T = len(grid) - 1
     if not 0 < ratio <= 1:
         raise ValueError(f"sampler.rollout_params.post_compress_ratio must be in (0, 1], got {ratio}.")
     if ratio >= 1 or last + 1 >= T:
         return grid
     n = max(int((T - last) * ratio), 2)
-    idx = torch.linspace(last + 1, T, n).round().long().unique()
-    return torch.cat([grid[: last + 1], grid[idx]])
+    sigma = grid.detach().double().cpu().numpy()
+    t = 1.0 - np.arange(T + 1) / T
+    inner = (sigma > 0) & (sigma < 1) & (t > 0) & (t < 1)
+    logit = lambda x: np.log(x) - np.log1p(-x)  # noqa: E731
+    log_k = logit(sigma[inner]) - logit(t[inner]) if inner.any() else np.zeros(1)
+    t_inner = t[inner] if inner.any() else np.full(1, 0.5)
+    tt = np.linspace(t[last + 1], 0.0, n)[1:-1]
+    k_tt = np.interp(tt, t_inner[::-1], log_k[::-1])  # np.interp needs increasing x
+    post = 1.0 / (1.0 + np.exp(-(logit(tt) + k_tt)))
+    post = torch.as_tensor(post, dtype=grid.dtype, device=grid.device)
+    return torch.cat([grid[: last + 2], post, grid.new_zeros(1)])
 
 
 @register_schedule("window")

@@ -53,7 +53,7 @@ from flowrl.errors import ConfigError, NonFiniteUpdateError
 from flowrl.evaluation import eval_samples  # noqa: F401  (re-exported)
 from flowrl.objectives import (  # noqa: F401  (loss_normaliser, policy_gradient_*: re-exported)
     UpdateContext, batched_form, grad_norm, learning_rate_at, loss_normaliser, nonfinite_where, objective_chunk_losses,
-    policy_gradient_chunks, policy_gradient_objective, select_train_steps, zero_weight_batch,
+    policy_gradient_chunks, policy_gradient_objective, sample_chunk_share, select_train_steps, zero_weight_batch,
 )
 from flowrl.overlap import rollout_in_calls
 from flowrl.track import after_evaluation, build_tracker
@@ -391,11 +391,13 @@ class Trainer:
             chunks = chunks + [chunks[-1]] * (most - len(chunks))
         bad: str | None = None
 
+        own_steps = batch.num_steps if batch is not None else 0
+
         def chunk_share(steps: Tensor, l_chunk: float) -> float:
             """This process's weight of a chunk's loss (``l_chunk``: its masked entries here)."""
             if normaliser == "token":
                 return l_chunk / float(mb.global_counts[1])
-            return (float(mb.global_counts[2 + steps].sum()) / float(mb.global_counts[1])) * (float(mb.counts[0]) / float(mb.global_counts[0]))
+            return sample_chunk_share(mb.global_counts[2:], steps, own_steps, float(mb.counts[0]), float(mb.global_counts[0]))
 
         def credit(metrics: dict[str, float], share: float) -> None:
             for k, v in metrics.items():

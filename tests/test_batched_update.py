@@ -10,6 +10,7 @@ import torch
 from flowrl import FlowPolicy, TrainConfig
 from flowrl.policy import group_step_chunks
 from flowrl.trainer import Trainer
+from tests._tolerance import float32_sum_tol
 
 
 def _policy(pipe, **kw):
@@ -37,6 +38,7 @@ def test_all_steps_in_one_call_equal_the_per_step_loop(family, cfg, request):
     torch.testing.assert_close(batched.log_prob, loop_lp, atol=1e-5, rtol=0)
     torch.testing.assert_close(capped.log_prob, loop_lp, atol=1e-5, rtol=0)
     torch.testing.assert_close(batched.mean, torch.cat([e.mean for e in per_step], 1), atol=1e-5, rtol=0)
+    # exact: the std comes from the σ grid alone (no model call, the same arithmetic per step)
     torch.testing.assert_close(batched.std, torch.cat([e.std for e in per_step], 1), atol=0, rtol=0)
     # ratio 1 still holds against the rollout's own log-probs (rows batched differently there too)
     assert (torch.exp(batched.log_prob - traj.log_probs) - 1).abs().max() < 1e-4
@@ -94,16 +96,21 @@ def test_batched_update_equals_the_per_timestep_update(tiny_sd3):
     # grad calls in the update: one per trained step (Flow-GRPO's timestep_fraction 0.99 trains 3 of
     # 4) vs one; the rollout and the KL reference run without grad
     assert ref_calls.count(True) == 3 and calls.count(True) == 1
+    # loss/policy ≈ 0 on-policy (advantages sum to 0 per group): a float32 mean of 2·2·3 terms
+    # ratio·A, |A| ≤ 5, in other batch shapes, so an absolute bound
     for k in ("loss/policy", "loss/kl", "ratio/mean", "grad_norm"):
-        assert m[k] == pytest.approx(ref_m[k], rel=1e-4, abs=1e-7), k
+        assert m[k] == pytest.approx(ref_m[k], rel=1e-4, abs=float32_sum_tol(5.0, 12)), k
     scale = max(g.abs().max() for g in ref_params.values())
     # the accumulated gradients: measured ≤ 2.4e-5 × the largest entry apart (backward reduces over
     # other batch shapes; the log-probs themselves are bit-identical here)
     for n in params:
         torch.testing.assert_close(params[n], ref_params[n], atol=3e-4 * float(scale), rtol=0)
     ck_params, ck_m, _ = _trained(tiny_sd3, "null", checkpointing=True)
-    for n in params:  # gradient checkpointing composes with the batched call (measured: identical)
-        torch.testing.assert_close(ck_params[n], params[n], atol=1e-6 * float(scale), rtol=0)
+    # gradient checkpointing composes with the batched call (measured: identical — the forward is
+    # recomputed in the same shapes); bound: the weights move by lr·Adam steps built from gradient
+    # entries that are float32 sums over ≤ 4096 rows × tokens, a few ulps of the largest entry each
+    for n in params:
+        torch.testing.assert_close(ck_params[n], params[n], atol=float32_sum_tol(float(scale), 4096), rtol=0)
 
 
 def test_seq_mean_aggregation_keeps_its_per_chunk_loss(tiny_sd3):
@@ -111,7 +118,7 @@ def test_seq_mean_aggregation_keeps_its_per_chunk_loss(tiny_sd3):
     extra = ("loss.aggregation=seq-mean-token-mean", "sampler.steps_per_backward=2")
     ref_params, ref_m, _ = _trained(tiny_sd3, 1, extra=extra)
     params, m, _ = _trained(tiny_sd3, "null", extra=extra)
-    assert m["loss/policy"] == pytest.approx(ref_m["loss/policy"], rel=1e-4, abs=1e-7)
+    assert m["loss/policy"] == pytest.approx(ref_m["loss/policy"], rel=1e-4, abs=float32_sum_tol(5.0, 12))
     scale = max(g.abs().max() for g in ref_params.values())
     for n in params:
         torch.testing.assert_close(params[n], ref_params[n], atol=3e-4 * float(scale), rtol=0)

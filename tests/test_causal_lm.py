@@ -84,7 +84,9 @@ def test_recompute_equals_rollout_ratio_one(policy):
     traj = policy.rollout(PROMPTS, group_size=3, generator=torch.Generator().manual_seed(0))
     ev = policy.evaluate(traj)
     m = traj.mask
-    # stored old log-probs are the full-forward ones: bit-identical, ratio exactly 1
+    # stored old log-probs are the full-forward ones: the rollout stores this very call (same rows,
+    # same shapes), so bit-identical wherever the kernels are deterministic for a fixed shape and
+    # thread count (CPU, and CUDA without nondeterministic atomics): ratio exactly 1
     assert torch.equal(ev.log_prob.detach()[m], traj.log_probs[m])
     assert torch.exp(ev.log_prob.detach() - traj.log_probs)[m].sub(1).abs().max() == 0
     # the incremental (KV-cache) sampling log-probs agree to float precision
@@ -93,7 +95,8 @@ def test_recompute_equals_rollout_ratio_one(policy):
     steps = torch.tensor([0, 2])
     assert torch.equal(policy.evaluate(traj, steps).log_prob.detach(), ev.log_prob.detach()[:, steps])
     sub = traj.select([1, 4])
-    torch.testing.assert_close(policy.evaluate(sub).log_prob.detach()[sub.mask], sub.log_probs[sub.mask], atol=1e-6, rtol=0)
+    got, want = policy.evaluate(sub).log_prob.detach()[sub.mask], sub.log_probs[sub.mask]  # other rows: other batch shapes
+    assert ((got - want).abs() <= _token_tol(policy, want)).all()
 
 
 def test_entropy_and_temperature(tiny_lm_dir):
@@ -119,7 +122,7 @@ def test_reference_disables_lora(policy):
             ref = policy.evaluate(traj).log_prob
     m = traj.mask
     assert (moved - traj.log_probs)[m].abs().max() > 1e-3
-    torch.testing.assert_close(ref[m], traj.log_probs[m], atol=1e-6, rtol=0)  # LoRA-B was 0 at rollout
+    assert ((ref[m] - traj.log_probs[m]).abs() <= _token_tol(policy, traj.log_probs[m])).all()  # LoRA-B was 0 at rollout
     assert all("lora_" in n for n, p in policy.model.named_parameters() if p.requires_grad)
 
 
@@ -215,3 +218,10 @@ def test_rollouts_of_different_widths_and_lengths_concatenate_with_ratio_one(pol
     recomputed = policy.log_prob(both)
     torch.testing.assert_close(recomputed[both.mask], both.log_probs[both.mask], rtol=0, atol=1e-5)
     assert both.outputs == short.outputs + long_prompt.outputs
+
+
+def _token_tol(policy, log_probs):
+    from tests._tolerance import token_log_prob_tol
+
+    c = policy.model.config
+    return token_log_prob_tol(log_probs, hidden_size=c.hidden_size, vocab_size=c.vocab_size)

@@ -163,7 +163,7 @@ def test_killed_two_process_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert [[r[k] for k in keys] for r in lines(killed)] == [[r[k] for k in keys] for r in lines(full)]
     a = load_file(str(full / "lora" / "pytorch_lora_weights.safetensors"))
     b = load_file(str(killed / "lora" / "pytorch_lora_weights.safetensors"))
-    for n in a:
+    for n in a:  # exact: the resumed run replays the same computations on the same machine and thread count
         torch.testing.assert_close(b[n], a[n], rtol=0, atol=0)
 
 
@@ -184,9 +184,17 @@ def test_language_model_estimators_and_selectors_on_two_processes(tmp_path):
     - ``reward.combine: gdpo``: its final z-score spans the whole batch (before: each process's share);
       this job also checkpoints the Llama's activations (non-reentrant, under DDP).
 
+    - every loss aggregation: ``grpo`` (``seq-mean-token-mean``), ``token-mean`` (DAPO's),
+      ``dr_grpo`` (``seq-mean-token-sum-norm``) and ``seq-mean-token-sum``. The model ends its
+      completions on several ids, so lengths differ between samples and the widest completion
+      differs between the processes (asserted): a process's rows weigh its share of the samples
+      under a per-sample aggregation (before: also (global tokens before its width)/(all tokens),
+      grad_norm 0.369 on 2 processes vs 0.390 on 1 for ``grpo``).
+
     With the uniform selector the first iteration draws two product prompts (flat rewards, zero
     advantages); the second trains."""
-    algorithms = ["spo", "dapo", "unlikeliness", "seed_grpo", "tempo", "grpo_care", "grpo@reward.combine=gdpo@train.gradient_checkpointing=true"]
+    aggregations = ["grpo", "grpo@loss.aggregation=token-mean", "dr_grpo", "grpo@loss.aggregation=seq-mean-token-sum"]
+    algorithms = aggregations + ["spo", "dapo", "unlikeliness", "seed_grpo", "tempo", "grpo_care", "grpo@reward.combine=gdpo@train.gradient_checkpointing=true"]
     one, two = tmp_path / "one", tmp_path / "two"
     _run([sys.executable, str(WORKER), str(one), f"--llm={','.join(algorithms)}"])
     _run(_torchrun(2) + [str(WORKER), str(two), f"--llm={','.join(algorithms)}"], timeout=240)
@@ -195,7 +203,8 @@ def test_language_model_estimators_and_selectors_on_two_processes(tmp_path):
         assert [r["iteration"] for r in r2] == [1, 2], name
         for a, b in zip(r1, r2):
             # same completions, rewards and advantages; the rest up to float summation order
-            # (measured: loss/policy 5e-8 apart, grad_norm 3e-8, advantages equal)
+            # (measured with completions of unequal lengths: loss/policy ≤ 6e-8 apart, grad_norm ≤ 7.4e-7
+            # relative (DAPO; the others ≤ 9e-8), advantages equal)
             assert b["reward/mean"] == a["reward/mean"], name
             for k in ("samples/generated", "update/steps", "select/rounds"):
                 assert b[k] == a[k], (name, k)
@@ -205,15 +214,20 @@ def test_language_model_estimators_and_selectors_on_two_processes(tmp_path):
         init = _flat(_weights(one / name / "rank0_it0.safetensors"))
         for it in (1, 2):
             w0, w1 = _weights(two / name / f"rank0_it{it}.safetensors"), _weights(two / name / f"rank1_it{it}.safetensors")
-            for n in w0:
+            for n in w0:  # exact: every process applies the same all-reduced gradient to the same weights
                 torch.testing.assert_close(w0[n], w1[n], rtol=0, atol=0)
-        # measured after 2 iterations: ‖Δw‖ ≤ 7.5e-7 (largest weight 5.7e-7 apart) against a change
-        # of 0.33–0.82 from the initial LoRA
+        # measured after 2 iterations: ‖Δw‖ ≤ 2.1e-6 (largest weight 2.1e-6 apart) against a change
+        # of 0.33–0.84 from the initial LoRA, except DAPO: 4.2e-5 of 0.81 (one weight: AdamW's first
+        # steps move a weight by ≈ lr·sign(g), so a gradient near 0 amplifies rounding); the bound
+        # 1e-3 of the change leaves 20× over DAPO and stays far below a wrong normaliser (28%)
         ref, got = _flat(_weights(one / name / "rank0_it2.safetensors")), _flat(_weights(two / name / "rank0_it2.safetensors"))
         change = float((ref - init).norm())
         assert change > 0.1, name
-        assert float((got - ref).norm()) <= 1e-4 * change, name
+        assert float((got - ref).norm()) <= 1e-3 * change, name
     assert sum(r["select/rounds"] for r in _records(one / "dapo")) > 2  # a group was dropped and refilled
+    for name in aggregations:  # the processes' widest completions differed in some update
+        widths = [json.loads((two / name / f"rank{r}_info.json").read_text())["widths"] for r in (0, 1)]
+        assert any(a != b for a, b in zip(*widths)), (name, widths)
     for rank in (0, 1):
         info = json.loads((two / algorithms[-1] / f"rank{rank}_info.json").read_text())
         assert info["gradient_checkpointing"] is True
@@ -225,3 +239,17 @@ def test_language_model_estimators_and_selectors_on_two_processes(tmp_path):
             # measured: shift 5e-7 relative apart (log-probs recomputed in other batch shapes)
             assert states[1][part][prompt] == pytest.approx(v, rel=1e-5), (part, prompt)
     assert len(states[0]["shift"]) == 4
+
+
+def test_sample_share_of_a_process_whose_completions_are_shorter():
+    """Per-sample aggregation, token policy (one chunk of all its stored steps): a process weighs its
+    rows by its share of the samples whatever its width; a flow policy's per-step chunks keep their
+    share of the steps."""
+    from flowrl.objectives import sample_chunk_share
+
+    counts = torch.tensor([4.0, 4.0, 3.0, 1.0, 1.0, 1.0])  # global tokens per position (widths 3 and 6)
+    assert sample_chunk_share(counts, torch.arange(3), 3, 2, 4) == pytest.approx(0.5)  # before: 11/14 · 0.5
+    assert sample_chunk_share(counts, torch.arange(6), 6, 2, 4) == pytest.approx(0.5)
+    flow = torch.full((4,), 8.0)
+    assert sum(sample_chunk_share(flow, torch.tensor([t]), 4, 1, 2) for t in range(4)) == pytest.approx(0.5)
+    assert sample_chunk_share(counts, torch.arange(3), 0, 0, 4) == 0.0  # no rows here

@@ -124,7 +124,9 @@ def test_fsdp_language_model_with_dapo_refill_matches_one_process(tmp_path):
     """DAPO on the tiny Llama, FSDP over 2 processes (torchrun with the variables `accelerate launch`
     exports for fsdp.yaml): iteration 1 drops a group and refills one prompt, which only one process
     rolls out (different model-call counts: the rollout runs inside one gather of the weights, so
-    nothing waits). Same rewards and LoRA as one process (measured ‖Δw‖ ≤ 7.5e-7 against a change of 0.49)."""
+    nothing waits). Same rewards and LoRA as one process (measured with completions of unequal lengths:
+    ‖Δw‖ 4.2e-5 against a change of 0.81 — one weight whose near-zero gradient AdamW's sign-like
+    first steps amplify; bound 1e-3 of the change)."""
     from safetensors.torch import load_file
 
     worker = ROOT / "tests" / "_dist_worker.py"
@@ -153,7 +155,7 @@ def test_fsdp_language_model_with_dapo_refill_matches_one_process(tmp_path):
         assert torch.equal(got0, got1)
         change = float((ref - init).norm())
         assert change > 0.1
-        assert float((got0 - ref).norm()) <= 1e-4 * change
+        assert float((got0 - ref).norm()) <= 1e-3 * change
 
 
 def _fake_accelerator(kind: str, version: int = 2) -> SimpleNamespace:

@@ -110,7 +110,7 @@ def test_answer_span_and_confidence():
     assert span[1].tolist() == [True, True, False, False, False, False, False]
     lp = torch.log(torch.tensor([[0.5] * 7, [0.2] * 7]))
     conf = answer_confidence(lp, span, upper_bound=0.95)
-    torch.testing.assert_close(conf, torch.tensor([0.5, 0.2]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(conf, torch.tensor([0.5, 0.2]), rtol=1e-5, atol=0)  # exp(mean of 2 equal logs; span count +1e-6): ≤ 4e-7 relative
     assert float(answer_confidence(torch.zeros(1, 3), torch.zeros(1, 3, dtype=torch.bool))) == pytest.approx(0.95)
 
 
@@ -149,3 +149,38 @@ def test_care_estimator_with_a_failed_reward_uses_the_valid_rows_confidences():
                                                    meta={"care_confidence": conf[keep]}))
     assert adv[2] == 0 and torch.allclose(adv[keep], expected)
     assert meta["care_confidence"] is conf and len(meta["care_bonus"]) == 5  # the caller's entry untouched; the bonus of the valid rows
+
+
+def _byte_level_bpe(tmp_path):
+    """A byte-level BPE (Qwen2/GPT-2 style: ByteLevel pre-tokenizer and decoder) trained offline on a
+    tiny corpus without answer tags, so ``<answer>`` splits into several tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["I think the answer is 42.", "Let me reason: 6 times 7 is 42.", "so the result <is> >< here"] * 20
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|endoftext|>"])
+    tok.train_from_iterator(corpus, trainer=trainer)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    return PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"), eos_token="<|endoftext|>")
+
+
+def test_answer_span_on_a_byte_level_bpe_tag_split_over_tokens(tmp_path):
+    """The tags are matched on the joined text: with a byte-level BPE ``<answer>`` is several tokens
+    (matching one token that contains the tag falls back to every token but the last)."""
+    tok = _byte_level_bpe(tmp_path)
+    completion = "I think <answer> 42</answer>"
+    ids = tok(completion)["input_ids"] + [tok.eos_token_id]
+    texts = [tok.decode([t]) for t in ids]
+    assert not any("<answer>" in t for t in texts) and len(texts) > 6  # the tag is split
+    mask = torch.ones(1, len(ids), dtype=torch.bool)
+    span = answer_span_mask([texts], mask)
+    answer = tok.decode([t for t, s in zip(ids, span[0].tolist()) if s])
+    assert answer.strip() == "42"
+    assert 0 < int(span.sum()) < len(ids) - 4
+    # no closing tag: up to the completion's end (the end-of-sequence token's text included)
+    open_ids = tok("so <answer> 42")["input_ids"]
+    span = answer_span_mask([[tok.decode([t]) for t in open_ids]], torch.ones(1, len(open_ids), dtype=torch.bool))
+    assert tok.decode([t for t, s in zip(open_ids, span[0].tolist()) if s]).strip() == "42"

@@ -259,3 +259,20 @@ def test_preset_trains_a_random_nine_of_ten_timesteps():
     mask = select_train_steps(torch.ones(16, 10, dtype=torch.bool), r.timestep_fraction, r.timestep_selection, torch.Generator().manual_seed(0))
     assert mask.sum(1).tolist() == [9] * 16
     assert len({tuple(row.tolist()) for row in mask}) > 1  # a different slot is left out per sample
+
+
+def test_zero_advantage_samples_train_as_the_reference(tmp_path):
+    """The reference trains every row: an A = 0 row (r = ½) pulls v_θ toward v_old once they differ,
+    so the preset keeps them (Flow-GRPO's ratio presets skip them)."""
+    from flowrl.trainer import Trainer
+
+    v_old, v, _, t = _vs(2)
+    v_theta = (v_old + 0.1 * torch.randn_like(v_old)).requires_grad_(True)
+    nft_loss(v_theta, v_old, v, torch.full((5,), 0.5), beta=1.0, x0_adaptive=True, t=t).backward()
+    assert float((v_theta.grad * (v_theta - v_old)).sum()) > 0  # descent moves v_θ toward v_old
+    # the prompt "two 4s" gets a flat reward: its group has A = 0 exactly, and still trains
+    trainer = Trainer(_cfg(tmp_path, "tiny-sd3", "train.iterations=1", "train.prompts=[two 4s, a cat]", "sampler.num_steps=2",
+                           "reward.rewards={tests._dist_worker:FlatForPairs: 1.0}", "train.eval_prompts=null"))
+    assert trainer.resolved.preset.skip_zero_advantage is False
+    (h,) = trainer.train().history
+    assert h["samples/trained"] == h["samples/generated"] == 8

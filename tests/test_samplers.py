@@ -2,6 +2,7 @@
 its cost metrics, on-policy ratio 1 and finite losses; config errors name the field to change."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torch
 from flowrl import FlowPolicy, TrainConfig
 from flowrl.algorithms import PRESETS
 from flowrl.trainer import Trainer
+from tests._tolerance import assert_recomputed_log_probs
 
 SAMPLER_PRESETS = ("flow_grpo_fast", "mix_grpo", "mix_grpo_flash", "sage_grpo", "g2rpo", "branch_grpo", "branch_grpo_mix")
 
@@ -144,10 +146,13 @@ def test_flash_solver_beats_euler_after_the_window_and_keeps_ratio_one(window_st
         exact = policy.exact_x0(traj.actions[:, -1], traj.sigmas_next[:, -1])  # from where the window ended
         errors[solver] = float((traj.meta["final_latents"] - exact).abs().max())
         assert traj.meta["model_evals"] == 10.0  # equal steps
-        torch.testing.assert_close(policy.log_prob(traj), traj.log_probs, atol=1e-6, rtol=0)  # ratio 1
+        ev = policy.evaluate(traj)  # ratio 1, within the float32 bound of a recomputed step mean
+        assert_recomputed_log_probs(ev.log_prob, traj.log_probs, traj.actions, ev.mean, ev.std)
         trajs[solver] = traj
     assert errors["dpm2"] < errors["euler"] / 4, errors  # measured: euler 0.17–0.22, dpm2 0.02–0.03
-    for field in ("states", "actions", "log_probs", "sigmas"):  # the window is the same under both solvers
+    # the window is the same under both solvers: exact, the steps up to and through it run the same
+    # arithmetic on the same inputs (the solvers differ only after it)
+    for field in ("states", "actions", "log_probs", "sigmas"):
         torch.testing.assert_close(getattr(trajs["dpm2"], field), getattr(trajs["euler"], field), atol=0, rtol=0)
     # compressed as the preset (ratio 0.4) at the reference's 25 steps: fewer evaluations, and at
     # equal (compressed) steps still more accurate than Euler
@@ -172,3 +177,48 @@ def test_compressed_post_window_grid_matches_the_reference_points():
     assert torch.equal(compress_after(grid, 3, 1.0), grid) and torch.equal(compress_after(grid, 24, 0.4), grid)
     with pytest.raises(ValueError, match="post_compress_ratio"):
         compress_after(grid, 3, 0.0)
+
+
+@pytest.mark.parametrize("shift", ["static", "flux"])
+def test_compressed_post_window_grid_is_the_shifted_linspace_at_every_window_position(shift):
+    """The reference's post-window points are shift(linspace(t_{last+1}, 0, n)) in unshifted time,
+    also where (T − last − 1) does not divide by n − 1 (snapping to the model's grid put σ up to
+    0.038 off at 9 of 17 window positions of a 25-step shift-3 grid). Flux's μ-shift
+    e^μ/(e^μ + 1/t − 1) has the same form with k = e^μ."""
+    from flowrl.rollout import compress_after
+
+    T, k = 25, (3.0 if shift == "static" else math.exp(0.8))
+    t = torch.linspace(1, 0, T + 1, dtype=torch.float64)
+    shifted = lambda x: k * x / (1 + (k - 1) * x)  # noqa: E731
+    grid = shifted(t).float()
+    for last in range(3, T - 1):
+        n = max(int((T - last) * 0.4), 2)
+        ref = shifted(torch.linspace(float(t[last + 1]), 0, n, dtype=torch.float64)).float()
+        out = compress_after(grid, last, 0.4)
+        torch.testing.assert_close(out[: last + 1], grid[: last + 1], rtol=0, atol=0)
+        # float64 arithmetic rounded to float32: a few ulps of σ ≤ 1 (measured ≤ 6e-8)
+        torch.testing.assert_close(out[last + 1 :], ref, rtol=0, atol=3e-7)
+
+
+def test_mix_grpo_presets_follow_the_reference_scripts():
+    """Shared initial noise in every MixGRPO preset (--init_same_noise), the Flash window sliding
+    every 20 iterations, and one group z-score per reward model, summed with the weights."""
+    from flowrl.advantages import AdvantageInputs, make_estimator
+
+    for name, every in (("mix_grpo", 25), ("mix_grpo_flash", 20)):
+        p = TrainConfig().override([f"algorithm={name}"]).resolved().preset
+        assert p.share_initial_noise and p.rollout_params["slide_every"] == every, name
+        assert p.advantage_params["per_reward"] is True, name
+    # two reward models of very different spreads, two groups of 3
+    table = torch.tensor([[0.0, 10.0], [1.0, 0.0], [2.0, 20.0], [5.0, 0.0], [5.5, 30.0], [6.0, 0.0]])
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    w = torch.tensor([1.0, 0.5])
+    inputs = AdvantageInputs(rewards=table @ w, group_ids=groups, reward_table=table, reward_names=["a", "b"], reward_weights=w)
+    z = lambda x: torch.cat([(g - g.mean()) / (g.std(unbiased=False) + 1e-4) for g in x.view(2, 3)])  # noqa: E731
+    adv = make_estimator("group", std="group", clip=5.0, per_reward=True)(inputs)
+    torch.testing.assert_close(adv, (z(table[:, 0]) + 0.5 * z(table[:, 1])).clamp(-5, 5))
+    combined = make_estimator("group", std="group", clip=5.0)(inputs)
+    torch.testing.assert_close(combined, z(table @ w))
+    assert (adv - combined).abs().max() > 0.3  # the forms really differ here
+    one = AdvantageInputs(rewards=table[:, 0], group_ids=groups, reward_table=table[:, :1], reward_names=["a"])
+    torch.testing.assert_close(make_estimator("group", per_reward=True)(one), make_estimator("group")(one))

@@ -11,6 +11,7 @@ import torch
 from flowrl import FlowPolicy, TrainConfig
 from flowrl.config import ConfigError
 from flowrl.trainer import Trainer
+from tests._tolerance import float32_sum_tol
 
 
 def _config(tmp_path, *extra):
@@ -117,7 +118,9 @@ def test_offloaded_text_encoders_go_to_the_device_only_to_encode_new_prompts(tmp
     assert adapter.text_encoder_calls == 3 and where == [[device] * 3] * 3
     assert adapter.text_encoder_moves == ["cpu", device, "cpu"] and moves.calls[-3:] == ["cpu"] * 3
     for x, y in ((a.log_probs, b.log_probs), (a.outputs, b.outputs), (a.states, b.states)):
-        torch.testing.assert_close(y, x, rtol=0, atol=0)  # the same numbers as resident encoders
+        # the same numbers as resident encoders: the same computation on the same device (offload
+        # only moves the weights), bit-identical for a fixed machine and thread count
+        torch.testing.assert_close(y, x, rtol=0, atol=0)
     # every string cached: the encoders stay where they are (no move, no call)
     n = len(moves.calls)
     rollout(off, prompts)
@@ -198,7 +201,9 @@ def test_gradient_checkpointing_is_non_reentrant_on_diffusion_models(tiny_sd3, m
         policy.evaluate(traj, torch.arange(traj.num_steps)).log_prob.sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in policy.model.parameters() if p.grad is not None]))
     assert calls and set(calls) == {False}  # one call per transformer block, all non-reentrant
-    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+    # the forward recomputed in the same shapes (measured identical); bound for near-zero entries:
+    # each is a float32 sum over ≤ 4096 rows × tokens × features of terms ≤ the largest entry
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=float32_sum_tol(float(grads[0].abs().max()), 4096))
 
 
 def test_gradient_checkpointing_applies_to_language_models(tmp_path):
@@ -217,4 +222,4 @@ def test_gradient_checkpointing_applies_to_language_models(tmp_path):
         (policy.log_prob(traj) * traj.mask).sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in policy.model.parameters() if p.grad is not None]))
     assert grads[0].abs().sum() > 0
-    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=float32_sum_tol(float(grads[0].abs().max()), 4096))

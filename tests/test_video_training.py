@@ -12,6 +12,7 @@ import torch
 from flowrl import TrainConfig
 from flowrl.pipelines.flow_policy import FlowPolicy
 from flowrl.trainer import Trainer
+from tests._tolerance import float32_sum_tol
 
 FRAME_REWARD = "reward.rewards={jpeg_compressibility: {weight: 1.0, frames: every_k, frame_every: 2, frame_aggregate: min}}"
 
@@ -131,7 +132,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, tiny_wan):
         grads.append({n: p.grad.clone() for n, p in policy.model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for n in grads[0]:
-        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7)
+        # same shapes recomputed (measured identical); near-zero entries: a float32 sum over ≤ 4096
+        # rows × tokens × features of terms ≤ the largest entry
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=float32_sum_tol(float(grads[0][n].abs().max()), 4096))
 
 
 def test_vae_tiling_and_decode_chunks_from_the_config(tmp_path, tiny_wan):
@@ -146,7 +149,9 @@ def test_vae_tiling_and_decode_chunks_from_the_config(tmp_path, tiny_wan):
     assert x.shape == (3, 16, 3, 4, 4)  # 9 frames → (9 − 1)/4 + 1 = 3 latent frames
     chunked = policy.decode(x)
     policy.adapter.decode_batch_size = None
-    torch.testing.assert_close(chunked, policy.decode(x), rtol=0, atol=1e-6)  # chunks change nothing
+    # chunks change nothing but the batch shapes of the VAE's convolutions: pixels in [0, 1], each
+    # conv output a float32 sum of ≤ 16 channels × 27 taps per layer
+    torch.testing.assert_close(chunked, policy.decode(x), rtol=0, atol=float32_sum_tol(1.0, 16 * 27))
     assert chunked.shape == (3, 9, 3, 32, 32)
 
 
