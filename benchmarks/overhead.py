@@ -24,6 +24,10 @@ Rows (ratio = median of the first / median of the second; < 1 means flowrl is fa
   a remote scorer such as a VLM judge over HTTP); a second row uses the plain CPU-bound reward.
 - BranchGRPO tree vs flat DanceGRPO rollouts at equal final samples (20 steps, 16 images, no CFG),
   Flow-GRPO-Fast window vs full rollout iterations, G²RPO model evaluations per group.
+- modular path (``FlowPolicy.from_pipeline(pipe, modular=True)``): its rollout vs the stock modular
+  call on the same work (target ≤ 1.02), and its batched update vs the hand SD3 adapter's (target:
+  equal within noise; the modular guider runs the cond and uncond rows in two transformer calls
+  where the hand adapter concatenates them, as the stock modular call does).
 - digits job: seconds per iteration of ``assets/configs/digits.yaml`` (64 samples, 8 steps, no
   CFG: 64 rows per step, so the default 64-row budget is one call per step) against every step in
   one call (``train.max_rows_per_call: null``).
@@ -400,6 +404,54 @@ def bench_structures(rounds: int) -> list[tuple[str, float, float, str]]:
     return rows
 
 
+def bench_modular(rounds: int) -> list[tuple[str, float, float, str]]:
+    """The modular path (``flowrl.pipelines.modular``) on the tiny SD3, same setup as the core rows:
+    its rollout against the stock *modular* call on the same work (prompts × group images, steps,
+    CFG, size, T5 length), and its batched update (recompute all stored steps with gradients +
+    backward) against the hand SD3 adapter's on the same LoRA transformer."""
+    from flowrl import FlowPolicy
+    from flowrl.builders import add_lora
+    from flowrl.pipelines.modular import to_modular
+    from flowrl.pipelines.tiny import tiny_sd3_pipeline
+
+    rows = []
+    pipe = tiny_sd3_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    add_lora(pipe.transformer, rank=RANK, alpha=RANK, targets=["to_q", "to_k", "to_v", "to_out.0"], seed=0)
+    kw = dict(sampler="flow", noise_level=0.7, num_steps=STEPS, guidance_scale=CFG, height=SIZE, width=SIZE, max_sequence_length=T5_LEN)
+    modular = FlowPolicy.from_pipeline(pipe, modular=True, **kw)
+    hand = FlowPolicy.from_pipeline(pipe, modular=False, **kw)
+    mp = modular.pipe
+    mp.set_progress_bar_config(disable=True)
+    gen = torch.Generator().manual_seed(0)
+    call = dict(modular.adapter.call_kwargs)
+
+    def ours():
+        with torch.no_grad():
+            modular.rollout(PROMPTS, group_size=G, generator=gen)
+
+    def stock():
+        with torch.no_grad():
+            mp(prompt=[p for p in PROMPTS for _ in range(G)], num_inference_steps=STEPS, height=SIZE, width=SIZE, max_sequence_length=T5_LEN,
+               output_type="pt", generator=gen, output="images", **call)
+
+    t = interleaved({"ours": ours, "stock": stock}, rounds)
+    rows.append(("modular rollout / stock modular call, same work (SD3)", med(t["ours"]), med(t["stock"]), "≤ 1.02"))
+    progress(rows)
+    trajs = {name: pol.rollout(PROMPTS, group_size=G, generator=torch.Generator().manual_seed(1)) for name, pol in (("modular", modular), ("hand", hand))}
+
+    def update(pol, traj):
+        pipe.transformer.train()
+        pol.evaluate(traj).log_prob.mean().backward()
+        pipe.transformer.zero_grad(set_to_none=True)
+        pipe.transformer.eval()
+
+    t = interleaved({"modular": lambda: update(modular, trajs["modular"]), "hand": lambda: update(hand, trajs["hand"])}, rounds)
+    rows.append(("modular batched update / hand SD3 adapter's (all stored steps, backward)", med(t["modular"]), med(t["hand"]), "≈ 1 (within noise)"))
+    progress(rows)
+    return rows
+
+
 def bench_digits(rounds: int) -> list[tuple[str, float, float, str]]:
     from flowrl import TrainConfig
     from flowrl.trainer import Trainer
@@ -429,7 +481,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reward-latency", type=float, default=0.1, help="seconds per reward call of the 'remote' reward")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["core", "structures", "digits"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["core", "structures", "digits", "modular"])
     ap.add_argument("--out", default=None, help="also write the table to this file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -441,6 +493,8 @@ def main() -> None:
         rows += bench_structures(args.rounds)
     if "digits" not in args.skip:
         rows += bench_digits(args.rounds)
+    if "modular" not in args.skip:
+        rows += bench_modular(args.rounds)
     import diffusers
 
     lines = [

@@ -21,13 +21,8 @@ from typing import Any
 
 import torch
 
+from flowrl.atomic import atomic_write, state_bytes, written_aside  # noqa: F401  (atomic_write: re-exported)
 from flowrl.sharding import full_state, like, shard_like_params
-
-
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def jsonable(x: Any) -> Any:
@@ -64,7 +59,11 @@ def check_fresh_run_dir(run_dir: Path, resume_from: str | None) -> None:
 
 def prepare_run_dir(trainer: Any) -> None:
     """Create the run directory (main process only; the others wait): refuse a used one for a new
-    run (:func:`check_fresh_run_dir`), write the resolved config, start ``metrics.jsonl``."""
+    run (:func:`check_fresh_run_dir`), write the resolved config, start ``metrics.jsonl``.
+
+    Called only after a resume was validated (:func:`validate_resume`): a failed resume leaves the
+    folder as it was. A resume with changed settings keeps the previous record as
+    ``config.iter_NNNNNN.yaml`` (the settings in force up to that checkpoint)."""
     check_fresh_run_dir(trainer.run_dir, trainer.config.train.resume_from)
     acc = trainer.accelerator
     if not acc.is_main_process:
@@ -72,6 +71,13 @@ def prepare_run_dir(trainer: Any) -> None:
         return
     trainer.run_dir.mkdir(parents=True, exist_ok=True)
     (trainer.run_dir / "checkpoints").mkdir(exist_ok=True)
+    # leftovers of a write that was killed (kill -9, power loss): never a finished checkpoint
+    for old in [*(trainer.run_dir / "checkpoints").glob("iter_*.old"), trainer.run_dir / "lora.old"]:
+        folder = old.with_name(old.name[: -len(".old")])
+        if old.is_dir() and not folder.exists():  # killed between the two renames: the old one is the one
+            os.replace(old, folder)
+    for stale in [*(trainer.run_dir / "checkpoints").glob("iter_*.tmp"), *(trainer.run_dir / "checkpoints").glob("iter_*.old"), trainer.run_dir / "lora.tmp", trainer.run_dir / "lora.old"]:
+        shutil.rmtree(stale, ignore_errors=True)
     resolved = trainer.config.to_dict()
     resolved["resolved"] = {
         "preset": jsonable(dataclasses.asdict(trainer.resolved.preset)),
@@ -84,22 +90,157 @@ def prepare_run_dir(trainer: Any) -> None:
     }
     import yaml
 
-    atomic_write(trainer.run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    from flowrl.secrets import redact
+
+    text = yaml.safe_dump(redact(resolved), sort_keys=False)
+    record = trainer.run_dir / "config.yaml"
+    plan = getattr(trainer, "_resume_plan", None)
+    if plan is not None and record.is_file() and record.read_text() != text:
+        keep = trainer.run_dir / f"config.iter_{int(plan.state['iteration']):06d}.yaml"
+        if not keep.exists():
+            atomic_write(keep, record.read_text())
+    atomic_write(record, text)
     if not trainer.config.train.resume_from:
-        (trainer.run_dir / "metrics.jsonl").write_text("")
+        atomic_write(trainer.run_dir / "metrics.jsonl", "")
     acc.wait_for_everyone()
 
 
-def resolve_checkpoint(trainer: Any, spec: str) -> Path:
+#: settings a resume may change without --allow-config-change: where and how long the run goes, how
+#: it reports; none of them changes what an iteration computes
+RESUME_FREE_SETTINGS = (
+    "train.resume_from", "train.iterations", "train.output_dir", "train.progress", "train.report_to", "train.save_every",
+    "train.save_total_limit", "train.eval_every", "train.eval_images", "train.allow_config_change", "model.device",
+)
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict) and d:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: d}
+
+
+def changed_settings(recorded: dict, config: Any) -> list[str]:
+    """``field: old -> new`` for every setting of ``config`` that differs from a run's recorded
+    ``config.yaml`` (minus :data:`RESUME_FREE_SETTINGS`; a redacted secret counts as unchanged)."""
+    from flowrl.secrets import REDACTED, redact
+
+    old = _flatten({k: v for k, v in (recorded or {}).items() if k != "resolved"})
+    new = _flatten(jsonable(redact(config.to_dict())))
+    out = []
+    for key in sorted(set(old) | set(new)):
+        if key in RESUME_FREE_SETTINGS:
+            continue
+        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
+        if isinstance(a, tuple):
+            a = list(a)
+        if a != b and REDACTED not in (a, b):
+            out.append(f"{key}: {a!r} -> {b!r}")
+    return out
+
+
+@dataclasses.dataclass
+class ResumePlan:
+    """What :func:`validate_resume` read and checked; :func:`load_checkpoint` applies it."""
+
+    path: Path
+    state: dict
+    weights: dict
+
+
+def checkpoint_to_resume(run_dir: Path, spec: str) -> Path:
+    """The checkpoint ``train.resume_from`` names (``latest``: the run's newest)."""
     if spec == "latest":
-        ckpts = existing_checkpoints(trainer.run_dir)
+        ckpts = existing_checkpoints(run_dir)
         if not ckpts:
-            raise FileNotFoundError(f"train.resume_from=latest but {trainer.run_dir / 'checkpoints'} holds no checkpoint.")
+            raise FileNotFoundError(f"train.resume_from=latest but {Path(run_dir) / 'checkpoints'} holds no checkpoint.")
         return ckpts[-1]
     path = Path(spec)
     if not (path / "state.json").is_file():
         raise FileNotFoundError(f"train.resume_from: {path} is not a flowrl checkpoint (no state.json).")
     return path
+
+
+def check_resume_settings(config: Any, run_dir: Path) -> None:
+    """Before any model loads: the checkpoint exists, its state is readable, ``train.iterations``
+    reaches it, and the settings equal the run's recorded ones (or ``train.allow_config_change``).
+    Raises a one-line :class:`~flowrl.config.ConfigError` / ``CheckpointError``; writes nothing."""
+    from flowrl.errors import ConfigError
+
+    t = config.train
+    path = checkpoint_to_resume(run_dir, t.resume_from)
+    state = read_state(path)
+    done = int(state["iteration"])
+    if t.iterations < done:
+        raise ConfigError(
+            f"train.iterations={t.iterations} is below the checkpoint's iteration {done} ({path}); the run's metrics "
+            f"would be relabelled. Set train.iterations ≥ {done} (the run's total length)."
+        )
+    record = path.parent.parent / "config.yaml"
+    if not record.is_file():
+        return
+    import yaml
+
+    try:
+        recorded = yaml.safe_load(record.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{record}: unreadable run record ({type(exc).__name__}); resume with the config file you trained with.") from None
+    diff = changed_settings(recorded, config)
+    if diff and not t.allow_config_change:
+        raise ConfigError(
+            f"train.resume_from: these settings differ from the run's ({record}): {'; '.join(diff)}. "
+            "Resume with the run's settings, or pass --allow-config-change (train.allow_config_change=true) to continue with the new ones."
+        )
+
+
+def read_state(path: Path) -> dict:
+    from flowrl.safeload import CheckpointError
+
+    try:
+        state = json.loads((path / "state.json").read_text())
+        int(state["iteration"]), list(state["history"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path / 'state.json'}: unreadable checkpoint state ({type(exc).__name__}: {exc}); resume from another checkpoint.") from None
+    return state
+
+
+def validate_resume(trainer: Any, path: Path) -> ResumePlan:
+    """After the model is built, before anything is written: the checkpoint's files are readable
+    and its trainable weights have this model's names and shapes (same LoRA rank and targets)."""
+    from flowrl.errors import ConfigError
+    from flowrl.safeload import load_safetensors, load_state
+
+    state = read_state(path)
+    weights = load_safetensors(path / "trainable.safetensors")
+    params = {n: p for n, p in trainer.policy.model.named_parameters() if p.requires_grad}
+    missing = sorted(set(weights) - set(params))
+    absent = sorted(set(params) - set(weights))
+    t = trainer.config.train
+    setup = f"train.lora_rank={t.lora_rank}, train.lora_targets={t.lora_targets}"
+    if missing or absent:
+        example = missing[0] if missing else absent[0]
+        raise ConfigError(
+            f"train.resume_from: {path} holds other trainable weights than this model with {setup} "
+            f"({len(missing)} not in the model, {len(absent)} not in the checkpoint, e.g. {example}); resume with the LoRA "
+            "rank, targets and model the checkpoint was made with."
+        )
+    for n, v in weights.items():
+        shape = tuple(params[n].shape)  # a DTensor (FSDP) reports its whole shape
+        if tuple(v.shape) != shape:
+            raise ConfigError(
+                f"train.resume_from: {path} has {n} of shape {tuple(v.shape)}, this model {shape} with {setup}; "
+                "resume with the LoRA rank the checkpoint was made with."
+            )
+    for name in ("optimizer.pt", "ema.pt", "objective.pt", "estimator.pt", "selector.pt", "scaler.pt"):
+        if (path / name).is_file() or name == "optimizer.pt":
+            load_state(path / name)  # readable (weights_only=True) before anything is written
+    return ResumePlan(path=path, state=state, weights=weights)
+
+
+def resolve_checkpoint(trainer: Any, spec: str) -> Path:
+    return checkpoint_to_resume(trainer.run_dir, spec)
 
 
 def save_checkpoint(trainer: Any, it: int) -> Path:
@@ -124,9 +265,6 @@ def save_checkpoint(trainer: Any, it: int) -> Path:
         acc.wait_for_everyone()
         return trainer.run_dir / "checkpoints" / f"iter_{it:06d}"
     final = trainer.run_dir / "checkpoints" / f"iter_{it:06d}"
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     from safetensors.torch import save_file
 
     if not sharded:
@@ -134,26 +272,27 @@ def save_checkpoint(trainer: Any, it: int) -> Path:
         optimizer_state = trainer.optimizer.state_dict()
         ema_state = trainer.ema.state_dict() if trainer.ema is not None else None
         obj_state = trainer.objective.state_dict() if hasattr(trainer.objective, "state_dict") else None
-    save_file(named, str(tmp / "trainable.safetensors"))
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    if ema_state is not None:
-        torch.save(ema_state, tmp / "ema.pt")
-    if obj_state is not None:
-        torch.save(obj_state, tmp / "objective.pt")
-    est_state = trainer.estimator.state_dict() if hasattr(trainer.estimator, "state_dict") else None
-    if est_state is not None:
-        torch.save(est_state, tmp / "estimator.pt")
-    if hasattr(trainer.selector, "state_dict"):
-        torch.save(trainer.selector.state_dict(), tmp / "selector.pt")
-    scaler = getattr(acc, "scaler", None)
-    if scaler is not None:  # fp16 loss scaling: the current scale and growth counter (else a resume restarts at 2^16)
-        torch.save(scaler.state_dict(), tmp / "scaler.pt")
-    state = {"iteration": it, "history": trainer.history}
-    if sharded:  # the optimizer state is keyed by parameter name (torch.distributed.checkpoint's full form)
-        state["optimizer_format"] = "full_by_name"
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    needed = state_bytes([named, optimizer_state, ema_state, obj_state])
+    # written aside (iter_NNNNNN.tmp) and renamed: a crash or a full disk never leaves half a checkpoint
+    with written_aside(final, folder=True, needed_bytes=needed) as tmp:
+        save_file(named, str(tmp / "trainable.safetensors"))
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        if ema_state is not None:
+            torch.save(ema_state, tmp / "ema.pt")
+        if obj_state is not None:
+            torch.save(obj_state, tmp / "objective.pt")
+        est_state = trainer.estimator.state_dict() if hasattr(trainer.estimator, "state_dict") else None
+        if est_state is not None:
+            torch.save(est_state, tmp / "estimator.pt")
+        if hasattr(trainer.selector, "state_dict"):
+            torch.save(trainer.selector.state_dict(), tmp / "selector.pt")
+        scaler = getattr(acc, "scaler", None)
+        if scaler is not None:  # fp16 loss scaling: the current scale and growth counter (else a resume restarts at 2^16)
+            torch.save(scaler.state_dict(), tmp / "scaler.pt")
+        state = {"iteration": it, "history": trainer.history}
+        if sharded:  # the optimizer state is keyed by parameter name (torch.distributed.checkpoint's full form)
+            state["optimizer_format"] = "full_by_name"
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
     limit = trainer.config.train.save_total_limit
     if limit:
         for old in existing_checkpoints(trainer.run_dir)[:-limit]:
@@ -162,15 +301,14 @@ def save_checkpoint(trainer: Any, it: int) -> Path:
     return final
 
 
-def load_checkpoint(trainer: Any, path: Path) -> None:
+def load_checkpoint(trainer: Any, path: Path, plan: ResumePlan | None = None) -> None:
     from flowrl.safeload import CheckpointError, load_safetensors, load_state
 
-    try:
-        state = json.loads((path / "state.json").read_text())
-        int(state["iteration"]), list(state["history"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path / 'state.json'}: unreadable checkpoint state ({type(exc).__name__}: {exc}); resume from another checkpoint.") from None
-    weights = load_safetensors(path / "trainable.safetensors")
+    if plan is None or plan.path != path:
+        state = read_state(path)
+        weights = load_safetensors(path / "trainable.safetensors")
+    else:
+        state, weights = plan.state, plan.weights
     params = dict(trainer.policy.model.named_parameters())
     missing = [n for n in weights if n not in params]
     if missing:
@@ -217,14 +355,16 @@ def export_lora(trainer: Any) -> Path | None:
     exported = None
     if trainer.config.train.lora_rank > 0 and saver is not None:
         weights = trainer.ema.active if trainer.ema is not None else contextlib.nullcontext
+        # written aside (lora.tmp) and renamed over lora/: never half a LoRA folder
         if trainer.sharded:  # every process gathers its shards of the (EMA) weights; the main one writes
             with weights():
                 state = trainer.trainable_state_dict()
             if trainer.accelerator.is_main_process:
-                saver(out, state_dict=state)
+                with written_aside(out, folder=True) as tmp:
+                    saver(tmp, state_dict=state)
         elif trainer.accelerator.is_main_process:
-            with weights():
-                saver(out)
+            with weights(), written_aside(out, folder=True) as tmp:
+                saver(tmp)
         exported = out
     if not trainer.accelerator.is_main_process:
         return None

@@ -15,6 +15,8 @@ def _train(args: argparse.Namespace) -> int:
     cfg = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
     if args.set:
         cfg = cfg.override(args.set)
+    if args.allow_config_change:
+        cfg = cfg.override(["train.allow_config_change=true"])
     result = train(cfg)
     from accelerate import PartialState
 
@@ -222,9 +224,67 @@ def _serve_rewards(args: argparse.Namespace) -> int:
 
 
 def _eval_setting_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-run-code", action="store_true", help="allow importing a module (e.g. a reward plug-in) that sits in the run folder itself")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable); default: the run's train.eval_prompts")
     p.add_argument("--seed", type=int, default=None, help="evaluation seed (default: the run's train.seed)")
     p.add_argument("--samples-per-prompt", type=int, default=None, help="default: the run's train.eval_samples_per_prompt")
+
+
+def _check_pipeline(args: argparse.Namespace) -> int:
+    """``flowrl check-pipeline``: the conformance kit (flowrl.testing) on a saved pipeline or a tiny family."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from flowrl.config import ConfigError
+    from flowrl.pipelines.tiny_modular import TINY_FAMILIES, family_of
+    from flowrl.testing import check_family, check_pipeline, table
+
+    kw = {"num_steps": args.steps}
+    if args.guidance is not None:
+        kw["guidance_scale"] = args.guidance
+    if args.height or args.width:
+        kw["height"], kw["width"] = args.height, args.width
+    if args.option:
+        opts = {}
+        for item in args.option:
+            if "=" not in item:
+                raise ConfigError(f"--option expects NAME=VALUE (a pipeline call input, YAML value), got '{item}'.")
+            import yaml
+
+            k, v = item.split("=", 1)
+            opts[k] = yaml.safe_load(v)
+        kw["adapter_options"] = opts
+    results = []
+    names = list(TINY_FAMILIES) if args.table else []
+    if not args.table:
+        if not args.target:
+            raise ConfigError("flowrl check-pipeline needs a pipeline folder or a tiny family name (or --table).")
+        path = Path(args.target)
+        if path.is_dir():
+            import diffusers
+
+            if (path / "model_index.json").exists():
+                pipe = diffusers.DiffusionPipeline.from_pretrained(str(path), local_files_only=True)
+            else:
+                pipe = diffusers.ModularPipeline.from_pretrained(str(path))
+                pipe.load_components()
+            results.append(check_pipeline(pipe, family=path.name, **kw))
+        else:
+            fam = family_of(args.target)
+            if fam is None:
+                raise ConfigError(f"'{args.target}' is neither a pipeline folder nor a tiny family. Tiny families: {', '.join(TINY_FAMILIES)}.")
+            names = [fam]
+    for name in names:
+        with tempfile.TemporaryDirectory() as d:
+            results.append(check_family(name, d, **kw))
+    print(table(results))
+    for r in results:
+        for note in r.notes:
+            print(f"note ({r.family}): {note}")
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.as_dict() for r in results], indent=2))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("train", help="run a training job from a YAML config")
     p.add_argument("--config", help="YAML config (default: built-in defaults)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field, e.g. train.learning_rate=1e-4")
+    p.add_argument("--allow-config-change", action="store_true", help="resume with settings that differ from the run's config.yaml (listed otherwise, and refused)")
     p.set_defaults(fn=_train)
     for name, fn, help_text in (
         ("sample", _sample, "sample a run's (or a config's) evaluation prompts into one labelled PNG grid; videos into mp4/WebP files"),
@@ -273,20 +334,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=18090)
     p.add_argument("--device", default=None, help="device of the reward models (cpu, cuda:1, auto); default: the file's device")
     p.set_defaults(fn=_serve_rewards)
+    p = sub.add_parser("check-pipeline", help="conformance kit: ratio 1 per kernel, stock parity, LoRA round trip, step costs of a pipeline on flowrl's modular path")
+    p.add_argument("target", nargs="?", help="a saved pipeline folder, or a tiny family name / pipeline class (offline random weights)")
+    p.add_argument("--table", action="store_true", help="every tiny family, as the Markdown table of docs/models.md")
+    p.add_argument("--steps", type=int, default=3, help="denoising steps of every check (default 3)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the family's in the kit, 1 for a folder)")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--option", action="append", default=[], metavar="NAME=VALUE", help="a pipeline call input, e.g. num_frames=5")
+    p.add_argument("--json", help="also write the rows as JSON here")
+    p.set_defaults(fn=_check_pipeline)
     p = sub.add_parser("pretrain-digits", help="pretrain the embedded digits text-to-image model")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=_pretrain_digits)
     args = parser.parse_args(argv)
+    if getattr(args, "trust_run_code", False):
+        from flowrl.registry import trust_run_code
+
+        trust_run_code()
     try:
         return args.fn(args)
-    except KeyboardInterrupt:
-        print("flowrl: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # clear one-line errors for config/input mistakes
-        if _is_user_error(exc):
+    except Exception as exc:
+        if type(exc).__name__ == "TrainingInterrupted":  # SIGTERM/SIGINT: saved, then stopped
+            print(f"flowrl: {_one_line(exc)}", file=sys.stderr)
+            return exc.exit_code
+        if _is_user_error(exc):  # clear one-line errors for config/input mistakes
             print(f"flowrl: error: {_one_line(exc)}", file=sys.stderr)
             return 2
         raise
+    except KeyboardInterrupt:
+        print("flowrl: interrupted", file=sys.stderr)
+        return 130
 
 
 #: exception types whose message tells the user what to fix (printed as one line, exit code 2)

@@ -277,14 +277,19 @@ class TrainSection:
     """Everything random derives from (seed, iteration): same seed, same numbers; exact resume."""
     output_dir: str = "runs/flowrl"
     """Run directory: config.yaml, metrics.jsonl, tensorboard/, checkpoints/, lora/."""
-    save_every: int = 0
-    """Checkpoint every N iterations (0: only at the end)."""
+    save_every: int = 50
+    """Checkpoint every N iterations (0: only at the end), so a crash loses at most N iterations.
+    SIGTERM / SIGINT (pre-emption, Ctrl-C) save one after the iteration in progress either way."""
     eval_every: int = 0
     """Evaluate on eval_prompts every N iterations (0: only before and after training)."""
     eval_samples_per_prompt: int = 1
     """Evaluation images per held-out prompt."""
     resume_from: str | None = None
     """A checkpoint folder (``<run>/checkpoints/iter_000010``) or ``latest`` to resume exactly."""
+    allow_config_change: bool = False
+    """Let a resume (``train.resume_from``) use settings that differ from the run's recorded
+    ``config.yaml`` (CLI: ``--allow-config-change``); without it such a resume is refused and the
+    differences are listed. The previous record is kept as ``config.iter_NNNNNN.yaml``."""
     progress: bool = True
     """Show a progress bar with reward and KL."""
     report_to: list[str] | str = "tensorboard"

@@ -77,6 +77,19 @@ def _prompt_rows(config: Any) -> list[tuple[str, dict]]:
     return [(p, {}) for p in P.load_prompts(spec, field="train.eval_prompts")]
 
 
+def _redacted_yaml(text: str) -> str:
+    """A run's config as shown on the page: secrets (``api_key``, ``token``...) redacted, also in
+    records written before flowrl redacted them."""
+    import yaml
+
+    from flowrl.secrets import redact
+
+    try:
+        return yaml.safe_dump(redact(yaml.safe_load(text)), sort_keys=False)
+    except yaml.YAMLError:
+        return "(unreadable config.yaml)"
+
+
 def build_gallery(run_dirs: Sequence[str | Path], out: str | Path, *, config: str | Path | None = None, overrides: Sequence[str] = (),
                   loras: Sequence[str | Path] = (), checkpoints: Sequence[str | Path] = (), intermediate: bool = False,
                   prompts: Sequence[str] | None = None, seed: int | None = None, samples_per_prompt: int | None = None,
@@ -213,7 +226,7 @@ def write_site(results: Sequence[Any], runs: Sequence[Any], out: str | Path, *, 
             except Exception as exc:  # a curve is a convenience: never lose the page for it
                 print(f"[flowrl] no reward curve for {run.dir}: {exc}")
             cfg_path = run.dir / "config.yaml"
-            info["config"] = cfg_path.read_text() if cfg_path.is_file() else run.config.to_yaml()
+            info["config"] = _redacted_yaml(cfg_path.read_text() if cfg_path.is_file() else run.config.to_yaml())
         run_info.append(info)
     data = {"columns": cols, "rewards": names, "rows": rows, "runs": run_info, "settings": settings or {},
             "category_column": category, "samples_per_prompt": k}

@@ -30,8 +30,10 @@ import torch
 from torch import Tensor
 
 from flowrl import tracking
+from flowrl.atomic import written_aside
 from flowrl.errors import NonFiniteUpdateError
 from flowrl.estimation import reward_metrics
+from flowrl.secrets import redact
 
 
 # ------------------------------------------------------------------------------- the run's record
@@ -39,7 +41,7 @@ def start_trackers(trainer: Any) -> list[Any]:
     """accelerate trackers of ``train.report_to``, attached to the accelerator (main process)."""
     if not trainer.accelerator.is_main_process:
         return []
-    trackers = tracking.start_trackers(trainer.config.train.report_to, trainer.run_dir, config=trainer.config.to_dict())
+    trackers = tracking.start_trackers(trainer.config.train.report_to, trainer.run_dir, config=redact(trainer.config.to_dict()))  # no secrets
     trainer.accelerator.trackers = list(getattr(trainer.accelerator, "trackers", None) or []) + trackers
     trainer._trackers = trackers
     return trackers
@@ -63,8 +65,15 @@ def log(trainer: Any, record: dict[str, float], writer: Any) -> None:
         trainer.history.append(record)
     if not trainer.accelerator.is_main_process:
         return
-    with open(trainer.run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    path = trainer.run_dir / "metrics.jsonl"
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as exc:  # a full disk or a denied write: one line (an appended record is cut at worst)
+        from flowrl.atomic import disk_error
+        from flowrl.safeload import WriteError
+
+        raise WriteError(disk_error(exc, path, len(json.dumps(record)) + 1)) from None
     tracking.log_metrics(writer or [], record, int(record["iteration"]))
 
 
@@ -115,15 +124,17 @@ def write_artifacts(trainer: Any) -> None:
             for k, v in (result or {}).items():
                 if not k.startswith("num_"):
                     evals.setdefault(k, []).append((it, v))
-        plot_reward_curve(trainer.history, trainer.run_dir / "reward_curve.png", evals=evals)
+        with written_aside(trainer.run_dir / "reward_curve.png") as tmp:
+            plot_reward_curve(trainer.history, tmp, evals=evals)
         outs = getattr(trainer, "_eval_outputs", {})
         if "base" in outs and "tuned" in outs and isinstance(outs["base"][0], Tensor):
             k, n = trainer.config.train.eval_samples_per_prompt, trainer.config.train.iterations
             tuned = f"tuned{' (EMA)' if trainer.ema is not None else ''}, iteration {n}"
-            before_after_grid(  # the first sample of each prompt: same prompt, same noise
-                outs["base"][0][::k], outs["tuned"][0][::k], trainer.run_dir / "before_after.png", max_items=16,
-                prompts=outs["base"][1][::k], labels=("base", tuned), title=f"{trainer.run_dir.name}: base vs {tuned} (same noise)",
-            )
+            with written_aside(trainer.run_dir / "before_after.png") as tmp:
+                before_after_grid(  # the first sample of each prompt: same prompt, same noise
+                    outs["base"][0][::k], outs["tuned"][0][::k], tmp, max_items=16,
+                    prompts=outs["base"][1][::k], labels=("base", tuned), title=f"{trainer.run_dir.name}: base vs {tuned} (same noise)",
+                )
     except Exception as exc:  # plots are a convenience; never lose a run for them
         print(f"[flowrl] could not write plots: {exc}")
 

@@ -150,8 +150,10 @@ class Run:
         record = self.export_record()
         if has_lora and record is not None and record.get("lora_weights"):
             if record.get("lora_weights") == record.get("evaluated", "ema" if ema else "live"):
+                check_lora_folder(lora)
                 return Weights("lora", lora, run=self.name, iteration=t.iterations, ema=record["lora_weights"] == "ema")
         elif has_lora and not ema:  # no record: lora/ holds the live weights, which EMA-free runs evaluate
+            check_lora_folder(lora)
             return Weights("lora", lora, run=self.name, iteration=t.iterations, ema=False)
         ckpts = self.checkpoints()
         if ckpts:  # the last checkpoint stores the trained weights and their EMA
@@ -171,6 +173,7 @@ class Run:
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"--lora {path}: no such folder (a run's lora/ folder, or one saved by save_lora_weights).")
+        check_lora_folder(path)
         if self.dir is not None and path.resolve() == (self.dir / "lora").resolve():
             record = self.export_record() or {}
             return Weights("lora", path, run=self.name, iteration=self.config.train.iterations, ema=record.get("lora_weights") == "ema")
@@ -182,10 +185,14 @@ class Run:
 
 
 def load_run(run_dir: str | Path) -> Run:
-    """Read a run directory: ``config.yaml`` (its ``resolved:`` section kept aside) and ``metrics.jsonl``."""
+    """Read a run directory: ``config.yaml`` (its ``resolved:`` section kept aside) and ``metrics.jsonl``.
+    A module its config names is never imported from the run folder itself (a run folder may come
+    from someone else) unless ``--trust-run-code`` (:func:`flowrl.registry.trust_run_code`)."""
     from flowrl.config import load_yaml
+    from flowrl.registry import distrust
 
     run_dir = Path(run_dir)
+    distrust(run_dir)
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a flowrl run directory (no config.yaml); give the folder a run wrote (train.output_dir).")
@@ -289,6 +296,29 @@ def trainer_for(config: TrainConfig, weights: Weights, *, rewards: bool = True) 
         yield trainer
 
 
+def config_name(policy: Any) -> str:
+    return type(getattr(policy, "pipe", None) or policy).__name__
+
+
+def check_lora_folder(path: Path) -> None:
+    """Before any model loads: a LoRA folder holds readable ``.safetensors`` weights (their headers
+    are parsed; nothing is loaded). Raises a one-line ``CheckpointError`` naming the file."""
+    from safetensors import safe_open
+
+    from flowrl.safeload import CheckpointError
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: this LoRA folder holds no .safetensors weights; give a folder saved by a run (<run>/lora) or by save_lora_weights.")
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                for key in handle.keys():
+                    handle.get_slice(key).get_shape()
+        except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError: one line naming the file
+            raise CheckpointError(f"{f}: cannot read these LoRA weights ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); the folder is damaged: re-export it or evaluate a checkpoint (--checkpoint).") from None
+
+
 def load_lora(policy: Any, path: str | Path | None) -> None:
     """Load a LoRA folder into a policy's pipeline with the stock ``load_lora_weights``; its
     parameters are marked trainable so a trainer built around the policy accepts it."""
@@ -305,6 +335,12 @@ def load_lora(policy: Any, path: str | Path | None) -> None:
     dlogging.set_verbosity_error()  # "no LoRA keys for text_encoder": expected, the run trained the transformer
     try:
         loader(str(path))
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:  # damaged or foreign weights: one line, not three chained tracebacks
+        from flowrl.safeload import CheckpointError
+
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        raise CheckpointError(f"{path}: cannot load this LoRA folder into {config_name(policy)} ({type(exc).__name__}: {lines[0] if lines else ''}); "
+                              "was it saved from this model? Re-export it or evaluate a checkpoint (--checkpoint).") from None
     finally:
         dlogging.set_verbosity(level)
     for n, p in policy.model.named_parameters():

@@ -15,6 +15,11 @@ class CheckpointError(RuntimeError):
     """A saved file could not be read; the message names the file and what to do."""
 
 
+class WriteError(CheckpointError):
+    """A run's file could not be written (full disk, no permission); the message names the path,
+    the cause and the space needed. The previous version of the file is intact."""
+
+
 def _fail(path: Path, what: str, exc: BaseException) -> CheckpointError:
     detail = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
     return CheckpointError(

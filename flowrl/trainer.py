@@ -49,7 +49,7 @@ from flowrl.builders import (  # noqa: F401  (add_lora, load_pipeline, make_opti
 )
 from flowrl.config import TrainConfig
 from flowrl.distributed import Collectives, GlobalRows
-from flowrl.errors import ConfigError, NonFiniteUpdateError
+from flowrl.errors import ConfigError, NonFiniteUpdateError, TrainingInterrupted  # noqa: F401  (re-exported)
 from flowrl.evaluation import eval_samples  # noqa: F401  (re-exported)
 from flowrl.objectives import (  # noqa: F401  (loss_normaliser, policy_gradient_*: re-exported)
     UpdateContext, batched_form, grad_norm, learning_rate_at, loss_normaliser, nonfinite_where, objective_chunk_losses,
@@ -62,7 +62,10 @@ from flowrl.plugins import (  # noqa: F401  (re-exported: flowrl.trainer.OBJECTI
 )
 from flowrl.policy import Trajectories, group_step_chunks
 from flowrl.prompt_selection import fill_batch
+from flowrl.preemption import stop_requests
+from flowrl.preflight import check_environment
 from flowrl.prompts import reward_meta
+from flowrl.rewards.remote import check_remote_rewards
 from flowrl.reporting import phase, progress_bar, progress_postfix  # noqa: F401  (progress_postfix: re-exported)
 from flowrl.seeding import PromptGenerators, generator_for
 from flowrl.sharding import full_tensor, gathered_parameters
@@ -106,6 +109,7 @@ class Trainer:
         self.config = config
         self.resolved = config.resolved()
         t = config.train
+        check_environment(config)  # output folder writable, device present, resolution fits: before any model loads
         if t.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -120,6 +124,9 @@ class Trainer:
             )
         self.run_dir = Path(t.output_dir)
         tracking.tracker_names(t.report_to)  # unknown or missing trackers fail before any work
+        checkpointing.check_fresh_run_dir(self.run_dir, t.resume_from)
+        if t.resume_from:  # the checkpoint is readable, reached by train.iterations, made with these settings
+            checkpointing.check_resume_settings(config, self.run_dir)
         self.train_set = _load_prompt_set(t.prompts, "train.prompts", t.prompt_column)
         self.eval_set = _load_prompt_set(t.eval_prompts, "train.eval_prompts", t.prompt_column)
         self.train_prompts, self.eval_prompts = self.train_set.prompts, self.eval_set.prompts
@@ -128,6 +135,7 @@ class Trainer:
         with phase(f"loading rewards ({', '.join(map(str, config.reward.rewards))})", enabled=show and reward_set is None):
             self.reward_set = reward_set if reward_set is not None else _build_reward_set(config, process_device=self.accelerator.device)  # first: fails fast on a bad reward
             self.track = build_tracker(config)  # reward.track: scored at evaluations, never trained on
+        check_remote_rewards(self.reward_set, announce=self.accelerator.is_main_process)  # servers answer, worst-case waits stated
         with phase(f"loading model {config.model.pipeline}", enabled=show and policy is None):
             if policy is None:  # the main process first: built-in tiny sources write <run>/base_model for the others to read
                 with self.accelerator.main_process_first():
@@ -146,30 +154,39 @@ class Trainer:
     # ---------------------------------------------------------------------------- the loop
     def train(self) -> TrainResult:
         t = self.config.train
+        self._resume_plan = None
+        if t.resume_from:  # everything checked before the run folder is touched
+            path = self._resolve_checkpoint(t.resume_from)
+            self._resume_plan = checkpointing.validate_resume(self, path)
         self._prepare_run_dir()
         if t.resume_from:
-            self.load_checkpoint(self._resolve_checkpoint(t.resume_from))
+            self.load_checkpoint(path)
         writer = reporting.start_trackers(self)
         eval_before = self.evaluate(tag="base") if self.eval_prompts and self.start_iteration == 0 else {}
         if eval_before:
             after_evaluation(self, 0, eval_before, "base")
             reporting.log(self, {"iteration": 0, **{f"eval/{k}": v for k, v in eval_before.items()}}, writer)
         bar = progress_bar(range(self.start_iteration + 1, t.iterations + 1), enabled=t.progress and self.accelerator.is_main_process, total=t.iterations, initial=self.start_iteration)
-        last, stop = t.iterations, False
-        for it in bar:
-            record = self.iteration(it)
-            if self.eval_prompts and t.eval_every and it % t.eval_every == 0 and it != t.iterations:
-                result = self.evaluate(tag=f"iter{it}")
-                stop = after_evaluation(self, it, result, f"iter{it}")  # reward.track's alarm
-                record.update({f"eval/{k}": v for k, v in result.items()})
-            reporting.log(self, record, writer)
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(progress_postfix(record))
-            if t.save_every and it % t.save_every == 0:
-                self.save_checkpoint(it)
-            if stop:
-                last = it
-                break
+        last, stop_alarm = t.iterations, False
+        with stop_requests() as stop:
+            for it in bar:
+                record = self.iteration(it)
+                if self.eval_prompts and t.eval_every and it % t.eval_every == 0 and it != t.iterations:
+                    result = self.evaluate(tag=f"iter{it}")
+                    stop_alarm = after_evaluation(self, it, result, f"iter{it}")  # reward.track's alarm
+                    record.update({f"eval/{k}": v for k, v in result.items()})
+                reporting.log(self, record, writer)
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(progress_postfix(record))
+                saved = self.save_checkpoint(it) if t.save_every and it % t.save_every == 0 else None
+                if self.dist.any_process(stop.signum is not None) and it < t.iterations:
+                    # SIGTERM / SIGINT: the iteration is complete; keep it, then stop
+                    path = saved or self.save_checkpoint(it)
+                    tracking.finish(writer)
+                    raise TrainingInterrupted(stop.name or "a signal on another process", it, path)
+                if stop_alarm:  # reward.track_stop: the run ends here (final evaluation and checkpoint of this iteration)
+                    last = it
+                    break
         if last > self.start_iteration and not (t.save_every and last % t.save_every == 0):
             self.save_checkpoint(last)
         eval_after = {}
@@ -198,6 +215,9 @@ class Trainer:
         # groups never span processes; statistics are computed on the gathered rewards
         rows = self.dist.global_rows(traj.group_ids, one_round=select_metrics.get("select/rounds", 1.0) <= 1)
         gathered = self._gather_rewards(traj, combined)
+        check = getattr(self.reward_set, "check_not_all_failed", None)
+        if check is not None:  # a reward that failed on every sample: stop, never train on nothing
+            check(gathered["raw"], gathered["raw_names"])
         # 3. advantages
         adv_all = estimation.iteration_advantages(self, traj, combined, gathered, rows)
         traj.mask = select_train_steps(
@@ -511,7 +531,7 @@ class Trainer:
         return checkpointing.save_checkpoint(self, it)
 
     def load_checkpoint(self, path: Path) -> None:
-        checkpointing.load_checkpoint(self, path)
+        checkpointing.load_checkpoint(self, path, getattr(self, "_resume_plan", None))
 
     def export_lora(self) -> Path | None:
         """Save the evaluated weights' LoRA (see :func:`flowrl.checkpointing.export_lora`)."""

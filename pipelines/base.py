@@ -38,6 +38,10 @@ def adapter_for(pipe: Any) -> "FlowAdapter":
     for cls in type(pipe).__mro__:
         if cls in _ADAPTERS:
             return _ADAPTERS[cls](pipe)
+    from flowrl.pipelines.modular import MODULAR_EQUIVALENT, to_modular
+
+    if type(pipe).__name__ in MODULAR_EQUIVALENT:  # no hand adapter: diffusers' modular pipeline of it
+        return adapter_for(to_modular(pipe))
     known = ", ".join(sorted(c.__name__ for c in _ADAPTERS))
     raise TypeError(
         f"flowrl has no adapter for {type(pipe).__name__}. Supported pipelines: {known}. "
@@ -45,10 +49,18 @@ def adapter_for(pipe: Any) -> "FlowAdapter":
     )
 
 
+def has_hand_adapter(pipe: Any) -> bool:
+    """True when a family adapter (not the generic modular one) is registered for ``pipe``'s class."""
+    _import_builtin_adapters()
+    from flowrl.pipelines.modular import ModularAdapter
+
+    return any(cls in _ADAPTERS and not issubclass(_ADAPTERS[cls], ModularAdapter) for cls in type(pipe).__mro__)
+
+
 def _import_builtin_adapters() -> None:
     import importlib
 
-    for mod in ("sd3", "flux", "digits", "wan", "hunyuan_video", "qwen_image"):
+    for mod in ("sd3", "flux", "digits", "wan", "hunyuan_video", "qwen_image", "modular"):
         try:
             importlib.import_module(f"flowrl.pipelines.{mod}")
         except ModuleNotFoundError as exc:  # an adapter module not written yet, or an optional dep

@@ -91,6 +91,10 @@ class FlowPolicy(PolicyBase):
                 raise ValueError(f"{type(self.adapter).__name__} takes no adapter options (got {sorted(adapter_options)}).")
             configure(**adapter_options)
         self.pipe = pipe
+        if hasattr(self.adapter, "set_guidance"):  # modular pipelines: the guidance goes through diffusers' guider
+            self.adapter.set_guidance(float(guidance_scale))
+        if hasattr(self.adapter, "num_steps"):
+            self.adapter.num_steps = int(num_steps)
         self.sampler = sampler
         self.noise_level = float(noise_level)
         self.num_steps = int(num_steps)
@@ -118,8 +122,19 @@ class FlowPolicy(PolicyBase):
         self._reference_model = None
 
     @classmethod
-    def from_pipeline(cls, pipe: Any, **kwargs: Any) -> "FlowPolicy":
-        """Wrap ``pipe``; keyword arguments as in :class:`FlowPolicy`."""
+    def from_pipeline(cls, pipe: Any, *, modular: bool | None = None, **kwargs: Any) -> "FlowPolicy":
+        """Wrap ``pipe``; keyword arguments as in :class:`FlowPolicy`.
+
+        ``pipe`` may be a diffusers ``ModularPipeline`` (any family whose denoising loop ends in a
+        flow-matching scheduler step: ``flowrl.pipelines.modular``) or a regular pipeline.
+        ``modular``: for a regular pipeline, build the modular pipeline diffusers has for it from its
+        components and wrap that (True), keep the hand-written adapter (False), or (None) use the
+        family's registered path: the modular one unless a hand adapter is registered for it."""
+        from flowrl.pipelines.base import has_hand_adapter
+        from flowrl.pipelines.modular import MODULAR_EQUIVALENT, to_modular
+
+        if modular or (modular is None and not has_hand_adapter(pipe) and type(pipe).__name__ in MODULAR_EQUIVALENT):
+            pipe = to_modular(pipe)
         return cls(pipe, **kwargs)
 
     # ---------------------------------------------------------------------------- plumbing

@@ -392,6 +392,43 @@ class RewardSet:
                     out[f"reward/{name}/{k}"] = float(v)
         return out
 
+    # 4. remote rewards (flowrl.rewards.remote) ----------------------------------------------
+    def health_check(self) -> None:
+        """Call every reward's ``health_check()`` (remote rewards: is the server up and answering
+        JSON?); raises :class:`RewardError` naming the reward and the URL."""
+        for reward in self.rewards.values():
+            fn = getattr(reward, "health_check", None)
+            if callable(fn):
+                fn()
+
+    def describe_limits(self) -> list[str]:
+        """One line per remote reward: its URL and the worst-case wait of one request."""
+        out = []
+        for name, reward in self.rewards.items():
+            fn = getattr(reward, "describe_limits", None)
+            text = fn() if callable(fn) else None
+            if text:
+                out.append(f"reward '{name}': {text}")
+        return out
+
+    def check_not_all_failed(self, table: Tensor, names: Sequence[str]) -> None:
+        """Raise :class:`RewardError` when every sample of a reward failed (all its columns NaN):
+        training on it would train on nothing. The one-line message names the reward, its URL
+        (``endpoint``) and its last error."""
+        if table.shape[0] == 0:
+            return
+        for name, reward in self.rewards.items():
+            cols = [i for i, c in enumerate(names) if c == name or c.startswith(name + "/")]
+            if not cols or torch.isfinite(table[:, cols]).any():
+                continue
+            url = getattr(reward, "endpoint", None)
+            fn = getattr(reward, "last_error", None)
+            last = (fn() if callable(fn) else None) or self.last_errors.get(name) or "returned NaN/inf"
+            raise RewardError(
+                f"reward '{name}'{f' at {url}' if url else ''} failed on all {table.shape[0]} samples of this iteration; "
+                f"last error: {last}. Nothing would be trained; fix the reward (or its server) and resume."
+            )
+
     def __repr__(self) -> str:
         parts = ", ".join(f"{k}×{self.weights[k]:g}" for k in self.rewards)
         return f"RewardSet({parts}; combine={self.combine_mode}, max_failures={self.max_failures})"
@@ -454,6 +491,9 @@ def build_rewards(
         for dk, dv in defaults.items():
             if dk not in kwargs and _accepts(cls, dk):
                 kwargs[dk] = dv
+        from flowrl.secrets import expand
+
+        kwargs = expand(kwargs, f"reward.rewards.{key}")  # api_key: ${VAR} / api_key_env: VAR, read now
         _check_paths(key, kwargs)
         try:
             reward = get(key, **kwargs)

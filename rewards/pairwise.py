@@ -9,6 +9,8 @@ VLM judges answer 1 ("Image 1 is better"), 0, or 0.5 (tie / unparseable).
 
 from __future__ import annotations
 
+import math
+
 from typing import Any, Callable, Sequence
 
 import torch
@@ -33,6 +35,8 @@ def win_rates(scores: Tensor) -> Tensor:
 
 def _checked(p: Any) -> float:
     p = float(p)
+    if math.isnan(p):  # a failed comparison: the win rates of both members become NaN (counted as failed)
+        return p
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"pairwise judge returned {p}; it must return P(first is better) in [0, 1] (tie = 0.5).")
     return p
@@ -293,6 +297,24 @@ class PairwiseJudgeReward(Reward):
     def metrics(self) -> dict[str, float]:
         fn = getattr(self.judge, "metrics", None)
         return dict(fn()) if callable(fn) else {}
+
+    # a remote judge's failure semantics (flowrl.rewards.remote): health check, URL, limits, last error
+    @property
+    def endpoint(self) -> str | None:
+        return getattr(self.judge, "endpoint", None)
+
+    def health_check(self) -> None:
+        fn = getattr(self.judge, "health_check", None)
+        if callable(fn):
+            fn()
+
+    def describe_limits(self) -> str | None:
+        fn = getattr(self.judge, "describe_limits", None)
+        return fn() if callable(fn) else None
+
+    def last_error(self) -> str | None:
+        fn = getattr(self.judge, "last_error", None)
+        return fn() if callable(fn) else None
 
 
 def _is_reward_name(name: str) -> bool:

@@ -5,9 +5,12 @@ Each image goes as a base64 JPEG data URL next to a text template; the answer is
 regex. Requests for one batch run concurrently (``max_concurrency`` threads), each with a
 ``timeout`` and up to ``max_retries`` retries with exponential back-off (``backoff · 2^attempt``
 seconds) on connection errors, timeouts, HTTP 429 and 5xx. An answer that still fails, or does not
-parse, gets ``failed_value`` and counts towards ``failure_rate`` (in :meth:`metrics`, logged as
-``reward/<name>/failure_rate``). Set ``failed_value=float("nan")`` to let :class:`RewardSet`'s
-``max_failures`` stop the run instead.
+parse, is NaN: it counts towards ``failure_rate`` (in :meth:`metrics`, logged as
+``reward/<name>/failure_rate``) and towards :class:`RewardSet`'s ``reward.max_failures``, and a batch
+whose every answer failed stops the run. ``failed_value`` (opt-in) replaces NaN by a constant.
+Once a request finds the server unreachable (refused, timed out), the rest of the batch fails at once.
+Before the first rollout the trainer calls :meth:`health_check` (``GET <base_url>/models``).
+See :mod:`flowrl.rewards.remote` for the shared rules.
 
 Only the standard library is used (``urllib``), so there is nothing to install.
 """
@@ -21,15 +24,13 @@ import json
 import math
 import re
 import threading
-import time
-import urllib.error
-import urllib.request
 
 import torch
 from torch import Tensor
 
 from .base import Reward, register
 from .compressibility import to_uint8_hwc
+from .remote import RETRY_STATUS, CircuitBreaker, RetryPolicy, check_server, error_text, post_json
 
 POINTWISE_TEMPLATE = (
     "You are shown an AI-generated image and the caption it was generated from.\n"
@@ -70,59 +71,89 @@ def parse_score(text: str, pattern: str, low: float, high: float) -> float | Non
 
 
 class ChatClient:
-    """Minimal OpenAI-compatible ``/chat/completions`` client with timeout, retries and back-off."""
+    """Minimal OpenAI-compatible ``/chat/completions`` client with timeout, retries and back-off
+    (:class:`~flowrl.rewards.remote.RetryPolicy`) and a per-batch circuit breaker."""
 
-    RETRY_STATUS = (408, 429, 500, 502, 503, 504)
+    RETRY_STATUS = RETRY_STATUS
 
     def __init__(self, base_url: str, model: str, *, api_key: str | None = None, timeout: float = 60.0, max_retries: int = 3, backoff: float = 1.0, max_backoff: float = 30.0, temperature: float = 0.0, max_tokens: int = 512):
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.base_url = base_url.rstrip("/")
+        self.url = self.base_url + "/chat/completions"
         self.model, self.api_key = model, api_key
+        self.policy = RetryPolicy(timeout=float(timeout), max_retries=int(max_retries), backoff=float(backoff), max_backoff=float(max_backoff))
         self.timeout, self.max_retries, self.backoff, self.max_backoff = timeout, max_retries, backoff, max_backoff
         self.temperature, self.max_tokens = temperature, max_tokens
         self.requests = 0  # HTTP attempts made (for tests and metrics)
+        self.breaker = CircuitBreaker()
         self._lock = threading.Lock()
 
-    def _post(self, body: bytes) -> dict:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+    def __repr__(self) -> str:  # never shows the key
+        return f"ChatClient(url={self.url!r}, model={self.model!r})"
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def _post(self, body: dict) -> dict:
         with self._lock:
             self.requests += 1
-        with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-            return json.loads(resp.read().decode("utf-8"))
+        return post_json(self.url, body, timeout=self.policy.timeout, headers=self._headers())
+
+    def health_check(self, name: str) -> None:
+        check_server(name, self.base_url + "/models", timeout=self.policy.timeout, headers=self._headers())
 
     def chat(self, content: list[dict]) -> str:
         """Send one user message (OpenAI content parts); return the assistant text. Raises the last
-        error after ``max_retries`` retries."""
-        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": content}], "temperature": self.temperature, "max_tokens": self.max_tokens}).encode("utf-8")
-        for attempt in range(self.max_retries + 1):
-            try:
-                return self._post(body)["choices"][0]["message"]["content"] or ""
-            except urllib.error.HTTPError as exc:
-                if exc.code not in self.RETRY_STATUS or attempt == self.max_retries:
-                    raise
-            except (urllib.error.URLError, TimeoutError, ConnectionError, json.JSONDecodeError, KeyError, IndexError):
-                if attempt == self.max_retries:
-                    raise
-            time.sleep(min(self.backoff * 2**attempt, self.max_backoff))
-        raise AssertionError("unreachable")
+        error after ``max_retries`` retries; once the server was found unreachable in this batch
+        (:meth:`CircuitBreaker.reset` starts a batch), raises at once."""
+        body = {"model": self.model, "messages": [{"role": "user", "content": content}], "temperature": self.temperature, "max_tokens": self.max_tokens}
+
+        def once() -> str:
+            answer = self._post(body)["choices"][0]["message"]["content"]
+            if not isinstance(answer, str):
+                raise ValueError(f"the answer has no text content ({answer!r:.60})")
+            return answer
+
+        return self.breaker.run(lambda: self.policy.call(once))
 
 
 class _JudgeBase:
-    def _init_client(self, base_url, model, api_key, timeout, max_retries, backoff, max_concurrency, temperature, max_tokens, jpeg_quality):
+    """What both judges share: the client, counters, the health check and the failure report."""
+
+    def _init_client(self, base_url, model, api_key, timeout, max_retries, backoff, max_concurrency, temperature, max_tokens, jpeg_quality, health_check=True):
         self.client = ChatClient(base_url, model, api_key=api_key, timeout=timeout, max_retries=max_retries, backoff=backoff, temperature=temperature, max_tokens=max_tokens)
         self.max_concurrency = max(1, int(max_concurrency))
         self.jpeg_quality = jpeg_quality
+        self.run_health_check = bool(health_check)
         self.calls = 0
         self.failed = 0
         self.last_errors: list[str] = []
 
+    @property
+    def endpoint(self) -> str:
+        """The URL requests go to (named in every error)."""
+        return self.client.url
+
+    def health_check(self) -> None:
+        """Raise :class:`~flowrl.rewards.RewardError` (one line) unless ``GET <base_url>/models``
+        answers JSON within ``timeout`` (skipped with ``health_check=False``)."""
+        if self.run_health_check:
+            self.client.health_check(getattr(self, "name", "judge"))
+
+    def describe_limits(self) -> str:
+        """The worst case of one batch, stated at the start of a run."""
+        return (f"{self.endpoint}: {self.client.policy.describe()}, {self.max_concurrency} concurrent; "
+                "once the server is unreachable the rest of a batch fails at once")
+
+    def last_error(self) -> str | None:
+        return self.last_errors[-1] if self.last_errors else None
+
     def _ask(self, content: list[dict]) -> str | None:
         try:
             return self.client.chat(content)
-        except Exception as exc:  # noqa: BLE001 - a failed request becomes the defined failed value
-            self.last_errors.append(f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - a failed request becomes NaN (or the opt-in failed_value)
+            with self.client._lock:
+                self.last_errors.append(error_text(exc))
+                del self.last_errors[:-20]
             return None
 
     def metrics(self) -> dict[str, float]:
@@ -135,7 +166,8 @@ class VLMJudge(_JudgeBase, Reward):
     """Pointwise VLM judge: one request per sample, score parsed by ``pattern`` (group 1).
 
     Output: the parsed score in ``[low, high]`` (default 1–5), or ``(s − low)/(high − low)`` in
-    [0, 1] with ``normalize=True``; ``failed_value`` for failed/unparseable answers. Video
+    [0, 1] with ``normalize=True``; NaN for failed/unparseable answers (``failed_value``: an opt-in
+    constant instead). Video
     ``[B, F, C, H, W]``: ``max_frames`` evenly spaced frames are sent as several images.
     """
 
@@ -152,7 +184,8 @@ class VLMJudge(_JudgeBase, Reward):
         low: float = 1.0,
         high: float = 5.0,
         normalize: bool = False,
-        failed_value: float = 0.0,
+        failed_value: float = float("nan"),
+        health_check: bool = True,
         api_key: str | None = None,
         timeout: float = 60.0,
         max_retries: int = 3,
@@ -167,7 +200,7 @@ class VLMJudge(_JudgeBase, Reward):
         if "{prompt}" not in template:
             raise ValueError("vlm_judge template must contain '{prompt}' where the caption goes.")
         re.compile(pattern)
-        self._init_client(base_url, model, api_key, timeout, max_retries, backoff, max_concurrency, temperature, max_tokens, jpeg_quality)
+        self._init_client(base_url, model, api_key, timeout, max_retries, backoff, max_concurrency, temperature, max_tokens, jpeg_quality, health_check)
         self.template, self.pattern, self.low, self.high = template, pattern, float(low), float(high)
         self.normalize, self.failed_value, self.max_frames, self.batch_size = normalize, float(failed_value), max_frames, batch_size
         self.scale = f"{'[0,1]' if normalize else f'[{low:g},{high:g}]'}; failed -> {failed_value:g}"
@@ -188,21 +221,25 @@ class VLMJudge(_JudgeBase, Reward):
             if value is None:
                 self.failed += 1
                 if answer is not None:
-                    self.last_errors.append(f"unparseable answer: {answer[:200]!r}")
+                    self.last_errors.append(f"no score in the answer: {answer[:200]!r}")
         if value is None:
             return self.failed_value
         return (value - self.low) / (self.high - self.low) if self.normalize else value
 
     def __call__(self, outputs, prompts, meta=None):
         outputs = outputs.detach().float().cpu()
+        self.client.breaker.reset()
         with concurrent.futures.ThreadPoolExecutor(self.max_concurrency) as pool:
             scores = list(pool.map(self._score_one, list(outputs), list(prompts)))
         return torch.tensor(scores, dtype=torch.float32)
 
 
 class VLMPairwiseJudge(_JudgeBase):
+    name = "pairwise_judge"
+
     """Pairwise judge for :func:`~flowrl.rewards.pairwise_win_rates`: ``judge(a, b, prompt)`` returns
-    1.0 ('Image 1 is better'), 0.0 ('Image 2 is better') or 0.5 (tie, failed or unparseable).
+    1.0 ('Image 1 is better'), 0.0 ('Image 2 is better'), 0.5 (tie), or NaN when the request failed
+    or the answer names neither (``failed_value``: an opt-in constant instead, e.g. 0.5).
 
     ``judge_batch(firsts, seconds, prompts)`` sends many pairs concurrently (``max_concurrency``
     threads), each request with ``timeout`` and ``max_retries`` retries. :meth:`metrics`:
@@ -211,8 +248,11 @@ class VLMPairwiseJudge(_JudgeBase):
     Videos ``[F, C, H, W]`` are shown as ``max_frames`` evenly spaced frames of each.
     """
 
-    def __init__(self, base_url: str = "http://127.0.0.1:8000/v1", model: str = "default", *, template: str = PAIRWISE_TEMPLATE, api_key: str | None = None, timeout: float = 60.0, max_retries: int = 3, backoff: float = 1.0, temperature: float = 0.0, max_tokens: int = 512, jpeg_quality: int = 95, max_concurrency: int = 8, max_frames: int = 4):
-        self._init_client(base_url, model, api_key, timeout, max_retries, backoff, max_concurrency, temperature, max_tokens, jpeg_quality)
+    name = "pairwise_judge"
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8000/v1", model: str = "default", *, template: str = PAIRWISE_TEMPLATE, api_key: str | None = None, timeout: float = 60.0, max_retries: int = 3, backoff: float = 1.0, temperature: float = 0.0, max_tokens: int = 512, jpeg_quality: int = 95, max_concurrency: int = 8, max_frames: int = 4, failed_value: float = float("nan"), health_check: bool = True):
+        self._init_client(base_url, model, api_key, timeout, max_retries, backoff, max_concurrency, temperature, max_tokens, jpeg_quality, health_check)
+        self.failed_value = float(failed_value)
         self.template = template
         self.max_frames = max_frames
         self.parse_failed = 0
@@ -254,11 +294,12 @@ class VLMPairwiseJudge(_JudgeBase):
                     self.request_failed += 1
                 else:
                     self.parse_failed += 1
-                    self.last_errors.append(f"unparseable answer: {answer[:200]!r}")
-        return 0.5 if value is None else value
+                    self.last_errors.append(f"no winner in the answer: {answer[:200]!r}")
+        return self.failed_value if value is None else value
 
     def judge_batch(self, firsts: list[Tensor], seconds: list[Tensor], prompts: list[str]) -> list[float]:
         """Judge many pairs concurrently; the i-th answer is P(firsts[i] is better)."""
+        self.client.breaker.reset()
         with concurrent.futures.ThreadPoolExecutor(self.max_concurrency) as pool:
             return list(pool.map(self, [a.detach().float().cpu() for a in firsts], [b.detach().float().cpu() for b in seconds], list(prompts)))
 

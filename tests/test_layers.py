@@ -26,6 +26,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         "flowrl.errors", "flowrl.registry", "flowrl.seeding", "flowrl.sde", "flowrl.policy", "flowrl.sharding",
         "flowrl.ema", "flowrl.paths", "flowrl.safeload", "flowrl.media", "flowrl.tracking", "flowrl.overlap",
         "flowrl.digits_data", "flowrl.prompts", "flowrl.answers", "flowrl.normalization", "flowrl.devices",
+        "flowrl.secrets", "flowrl.atomic", "flowrl.preflight", "flowrl.preemption",
     }),
     # the registries components plug into
     ("plugs", {"flowrl.plugins"}),
@@ -42,7 +43,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         "flowrl.evaluation", "flowrl.reporting", "flowrl.checkpointing", "flowrl.track",
     }),
     # the face: command line, run inspection, the gallery, the digits pretraining script
-    ("face", {"flowrl", "flowrl.__main__", "flowrl.cli", "flowrl.gallery", "flowrl.runs", "flowrl.pretrain_digits", "flowrl.benchmarks"}),
+    ("face", {"flowrl", "flowrl.__main__", "flowrl.cli", "flowrl.gallery", "flowrl.runs", "flowrl.pretrain_digits", "flowrl.testing", "flowrl.benchmarks"}),
 ]
 
 

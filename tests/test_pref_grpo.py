@@ -157,15 +157,18 @@ def test_vlm_pairwise_client_survives_timeout_and_garbage(server):
     reward = get("pairwise_judge", judge="vlm", base_url=url, timeout=1.0, max_retries=2, backoff=0.0, max_concurrency=4)
     out = reward(torch.cat([images, images]), ["slow"] * 4 + ["garbage"] * 4, {"group_ids": torch.tensor([0] * 4 + [1] * 4)})
     torch.testing.assert_close(out["win_rate"][:4], win_rates(levels))  # retried after the timeout: correct ranks
-    torch.testing.assert_close(out["win_rate"][4:], torch.full((4,), 0.5))  # unparseable = tie
+    assert torch.isnan(out["win_rate"][4:]).all()  # unparseable = failed (NaN, counted), never a silent tie
     m = reward.metrics()
     assert m["parse_failure_rate"] == pytest.approx(0.5) and m["request_failure_rate"] == 0.0
     assert all(n == 2 for (k, _), n in srv.attempts.items() if k == "slow")  # one timeout, one retry each
     assert srv.max_active > 1  # the 6 pairs of a group went out concurrently
     # the trainer-facing metric name
-    rs = RewardSet({"pairwise_judge": reward}, {"pairwise_judge": 1.0})
+    rs = RewardSet({"pairwise_judge": reward}, {"pairwise_judge": 1.0}, max_failures=100)
     rs.score(images, ["garbage"] * 4, {"group_ids": torch.zeros(4, dtype=torch.long)})
-    assert "reward/pairwise_judge/parse_failure_rate" in rs.metrics()
+    assert "reward/pairwise_judge/parse_failure_rate" in rs.metrics() and rs.failures["pairwise_judge"] == 4
+    # opt-in: a constant for failed comparisons (the old tie)
+    tie = get("pairwise_judge", judge="vlm", base_url=url, timeout=1.0, max_retries=0, backoff=0.0, failed_value=0.5)
+    torch.testing.assert_close(tie(images, ["garbage"] * 4)["win_rate"], torch.full((4,), 0.5))
 
 
 @pytest.mark.parametrize("pipeline", ["tiny-sd3", "tiny-flux"])
