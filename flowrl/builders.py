@@ -14,6 +14,7 @@ from flowrl.config import ResolvedConfig, TrainConfig
 from flowrl.errors import ConfigError
 from flowrl.devices import choose_device as _device, enable_gradient_checkpointing  # noqa: F401  (re-exported)
 from flowrl.ema import EMA
+from flowrl.losses import loss_reads_entropy
 from flowrl.pipelines.sources import _pipeline_class, load_pipeline  # noqa: F401  (re-exported; registers the built-in sources)
 from flowrl.plugins import POLICY_BUILDERS, import_builtin_components
 from flowrl.seeding import derive_seed
@@ -188,6 +189,9 @@ def setup_training(trainer: Any) -> None:
         model.requires_grad_(True)
         if trainer.resolved.preset.loss.beta > 0 and trainer.resolved.preset.loss.kl:
             trainer.policy.set_reference_model(copy.deepcopy(model))
+    if hasattr(trainer.policy, "recompute_old_log_probs"):  # token policies: the loop recomputes when needed
+        trainer.policy.recompute_old_log_probs = False  # (flowrl.objectives.settle_old_log_probs)
+        trainer.policy.compute_entropy = loss_reads_entropy(trainer.resolved.preset.loss)
     for p in getattr(trainer.policy, "always_trainable_parameters", lambda: [])():
         p.requires_grad_(True)  # trained in full even when the rest of the model gets LoRA
     trainer.params = [p for p in model.parameters() if p.requires_grad]

@@ -76,6 +76,9 @@ class GRPOCareObjective:
     LoRA weights, or all weights of a full fine-tune). Stateful: the EMA and the step count are
     checkpointed."""
 
+    #: the update is :func:`~flowrl.objectives.policy_gradient_objective`'s (old log-probs from its evaluation when exact)
+    old_log_probs_from_current = True
+
     def __init__(self, *, decay: float = 0.995, update_every: int = 10, confidence_upper_bound: float | None = 0.95, answer_start: str = "<answer>", answer_end: str = "</answer>"):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"grpo_care decay must be in [0, 1), got {decay}")

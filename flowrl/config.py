@@ -44,7 +44,7 @@ class ModelConfig:
     pipeline: str = "tiny-sd3"
     """What to train: a local diffusers pipeline folder, a causal-LM folder (``kind: causal_lm``),
     or a built-in: ``digits`` (the shipped embedded default), ``tiny-sd3``, ``tiny-flux``, ``tiny-wan``,
-    ``tiny-hunyuan-video``, ``tiny-qwen-image`` (random tiny test models of each family)."""
+    ``tiny-hunyuan-video``, ``tiny-qwen-image``, ``tiny-flux-kontext``, ``tiny-wan-i2v``, ``tiny-hunyuan-video-i2v`` (random tiny test models of each family)."""
     kind: Literal["flow", "causal_lm", "masked"] = "flow"
     """``flow`` wraps a diffusers flow pipeline in FlowPolicy; ``causal_lm`` a transformers LM in TokenPolicy;
     ``masked`` a masked-token image model (aMUSEd) in the Co-GRPO policy (``pipelines/amused.py``)."""
@@ -505,6 +505,10 @@ def resolve_relative_paths(cfg: "TrainConfig", base: Path) -> "TrainConfig":
     fix(cfg.model, "pipeline", "model.pipeline")
     fix(cfg.train, "prompts", "train.prompts")
     fix(cfg.train, "eval_prompts", "train.eval_prompts")
+    for attr in ("prompts", "eval_prompts"):  # rows written in the config: their images are relative to it
+        rows = getattr(cfg.train, attr)
+        if isinstance(rows, list):
+            setattr(cfg.train, attr, [_resolve_row_image(row, base) for row in rows])
     if cfg.train.resume_from != "latest":
         fix(cfg.train, "resume_from", "train.resume_from")
     for section, specs in (("rewards", cfg.reward.rewards), ("track", cfg.reward.track)):
@@ -595,6 +599,21 @@ def _resolve_prompt_paths(data: Any, base: Path) -> Any:
             if candidate.is_file() or candidate.is_dir():
                 train = {**train, key: str(candidate.resolve())}
     return {**data, "train": train}
+
+
+def _resolve_row_image(row: Any, base: Path) -> Any:
+    """A prompt row of a config file with its relative ``image`` path(s) made absolute against the
+    config file's folder (where they exist there; the prompt loader reports missing ones)."""
+    if not isinstance(row, dict) or row.get("image") is None:
+        return row
+
+    def one(p: Any) -> Any:
+        if isinstance(p, str) and p.strip() and not Path(p).expanduser().is_absolute() and (base / p).is_file():
+            return str((base / p).resolve())
+        return p
+
+    value = row["image"]
+    return {**row, "image": [one(p) for p in value] if isinstance(value, list) else one(value)}
 
 
 def _trl_aliases():

@@ -186,6 +186,20 @@ class LossSpec:
     kl_ratio_weight: bool = False
 
 
+def loss_reads_entropy(spec: LossSpec) -> bool:
+    """Whether :func:`policy_loss` with ``spec`` reads per-token entropies (``PolicyEval.entropy``):
+    a registered piece declares it with a ``reads_entropy`` attribute, ``True`` or a function of its
+    parameters. A token policy computes entropies (a softmax over the vocabulary per token) only then."""
+    for registry, name, params in ((RATIOS, spec.ratio, {}), (CLIP_RULES, spec.clip, spec.clip_params),
+                                   (STEP_WEIGHTS, spec.step_weight, spec.step_weight_params)):
+        flag = getattr(registry.get(name), "reads_entropy", False)
+        if callable(flag):
+            flag = flag(dict(params or {}))
+        if flag:
+            return True
+    return bool(spec.kl and spec.beta > 0 and getattr(KL_TERMS.get(spec.kl), "reads_entropy", False))
+
+
 def policy_loss(inputs: LossInputs, spec: LossSpec) -> tuple[Tensor, dict[str, float]]:
     """ratio → clip rule → step weights → aggregation (+ β·KL, optionally ρ-weighted). Returns
     ``(scalar, metrics)``.
@@ -380,6 +394,9 @@ def dhpo_rule(
     return w * l_tok + (1 - w) * l_seq, {"ratio": info_tok["ratio"], "clipped": info_tok["clipped"]}
 
 
+dhpo_rule.reads_entropy = lambda params: params.get("mix", "average") == "entropy"  # type: ignore[attr-defined]
+
+
 @CLIP_RULES.register("sspo")
 def sspo_rule(
     log_ratio: Tensor,
@@ -406,6 +423,9 @@ def sspo_rule(
     unclipped = -adv * ratio
     clipped = -adv * torch.minimum(torch.maximum(ratio, 1.0 - lo), 1.0 + hi)
     return torch.maximum(unclipped, clipped), {"ratio": ratio.detach(), "clipped": (clipped > unclipped).detach()}
+
+
+sspo_rule.reads_entropy = True  # type: ignore[attr-defined]
 
 
 @CLIP_RULES.register("reg_grpo")

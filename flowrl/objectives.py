@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from flowrl.errors import ConfigError
+from flowrl.advantages import estimator_reads
 from flowrl.losses import LossInputs, policy_loss
 from flowrl.plugins import OBJECTIVES
 from flowrl.policy import Trajectories, slice_eval
@@ -48,6 +49,8 @@ def policy_gradient_chunks(policy: Any, batch: Trajectories, chunks: list[Tensor
     union = torch.cat(list(chunks))
     with ctx.autocast():
         current_all = policy.evaluate(batch, union)
+    # one update per batch (the trainer marked it): the old log-probs are the current ones detached, as TRL
+    on_policy = batch.meta.get("old_log_probs") == "current"
     reference_all = None
     if spec.kl and spec.beta > 0:
         with torch.no_grad(), policy.reference(), ctx.autocast():
@@ -61,7 +64,7 @@ def policy_gradient_chunks(policy: Any, batch: Trajectories, chunks: list[Tensor
         adv = adv[:, steps] if adv.dim() == 2 else adv[:, None].expand(-1, len(steps))
         inputs = LossInputs(
             log_prob=current.log_prob.float(),
-            old_log_prob=batch.log_probs[:, steps].to(current.log_prob.device).float(),
+            old_log_prob=current.log_prob.detach().float() if on_policy else batch.log_probs[:, steps].to(current.log_prob.device).float(),
             advantages=adv.to(current.log_prob.device).float(),
             mask=batch.mask[:, steps].to(current.log_prob.device).float(),
             current=current,
@@ -76,6 +79,40 @@ def policy_gradient_chunks(policy: Any, batch: Trajectories, chunks: list[Tensor
 
 
 policy_gradient_objective.evaluate_chunks = policy_gradient_chunks  # type: ignore[attr-defined]
+policy_gradient_objective.old_log_probs_from_current = True  # type: ignore[attr-defined]
+
+
+def old_log_probs_reason(train: Any, batch_rows: int, estimator: Any, objective: Any) -> str | None:
+    """Why an iteration needs the rollout's log-probs recomputed by a full forward pass, or None when
+    they are exactly the current ones detached: one pass (``inner_epochs`` 1) and one optimizer step
+    over the batch (``batch_rows`` ≤ ``train_batch_size``), an objective that takes the old log-probs
+    from its own evaluation (``old_log_probs_from_current``), and an estimator that reads neither the
+    stored log-probs nor the policy's drift. (TRL skips the pass under the same condition.)"""
+    if train.inner_epochs > 1:
+        return f"train.inner_epochs={train.inner_epochs}: the later passes are off-policy"
+    if batch_rows > train.train_batch_size:
+        return f"{batch_rows} samples over train.train_batch_size={train.train_batch_size}: the later optimizer steps are off-policy"
+    inner = getattr(objective, "func", objective)
+    if not getattr(inner, "old_log_probs_from_current", False):
+        return "the objective reads the stored log-probs"
+    if "log_probs" in estimator_reads(estimator)[0] or hasattr(estimator, "observe_shift"):
+        return "the advantage estimator reads the stored log-probs"
+    return None
+
+
+def settle_old_log_probs(trainer: Any, traj: Trajectories, batch_rows: int) -> None:
+    """A token policy samples without recomputing its log-probs (``meta["old_log_probs"] ==
+    "sampling"``): mark the batch ``"current"`` when that is exact (:func:`old_log_probs_reason`;
+    the policy-gradient loss then takes the current log-probs detached), else recompute them once
+    (one forward pass, before the advantages). Every process decides alike (``batch_rows`` is global)."""
+    if traj.meta.get("old_log_probs") != "sampling":
+        return
+    if old_log_probs_reason(trainer.config.train, batch_rows, trainer.estimator, trainer.objective) is None:
+        traj.meta["old_log_probs"] = "current"
+        return
+    with trainer.gathered_weights(), torch.no_grad(), trainer.autocast():
+        if len(traj):
+            traj.log_probs = trainer.policy.old_log_probs(traj)
 
 
 def objective_chunk_losses(objective: Any, policy: Any, batch: Trajectories, chunks: list[Tensor], ctx: UpdateContext) -> list[tuple[Tensor, dict[str, float]]]:

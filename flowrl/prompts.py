@@ -22,6 +22,17 @@ Samples of one prompt (a group, a tree's leaves) share that prompt's metadata.
 
 Relative file paths are resolved by the caller (the trainer resolves them against the config
 file's folder, see :func:`resolve_prompt_path`).
+
+**Image-conditioned prompts** (editing, image-to-video). A row may carry an ``image`` column: one
+path or a list of paths (several reference images), relative to the prompt file's folder (for a
+list in the YAML config: to the config file's folder; an absolute path stays as is). The paths are
+resolved and checked when the prompts load, before any model does: a missing file is one error
+naming the row and the path. Such a row's prompt is an :class:`ImagePrompt` — the prompt string
+that also carries its resolved image paths (``prompt.images``); two rows with the same text and
+different images are different prompts (their own group, their own prompt-cache entry). Image
+pipelines (Flux Kontext, Wan image-to-video, ...) load the images from those paths in every
+process; rewards receive the resolved paths as ``meta["image"]`` (a string, or a list for several
+images) and can load them with :func:`load_source_images`.
 """
 
 from __future__ import annotations
@@ -39,6 +50,80 @@ register_prompt_set = PROMPT_SETS.register
 
 #: file suffixes read as tables (every other suffix is read as text, one prompt per line)
 TABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+#: the row column holding source / reference image paths
+IMAGE_COLUMN = "image"
+
+
+class ImagePrompt(str):
+    """A prompt string that carries the source images of its row (``images``: resolved paths).
+
+    It is a ``str`` (so it flows wherever a prompt does: rollouts, logs, text encoders), but it
+    compares and hashes with its images, so the same text with another image is another prompt:
+    another group, another prompt-cache entry. ``str(p)`` is the plain text."""
+
+    images: tuple[str, ...]
+
+    def __new__(cls, text: str, images: Sequence[str]) -> "ImagePrompt":
+        obj = super().__new__(cls, text)
+        obj.images = tuple(str(i) for i in images)
+        return obj
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and str.__eq__(self, other) and prompt_images(other) == self.images
+
+    def __ne__(self, other: object) -> bool:
+        return not self.__eq__(other)
+
+    def __hash__(self) -> int:
+        return hash((str(self), self.images))
+
+    def __reduce__(self):  # pickles (multi-process gathers, checkpoints) with its images
+        return (ImagePrompt, (str(self), self.images))
+
+    def __repr__(self) -> str:
+        return f"ImagePrompt({str(self)!r}, images={list(self.images)!r})"
+
+
+def prompt_images(prompt: Any) -> tuple[str, ...]:
+    """The image paths a prompt carries (``()`` for a plain string)."""
+    return tuple(getattr(prompt, "images", ()) or ())
+
+
+def load_source_images(paths: Any) -> Any:
+    """PIL RGB image(s) of one sample's ``meta["image"]`` value: a path → an image, a list of
+    paths → a list of images, ``None`` → ``None``."""
+    if paths is None:
+        return None
+    if isinstance(paths, (list, tuple)):
+        return [load_source_images(p) for p in paths]
+    from PIL import Image
+
+    with Image.open(paths) as im:
+        return im.convert("RGB")
+
+
+def _resolve_row_images(value: Any, base_dir: Path, where: str, i: int) -> list[str]:
+    """A row's ``image`` value (path or list of paths) → absolute paths, each checked to exist."""
+    paths = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not paths:
+        raise ValueError(f"{where}: row {i}: the '{IMAGE_COLUMN}' column is an empty list; give a path or leave the column out.")
+    out = []
+    for p in paths:
+        if not isinstance(p, (str, Path)) or not str(p).strip():
+            raise ValueError(
+                f"{where}: row {i}: '{IMAGE_COLUMN}' holds {type(p).__name__} {p!r}; it takes an image file path "
+                "(or a list of paths) relative to the prompt file."
+            )
+        path = Path(str(p)).expanduser()
+        full = path if path.is_absolute() else base_dir / path
+        if not full.is_file():
+            raise ValueError(
+                f"{where}: row {i}: image '{p}' not found (looked for {full.resolve()}). "
+                "Image paths are relative to the prompt file's folder (the config file's folder for a list in the config)."
+            )
+        out.append(str(full.resolve()))
+    return out
 
 
 @dataclass
@@ -77,8 +162,9 @@ def _import_builtin_sets() -> None:
                 raise
 
 
-def _rows_to_set(rows: Iterable[Any], column: str, where: str) -> PromptSet:
-    """Rows (strings, or mappings with ``column``) → :class:`PromptSet`."""
+def _rows_to_set(rows: Iterable[Any], column: str, where: str, base_dir: str | Path | None = None) -> PromptSet:
+    """Rows (strings, or mappings with ``column``) → :class:`PromptSet`. A row's ``image`` paths
+    are resolved against ``base_dir`` (default: the working directory) and checked."""
     prompts: list[str] = []
     metadata: list[dict[str, Any]] = []
     for i, row in enumerate(rows):
@@ -93,8 +179,15 @@ def _rows_to_set(rows: Iterable[Any], column: str, where: str) -> PromptSet:
                 f"{where}: row {i} has no '{column}' column (columns: {', '.join(map(str, row)) or 'none'}). "
                 f"Set train.prompt_column to the column holding the prompt text."
             )
-        prompts.append(str(row[column]))
-        metadata.append({k: v for k, v in row.items() if k != column})
+        meta = {k: v for k, v in row.items() if k != column}
+        text = str(row[column])
+        if meta.get(IMAGE_COLUMN) is not None:
+            images = _resolve_row_images(meta[IMAGE_COLUMN], Path(base_dir) if base_dir is not None else Path.cwd(), where, i)
+            meta[IMAGE_COLUMN] = images if isinstance(meta[IMAGE_COLUMN], (list, tuple)) else images[0]
+            prompts.append(ImagePrompt(text, images))
+        else:
+            prompts.append(text)
+        metadata.append(meta)
     return PromptSet(prompts, metadata)
 
 
@@ -172,12 +265,12 @@ def read_prompt_file(path: str | Path, *, column: str = "prompt") -> PromptSet:
     if path.is_dir():
         if not (path / "dataset_info.json").is_file() and not (path / "dataset_dict.json").is_file():
             raise ValueError(f"{path} is a folder but not one written by datasets' save_to_disk (no dataset_info.json).")
-        return _rows_to_set(_read_datasets_folder(path), column, str(path))
+        return _rows_to_set(_read_datasets_folder(path), column, str(path), path.parent)
     reader = _READERS.get(path.suffix.lower())
     if reader is None:  # .txt and anything else: one prompt per line
         lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
         return PromptSet([line for line in lines if line])
-    return _rows_to_set(reader(path), column, str(path))
+    return _rows_to_set(reader(path), column, str(path), path.parent)
 
 
 def resolve_prompt_path(spec: str, base_dir: str | Path | None) -> Path | None:
@@ -206,7 +299,7 @@ def load_prompt_set(
     path = None
     try:
         if isinstance(spec, (list, tuple)):
-            out = _rows_to_set(spec, column, field)
+            out = _rows_to_set(spec, column, field, base_dir)
         else:
             path = resolve_prompt_path(spec, base_dir)
             if path is not None:

@@ -114,6 +114,9 @@ def build_tracker(config: Any, reward_set: Any = None) -> RewardTracker | None:
 
         spec = {name: {**(opts if isinstance(opts, dict) else {}), "weight": 1.0} for name, opts in r.track.items()}
         reward_set = build_rewards(spec, max_failures=r.max_failures)
+        from flowrl.rewards.remote import check_remote_rewards
+
+        check_remote_rewards(reward_set, announce=False)  # a tracked reward's server answers too
     return RewardTracker(reward_set, window=r.track_window, stop=r.track_stop)
 
 

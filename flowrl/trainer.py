@@ -53,7 +53,8 @@ from flowrl.errors import ConfigError, NonFiniteUpdateError, TrainingInterrupted
 from flowrl.evaluation import eval_samples  # noqa: F401  (re-exported)
 from flowrl.objectives import (  # noqa: F401  (loss_normaliser, policy_gradient_*: re-exported)
     UpdateContext, batched_form, grad_norm, learning_rate_at, loss_normaliser, nonfinite_where, objective_chunk_losses,
-    policy_gradient_chunks, policy_gradient_objective, sample_chunk_share, select_train_steps, zero_weight_batch,
+    old_log_probs_reason, policy_gradient_chunks, policy_gradient_objective, sample_chunk_share, select_train_steps,
+    settle_old_log_probs, zero_weight_batch,
 )
 from flowrl.overlap import rollout_in_calls
 from flowrl.track import after_evaluation, build_tracker
@@ -214,6 +215,7 @@ class Trainer:
         t1 = time.perf_counter()
         # groups never span processes; statistics are computed on the gathered rewards
         rows = self.dist.global_rows(traj.group_ids, one_round=select_metrics.get("select/rounds", 1.0) <= 1)
+        settle_old_log_probs(self, traj, rows.total)  # token policies: recompute only where inexact to skip
         gathered = self._gather_rewards(traj, combined)
         check = getattr(self.reward_set, "check_not_all_failed", None)
         if check is not None:  # a reward that failed on every sample: stop, never train on nothing

@@ -32,16 +32,30 @@ def register_adapter(pipeline_cls: type) -> Callable[[type["FlowAdapter"]], type
     return deco
 
 
+#: Adapters tried, in order, for a pipeline class with no registered adapter: each takes the
+#: pipeline and returns an adapter or None. The generic modular adapter registers one (a regular
+#: pipeline whose family diffusers describes as a Modular Pipeline); kept as a hook so this bottom
+#: module never imports the adapters built on it.
+_FALLBACKS: list[Callable[[Any], "FlowAdapter | None"]] = []
+
+
+def register_fallback(fallback: Callable[[Any], "FlowAdapter | None"]) -> Callable[[Any], "FlowAdapter | None"]:
+    """Register a fallback for :func:`adapter_for` (see :data:`_FALLBACKS`)."""
+    if fallback not in _FALLBACKS:
+        _FALLBACKS.append(fallback)
+    return fallback
+
+
 def adapter_for(pipe: Any) -> "FlowAdapter":
     """The registered adapter for ``pipe`` (checked: a transformer and a flow-matching scheduler)."""
     _import_builtin_adapters()
     for cls in type(pipe).__mro__:
         if cls in _ADAPTERS:
             return _ADAPTERS[cls](pipe)
-    from flowrl.pipelines.modular import MODULAR_EQUIVALENT, to_modular
-
-    if type(pipe).__name__ in MODULAR_EQUIVALENT:  # no hand adapter: diffusers' modular pipeline of it
-        return adapter_for(to_modular(pipe))
+    for fallback in _FALLBACKS:  # no hand adapter: e.g. diffusers' modular pipeline of it
+        adapter = fallback(pipe)
+        if adapter is not None:
+            return adapter
     known = ", ".join(sorted(c.__name__ for c in _ADAPTERS))
     raise TypeError(
         f"flowrl has no adapter for {type(pipe).__name__}. Supported pipelines: {known}. "
@@ -50,17 +64,16 @@ def adapter_for(pipe: Any) -> "FlowAdapter":
 
 
 def has_hand_adapter(pipe: Any) -> bool:
-    """True when a family adapter (not the generic modular one) is registered for ``pipe``'s class."""
+    """True when a family adapter (not a generic one such as the modular adapter) is registered for
+    ``pipe``'s class."""
     _import_builtin_adapters()
-    from flowrl.pipelines.modular import ModularAdapter
-
-    return any(cls in _ADAPTERS and not issubclass(_ADAPTERS[cls], ModularAdapter) for cls in type(pipe).__mro__)
+    return any(cls in _ADAPTERS and not getattr(_ADAPTERS[cls], "generic", False) for cls in type(pipe).__mro__)
 
 
 def _import_builtin_adapters() -> None:
     import importlib
 
-    for mod in ("sd3", "flux", "digits", "wan", "hunyuan_video", "qwen_image", "modular"):
+    for mod in ("sd3", "flux", "digits", "wan", "hunyuan_video", "qwen_image", "flux_kontext", "wan_i2v", "hunyuan_video_i2v", "modular"):
         try:
             importlib.import_module(f"flowrl.pipelines.{mod}")
         except ModuleNotFoundError as exc:  # an adapter module not written yet, or an optional dep

@@ -16,9 +16,16 @@ Layout of a rollout (``B = len(prompts) · group_size``, groups contiguous):
 - ``cond["attention_mask"]`` ``[B, P + T]`` and ``cond["position_ids"]`` ``[B, P + T]``: exactly what
   :meth:`TokenPolicy.evaluate` feeds the model, so re-evaluation reproduces the stored log-probs.
 
-Old log-probs are recomputed with one full forward pass after sampling (as verl does), so with
-unchanged weights ``evaluate`` returns them bit for bit (ratio 1); the incremental-decoding
-log-probs used for sampling are kept in ``meta["sampling_log_probs"]``.
+Old log-probs: with ``recompute_old_log_probs`` (the default) they are recomputed with one full
+forward pass after sampling (as verl does), so with unchanged weights ``evaluate`` returns them bit
+for bit (ratio 1). Without it (the trainer's choice when one update uses each batch once, as TRL
+does with ``num_iterations=1``) the stored log-probs are the incremental-decoding ones and
+``meta["old_log_probs"]`` is ``"sampling"``; they agree with a recomputation to float precision. The
+incremental-decoding log-probs are always kept in ``meta["sampling_log_probs"]``.
+
+Only the chosen tokens' log-probs are computed, ``log p(a_t) = z_t[a_t] − logsumexp(z_t)`` with
+``z = logits / temperature``, a few sequence positions at a time (``logit_chunk_elements``), so no
+``[B, T, V]`` float32 log-softmax is held; the entropy only when asked for.
 """
 
 from __future__ import annotations
@@ -50,6 +57,20 @@ def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
     drop_sorted = before >= top_p
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
+
+
+def chosen_log_probs(logits: Tensor, tokens: Tensor, temperature: float = 1.0, *, entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Log-prob of the chosen tokens (and optionally the entropy) without a full log-softmax.
+
+    ``logits [..., V]``, ``tokens [...]`` → ``[...]`` float32 each. With ``z = logits / temperature``
+    (float32): ``log p(a) = z[a] − logsumexp(z)`` and ``H = logsumexp(z) − Σ_v softmax(z)_v · z_v``
+    (= −Σ p log p). Equal to ``log_softmax(z).gather(a)`` up to float32 rounding.
+    """
+    z = logits.float() / temperature
+    lse = torch.logsumexp(z, dim=-1)
+    lp = z.gather(-1, tokens[..., None])[..., 0] - lse
+    ent = (lse - (torch.softmax(z, dim=-1) * z).sum(-1)) if entropy else None
+    return lp, ent
 
 
 def _cache_of(out: Any) -> Any:
@@ -94,7 +115,19 @@ class TokenPolicy(PolicyBase):
         system_prompt: optional system turn prepended when the chat template is used.
         eos_token_ids: ids ending a completion (default: tokenizer EOS + generation-config EOS).
         micro_batch_size: rows per forward pass in :meth:`evaluate` and sampling (None: all).
+        logit_chunk_elements: most logits (rows × positions × vocabulary) :meth:`evaluate` holds at
+            once; the output layer runs over that many positions at a time (recomputed in the backward
+            pass, so the training pass holds no ``[B, T, V]`` logits either).
+
+    Attributes the trainer sets: ``recompute_old_log_probs`` (see the module docstring) and
+    ``compute_entropy`` (whether :meth:`evaluate` returns per-token entropies; off unless a loss
+    reads them).
     """
+
+    #: recompute the stored log-probs with one full forward pass after sampling (bit-equal to evaluate)
+    recompute_old_log_probs: bool = True
+    #: return per-token entropies from evaluate (costs a softmax over the vocabulary per token)
+    compute_entropy: bool = False
 
     def __init__(
         self,
@@ -108,6 +141,7 @@ class TokenPolicy(PolicyBase):
         system_prompt: str | None = None,
         eos_token_ids: Sequence[int] | None = None,
         micro_batch_size: int | None = None,
+        logit_chunk_elements: int = 1 << 24,
     ):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1 (got {max_new_tokens}).")
@@ -123,6 +157,7 @@ class TokenPolicy(PolicyBase):
         self.chat_template = chat_template
         self.system_prompt = system_prompt
         self.micro_batch_size = micro_batch_size
+        self.logit_chunk_elements = int(logit_chunk_elements)
         if tokenizer.pad_token_id is None:
             if tokenizer.eos_token_id is None:
                 raise ValueError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token.")
@@ -255,18 +290,22 @@ class TokenPolicy(PolicyBase):
         prompts = list(prompts)
         device = self.device
         # 1. encode and repeat each prompt G times
-        p_ids, p_attn = self.encode_prompts(prompts)
-        p_ids = p_ids.repeat_interleave(group_size, 0).to(device)  # [B, P]
-        p_attn = p_attn.repeat_interleave(group_size, 0).to(device)  # [B, P]
+        u_ids, u_attn = (x.to(device) for x in self.encode_prompts(prompts))  # [N, P] distinct prompts
+        p_ids = u_ids.repeat_interleave(group_size, 0)  # [B, P]
+        p_attn = u_attn.repeat_interleave(group_size, 0)  # [B, P]
         rows = p_ids.shape[0]
         mb = self.micro_batch_size or rows
         # 2. sample (micro-batches of rows; each continues the same generator stream, or, with
-        # per-prompt streams, micro-batches hold whole groups and use their prompts' streams)
+        # per-prompt streams, micro-batches hold whole groups and use their prompts' streams).
+        # Micro-batches of whole groups run each prompt's pass once and share its KV cache.
         from flowrl.seeding import PromptGenerators
 
+        G = group_size
         if isinstance(generator, PromptGenerators):
-            mb = max(group_size, mb // group_size * group_size)
-            parts = [self._sample(p_ids[s : s + mb], p_attn[s : s + mb], generator.narrow(s // group_size, (s + mb) // group_size)) for s in range(0, rows, mb)]
+            mb = max(G, mb // G * G)
+            parts = [self._sample(u_ids[s // G : (s + mb) // G], u_attn[s // G : (s + mb) // G], generator.narrow(s // G, (s + mb) // G), repeats=G) for s in range(0, rows, mb)]
+        elif mb % G == 0:
+            parts = [self._sample(u_ids[s // G : (s + mb) // G], u_attn[s // G : (s + mb) // G], generator, repeats=G) for s in range(0, rows, mb)]
         else:
             parts = [self._sample(p_ids[s : s + mb], p_attn[s : s + mb], generator) for s in range(0, rows, mb)]
         width = max(a.shape[1] for a, _, _ in parts)
@@ -278,6 +317,7 @@ class TokenPolicy(PolicyBase):
             mask[s : s + a.shape[0], : a.shape[1]] = m
             sample_lp[s : s + a.shape[0], : a.shape[1]] = lp
         # 3. assemble the stored trajectory; old log-probs from one full forward (ratio exactly 1)
+        # unless the caller takes the sampling ones (recompute_old_log_probs = False)
         eos = torch.tensor(self.eos_token_ids, device=device)
         ended = (torch.isin(actions, eos) & mask).any(-1)
         attn = torch.cat([p_attn, mask.long()], dim=1)  # [B, P + T]
@@ -303,47 +343,79 @@ class TokenPolicy(PolicyBase):
                 "sampling_log_probs": sample_lp,
                 "temperature": self.temperature,
                 "segment_ids": self.segment_ids(actions, mask).cpu(),
+                "old_log_probs": "sampling",
             },
         )
-        traj.log_probs = self.evaluate(traj).log_prob.detach()
+        if self.recompute_old_log_probs:
+            traj.log_probs = self.old_log_probs(traj)
         return traj
+
+    @torch.no_grad()
+    def old_log_probs(self, traj: Trajectories) -> Tensor:
+        """Recompute ``traj``'s stored log-probs with one full forward pass (no gradient) and mark
+        ``meta["old_log_probs"] = "recomputed"``; with unchanged weights :meth:`evaluate` then returns
+        them bit for bit (ratio exactly 1)."""
+        lp = self.evaluate(traj, entropy=False).log_prob.detach()
+        traj.meta["old_log_probs"] = "recomputed"
+        return lp
 
     def _forward(self, ids: Tensor, attn: Tensor, positions: Tensor, **kw: Any) -> Any:
         return self.model(input_ids=ids, attention_mask=attn, position_ids=positions, **kw)
 
-    def _sample(self, p_ids: Tensor, p_attn: Tensor, generator: torch.Generator | None, *, greedy: bool = False, max_new_tokens: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def _sample(self, p_ids: Tensor, p_attn: Tensor, generator: torch.Generator | None, *, greedy: bool = False,
+                max_new_tokens: int | None = None, repeats: int = 1) -> tuple[Tensor, Tensor, Tensor]:
         """Incremental decoding with a KV cache (``greedy``: argmax instead of sampling).
-        Returns ``(tokens, mask, log_probs)`` each ``[n, t]``."""
-        n = p_ids.shape[0]
+        ``repeats``: each prompt row is sampled that many times (rows ``i·repeats …``, groups
+        contiguous); its prompt pass runs once and the KV cache is repeated. Returns
+        ``(tokens, mask, log_probs)`` each ``[n · repeats, t]``.
+
+        The prompt pass computes the output layer for the last position only; each step draws from
+        ``softmax(z)`` (``z = logits / temperature``, nucleus-filtered for the draw only) with the
+        given generator and records ``z[a] − logsumexp(z)``."""
         device = p_ids.device
+        budget = max_new_tokens or self.max_new_tokens
         eos = torch.tensor(self.eos_token_ids, device=device)
         positions = (p_attn.cumsum(-1) - 1).clamp(min=0)
-        attn = p_attn
-        out = self._forward(p_ids, attn, positions, use_cache=True)
+        prompt_len = p_attn.shape[1]
+        out = self._forward(p_ids, p_attn, positions, use_cache=True, logits_to_keep=1)
         cache = _cache_of(out)
         logits = out.logits[:, -1]
-        last_pos = positions[:, -1]
+        if repeats > 1:
+            if hasattr(cache, "batch_repeat_interleave"):  # one prompt pass per group, its cache shared
+                cache.batch_repeat_interleave(repeats)
+                logits = logits.repeat_interleave(repeats, 0)
+                p_attn, positions = p_attn.repeat_interleave(repeats, 0), positions.repeat_interleave(repeats, 0)
+            else:  # a cache without batch repetition: one prompt pass per sample
+                p_ids, p_attn, positions = (x.repeat_interleave(repeats, 0) for x in (p_ids, p_attn, positions))
+                out = self._forward(p_ids, p_attn, positions, use_cache=True, logits_to_keep=1)
+                cache, logits = _cache_of(out), out.logits[:, -1]
+        n = p_attn.shape[0]
+        # the attention mask of every step, filled once (fed tokens are always attended: positions
+        # after EOS are masked later)
+        attn = torch.cat([p_attn, torch.ones((n, budget), dtype=p_attn.dtype, device=device)], dim=1)
+        last_pos = positions[:, -1:]
         done = torch.zeros(n, dtype=torch.bool, device=device)
+        pad = torch.full((n,), self.pad_token_id, dtype=torch.long, device=device)
         tokens, masks, lps = [], [], []
-        for _ in range(max_new_tokens or self.max_new_tokens):
-            # 1. tempered log-probs (float32) and nucleus filtering for the draw
-            logp = torch.log_softmax(logits.float() / self.temperature, dim=-1)  # [n, V]
+        for step in range(budget):
+            # 1. tempered logits (float32); nucleus filtering only changes which token is drawn
+            z = logits.float() / self.temperature  # [n, V]
             if greedy:
-                tok = logp.argmax(-1)
+                tok = z.argmax(-1)
             else:
-                probs = torch.softmax(top_p_filter(logp, self.top_p), dim=-1)
+                probs = torch.softmax(top_p_filter(z, self.top_p), dim=-1)
                 tok = multinomial(probs, 1, generator).to(device)[:, 0]
-            tok = torch.where(done, torch.full_like(tok, self.pad_token_id), tok)
+            lp = z.gather(-1, tok[:, None])[:, 0] - torch.logsumexp(z, dim=-1)
+            tok = torch.where(done, pad, tok)
             tokens.append(tok)
             masks.append(~done)
-            lps.append(torch.where(done, torch.zeros_like(tok, dtype=torch.float32), logp.gather(-1, tok[:, None])[:, 0]))
+            lps.append(lp.masked_fill(done, 0.0))
             done = done | torch.isin(tok, eos)
-            if bool(done.all()):
+            if step == budget - 1 or bool(done.all()):
                 break
-            # 2. feed the token back (always attended: positions after EOS are masked later)
-            attn = torch.cat([attn, torch.ones((n, 1), dtype=attn.dtype, device=device)], dim=1)
+            # 2. feed the token back
             last_pos = last_pos + 1
-            out = self._forward(tok[:, None], attn, last_pos[:, None], cache=cache, use_cache=True)
+            out = self._forward(tok[:, None], attn[:, : prompt_len + step + 1], last_pos, cache=cache, use_cache=True)
             cache = _cache_of(out)
             logits = out.logits[:, -1]
         return torch.stack(tokens, 1), torch.stack(masks, 1), torch.stack(lps, 1)
@@ -372,13 +444,17 @@ class TokenPolicy(PolicyBase):
         return torch.cumsum(boundary, dim=1) - boundary
 
     # ----------------------------------------------------------------------------- evaluate
-    def evaluate(self, traj: Trajectories, steps: Tensor | None = None) -> PolicyEval:
-        """Per-token log-prob and entropy of the stored completions under the current weights.
+    def evaluate(self, traj: Trajectories, steps: Tensor | None = None, *, entropy: bool | None = None) -> PolicyEval:
+        """Per-token log-prob (and entropy) of the stored completions under the current weights.
 
-        ``[B, T']`` each (``T'`` = ``len(steps)`` or ``T``), float32 ``log softmax(logits / temperature)``.
-        Uses the stored left padding, attention mask and position ids, so with unchanged weights it
-        reproduces ``traj.log_probs`` exactly. Gradients flow unless called under ``no_grad``.
+        ``[B, T']`` each (``T'`` = ``len(steps)`` or ``T``), float32, ``log p(a_t) = z_t[a_t] −
+        logsumexp(z_t)`` with ``z = logits / temperature`` (:func:`chosen_log_probs`). Uses the stored
+        left padding, attention mask and position ids, so with unchanged weights it reproduces
+        ``traj.log_probs`` exactly when they were recomputed. ``entropy``: also return per-token
+        entropies (default: ``compute_entropy``; else ``PolicyEval.entropy`` is None). Gradients flow
+        unless called under ``no_grad``.
         """
+        want_entropy = self.compute_entropy if entropy is None else bool(entropy)
         ids = traj.states.to(self.device)
         attn = traj.cond["attention_mask"].to(self.device)
         positions = traj.cond["position_ids"].to(self.device)
@@ -389,16 +465,139 @@ class TokenPolicy(PolicyBase):
         mb = self.micro_batch_size or rows
         lps, ents = [], []
         for s in range(0, rows, mb):
-            # logits of positions P-1 … P+T-2 predict the T completion tokens
-            logits = self._forward(ids[s : s + mb], attn[s : s + mb], positions[s : s + mb], logits_to_keep=T + 1).logits[:, :-1]
-            logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # [b, T, V]
-            lps.append(logp.gather(-1, actions[s : s + mb, :, None])[..., 0])
-            ents.append(-(logp.exp() * logp).sum(-1))
-        log_prob, entropy = torch.cat(lps, 0), torch.cat(ents, 0)
+            lp, ent = self._chosen(ids[s : s + mb], attn[s : s + mb], positions[s : s + mb], actions[s : s + mb], temperature, want_entropy)
+            lps.append(lp)
+            ents.append(ent)
+        log_prob = torch.cat(lps, 0)
+        ent_all = torch.cat(ents, 0) if want_entropy else None
         if steps is not None:
             steps = torch.as_tensor(steps, device=log_prob.device)
-            log_prob, entropy = log_prob[:, steps], entropy[:, steps]
-        return PolicyEval(log_prob=log_prob, entropy=entropy)
+            log_prob = log_prob[:, steps]
+            ent_all = ent_all[:, steps] if ent_all is not None else None
+        return PolicyEval(log_prob=log_prob, entropy=ent_all)
+
+    def _split_head(self) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+        """``(decoder, output layer)`` when the model's logits are exactly ``output_layer(decoder
+        hidden states)`` (a plain transformers causal LM, LoRA or not), else None (a module wrapped
+        for DDP or sharded with FSDP, or a model that rescales or soft-caps its logits): then the whole
+        model is called and its logits are reduced in chunks."""
+        model = self.model
+        get_dec, get_head = getattr(model, "get_decoder", None), getattr(model, "get_output_embeddings", None)
+        if get_dec is None or get_head is None or isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            return None
+        from flowrl.sharding import fsdp_modules
+
+        if fsdp_modules(model):  # FSDP gathers the root's weights (embeddings, head) in the whole model's forward only
+            return None
+        config = getattr(model, "config", None)
+        for name in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
+            v = getattr(config, name, None)
+            if v not in (None, 1, 1.0):
+                return None
+        try:
+            decoder, head = get_dec(), get_head()
+        except (AttributeError, NotImplementedError, ValueError):
+            return None
+        if decoder is None or decoder is model or not isinstance(head, torch.nn.Module):
+            return None
+        return decoder, head
+
+    def _shared_prompt_hidden(self, decoder: torch.nn.Module, ids: Tensor, attn: Tensor, positions: Tensor, T: int) -> Tensor | None:
+        """Hidden states ``[b, T, H]`` of the positions that predict the completions, with each
+        distinct prompt run once: per prompt one packed sequence ``[prompt, completion_1, …,
+        completion_k]`` whose attention mask lets each completion see the prompt and itself
+        (causally), with the stored position ids. The same attention as one row per sample, so the
+        same numbers up to float rounding, with the prompt computed once per group instead of G times.
+        None (the caller runs one row per sample) when no prompt repeats, when the model's attention
+        does not take a custom mask (only ``sdpa`` and ``eager`` do), or when the packed attention
+        (dense over ``P + k·T`` positions) would cost over twice the per-row one (long completions)."""
+        impl = getattr(getattr(self.model, "config", None), "_attn_implementation", None)
+        b, L = ids.shape
+        P = L - T
+        if impl not in ("sdpa", "eager") or P < 1 or b < 2:
+            return None
+        prompt_key = torch.cat([ids[:, :P] * attn[:, :P], attn[:, :P]], dim=1)
+        uniq, inverse = torch.unique(prompt_key, dim=0, return_inverse=True)
+        g = uniq.shape[0]
+        if g == b:
+            return None
+        device = ids.device
+        counts = torch.bincount(inverse, minlength=g)
+        k_max = int(counts.max())
+        width = P + k_max * T
+        if g * width * width > 2 * b * L * L:
+            # the packed attention scores (dense, g·width²) would cost over twice the rows' (b·L²):
+            # long completions, where the prompt is a small share anyway
+            return None
+        # slot of each row inside its prompt's packed sequence (rows in their order)
+        order = torch.argsort(inverse, stable=True)
+        slot = torch.empty(b, dtype=torch.long, device=device)
+        starts = torch.cumsum(counts, 0) - counts
+        slot[order] = torch.arange(b, device=device) - starts[inverse[order]]
+        first = torch.full((g,), b, dtype=torch.long, device=device).scatter_reduce(0, inverse, torch.arange(b, device=device), reduce="amin")
+        pad_id = self.pad_token_id
+        p_ids = torch.full((g, width), pad_id, dtype=ids.dtype, device=device)
+        p_pos = torch.zeros((g, width), dtype=positions.dtype, device=device)
+        valid = torch.zeros((g, width), dtype=torch.bool, device=device)
+        segment = torch.full((g, width), -1, dtype=torch.long, device=device)  # -1: prompt, j: completion slot j
+        p_ids[:, :P], p_pos[:, :P], valid[:, :P] = ids[first, :P], positions[first, :P], attn[first, :P].bool()
+        cols = P + slot[:, None] * T + torch.arange(T, device=device)[None, :]  # [b, T]
+        rows_g = inverse[:, None].expand(-1, T)
+        p_ids[rows_g, cols], p_pos[rows_g, cols] = ids[:, P:], positions[:, P:]
+        valid[rows_g, cols] = attn[:, P:].bool()
+        segment[rows_g, cols] = slot[:, None].expand(-1, T)
+        # key k visible to query q: k valid, k ≤ q, and k in the prompt or in q's own completion; every
+        # query sees itself (a padded query would otherwise see nothing: NaN in the softmax)
+        idx = torch.arange(width, device=device)
+        causal = idx[None, :] <= idx[:, None]
+        same = (segment[:, None, :] == -1) | (segment[:, None, :] == segment[:, :, None])
+        allowed = (causal[None] & same & valid[:, None, :]) | torch.eye(width, dtype=torch.bool, device=device)[None]
+        if impl == "sdpa":  # a boolean mask (True: attend) suits any query dtype (autocast included)
+            mask = allowed[:, None]
+        else:  # eager attention adds the mask to its scores
+            dtype = next(decoder.parameters()).dtype
+            mask = torch.zeros((g, 1, width, width), dtype=dtype, device=device).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+        hidden = decoder(input_ids=p_ids, attention_mask=mask, position_ids=p_pos).last_hidden_state  # [g, width, H]
+        # position predicting completion token t: the prompt's last position for t = 0, else the row's token t − 1
+        src_cols = torch.cat([torch.full((b, 1), P - 1, dtype=torch.long, device=device), cols[:, :-1]], dim=1)
+        return hidden[inverse[:, None].expand(-1, T), src_cols]
+
+    def _chosen(self, ids: Tensor, attn: Tensor, positions: Tensor, actions: Tensor, temperature: float, want_entropy: bool) -> tuple[Tensor, Tensor | None]:
+        """Chosen-token log-probs (and entropies) ``[b, T]`` of one micro-batch, the output layer
+        run over ``logit_chunk_elements / (b · V)`` positions at a time."""
+        b, T = actions.shape
+        split = self._split_head()
+        if split is None:
+            # the whole model (its own logit post-processing); positions P−1 … P+T−2 predict the T tokens
+            logits = self._forward(ids, attn, positions, logits_to_keep=T + 1).logits[:, :-1]
+            head, source = None, logits
+        else:
+            decoder, head = split
+            source = self._shared_prompt_hidden(decoder, ids, attn, positions, T)
+            if source is None:
+                hidden = decoder(input_ids=ids, attention_mask=attn, position_ids=positions).last_hidden_state
+                source = hidden[:, -(T + 1) : -1]
+        vocab = int(head.out_features if isinstance(head, torch.nn.Linear) else getattr(getattr(self.model, "config", None), "vocab_size", 0) or source.shape[-1])
+        step = max(1, self.logit_chunk_elements // max(1, b * vocab))
+        checkpoint = head is not None and torch.is_grad_enabled() and source.requires_grad
+
+        def piece(x: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+            logits = head(x) if head is not None else x
+            lp, ent = chosen_log_probs(logits, a, temperature, entropy=want_entropy)
+            return lp, (ent if ent is not None else lp.new_zeros(()))
+
+        lps, ents = [], []
+        for s in range(0, T, step):
+            x, a = source[:, s : s + step], actions[:, s : s + step]
+            if checkpoint:  # the chunk's logits are recomputed in the backward pass, not kept
+                from torch.utils.checkpoint import checkpoint as ckpt
+
+                lp, ent = ckpt(piece, x, a, use_reentrant=False)
+            else:
+                lp, ent = piece(x, a)
+            lps.append(lp)
+            ents.append(ent)
+        return torch.cat(lps, 1), (torch.cat(ents, 1) if want_entropy else None)
 
     def concat_trajectories(self, parts: Sequence[Trajectories]) -> Trajectories:
         """Stack rollouts of different prompt widths ``P`` and completion lengths ``T`` (DAPO's refill

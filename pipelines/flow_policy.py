@@ -158,6 +158,10 @@ class FlowPolicy(PolicyBase):
         return grid
 
     def encode(self, prompts: Sequence[str]) -> dict[str, Tensor]:
+        """Conditioning rows of ``prompts``; image-conditioned families (editing, image-to-video)
+        also encode each prompt's source images at this policy's size."""
+        if getattr(self.adapter, "image_conditioned", False):
+            return self.adapter.encode_prompts(list(prompts), guidance_scale=self.guidance_scale, height=self.height, width=self.width)
         return self.adapter.encode_prompts(list(prompts), guidance_scale=self.guidance_scale)
 
     def velocity(self, latents: Tensor, sigma: Tensor, cond: dict[str, Tensor]) -> Tensor:

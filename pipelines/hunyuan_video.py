@@ -91,12 +91,21 @@ class HunyuanVideo15Adapter(VideoAdapterMixin, FlowAdapter):
     def sigmas(self, num_steps: int, *, height: int, width: int) -> Tensor:
         return self.scheduler_sigmas(None, sigmas=list(np.linspace(1.0, 0.0, num_steps + 1)[:-1]))
 
-    def _forward(self, latents: Tensor, sigma: Tensor, embeds: Tensor, mask: Tensor, embeds_2: Tensor, mask_2: Tensor) -> Tensor:
+    def _image_inputs(self, cond: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Image conditioning rows of ``cond`` for :meth:`_forward` (none for text-to-video)."""
+        return {}
+
+    def _forward(self, latents: Tensor, sigma: Tensor, embeds: Tensor, mask: Tensor, embeds_2: Tensor, mask_2: Tensor, *,
+                 cond_latents: Tensor | None = None, cond_mask: Tensor | None = None, image_embeds: Tensor | None = None) -> Tensor:
+        """The transformer on ``[latents, condition latents, mask]``; text-to-video: zero condition,
+        zero mask and zero image embeddings (image-to-video passes its own)."""
         b = latents.shape[0]
-        zeros_c = torch.zeros_like(latents)
-        zeros_m = torch.zeros_like(latents[:, :1])
-        x = torch.cat([latents, zeros_c, zeros_m], dim=1)
-        image_embeds = torch.zeros(b, self.pipe.vision_num_semantic_tokens, self.pipe.vision_states_dim, dtype=latents.dtype, device=latents.device)
+        cond_latents = torch.zeros_like(latents) if cond_latents is None else cond_latents.to(latents.dtype)
+        cond_mask = torch.zeros_like(latents[:, :1]) if cond_mask is None else cond_mask.to(latents.dtype)
+        x = torch.cat([latents, cond_latents, cond_mask], dim=1)
+        if image_embeds is None:
+            image_embeds = torch.zeros(b, self.pipe.vision_num_semantic_tokens, self.pipe.vision_states_dim, dtype=latents.dtype, device=latents.device)
+        image_embeds = image_embeds.to(latents.dtype)
         return self.transformer(
             hidden_states=x, image_embeds=image_embeds, timestep=(sigma * 1000.0).to(latents.dtype),
             encoder_hidden_states=embeds, encoder_attention_mask=mask, encoder_hidden_states_2=embeds_2,
@@ -105,10 +114,11 @@ class HunyuanVideo15Adapter(VideoAdapterMixin, FlowAdapter):
 
     def velocity(self, latents: Tensor, sigma: Tensor, cond: dict[str, Tensor], *, guidance_scale: float, height: int, width: int) -> Tensor:
         keys = ("prompt_embeds", "prompt_mask", "prompt_embeds_2", "prompt_mask_2")
+        image = self._image_inputs(cond)
         if guidance_scale <= 1.0:
-            return self._forward(latents, sigma, *(cond[k] for k in keys))
+            return self._forward(latents, sigma, *(cond[k] for k in keys), **image)
         both = [torch.cat([cond[k], cond[f"neg_{k}"]]) for k in keys]
-        v = self._forward(torch.cat([latents, latents]), torch.cat([sigma, sigma]), *both)
+        v = self._forward(torch.cat([latents, latents]), torch.cat([sigma, sigma]), *both, **{k: torch.cat([t, t]) for k, t in image.items()})
         v_c, v_u = v.chunk(2)
         g = getattr(self.pipe, "guider", None)
         cfg = g.config if g is not None else {}

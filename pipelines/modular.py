@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from flowrl.pipelines.base import FlowAdapter, check_flow_scheduler, register_adapter
+from flowrl.pipelines.base import FlowAdapter, adapter_for, check_flow_scheduler, register_adapter, register_fallback
 
 try:
     from diffusers.modular_pipelines import LoopSequentialPipelineBlocks, ModularPipeline, PipelineState
@@ -213,6 +213,7 @@ class ModularAdapter(FlowAdapter):
     ``guidance_scale`` sets the pipeline's guider (``pipe.guider.new(guidance_scale=...)``), so the
     guidance form is whatever guider the pipeline carries (CFG, APG, ...)."""
 
+    generic = True  # not a family adapter: has_hand_adapter() does not count it
     negative_keys: dict[str, str] = {}  # the encoder blocks output the negative rows themselves
     #: call inputs flowrl sets itself (an option naming one is refused).
     #: samples per decoder run (None: all at once for images, one at a time for video — HunyuanVideo
@@ -362,6 +363,18 @@ class ModularAdapter(FlowAdapter):
         """Conditioning rows of ``prompts`` (strings, or dicts of per-row call inputs: see
         :meth:`encode_texts`). Strings are cached like every adapter's; dict rows (which may carry
         images) are encoded on every call, each distinct object once."""
+        from flowrl.prompts import prompt_images
+
+        with_images = next((p for p in prompts if prompt_images(p)), None)
+        if with_images is not None:
+            # The modular blocks take reference images per call (shared by the batch: Flux.2's
+            # `image` list, Qwen-Image-Edit's `image`), not per row, so per-row sources are not wired
+            # yet; ignoring them would train the wrong task.
+            raise ValueError(
+                f"{type(self.pipe).__name__} (modular path): the prompt {str(with_images)!r} carries a source image "
+                "(its row's 'image' column), which this path cannot condition on per row yet. Image-conditioned "
+                "families with an adapter: FluxKontextPipeline, WanImageToVideoPipeline, HunyuanVideo15ImageToVideoPipeline."
+            )
         # The negative rows come from diffusers' encoder (the guider decides whether it needs them),
         # so the base class never adds "" itself. Rows of different lengths (encoders that pad to the
         # batch's longest prompt, with a mask) are zero-padded to the longest, as a batch would be.
@@ -569,3 +582,11 @@ def _stack_padded(rows: list[Tensor]) -> Tensor:
 
 if ModularPipeline is not None:
     register_adapter(ModularPipeline)(ModularAdapter)
+
+
+@register_fallback
+def _modular_fallback(pipe: Any) -> FlowAdapter | None:
+    """A regular pipeline without a hand adapter: the adapter of diffusers' modular pipeline of it."""
+    if type(pipe).__name__ not in MODULAR_EQUIVALENT:
+        return None
+    return adapter_for(to_modular(pipe))

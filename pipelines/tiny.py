@@ -155,6 +155,14 @@ def tiny_flux_pipeline(*, seed: int = 0, guidance_embeds: bool = True, real_clip
     )
 
 
+def tiny_flux_kontext_pipeline(*, seed: int = 0, real_clip_vocab: bool = False):
+    """A ``FluxKontextPipeline`` (instruction editing) with the tiny Flux's random weights: the
+    source image's packed latents are appended to the image tokens. Edits at 32×32 pixels."""
+    from diffusers import FluxKontextPipeline
+
+    return FluxKontextPipeline(**tiny_flux_pipeline(seed=seed, real_clip_vocab=real_clip_vocab).components)
+
+
 def save_and_reload(pipe: Any, directory: str | os.PathLike) -> Any:
     """``pipe.save_pretrained(directory)`` then ``type(pipe).from_pretrained(directory)`` — the same
     path a user's checkpoint takes (offline; eval mode)."""

@@ -79,6 +79,30 @@ def tiny_wan_pipeline(*, seed: int = 0, shift: float = 3.0, unipc: bool = False)
     return WanPipeline(tokenizer=tok, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=scheduler)
 
 
+def tiny_wan_i2v_pipeline(*, seed: int = 0, shift: float = 3.0):
+    """A ``WanImageToVideoPipeline`` (Wan 2.1 I2V layout) with random tiny weights: the transformer
+    takes latents + mask + first-frame condition (in_channels 16 + 4 + 16) and CLIP vision features
+    of the frame through its added key/value projections; a tiny ``CLIPVisionModel`` (32×32 input)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    base = tiny_wan_pipeline(seed=seed, shift=shift)
+    _seeded(seed + 3)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=36, out_channels=16, text_dim=32,
+        freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+        image_dim=16, added_kv_proj_dim=24,
+    ).eval()
+    _seeded(seed + 4)
+    image_encoder = CLIPVisionModel(CLIPVisionConfig(hidden_size=16, projection_dim=16, num_hidden_layers=2, num_attention_heads=2,
+                                                     image_size=32, intermediate_size=24, patch_size=8)).eval()
+    image_processor = CLIPImageProcessor(crop_size={"height": 32, "width": 32}, size={"shortest_edge": 32})
+    return WanImageToVideoPipeline(
+        tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
+        image_processor=image_processor, image_encoder=image_encoder, transformer=transformer,
+    )
+
+
 def tiny_hunyuan_video15_pipeline(*, seed: int = 0, shift: float = 5.0, guidance_scale: float = 6.0):
     """A ``HunyuanVideo15Pipeline`` with random tiny weights (text-to-video), ``shift`` 5 and a CFG
     guider at scale 6 as released."""
@@ -106,6 +130,33 @@ def tiny_hunyuan_video15_pipeline(*, seed: int = 0, shift: float = 5.0, guidance
     return HunyuanVideo15Pipeline(
         text_encoder=text_encoder, tokenizer=tok, transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
         text_encoder_2=text_encoder_2, tokenizer_2=tok2, guider=ClassifierFreeGuidance(guidance_scale=guidance_scale),
+    )
+
+
+def tiny_hunyuan_video15_i2v_pipeline(*, seed: int = 0, shift: float = 5.0, guidance_scale: float = 6.0):
+    """A ``HunyuanVideo15ImageToVideoPipeline`` with random tiny weights: the text-to-video tiny's
+    text encoders, a transformer of ``task_type="i2v"`` with ``target_size`` 32 (a 32×32 frame
+    generates 32×32 video, as the stock call picks its size from the frame), a VAE wide enough to
+    encode (its encoder groups channels by 2·latent channels), a tiny ``SiglipVisionModel``."""
+    from diffusers import AutoencoderKLHunyuanVideo15, HunyuanVideo15ImageToVideoPipeline, HunyuanVideo15Transformer3DModel
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    base = tiny_hunyuan_video15_pipeline(seed=seed, shift=shift, guidance_scale=guidance_scale)
+    _seeded(seed + 5)
+    transformer = HunyuanVideo15Transformer3DModel(
+        in_channels=2 * 8 + 1, out_channels=8, num_attention_heads=2, attention_head_dim=16, num_layers=1, num_refiner_layers=1,
+        mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=32, text_embed_2_dim=32, image_embed_dim=16,
+        rope_axes_dim=(4, 6, 6), target_size=32, task_type="i2v",
+    ).eval()
+    _seeded(seed + 6)
+    vae = AutoencoderKLHunyuanVideo15(latent_channels=8, block_out_channels=(16,) * 5, layers_per_block=1, spatial_compression_ratio=16, temporal_compression_ratio=4).eval()
+    _seeded(seed + 7)
+    image_encoder = SiglipVisionModel(SiglipVisionConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8)).eval()
+    c = base.components
+    return HunyuanVideo15ImageToVideoPipeline(
+        text_encoder=c["text_encoder"], tokenizer=c["tokenizer"], transformer=transformer, vae=vae, scheduler=c["scheduler"],
+        text_encoder_2=c["text_encoder_2"], tokenizer_2=c["tokenizer_2"], guider=c["guider"], image_encoder=image_encoder,
+        feature_extractor=SiglipImageProcessor(size={"height": 32, "width": 32}),
     )
 
 
@@ -160,7 +211,9 @@ def shrink_hunyuan_text_context(pipe, *, text_tokens: int = 24, glyph_tokens: in
 #: generation defaults of the tiny builders: latents of 2 frames × 4×4 (Wan), 2 × 2×2 (HunyuanVideo), 8×8 (Qwen-Image)
 TEST_DEFAULTS = {
     "WanPipeline": {"size": (32, 32), "num_frames": 5},
+    "WanImageToVideoPipeline": {"size": (32, 32), "num_frames": 5},
     "HunyuanVideo15Pipeline": {"size": (32, 32), "num_frames": 5},
+    "HunyuanVideo15ImageToVideoPipeline": {"size": (32, 32), "num_frames": 5},
     "QwenImagePipeline": {"size": (64, 64)},
 }
 
@@ -170,7 +223,7 @@ def with_test_defaults(pipe):
     the adapters) and, for HunyuanVideo 1.5, a short text context (:func:`shrink_hunyuan_text_context`)."""
     name = type(pipe).__name__
     pipe.flowrl_defaults = dict(TEST_DEFAULTS.get(name, {}))
-    if name == "HunyuanVideo15Pipeline":
+    if name in ("HunyuanVideo15Pipeline", "HunyuanVideo15ImageToVideoPipeline"):
         shrink_hunyuan_text_context(pipe)
     pipe.set_progress_bar_config(disable=True)
     return pipe

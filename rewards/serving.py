@@ -49,7 +49,6 @@ from torch import Tensor
 
 from .base import Reward, RewardError, register
 
-RETRY_STATUS = (408, 429, 500, 502, 503, 504)
 SAFETENSORS_TYPE = "application/x-safetensors"
 
 
@@ -223,45 +222,48 @@ class RewardServer:
 
 # ------------------------------------------------------------------------------ HTTP client
 class HTTPClient:
-    """POST with a timeout and up to ``max_retries`` retries, back-off ``backoff·2^attempt`` s
-    (capped at ``max_backoff``), on connection errors, timeouts and HTTP 408/429/5xx."""
+    """GET/POST with the shared retry policy of remote rewards (:class:`~flowrl.rewards.remote.RetryPolicy`:
+    a timeout per attempt and up to ``max_retries`` retries, back-off ``backoff·2^attempt`` s capped at
+    ``max_backoff``, on connection errors, timeouts and HTTP 408/429/5xx)."""
 
     def __init__(self, url: str, *, timeout: float = 60.0, max_retries: int = 3, backoff: float = 1.0, max_backoff: float = 30.0):
+        from .remote import RetryPolicy
+
         self.url = url.rstrip("/")
-        self.timeout, self.max_retries, self.backoff, self.max_backoff = float(timeout), int(max_retries), float(backoff), float(max_backoff)
-        if not (self.timeout > 0 and math.isfinite(self.timeout)) or self.max_retries < 0 or self.backoff < 0 or self.max_backoff < 0:
-            raise ValueError(f"{self.url}: timeout must be > 0 s, max_retries, backoff and max_backoff ≥ 0 (got {timeout}, {max_retries}, {backoff}, {max_backoff}).")
+        try:
+            self.policy = RetryPolicy(timeout=float(timeout), max_retries=int(max_retries), backoff=float(backoff), max_backoff=float(max_backoff))
+        except ValueError as exc:
+            raise ValueError(f"{self.url}: {exc}") from None
         self.attempts = 0
         self.last_error: str | None = None
 
     def worst_case_seconds(self) -> float:
-        """``(max_retries + 1) · timeout + Σ_{a < max_retries} min(backoff · 2^a, max_backoff)``."""
-        return (self.max_retries + 1) * self.timeout + sum(min(self.backoff * 2**a, self.max_backoff) for a in range(self.max_retries))
+        return self.policy.worst_case_seconds()
 
     def describe(self) -> str:
-        return f"{self.url}: timeout {self.timeout:g} s × {self.max_retries + 1} attempts, at most {self.worst_case_seconds():g} s per request"
+        return f"{self.url}: {self.policy.describe()}"
 
     def request(self, path: str, data: bytes | None = None, content_type: str | None = None) -> bytes:
+        from .remote import error_text
+
         headers = {"Content-Type": content_type} if content_type else {}
-        last: Exception | None = None
-        for attempt in range(self.max_retries + 1):
+        before = self.attempts
+
+        def once() -> bytes:
             req = urllib.request.Request(self.url + path, data=data, headers=headers, method="POST" if data is not None else "GET")
             self.attempts += 1
-            try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    return resp.read()
-            except urllib.error.HTTPError as exc:
-                detail = _error_text(exc)
-                last = RewardError(f"HTTP {exc.code} from {self.url + path}: {detail}")
-                if exc.code not in RETRY_STATUS:
-                    self.last_error = str(last)
-                    raise last from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
-                reason = getattr(exc, "reason", exc)
-                last = RewardError(f"no answer from {self.url + path}: {type(reason).__name__}: {reason}")
-            if attempt < self.max_retries:
-                time.sleep(min(self.backoff * 2**attempt, self.max_backoff))
-        self.last_error = f"{last} (after {self.max_retries + 1} attempts)"
+            with urllib.request.urlopen(req, timeout=self.policy.timeout) as resp:
+                return resp.read()
+
+        try:
+            return self.policy.call(once)
+        except urllib.error.HTTPError as exc:
+            problem = f"HTTP {exc.code} from {self.url + path}: {_error_text(exc)}"
+        except Exception as exc:  # noqa: BLE001 - one line naming the URL and the last error
+            reason = getattr(exc, "reason", None)
+            problem = f"no answer from {self.url + path}: {error_text(reason if isinstance(reason, BaseException) else exc)}"
+        n = self.attempts - before
+        self.last_error = f"{problem} (after {n} attempt{'s' * (n != 1)})"
         raise RewardError(self.last_error)
 
 

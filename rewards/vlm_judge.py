@@ -38,6 +38,13 @@ POINTWISE_TEMPLATE = (
     "Rate how well the image matches the caption and how good it looks, on a scale from 1 to 5.\n"
     "Think briefly, then end with a line of the form 'Final Score: <number>'."
 )
+#: the pointwise template of editing runs (``with_source=True``): the source image(s) come first.
+EDIT_TEMPLATE = (
+    "You are shown a source image and, last, an edited version of it made from an instruction.\n"
+    'Instruction: "{prompt}"\n'
+    "Rate how well the edit follows the instruction while keeping the rest of the source unchanged, on a scale from 1 to 5.\n"
+    "Think briefly, then end with a line of the form 'Final Score: <number>'."
+)
 POINTWISE_PATTERN = r"Final Score:\s*\**\s*([-+]?\d+(?:\.\d+)?)"
 
 PAIRWISE_TEMPLATE = (
@@ -169,6 +176,10 @@ class VLMJudge(_JudgeBase, Reward):
     [0, 1] with ``normalize=True``; NaN for failed/unparseable answers (``failed_value``: an opt-in
     constant instead). Video
     ``[B, F, C, H, W]``: ``max_frames`` evenly spaced frames are sent as several images.
+
+    ``with_source=True`` (editing, image-to-video): each request shows the sample's source
+    image(s) first (its prompt row's ``image``, ``meta["image"]``), then the sample; the default
+    template becomes :data:`EDIT_TEMPLATE`.
     """
 
     name = "vlm_judge"
@@ -179,7 +190,7 @@ class VLMJudge(_JudgeBase, Reward):
         base_url: str = "http://127.0.0.1:8000/v1",
         model: str = "default",
         *,
-        template: str = POINTWISE_TEMPLATE,
+        template: str | None = None,
         pattern: str = POINTWISE_PATTERN,
         low: float = 1.0,
         high: float = 5.0,
@@ -196,7 +207,11 @@ class VLMJudge(_JudgeBase, Reward):
         jpeg_quality: int = 95,
         max_frames: int = 4,
         batch_size: int | None = None,
+        with_source: bool = False,
     ):
+        template = template if template is not None else (EDIT_TEMPLATE if with_source else POINTWISE_TEMPLATE)
+        self.with_source = bool(with_source)
+        self._source_urls: dict[str, str] = {}
         if "{prompt}" not in template:
             raise ValueError("vlm_judge template must contain '{prompt}' where the caption goes.")
         re.compile(pattern)
@@ -211,8 +226,16 @@ class VLMJudge(_JudgeBase, Reward):
         idx = torch.linspace(0, sample.shape[0] - 1, min(self.max_frames, sample.shape[0])).round().long()
         return [sample[i] for i in idx]
 
-    def _score_one(self, sample: Tensor, prompt: str) -> float:
-        content = [{"type": "image_url", "image_url": {"url": image_to_data_url(f, quality=self.jpeg_quality)}} for f in self._frames(sample)]
+    def _source_url(self, path: str) -> str:
+        if path not in self._source_urls:
+            from .edit import load_image_tensor
+
+            self._source_urls[path] = image_to_data_url(load_image_tensor(path)[0], quality=self.jpeg_quality)
+        return self._source_urls[path]
+
+    def _score_one(self, sample: Tensor, prompt: str, sources: list[str] = ()) -> float:
+        content = [{"type": "image_url", "image_url": {"url": self._source_url(p)}} for p in sources]
+        content += [{"type": "image_url", "image_url": {"url": image_to_data_url(f, quality=self.jpeg_quality)}} for f in self._frames(sample)]
         content.append({"type": "text", "text": self.template.format(prompt=prompt)})
         answer = self._ask(content)
         value = parse_score(answer, self.pattern, self.low, self.high) if answer is not None else None
@@ -229,8 +252,16 @@ class VLMJudge(_JudgeBase, Reward):
     def __call__(self, outputs, prompts, meta=None):
         outputs = outputs.detach().float().cpu()
         self.client.breaker.reset()
+        sources: list[list[str]] = [[] for _ in range(len(outputs))]
+        if self.with_source:
+            from .edit import source_paths
+
+            sources = source_paths(meta, len(outputs), f"{self.name} with_source=True")
+            for paths in sources:  # encode each source once, before the threads
+                for p in paths:
+                    self._source_url(p)
         with concurrent.futures.ThreadPoolExecutor(self.max_concurrency) as pool:
-            scores = list(pool.map(self._score_one, list(outputs), list(prompts)))
+            scores = list(pool.map(self._score_one, list(outputs), list(prompts), sources))
         return torch.tensor(scores, dtype=torch.float32)
 
 

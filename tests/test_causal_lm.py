@@ -7,7 +7,7 @@ import torch
 torch.set_num_threads(1)
 
 from flowrl.losses import LossInputs, LossSpec, policy_loss  # noqa: E402
-from flowrl.pipelines.causal_lm import TokenPolicy, build_tiny_causal_lm, top_p_filter  # noqa: E402
+from flowrl.pipelines.causal_lm import TokenPolicy, build_tiny_causal_lm, chosen_log_probs, top_p_filter  # noqa: E402
 from flowrl.policy import Policy  # noqa: E402
 
 PROMPTS = ["What is 2 + 3 ?", "What is 1 * 1 ?"]
@@ -102,7 +102,8 @@ def test_recompute_equals_rollout_ratio_one(policy):
 def test_entropy_and_temperature(tiny_lm_dir):
     pol = TokenPolicy.from_pretrained(tiny_lm_dir, max_new_tokens=4, temperature=0.7)
     traj = pol.rollout(PROMPTS[:1], group_size=2, generator=torch.Generator().manual_seed(0))
-    ev = pol.evaluate(traj)
+    ev = pol.evaluate(traj, entropy=True)
+    assert pol.evaluate(traj).entropy is None  # entropies only when asked for (compute_entropy off)
     # by hand: log softmax(logits / 0.7) at the completion positions
     out = pol.model(input_ids=traj.states, attention_mask=traj.cond["attention_mask"], position_ids=traj.cond["position_ids"])
     P = traj.meta["prompt_length"]
@@ -218,6 +219,129 @@ def test_rollouts_of_different_widths_and_lengths_concatenate_with_ratio_one(pol
     recomputed = policy.log_prob(both)
     torch.testing.assert_close(recomputed[both.mask], both.log_probs[both.mask], rtol=0, atol=1e-5)
     assert both.outputs == short.outputs + long_prompt.outputs
+
+
+U32 = 2.0**-24  # float32 unit roundoff
+
+
+def _old_formula(pol, traj, temperature):
+    """Today's reference: the whole model's logits, a full log-softmax, gather; entropy −Σ p log p.
+    Returns (log-probs, entropies, a bound on the rounding of each logit)."""
+    out = pol.model(input_ids=traj.states, attention_mask=traj.cond["attention_mask"], position_ids=traj.cond["position_ids"], output_hidden_states=True)
+    P = traj.meta["prompt_length"]
+    logits = out.logits[:, P - 1 : -1].float() / temperature
+    logp = torch.log_softmax(logits, -1)
+    h = out.hidden_states[-1][:, P - 1 : -1].detach()
+    W = pol.model.get_output_embeddings().weight.detach()
+    H = h.shape[-1]
+    # |fl(h·w) − h·w| ≤ γ_H Σ|h||w| for each logit, γ_H = H·u/(1 − H·u); two such products differ by twice that
+    dot_bound = (H * U32 / (1 - H * U32)) * float((h.abs() @ W.abs().T).max()) / temperature
+    return logp.gather(-1, traj.actions[..., None])[..., 0], -(logp.exp() * logp).sum(-1), dot_bound, logits
+
+
+@pytest.mark.parametrize("chunk", [1 << 24, 3 * 7])  # one chunk; and a few positions per chunk
+def test_chunked_chosen_log_probs_equal_full_log_softmax_within_rounding(tiny_lm_dir, chunk):
+    # log p(a) = z[a] − logsumexp(z) over chunks of positions vs log_softmax(z)[a] of the whole logits
+    torch.manual_seed(0)
+    pol = TokenPolicy.from_pretrained(tiny_lm_dir, lora={"r": 4}, max_new_tokens=6, temperature=0.8, logit_chunk_elements=chunk)
+    with torch.no_grad():
+        for n, p in pol.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    traj = pol.rollout(PROMPTS, group_size=3, generator=torch.Generator().manual_seed(0))
+    ev = pol.evaluate(traj, entropy=True)
+    ref_lp, ref_ent, dot_bound, z = _old_formula(pol, traj, 0.8)
+    scale = float(z.detach().abs().max()) + float(torch.logsumexp(z.detach(), -1).abs().max())
+    V = z.shape[-1]
+    # logit rounding enters z[a] and logsumexp once each (2 × 2·dot_bound); the two log-softmax forms
+    # differ by a few roundings of numbers of size ≤ scale (8u·scale); entropy adds a V-term sum
+    lp_tol = 4 * dot_bound + 8 * U32 * scale
+    ent_tol = 4 * dot_bound + (8 + 2 * V) * U32 * scale
+    m = traj.mask
+    assert (ev.log_prob.detach() - ref_lp.detach())[m].abs().max() <= lp_tol
+    assert (ev.entropy.detach() - ref_ent.detach())[m].abs().max() <= ent_tol
+    # the gradient through the chunked, recomputed-in-backward output layer is the full one's
+    w = torch.randn(ev.log_prob.shape, generator=torch.Generator().manual_seed(1)) * m
+    params = [p for p in pol.model.parameters() if p.requires_grad]
+    g_new = torch.autograd.grad((ev.log_prob * w).sum(), params)
+    g_ref = torch.autograd.grad((ref_lp * w).sum(), params)
+    for a, b in zip(g_new, g_ref):
+        # same graph but the output layer's products; relative rounding bound γ over H·(layers + 2) terms
+        tol = (32 * 4) * U32 * 64 * float(b.abs().max()) + 1e-12
+        assert (a - b).abs().max() <= tol
+
+
+def test_chosen_log_probs_hand_values():
+    logits = torch.tensor([[[2.0, 0.0, -1.0]]])
+    lp, ent = chosen_log_probs(logits, torch.tensor([[1]]), temperature=2.0, entropy=True)
+    z = torch.tensor([1.0, 0.0, -0.5])
+    p = torch.softmax(z, -1)
+    assert float(lp) == pytest.approx(float(torch.log(p[1])), abs=1e-6)
+    assert float(ent) == pytest.approx(float(-(p * p.log()).sum()), abs=1e-6)
+    assert chosen_log_probs(logits, torch.tensor([[0]]))[1] is None
+
+
+def test_rollout_without_recompute_keeps_sampling_log_probs(policy):
+    # the trainer's one-update mode: no second forward; the stored log-probs are the sampling ones
+    a = policy.rollout(PROMPTS, group_size=3, generator=torch.Generator().manual_seed(0))
+    policy.recompute_old_log_probs = False
+    b = policy.rollout(PROMPTS, group_size=3, generator=torch.Generator().manual_seed(0))
+    assert a.meta["old_log_probs"] == "recomputed" and b.meta["old_log_probs"] == "sampling"
+    assert torch.equal(a.actions, b.actions)  # the same draws
+    assert torch.equal(b.log_probs, b.meta["sampling_log_probs"])
+    m = a.mask
+    assert ((b.log_probs[m] - a.log_probs[m]).abs() <= _token_tol(policy, a.log_probs[m])).all()
+    assert torch.equal(policy.old_log_probs(b)[m], a.log_probs[m]) and b.meta["old_log_probs"] == "recomputed"
+
+
+def test_shared_prompt_pass_samples_what_one_pass_per_sample_samples(policy):
+    # a group's prompt runs once and its KV cache is repeated G times: the same draws (per-prompt
+    # streams) and log-probs as running the prompt once per sample
+    from flowrl.seeding import PromptGenerators
+
+    u_ids, u_attn = policy.encode_prompts(PROMPTS)
+    shared = policy._sample(u_ids, u_attn, PromptGenerators(0, "t", keys=[0, 1]), repeats=3)
+    per_row = policy._sample(u_ids.repeat_interleave(3, 0), u_attn.repeat_interleave(3, 0), PromptGenerators(0, "t", keys=[0, 1]))
+    assert torch.equal(shared[0], per_row[0]) and torch.equal(shared[1], per_row[1])
+    # the prompt pass in another batch shape: float32 rounding only
+    assert ((shared[2] - per_row[2]).abs() <= _token_tol(policy, per_row[2])).all()
+
+
+@pytest.mark.parametrize("checkpointing,attention", [(False, "sdpa"), (True, "sdpa"), (False, "eager")])
+def test_prompt_computed_once_per_group_equals_one_row_per_sample(tiny_lm_dir, checkpointing, attention):
+    # evaluate packs each distinct prompt with its completions into one sequence (each completion sees
+    # the prompt and itself): the same log-probs and gradients as one row per sample, to rounding
+    torch.manual_seed(0)
+    pol = TokenPolicy.from_pretrained(tiny_lm_dir, lora={"r": 4}, max_new_tokens=6)
+    pol.model.config._attn_implementation = attention  # sdpa takes a boolean mask, eager an additive one
+    with torch.no_grad():
+        for n, p in pol.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    traj = pol.rollout(PROMPTS + ["What is 2 + 3 + 4 ?"], group_size=3, generator=torch.Generator().manual_seed(2))
+    traj = traj.select([4, 0, 7, 1, 3, 8, 2, 6, 5])  # groups interleaved, as a shuffled minibatch
+    if checkpointing:
+        from flowrl.builders import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(pol.model)
+        pol.model.train()
+    packed_calls = []
+    real = pol._shared_prompt_hidden
+    pol._shared_prompt_hidden = lambda *a: packed_calls.append(real(*a) is not None) or real(*a)
+    packed = pol.evaluate(traj).log_prob
+    pol._shared_prompt_hidden = lambda *a: None
+    per_row = pol.evaluate(traj).log_prob
+    assert packed_calls == [True]  # the packed path ran
+    m = traj.mask
+    # measured: ≤ 1 ulp apart (2.4e-7 at |log p| ≈ 3.5) with 1 and 2 threads
+    tol = 8 * U32 * float(per_row.detach().abs().max())
+    assert (packed - per_row).detach()[m].abs().max() <= tol
+    w = torch.randn(packed.shape, generator=torch.Generator().manual_seed(1)) * m
+    params = [p for p in pol.model.parameters() if p.requires_grad]
+    g_packed = torch.autograd.grad((packed * w).sum(), params)
+    g_row = torch.autograd.grad((per_row * w).sum(), params)
+    for a, b in zip(g_packed, g_row):
+        assert (a - b).abs().max() <= 1e-5 * float(b.abs().max()) + 1e-12  # measured 1.2e-6 relative (1 and 2 threads)
 
 
 def _token_tol(policy, log_probs):

@@ -172,3 +172,14 @@ def test_every_ratio_and_rule_runs_on_the_same_inputs(ratio, clip):
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(inputs.log_prob.grad).all() and inputs.log_prob.grad.abs().sum() > 0
     assert "loss/policy" in metrics and metrics["kl/ref"] >= 0
+
+
+def test_entropy_is_computed_only_for_losses_that_read_it():
+    # a token policy computes entropies (a softmax over the vocabulary per token) only when the loss reads them
+    from flowrl.losses import loss_reads_entropy
+
+    assert loss_reads_entropy(LossSpec(ratio="segment", clip="sspo", clip_params={})) is True
+    assert loss_reads_entropy(LossSpec(clip="dhpo", clip_params={"mix": "entropy"})) is True
+    assert loss_reads_entropy(LossSpec(clip="dhpo", clip_params={"mix": "average"})) is False
+    assert loss_reads_entropy(LossSpec(clip="ppo_clip", clip_params={"clip_range": 0.2})) is False
+    assert loss_reads_entropy(LossSpec(clip="ppo_clip", kl="k3", beta=0.04)) is False

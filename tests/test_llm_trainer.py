@@ -154,3 +154,53 @@ def test_same_loss_object_trains_tiny_llama_and_tiny_sd3(shared_policy, tiny_sd3
     ftraj = flow.rollout(["a cat", "a dog"], group_size=2, generator=torch.Generator().manual_seed(0))
     assert ftraj.log_probs.shape[1] == 3 and traj.log_probs.dim() == 2
     assert _one_update(flow, ftraj, spec, [p for p in flow.model.parameters() if p.requires_grad], lr=1e-3) > 0
+
+
+def test_one_update_per_batch_skips_the_old_log_prob_pass(tmp_path, monkeypatch):
+    """One pass and one optimizer step per batch: the rollout's log-probs are not recomputed (no
+    second forward, as TRL) and the loss takes the current log-probs detached (ratio exactly 1); the
+    run equals one that recomputes them, to float rounding. μ = 2 recomputes once per batch."""
+    import flowrl.objectives as objectives_mod
+    from flowrl.objectives import old_log_probs_reason
+    from flowrl.trainer import Trainer
+
+    calls = []
+    real = TokenPolicy.old_log_probs
+    monkeypatch.setattr(TokenPolicy, "old_log_probs", lambda self, traj: calls.append(len(traj)) or real(self, traj))
+
+    def run(name, **train):
+        trainer = Trainer(_config(tmp_path, name, iterations=2, **train))
+        history = trainer.train().history
+        weights = {n: p.detach().clone() for n, p in trainer.policy.model.named_parameters() if p.requires_grad}
+        return trainer, history, weights
+
+    trainer, skipped, w_skip = run("grpo")
+    assert calls == [] and trainer._last_traj.meta["old_log_probs"] == "current"
+    assert trainer.policy.compute_entropy is False  # no loss of this preset reads entropies
+    assert all(r["ratio/mean"] == 1.0 and r["ratio/max_abs_log"] == 0.0 for r in skipped)
+    # the same run with the recompute forced (as before): same losses and weights to float rounding
+    monkeypatch.setattr(objectives_mod, "old_log_probs_reason", lambda *a: "forced")
+    trainer2 = Trainer(_config(tmp_path, "grpo", iterations=2, output_dir=str(tmp_path / "forced")))
+    forced = trainer2.train().history
+    w_forced = {n: p.detach().clone() for n, p in trainer2.policy.model.named_parameters() if p.requires_grad}
+    assert calls == [8, 8] and trainer2._last_traj.meta["old_log_probs"] == "recomputed"
+    for a, b in zip(skipped, forced):
+        assert a["reward/mean"] == b["reward/mean"]  # the same completions
+        # measured: ratio 1 ± 3e-8 when recomputed over the whole batch; losses 1e-8 apart
+        assert b["ratio/mean"] == pytest.approx(1.0, abs=1e-6)
+        assert a["loss/policy"] == pytest.approx(b["loss/policy"], abs=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    for n in w_skip:
+        torch.testing.assert_close(w_skip[n], w_forced[n], rtol=0, atol=1e-5)
+    calls.clear()
+    monkeypatch.setattr(objectives_mod, "old_log_probs_reason", old_log_probs_reason)
+    Trainer(_config(tmp_path, "grpo", inner_epochs=2, output_dir=str(tmp_path / "mu2"))).train()
+    assert calls == [8]  # μ = 2: once per batch
+    monkeypatch.undo()
+    # the rule itself
+    t = _config(tmp_path, "grpo").train
+    assert old_log_probs_reason(t, 8, trainer.estimator, trainer.objective) is None
+    assert "inner_epochs" in old_log_probs_reason(_config(tmp_path, "grpo", inner_epochs=2).train, 8, trainer.estimator, trainer.objective)
+    assert "train_batch_size" in old_log_probs_reason(t, 16, trainer.estimator, trainer.objective)
+    unlikely = Trainer(_config(tmp_path, "unlikeliness", output_dir=str(tmp_path / "u")))
+    assert "estimator" in old_log_probs_reason(t, 8, unlikely.estimator, unlikely.objective)

@@ -145,3 +145,24 @@ def test_parse_score():
     assert parse_score("a\nFinal Score: 3\nFinal Score: 4.25", pat, 1, 5) == 4.25  # last match wins
     assert parse_score("Final Score: 9", pat, 1, 5) is None  # out of range is a failure
     assert parse_score("no score", pat, 1, 5) is None
+
+
+def test_with_source_shows_each_samples_source_first(server, tmp_path):
+    """Editing: the request holds the sample's own source image (meta["image"]), then the sample."""
+    from PIL import Image
+
+    srv, url = server
+    paths = []
+    for i, v in enumerate((250, 5)):
+        Image.new("RGB", (8, 8), (v, v, v)).save(tmp_path / f"s{i}.png")
+        paths.append(str(tmp_path / f"s{i}.png"))
+    judge = _judge(url, with_source=True)
+    x = torch.full((2, 3, 8, 8), 0.5)
+    s = judge(x, ["make it red", "make it blue"], {"image": [paths[0], [paths[1], paths[0]]]})
+    assert s.tolist() == [2.0, 3.0]  # the test server answers the number of images it was shown
+    by_prompt = {next(p["text"] for p in b["messages"][0]["content"] if p["type"] == "text").split('"')[1]: b for b in srv.bodies}
+    first = [p["image_url"]["url"] for p in by_prompt["make it red"]["messages"][0]["content"] if p["type"] == "image_url"]
+    assert _brightness(first[0]) > 230 and abs(_brightness(first[1]) - 127.5) < 10  # the source (250), then the sample (0.5)
+    assert "edited version" in next(p["text"] for p in by_prompt["make it red"]["messages"][0]["content"] if p["type"] == "text")
+    with pytest.raises(ValueError, match="needs each sample's source image"):
+        judge(x, ["a", "b"], {})
