@@ -86,6 +86,14 @@ class SamplerConfig:
     """Image height in pixels (default: the model's)."""
     width: int | None = None
     """Image width in pixels (default: the model's)."""
+    eval_height: int | None = None
+    """Evaluation image height (default: ``height``). Training below the evaluation size (e.g. 256
+    for 512) is a cheap option every preset can use."""
+    eval_width: int | None = None
+    """Evaluation image width (default: ``width``)."""
+    eval_guidance_scale: float | None = None
+    """CFG scale of evaluation samples (default: ``guidance_scale``). With ``guidance_scale: 1``
+    training is CFG-free (the conditional model alone) while evaluation may still use CFG."""
     rollout: str | None = None
     """Rollout schedule (full, window, singular, tree, ...); default: the preset's."""
     rollout_params: dict[str, Any] = field(default_factory=dict)
@@ -198,6 +206,13 @@ class AlgorithmConfig:
     objective_options: dict[str, Any] = field(default_factory=dict)
     """Extra options of the preset's training objective (merged over the preset's), e.g. DiffusionNFT
     ``{x0_adaptive: true, decay: delayed}``."""
+    reference: str | None = None
+    """The KL term's reference: ``base`` (the model before training: LoRA disabled, or the frozen
+    copy), ``ema`` (an EMA of the trained weights) or ``periodic`` (a copy of them refreshed every
+    ``reference_options.every`` optimizer steps). Default: the preset's (``base`` for most)."""
+    reference_options: dict[str, Any] = field(default_factory=dict)
+    """Options of a moving reference: ``decay`` (EMA d, 0.99) and ``every`` (optimizer steps between
+    updates, 1); merged over the preset's."""
 
 
 @dataclass
@@ -571,6 +586,9 @@ def _range_checks(cfg: "TrainConfig") -> list[tuple[str, Any, Callable[[Any], bo
         ("sampler.guidance_scale", s.guidance_scale, _finite, "a finite number"),
         ("sampler.height", s.height, lambda x: x >= 1, "a positive number of pixels (or unset: the model's)"),
         ("sampler.width", s.width, lambda x: x >= 1, "a positive number of pixels (or unset: the model's)"),
+        ("sampler.eval_height", s.eval_height, lambda x: x >= 1, "a positive number of pixels (or unset: sampler.height)"),
+        ("sampler.eval_width", s.eval_width, lambda x: x >= 1, "a positive number of pixels (or unset: sampler.width)"),
+        ("sampler.eval_guidance_scale", s.eval_guidance_scale, lambda x: x == 0.0 or x >= 1.0, "≥ 1 (1 = no CFG; or unset: sampler.guidance_scale)"),
         ("sampler.steps_per_backward", s.steps_per_backward, lambda x: x >= 1, "≥ 1"),
         ("sampler.max_new_tokens", s.max_new_tokens, lambda x: x >= 1, "≥ 1"),
         ("sampler.temperature", s.temperature, _positive, "a positive number (1 samples the model's distribution)"),

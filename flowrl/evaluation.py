@@ -16,6 +16,20 @@ from flowrl.reporting import log_eval_images, phase
 from flowrl.seeding import PromptGenerators
 
 
+def eval_sampling_options(config: TrainConfig) -> dict[str, Any]:
+    """Keywords of a flow policy's ``generate`` for evaluation: ``num_steps`` (``sampler.eval_num_steps``)
+    and, where set, ``height``/``width``/``guidance_scale`` from ``sampler.eval_height``,
+    ``eval_width``, ``eval_guidance_scale`` (evaluation at another size or CFG than training)."""
+    if config.model.kind != "flow":
+        return {}
+    s = config.sampler
+    out: dict[str, Any] = {"num_steps": s.eval_num_steps}
+    for key, value in (("height", s.eval_height), ("width", s.eval_width), ("guidance_scale", s.eval_guidance_scale)):
+        if value is not None:
+            out[key] = value
+    return out
+
+
 @torch.no_grad()
 def eval_samples(policy: Any, prompts: list[str], config: TrainConfig, *, autocast: Callable[[], Any] = contextlib.nullcontext,
                  rows: tuple[int, int] | None = None) -> tuple[Any, list[str]]:
@@ -30,7 +44,7 @@ def eval_samples(policy: Any, prompts: list[str], config: TrainConfig, *, autoca
     expanded = [p for p in prompts for _ in range(t.eval_samples_per_prompt)]
     lo, hi = rows if rows is not None else (0, len(expanded))
     noise = PromptGenerators(t.seed, "eval", keys=range(len(expanded)))
-    steps = {"num_steps": config.sampler.eval_num_steps} if config.model.kind == "flow" else {}
+    steps = eval_sampling_options(config)
     outputs = []
     for start in range(lo, hi, 64):
         stop = min(start + 64, hi)

@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("plugs", {"flowrl.plugins"}),
     # methods: advantages, losses, objectives, rollout schedules, presets
     ("methods", {
-        "flowrl.advantages", "flowrl.losses", "flowrl.objectives", "flowrl.care", "flowrl.nft", "flowrl.tree",
+        "flowrl.advantages", "flowrl.losses", "flowrl.objectives", "flowrl.care", "flowrl.nft", "flowrl.matching", "flowrl.reference", "flowrl.gardo", "flowrl.trpa", "flowrl.tree",
         "flowrl.co_grpo", "flowrl.trust_region", "flowrl.rollout", "flowrl.prompt_selection", "flowrl.algorithms",
     }),
     # model adapters and reward models
