@@ -887,7 +887,7 @@ def grpo_care_estimator(inputs: AdvantageInputs, *, bonus: float = 0.5, margin: 
 
 
 # ===================================================================================== issue 27
-def focal_weights(rewards: Tensor, group_ids: Tensor, *, gamma: float = 1.0, threshold: float = 0.0) -> Tensor:
+def focal_weights(rewards: Tensor, group_ids: Tensor, *, gamma: float = 1.0, threshold: float = 0.5) -> Tensor:
     """F-GRPO's difficulty-aware scale g = (1 − μ̂_pos)^γ per sample ``[B]``, μ̂_pos the share of the
     sample's group with reward > ``threshold`` (the empirical success rate of its prompt).
     Plyusov et al. 2026, "F-GRPO: Don't Let Your Policy Learn the Obvious and Forget the Rare", §4."""
@@ -898,11 +898,14 @@ def focal_weights(rewards: Tensor, group_ids: Tensor, *, gamma: float = 1.0, thr
 
 
 @register_advantage("fgrpo")
-def fgrpo_estimator(inputs: AdvantageInputs, *, gamma: float = 1.0, threshold: float = 0.0, std: str = "group", eps: float = 1e-4,
+def fgrpo_estimator(inputs: AdvantageInputs, *, gamma: float = 1.0, threshold: float = 0.5, std: str = "group", eps: float = 1e-4,
                     clip: float | None = None, std_estimator: str = "unbiased") -> Tensor:
     """F-GRPO: the group advantage (:func:`group_advantages`) × (1 − μ̂_pos)^γ (:func:`focal_weights`):
     prompts the policy already solves often get smaller updates, so rare correct solutions are not
-    crowded out. γ = 1 is *inferred* (the paper sweeps it)."""
+    crowded out. γ = 1 is *inferred* (the paper sweeps it). The paper's rewards are binary; here a
+    sample counts as correct when its reward exceeds ``threshold`` 0.5 (*inferred*: the same split
+    for 0/1 and ±1 rewards, and a verifier's 1 + a small shaping bonus still counts as correct where
+    a threshold of 0 would call every sample correct and zero every advantage)."""
     adv = group_advantages(inputs.rewards, inputs.group_ids, std=std, std_estimator=std_estimator, eps=eps, clip=clip)
     return adv * focal_weights(inputs.rewards, inputs.group_ids, gamma=gamma, threshold=threshold).to(adv.device)
 

@@ -557,15 +557,15 @@ TRL_GRPO = _llm(
 
 FGRPO = _llm(
     "fgrpo",
-    "F-GRPO (Plyusov et al. 2026): the GRPO advantage × (1 − μ̂_pos)^γ, μ̂_pos the group's success rate (reward > 0), "
+    "F-GRPO (Plyusov et al. 2026): the GRPO advantage × (1 − μ̂_pos)^γ, μ̂_pos the group's success rate (reward > 0.5, inferred), "
     "so prompts already solved often get smaller updates and rare correct solutions are not crowded out; γ 1 "
     "(inferred: the paper sweeps it); GRPO loss otherwise (PPO clip 0.2, seq-mean-token-mean, β 0).",
-    advantage="fgrpo", advantage_params={"gamma": 1.0, "threshold": 0.0, "std": "group", "clip": None},
+    advantage="fgrpo", advantage_params={"gamma": 1.0, "threshold": 0.5, "std": "group", "clip": None},
 )
 MDPO = _llm(
     "mdpo",
-    "MDPO (Tomar et al. 2022, mirror descent policy optimisation, on-policy form) on tokens: −ρ·A + (1/t)·ρ·log ρ per "
-    "token, ρ = π_θ/π_old, no clipping — the KL(π_θ‖π_old) term is the trust region; 1/t = 1 constant (inferred: the "
+    "MDPO (Tomar et al. 2022, mirror descent policy optimisation, on-policy form) on tokens: −ρ·A + (1/t)·(ρ·log ρ − ρ + 1) "
+    "per token, ρ = π_θ/π_old, no clipping — the KL(π_θ‖π_old) term is the trust region; 1/t = 1 constant (inferred: the "
     "paper anneals t over the inner steps); group z-score advantages.",
     clip="mdpo", clip_params={"kl_coef": 1.0},
 )

@@ -504,11 +504,17 @@ def guard_ratio(inputs: LossInputs) -> Tensor:
 
 def mdpo_token_loss(log_ratio: Tensor, advantages: Tensor, *, kl_coef: float) -> Tensor:
     """Mirror-descent policy optimisation per token (Tomar et al. 2022, "Mirror Descent Policy
-    Optimization", on-policy form): −ρ·A + (1/t)·ρ·log ρ with ρ = π_θ/π_old and 1/t = ``kl_coef``.
-    ρ·log ρ estimates KL(π_θ ‖ π_old) from π_old's samples; no clipping — the KL keeps the step in a
-    trust region. At ρ = 1 its gradient is the policy gradient −A·∇log π."""
+    Optimization", on-policy form): −ρ·A + (1/t)·(ρ·log ρ − ρ + 1) with ρ = π_θ/π_old and
+    1/t = ``kl_coef``. No clipping — the KL keeps the step in a trust region.
+
+    KL(π_θ ‖ π_old) = E_old[ρ·log ρ]; the control variate −(ρ − 1) (E_old[ρ − 1] = 0) leaves that
+    expectation unchanged but makes each sample's term ≥ 0 with zero gradient at ρ = 1, as the
+    exact KL's is at θ = θ_old. Without it a sample's gradient at ρ = 1 is (−A + 1/t)·∇log π: with
+    zero advantages every update would still push the sampled tokens down by 1/t. With it the
+    gradient at ρ = 1 is the policy gradient −A·∇log π. (The paper computes the KL of its Gaussian
+    policies in closed form; this per-token estimator is *inferred* for token policies.)"""
     ratio = torch.exp(log_ratio)
-    return -ratio * advantages + kl_coef * ratio * log_ratio
+    return -ratio * advantages + kl_coef * (ratio * log_ratio - ratio + 1.0)
 
 
 @CLIP_RULES.register("mdpo")

@@ -5,7 +5,7 @@ Rule-based rewards become preference levels (a higher reward = a better level); 
 responses of one prompt at different levels is a preference pair (winner = the better level), and
 
     h = β_w·(log r_w − log r_l),   log r = mean_t (log π_θ − log π_old) over the response's tokens,
-    L = mean over pairs of −log σ(h),
+    L = mean over pairs of −log σ(h)   (the minibatch's pairs on every process together),
 
 with β_w = anisotropy·β when the winner is at the top level of its group (Kahneman–Tversky-style
 anisotropy: gains at the top count more), β otherwise. The ratio to the policy that sampled the
@@ -49,6 +49,26 @@ def trpa_loss(log_ratio: Tensor, winners: Tensor, losers: Tensor, top: Tensor, *
     return -torch.nn.functional.logsigmoid(scale * (log_ratio[winners] - log_ratio[losers]))
 
 
+def global_sum(values: list[float], device: Any) -> list[float]:
+    """``values`` summed over every process (``torch.distributed``; themselves on one process).
+    Every process must call it the same number of times (once per minibatch here: the loop
+    calls the objective once per minibatch on each process, a zero-weight pass included)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def pair_mean_scale(local_rows: float, global_rows: float, global_pairs: float) -> float:
+    """Factor on this process's Σ pair losses so that the loop's per-sample weighting
+    (local_rows / global_rows, summed over processes) yields the mean over every process's pairs:
+    (global_rows / local_rows) / global_pairs. 0 where this process has no rows or nobody has pairs."""
+    if local_rows <= 0 or global_pairs <= 0:
+        return 0.0
+    return global_rows / local_rows / global_pairs
+
+
 class TRPAObjective(_GroupedObjective):
     """The TRPA update of a minibatch of whole groups. Args: ``trpa_beta`` β (0.1, *inferred*),
     ``anisotropy`` (2.5, the reference code's). Metrics: ``loss/policy``, ``trpa/pairs``,
@@ -72,12 +92,19 @@ class TRPAObjective(_GroupedObjective):
         log_ratio = masked_mean(lp - old, mask, dim=-1)
         rewards = batch.meta["reward"].float().cpu()
         win, lose, top = trpa_pairs(rewards, batch.group_ids.cpu())
+        # the loss is the mean over the minibatch's pairs on every process together: a process's
+        # pairs are weighed by the global count (before: each process's mean, weighted by its
+        # rows — with 2 processes and every pair on one, half the one-process gradient)
+        local_rows, global_rows = (ctx.extras.get("minibatch_rows") if ctx is not None else None) or (float(len(rewards)),) * 2
+        global_pairs = global_sum([float(len(win))], lp.device)[0]
+        scale = pair_mean_scale(local_rows, global_rows, global_pairs)
         if len(win) == 0:
-            return log_ratio.sum() * 0.0, {"loss/policy": 0.0, "trpa/pairs": 0.0}
+            return log_ratio.sum() * 0.0, {"loss/policy": 0.0, "trpa/pairs": global_pairs}
         per = trpa_loss(log_ratio, win.to(lp.device), lose.to(lp.device), top, beta=self.beta, anisotropy=self.anisotropy)
-        loss = per.mean()
+        loss = per.sum() * scale
         margin = (log_ratio[win.to(lp.device)] - log_ratio[lose.to(lp.device)]).detach()
-        return loss, {"loss/policy": float(loss.detach()), "trpa/pairs": float(len(win)), "trpa/margin": float(margin.mean())}
+        # (weighted by this process's rows, the logged loss/policy is the global pair mean too)
+        return loss, {"loss/policy": float(loss.detach()), "trpa/pairs": global_pairs, "trpa/margin": float(margin.mean())}
 
 
 if "trpa" not in OBJECTIVES:

@@ -181,6 +181,13 @@ def test_language_model_estimators_and_selectors_on_two_processes(tmp_path):
     - ``unlikeliness``, ``seed_grpo``, ``tempo``, ``grpo_care``: read old log-probs, completions,
       token ids or per-sample confidences, gathered for them (padded to the widest completion;
       before: "needs the trajectories" on 2 processes).
+    - ``vade``, ``knapsack_rl``: prompt selectors that learn per-prompt success rates from the
+      gathered rewards (Knapsack RL repeats a prompt as several groups); ``safe_lagrangian``: a
+      Lagrange multiplier updated from the global batch's cost; ``mdpo``: no clip, a KL term
+      (one optimizer step per iteration).
+    - ``trpa``: a mean over preference pairs, whose count differs between processes (seed 3: every
+      pair of an iteration on one process; before: each process's own mean, grad_norm 0.0120 on 2
+      processes vs 0.0239 on 1).
     - ``reward.combine: gdpo``: its final z-score spans the whole batch (before: each process's share);
       this job also checkpoints the Llama's activations (non-reentrant, under DDP).
 
@@ -194,10 +201,12 @@ def test_language_model_estimators_and_selectors_on_two_processes(tmp_path):
     With the uniform selector the first iteration draws two product prompts (flat rewards, zero
     advantages); the second trains."""
     aggregations = ["grpo", "grpo@loss.aggregation=token-mean", "dr_grpo", "grpo@loss.aggregation=seq-mean-token-sum"]
-    algorithms = aggregations + ["spo", "dapo", "unlikeliness", "seed_grpo", "tempo", "grpo_care", "grpo@reward.combine=gdpo@train.gradient_checkpointing=true"]
+    algorithms = aggregations + ["spo", "dapo", "unlikeliness", "seed_grpo", "tempo", "grpo_care", "vade", "knapsack_rl", "safe_lagrangian",
+                                 "mdpo@train.train_batch_size=8", "trpa@train.train_batch_size=8@train.seed=3",
+                                 "grpo@reward.combine=gdpo@train.gradient_checkpointing=true"]
     one, two = tmp_path / "one", tmp_path / "two"
     _run([sys.executable, str(WORKER), str(one), f"--llm={','.join(algorithms)}"])
-    _run(_torchrun(2) + [str(WORKER), str(two), f"--llm={','.join(algorithms)}"], timeout=240)
+    _run(_torchrun(2) + [str(WORKER), str(two), f"--llm={','.join(algorithms)}"], timeout=360)
     for name in algorithms:
         r1, r2 = _records(one / name), _records(two / name)
         assert [r["iteration"] for r in r2] == [1, 2], name
@@ -233,6 +242,18 @@ def test_language_model_estimators_and_selectors_on_two_processes(tmp_path):
         assert info["gradient_checkpointing"] is True
     states = [json.loads((d / "spo" / f"rank{r}_estimator.json").read_text()) for d, r in ((one, 0), (two, 0), (two, 1))]
     assert states[1] == states[2]  # every process holds the same tracker
+    # the Lagrange multiplier is the same on every process and as on one (it moved from λ₀ = 1)
+    lams = [json.loads((d / "safe_lagrangian" / f"rank{r}_estimator.json").read_text())["lambda"] for d, r in ((one, 0), (two, 0), (two, 1))]
+    assert lams[0] == lams[1] == lams[2] != 1.0, lams
+    trpa = "trpa@train.train_batch_size=8@train.seed=3"
+    assert [r["trpa/pairs"] for r in _records(two / trpa)] == [r["trpa/pairs"] for r in _records(one / trpa)] != [0.0, 0.0]
+    # MDPO's KL term has zero gradient on-policy: the first iteration's flat rewards move nothing
+    # (measured before its control variate: grad_norm 0.414 with every advantage 0). One optimizer
+    # step per iteration, so the old log-probs are the update's own (with two, the recomputed ones
+    # differ from the update's by ~4e-7, AdamW turns that noise into a step of ≈ lr, and the second
+    # step's KL pull-back differs by 2% between 1 and 2 processes)
+    first = _records(one / "mdpo@train.train_batch_size=8")[0]
+    assert first["adv/abs_mean"] == 0.0 and first["grad_norm"] == 0.0, first
     for part in ("alpha", "beta", "shift"):
         assert states[1][part].keys() == states[0][part].keys()  # every prompt seen, by every process
         for prompt, v in states[0][part].items():

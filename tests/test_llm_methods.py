@@ -18,6 +18,9 @@ def test_focal_weights_and_fgrpo_by_hand():
     g = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
     assert focal_weights(r, g, gamma=1.0).tolist() == pytest.approx([0.25] * 4 + [0.75] * 4)
     assert focal_weights(r, g, gamma=2.0).tolist() == pytest.approx([0.0625] * 4 + [0.5625] * 4)
+    # a shaping bonus does not make a wrong answer correct: [1.1, 0.05, 0.05, 0.05] → μ̂_pos 0.25 → 0.75
+    shaped = torch.tensor([1.1, 0.05, 0.05, 0.05])
+    assert focal_weights(shaped, torch.zeros(4, dtype=torch.long)).tolist() == pytest.approx([0.75] * 4)
     # group 0: mean 0.75, unbiased var = (3·0.0625 + 0.5625)/3 = 0.25 → std 0.5:
     #   correct (1 − 0.75)/0.5 = 0.5, wrong −1.5; × 0.25 → 0.125, −0.375
     a = fgrpo_estimator(AdvantageInputs(rewards=r, group_ids=g), gamma=1.0, eps=0.0)
@@ -27,13 +30,20 @@ def test_focal_weights_and_fgrpo_by_hand():
 
 
 def test_mdpo_token_loss_by_hand():
-    # ρ = e^0.1: −ρ·A + c·ρ·log ρ = e^0.1·(−2 + 0.5·0.1) = −1.95·1.1051709 = −2.1550833
+    # ρ = e^0.1 = 1.1051709: −ρ·A + c·(ρ·log ρ − ρ + 1) = −2.2103418 + 0.5·(0.1105171 − 0.1051709)
+    #   = −2.2103418 + 0.0026731 = −2.2076687
     out = mdpo_token_loss(torch.tensor([[0.1]]), torch.tensor([[2.0]]), kl_coef=0.5)
-    assert out.item() == pytest.approx(-2.1550833, abs=1e-6)
-    # at ρ = 1 the gradient wrt log ρ is −A + c·(log ρ + 1)·ρ... = −A + c: the KL term's slope c is a constant
-    lr = torch.zeros(1, 1, requires_grad=True)
-    mdpo_token_loss(lr, torch.tensor([[2.0]]), kl_coef=0.5).sum().backward()
-    assert lr.grad.item() == pytest.approx(-2.0 + 0.5)
+    assert out.item() == pytest.approx(-2.2076687, abs=1e-6)
+    # d/d log ρ = −ρ·A + c·ρ·log ρ: at ρ = 1 it is −A (the policy gradient), and 0 when A = 0 —
+    # an on-policy update with flat rewards moves nothing (ρ·log ρ alone gives slope c there)
+    for adv, grad in ((2.0, -2.0), (0.0, 0.0)):
+        lr = torch.zeros(1, 1, requires_grad=True)
+        mdpo_token_loss(lr, torch.tensor([[adv]]), kl_coef=0.5).sum().backward()
+        assert lr.grad.item() == pytest.approx(grad, abs=1e-7)
+    # away from ρ = 1 the KL term pulls back: log ρ = 0.1, A = 0 → slope c·ρ·log ρ = 0.5·0.1105171 > 0
+    lr = torch.full((1, 1), 0.1, requires_grad=True)
+    mdpo_token_loss(lr, torch.tensor([[0.0]]), kl_coef=0.5).sum().backward()
+    assert lr.grad.item() == pytest.approx(0.0552585, abs=1e-6)
 
 
 def test_lagrangian_by_hand():
@@ -75,6 +85,9 @@ def test_llm_methods_train_two_iterations(tmp_path, tiny_llama, algorithm):
         assert h[0]["ratio/mean"] == pytest.approx(1.0, abs=1e-5)  # one optimizer step per iteration: on-policy
         moved = sum(float((p.detach() - before[n]).abs().sum()) for n, p in tiny_llama.model.named_parameters() if p.requires_grad)
         assert moved > 0
+        # the advantages were not all 0 (F-GRPO: 1 + a brevity bonus is "correct" at threshold 0.5;
+        # with threshold 0 every sample counted as correct and every weight was 0)
+        assert max(r["adv/abs_mean"] for r in h) > 0
         if algorithm == "safe_lagrangian":  # brevity ∈ (0, 1] read as a safety score: cost < 0 → λ shrinks from 1
             assert trainer.estimator.lam < 1.0
     finally:
@@ -136,6 +149,17 @@ def test_trpa_pairs_and_loss_by_hand():
     # log r = [0.2, 0, −0.2], β 1, anisotropy 2: h = [2·0.2, 2·0.4, 1·0.2] → −log σ(h) = log(1 + e^−h)
     out = trpa_loss(torch.tensor([0.2, 0.0, -0.2]), w, l_, top, beta=1.0, anisotropy=2.0)
     assert out.tolist() == pytest.approx([math.log1p(math.exp(-0.4)), math.log1p(math.exp(-0.8)), math.log1p(math.exp(-0.2))])
+
+
+def test_trpa_pair_mean_scale_by_hand():
+    from flowrl.trpa import pair_mean_scale
+
+    # 2 processes, 4 rows each (N = 8); process A holds 6 pairs with Σ loss S_A, B none.
+    # The loop weighs A's loss by 4/8: (4/8)·S_A·scale must be S_A/6 → scale = (8/4)/6 = 1/3
+    assert pair_mean_scale(4, 8, 6) == pytest.approx(1 / 3)
+    # one process: Σ/P, the plain mean; no pairs anywhere or no rows here: 0
+    assert pair_mean_scale(8, 8, 12) == pytest.approx(1 / 12)
+    assert pair_mean_scale(4, 8, 0) == 0.0 and pair_mean_scale(0, 8, 6) == 0.0
 
 
 def test_trpa_trains_two_iterations(tmp_path, tiny_llama):
