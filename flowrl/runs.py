@@ -279,7 +279,8 @@ def trainer_for(config: TrainConfig, weights: Weights, *, rewards: bool = True) 
     from flowrl.trainer import Trainer
 
     with tempfile.TemporaryDirectory(prefix="flowrl-eval-") as tmp:
-        t = dataclasses.replace(config.train, output_dir=str(Path(tmp) / "run"), resume_from=None, progress=False)
+        # train.report names the training summary's column: evaluating with other rewards (--set) must not trip on it
+        t = dataclasses.replace(config.train, output_dir=str(Path(tmp) / "run"), resume_from=None, progress=False, report=None)
         if weights.kind == "lora":
             t = dataclasses.replace(t, ema_decay=0.0)
         cfg = dataclasses.replace(config, train=t)
