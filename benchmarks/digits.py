@@ -29,7 +29,7 @@ import torch
 
 FLOW_ALGORITHMS = [
     "flow_grpo", "dance_grpo", "flow_grpo_fast", "mix_grpo", "sage_grpo", "g2rpo", "branch_grpo",
-    "branch_grpo_mix", "grpo_guard", "pref_grpo", "diffusion_nft",
+    "branch_grpo_mix", "grpo_guard", "pref_grpo", "diffusion_nft", "awm", "flow_dpo", "dgpo", "tempflow_grpo",
 ]
 
 

@@ -41,7 +41,7 @@ def make_objective(name: str, **params: Any) -> Any:
 
 
 #: modules that register built-in objectives, rollout schedules and reward transforms on import
-BUILTIN_COMPONENT_MODULES = ("flowrl.nft", "flowrl.co_grpo", "flowrl.rewards.pairwise", "flowrl.trust_region", "flowrl.care")
+BUILTIN_COMPONENT_MODULES = ("flowrl.nft", "flowrl.matching", "flowrl.reference", "flowrl.gardo", "flowrl.trpa", "flowrl.co_grpo", "flowrl.rewards.pairwise", "flowrl.trust_region", "flowrl.care")
 
 
 def import_builtin_components() -> None:
