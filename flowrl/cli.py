@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=18090)
     p.add_argument("--device", default=None, help="device of the reward models (cpu, cuda:1, auto); default: the file's device")
     p.set_defaults(fn=_serve_rewards)
-    p = sub.add_parser("check-pipeline", help="conformance kit: ratio 1 per kernel, stock parity, LoRA round trip, step costs of a pipeline on flowrl's modular path")
+    p = sub.add_parser("check-pipeline", help="conformance kit: ratio 1 per kernel, stock parity, LoRA round trip, step costs of a pipeline on flowrl's modular path or hand adapter")
     p.add_argument("target", nargs="?", help="a saved pipeline folder, or a tiny family name / pipeline class (offline random weights)")
     p.add_argument("--table", action="store_true", help="every tiny family, as the Markdown table of docs/models.md")
     p.add_argument("--steps", type=int, default=3, help="denoising steps of every check (default 3)")
