@@ -1,9 +1,10 @@
-"""``flowrl`` command line: ``train``, ``sample``, ``eval``, ``gallery``, ``pretrain-digits``."""
+"""``flowrl`` command line: ``train``, ``sample``, ``eval``, ``gallery``, ``serve-rewards``, ``pretrain-digits``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 from pathlib import Path
 
 
@@ -75,6 +76,13 @@ def _run_and_weights(args: argparse.Namespace):
         run = runs.Run.from_config(TrainConfig.from_yaml(args.config) if args.config else TrainConfig())
     cfg = run.config.override(args.set) if args.set else run.config
     prompts = list(args.prompt) if args.prompt else None
+    prompt_file = getattr(args, "prompts", None)
+    if prompt_file:
+        if prompts:
+            raise ConfigError("give either --prompt (repeatable) or --prompts FILE, not both.")
+        if not Path(prompt_file).exists():
+            raise ConfigError(f"--prompts {prompt_file}: no such file (a .txt/.jsonl/.json/.csv/.parquet prompt file).")
+        prompts = str(Path(prompt_file).resolve())
     if prompts is None and cfg.train.eval_prompts is None:  # no held-out set: the training prompts
         cfg = runs.with_eval_overrides(cfg, prompts=cfg.train.prompts)
     cfg = runs.with_eval_overrides(cfg, prompts=prompts, seed=args.seed, samples_per_prompt=args.samples_per_prompt)
@@ -129,8 +137,15 @@ def _eval(args: argparse.Namespace) -> int:
     from flowrl import runs
 
     run, cfg, weights = _run_and_weights(args)
+    bench = None
+    if args.benchmark:
+        from flowrl.benchmarks import check_benchmark
+
+        bench = check_benchmark(args.benchmark, list(cfg.reward.rewards))
     result = runs.evaluate(run, weights, config=cfg)
     report = runs.eval_report(result, run=run, category=args.category)
+    if bench is not None:
+        report["benchmark"] = {"name": args.benchmark, "column": bench.column, "table": bench.table(result, bench.column)}
     same_settings = cfg.train.eval_prompts == run.config.train.eval_prompts and runs.Run(cfg).eval_settings == run.eval_settings
     reported = run.reported(weights) if same_settings else None
     if reported:
@@ -139,6 +154,8 @@ def _eval(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     print(runs.format_report(report, reported))
+    if bench is not None:
+        print("\n" + report["benchmark"]["table"])
     print(f"wrote {out}")
     return 0
 
@@ -152,6 +169,57 @@ def _gallery(args: argparse.Namespace) -> int:
         max_prompts=args.max_prompts,
     )
     print(f"gallery: {path}")
+    return 0
+
+
+def load_server_config(path: str) -> Any:
+    """The :class:`~flowrl.config.RewardConfig` of a rewards YAML: a training config's ``reward``
+    section (``{reward: {...}}``) or that section alone (``{rewards: {pickscore: 1.0}, device:
+    cuda:1}`` or the shorthand ``{pickscore: 1.0}``). Relative weight paths are taken from the
+    file's folder, as in a training config."""
+    from pathlib import Path
+
+    from flowrl.config import ConfigError, TrainConfig, load_yaml, resolve_relative_paths
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"rewards file {p} does not exist; check the --config path.")
+    data = load_yaml(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: a rewards file is a mapping (e.g. `rewards: {{pickscore: 1.0}}`), got {type(data).__name__}.")
+    try:
+        cfg = TrainConfig.from_dict({"reward": data.get("reward", data)})
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
+    return resolve_relative_paths(cfg, p.parent).reward
+
+
+def build_server(path: str, *, host: str = "127.0.0.1", port: int = 18090, device: str | None = None) -> Any:
+    """The server of a rewards YAML (:func:`load_server_config`); ``device`` overrides its ``device``."""
+    import torch
+
+    from flowrl.rewards import build_rewards
+    from flowrl.rewards.serving import RewardServer
+
+    rc = load_server_config(path)
+    defaults = {}
+    dev = device or rc.device
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev is not None:
+        defaults["device"] = torch.device(dev)
+    rs = build_rewards(rc.rewards, combine=rc.combine, **defaults)
+    return RewardServer(rs, host, port)
+
+
+def _serve_rewards(args: argparse.Namespace) -> int:
+    server = build_server(args.config, host=args.host, port=args.port, device=args.device)
+    info = server.health()
+    print(f"serving rewards {', '.join(info['rewards'])} at {server.url} (GET /health, POST /score); Ctrl-C stops", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.httpd.server_close()
     return 0
 
 
@@ -246,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             p.add_argument("--out", default="eval.json", help="where to write the JSON report (default ./eval.json)")
             p.add_argument("--category", help="metadata column to break results down by (default: category, else tag)")
+            p.add_argument("--benchmark", help="also print a benchmark's own table: geneval (reward geneval, GenEval's metadata) or ocr")
+        p.add_argument("--prompts", help="a prompt file to evaluate on (.jsonl with metadata such as GenEval's evaluation_metadata.jsonl, .txt, .csv, ...)")
         p.set_defaults(fn=fn)
     p = sub.add_parser("gallery", help="a static HTML site comparing base and tuned samples of one or more runs")
     p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run directories; one column each (after the base)")
@@ -258,6 +328,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-prompts", type=int, default=None, help="only the first N evaluation prompts")
     _eval_setting_args(p)
     p.set_defaults(fn=_gallery)
+    p = sub.add_parser("serve-rewards", help="serve a reward set over HTTP for trainers in other processes (reward `remote`)")
+    p.add_argument("--config", required=True, help="YAML: a training config's reward section, or that section alone (rewards: {pickscore: 1.0})")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=18090)
+    p.add_argument("--device", default=None, help="device of the reward models (cpu, cuda:1, auto); default: the file's device")
+    p.set_defaults(fn=_serve_rewards)
     p = sub.add_parser("check-pipeline", help="conformance kit: ratio 1 per kernel, stock parity, LoRA round trip, step costs of a pipeline on flowrl's modular path")
     p.add_argument("target", nargs="?", help="a saved pipeline folder, or a tiny family name / pipeline class (offline random weights)")
     p.add_argument("--table", action="store_true", help="every tiny family, as the Markdown table of docs/models.md")

@@ -142,6 +142,16 @@ class RewardConfig:
     """Default device of every reward model that takes one: ``auto`` (this process's device — its
     own GPU under several processes), ``cpu``, ``cuda``, ``cuda:1``...; None: each reward's own
     default (the CPU). A reward's own option wins: ``{pickscore: {weight: 1, device: cuda:1}}``."""
+    track: dict[str, Any] = field(default_factory=dict)
+    """Rewards scored at every evaluation but never trained on (a guard against reward hacking):
+    ``{name: options}`` as in ``rewards`` (a weight, if given, is ignored). Logged as
+    ``eval/track/<name>`` next to the trained reward; see ``track_stop`` for the alarm."""
+    track_window: int = 3
+    """K of the alarm: it compares each evaluation with the one K evaluations earlier."""
+    track_stop: bool = False
+    """When the alarm fires (trained reward up, a tracked one down by more than its 95 % confidence
+    interval over ``track_window`` evaluations), stop the run; ``<run>/best_track`` then holds the
+    checkpoint with the best tracked reward. False: log a warning and go on."""
 
 
 @dataclass
@@ -516,15 +526,16 @@ def resolve_relative_paths(cfg: "TrainConfig", base: Path) -> "TrainConfig":
             setattr(cfg.train, attr, [_resolve_row_image(row, base) for row in rows])
     if cfg.train.resume_from != "latest":
         fix(cfg.train, "resume_from", "train.resume_from")
-    for name, spec in cfg.reward.rewards.items():
-        if not isinstance(spec, dict):
-            continue
-        for key, value in list(spec.items()):
-            if isinstance(key, str) and key.lower().endswith(PATH_OPTION_SUFFIXES):
-                new = _relative_input(value, base)
-                if new is not None:
-                    spec[key] = str(new)
-                    done[f"reward.rewards.{name}.{key}"] = str(new)
+    for section, specs in (("rewards", cfg.reward.rewards), ("track", cfg.reward.track)):
+        for name, spec in specs.items():
+            if not isinstance(spec, dict):
+                continue
+            for key, value in list(spec.items()):
+                if isinstance(key, str) and key.lower().endswith(PATH_OPTION_SUFFIXES):
+                    new = _relative_input(value, base)
+                    if new is not None:
+                        spec[key] = str(new)
+                        done[f"reward.{section}.{name}.{key}"] = str(new)
     cfg.resolved_paths = {"relative_to": str(base), **done} if done else {}
     return cfg
 
@@ -582,6 +593,7 @@ def _range_checks(cfg: "TrainConfig") -> list[tuple[str, Any, Callable[[Any], bo
         ("sampler.max_new_tokens", s.max_new_tokens, lambda x: x >= 1, "≥ 1"),
         ("sampler.temperature", s.temperature, _positive, "a positive number (1 samples the model's distribution)"),
         ("reward.max_failures", r.max_failures, lambda x: x >= 0, "≥ 0 (failed samples tolerated before the run stops)"),
+        ("reward.track_window", r.track_window, lambda x: x >= 1, "≥ 1 (evaluations the alarm looks back)"),
         ("loss.adv_clip_max", a.adv_clip_max, _positive, "a positive number (advantages are clipped to ±adv_clip_max)"),
         ("loss.clip_range", a.clip_range, _non_negative, "≥ 0 (PPO ε; Flow-GRPO 1e-4, TRL 0.2)"),
         ("loss.clip_range_high", a.clip_range_high, _non_negative, "≥ 0 (upper PPO ε; DAPO 0.28)"),

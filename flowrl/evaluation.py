@@ -67,7 +67,10 @@ def evaluate(trainer: Any, *, tag: str = "eval") -> dict[str, float]:
     lo, hi = shard_bounds(n_samples, acc.process_index, acc.num_processes) if split else (0, n_samples)
     with weights, trainer.gathered_weights(), phase(f"eval ({tag}): {hi - lo} samples", enabled=t.progress and acc.is_main_process):
         outputs, prompts = eval_samples(trainer.policy, trainer.eval_prompts, trainer.config, autocast=trainer.autocast, rows=(lo, hi))
-    table, names = trainer.reward_set.score(outputs, prompts[lo:hi], {**reward_meta(metadata[lo:hi]), "eval": True})
+    meta = {**reward_meta(metadata[lo:hi]), "eval": True}
+    table, names = trainer.reward_set.score(outputs, prompts[lo:hi], meta)
+    if getattr(trainer, "track", None) is not None:  # reward.track: its columns join the table as track/<column>
+        table, names = trainer.track.extend(table, names, outputs, prompts[lo:hi], meta)
     if split:
         table = trainer.dist.gather_uneven(table.float().cpu())
         outputs = trainer.dist.gather_uneven(outputs.float().cpu()) if isinstance(outputs, Tensor) else trainer.dist.gather_list(outputs)

@@ -57,6 +57,7 @@ from flowrl.objectives import (  # noqa: F401  (loss_normaliser, policy_gradient
     settle_old_log_probs, zero_weight_batch,
 )
 from flowrl.overlap import rollout_in_calls
+from flowrl.track import after_evaluation, build_tracker
 from flowrl.plugins import (  # noqa: F401  (re-exported: flowrl.trainer.OBJECTIVES etc.)
     OBJECTIVES, PIPELINE_SOURCES, POLICY_BUILDERS, REWARD_TRANSFORMS, import_builtin_components, make_objective,
 )
@@ -134,6 +135,7 @@ class Trainer:
         show = t.progress and self.accelerator.is_main_process
         with phase(f"loading rewards ({', '.join(map(str, config.reward.rewards))})", enabled=show and reward_set is None):
             self.reward_set = reward_set if reward_set is not None else _build_reward_set(config, process_device=self.accelerator.device)  # first: fails fast on a bad reward
+            self.track = build_tracker(config)  # reward.track: scored at evaluations, never trained on
         check_remote_rewards(self.reward_set, announce=self.accelerator.is_main_process)  # servers answer, worst-case waits stated
         with phase(f"loading model {config.model.pipeline}", enabled=show and policy is None):
             if policy is None:  # the main process first: built-in tiny sources write <run>/base_model for the others to read
@@ -163,13 +165,17 @@ class Trainer:
         writer = reporting.start_trackers(self)
         eval_before = self.evaluate(tag="base") if self.eval_prompts and self.start_iteration == 0 else {}
         if eval_before:
+            after_evaluation(self, 0, eval_before, "base")
             reporting.log(self, {"iteration": 0, **{f"eval/{k}": v for k, v in eval_before.items()}}, writer)
         bar = progress_bar(range(self.start_iteration + 1, t.iterations + 1), enabled=t.progress and self.accelerator.is_main_process, total=t.iterations, initial=self.start_iteration)
+        last, stop_alarm = t.iterations, False
         with stop_requests() as stop:
             for it in bar:
                 record = self.iteration(it)
                 if self.eval_prompts and t.eval_every and it % t.eval_every == 0 and it != t.iterations:
-                    record.update({f"eval/{k}": v for k, v in self.evaluate(tag=f"iter{it}").items()})
+                    result = self.evaluate(tag=f"iter{it}")
+                    stop_alarm = after_evaluation(self, it, result, f"iter{it}")  # reward.track's alarm
+                    record.update({f"eval/{k}": v for k, v in result.items()})
                 reporting.log(self, record, writer)
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix(progress_postfix(record))
@@ -179,12 +185,16 @@ class Trainer:
                     path = saved or self.save_checkpoint(it)
                     tracking.finish(writer)
                     raise TrainingInterrupted(stop.name or "a signal on another process", it, path)
-        if t.iterations > self.start_iteration and not (t.save_every and t.iterations % t.save_every == 0):
-            self.save_checkpoint(t.iterations)
+                if stop_alarm:  # reward.track_stop: the run ends here (final evaluation and checkpoint of this iteration)
+                    last = it
+                    break
+        if last > self.start_iteration and not (t.save_every and last % t.save_every == 0):
+            self.save_checkpoint(last)
         eval_after = {}
         if self.eval_prompts:
             eval_after = self.evaluate(tag="tuned")
-            reporting.log(self, {"iteration": t.iterations, **{f"eval/{k}": v for k, v in eval_after.items()}}, writer)
+            after_evaluation(self, last, eval_after, "tuned")
+            reporting.log(self, {"iteration": last, **{f"eval/{k}": v for k, v in eval_after.items()}}, writer)
         self.export_lora()
         tracking.finish(writer)
         summary = reporting.summary(self, eval_before, eval_after)
