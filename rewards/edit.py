@@ -50,10 +50,10 @@ def source_paths(meta: dict | None, n: int, who: str = "edit_consistency") -> li
 def load_image_tensor(path: str) -> Tensor:
     """An image file as float ``[1, 3, H, W]`` in [0, 1] (RGB)."""
     import numpy as np
-    from PIL import Image
 
-    with Image.open(path) as im:
-        arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    from flowrl.prompts import load_source_images
+
+    arr = np.asarray(load_source_images(path), dtype=np.float32) / 255.0
     return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)
 
 
