@@ -244,6 +244,8 @@ def knapsack_allocate(p: Tensor, budget: int, group_size: int, *, max_units: int
     k = len(p)
     units = torch.zeros(k, dtype=torch.long)
     cap = max_units if max_units is not None else budget
+    if budget > 0 and k * cap < budget:  # else the capped gains all tie at −1 and one prompt takes the rest
+        raise ValueError(f"knapsack: {k} prompts × max_units {cap} cannot hold {budget} groups; raise max_units (≥ 1).")
     for _ in range(budget):
         gain = knapsack_value(p, units + 1, group_size) - knapsack_value(p, units, group_size)
         gain = torch.where(units < cap, gain, torch.full_like(gain, -1.0))
@@ -262,6 +264,8 @@ class KnapsackSelector(_TrackedSelector):
     and ``max_units`` 4 are *inferred*."""
 
     def __init__(self, num_prompts: int, *, group_size: int = 8, decay: float = 0.9, max_units: int = 4):
+        if int(max_units) < 1:
+            raise ValueError(f"knapsack max_units must be ≥ 1 (groups per prompt), got {max_units}.")
         super().__init__(num_prompts, decay=decay)
         self.group_size, self.max_units = int(group_size), int(max_units)
 
