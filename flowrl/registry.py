@@ -73,6 +73,17 @@ def _import_checked(module_name: str, path: str) -> Any:
     )
 
 
+def import_if_present(modules: Any) -> None:
+    """Import each module of ``modules`` that is installed (its registrations run); one that is
+    missing is skipped, while an import error *inside* an installed module is raised."""
+    for mod in modules:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name != mod:
+                raise
+
+
 def load_dotted(path: str) -> Any:
     """Import ``package.module:attr`` (or ``package.module.attr``) and return the object. A module
     that sits in a distrusted run folder (:func:`distrust`) is refused with a clear error."""
