@@ -22,8 +22,7 @@ import torch
 from torch import Tensor
 
 from .base import Reward, register
-from .clip import as_dtype, flatten_video, image_config_from_hf, l2n, pooled
-from .preprocess import clip_preprocess, normalize, resize
+from .clip import as_dtype, flatten_video, hf_image_preprocess, image_config_from_hf, l2n, pooled
 
 #: model_type in the folder's config.json → backbone kind
 BACKBONES = {"clip": "clip", "dinov2": "dinov2"}
@@ -94,11 +93,7 @@ class EditConsistency(Reward):
     def preprocess(self, images: Tensor) -> Tensor:
         """Tensor equivalent of the folder's image processor (shortest-edge resize, centre crop,
         normalise; or a squash to ``{height, width}``)."""
-        cfg = dict(self.image_cfg)
-        squash = cfg.pop("squash", None)
-        if squash is not None:
-            return normalize(resize(images.float(), squash, cfg["interpolation"]), cfg["mean"], cfg["std"])
-        return clip_preprocess(images, crop="floor", **cfg)
+        return hf_image_preprocess(images, self.image_cfg)
 
     def features(self, images: Tensor) -> Tensor:
         """L2-normalised image features ``[B, D]`` of images ``[B, 3, H, W]`` in [0, 1]."""
