@@ -127,8 +127,9 @@ def resolve(config: Any) -> Any:
     changes: dict[str, Any] = {}
     if s.kernel is not None:
         changes["kernel"] = s.kernel
-    if s.noise_level is not None:
-        changes["noise_level"] = s.noise_level
+    level = noise_level_for(s.noise_level, s.kernel or preset.kernel)
+    if level is not None:
+        changes["noise_level"] = level
     if s.rollout is not None:
         changes["rollout"] = s.rollout
     if s.rollout_params:
@@ -188,6 +189,105 @@ def resolve(config: Any) -> Any:
     frac = a.timestep_fraction if a.timestep_fraction is not None else d.get("timestep_fraction", 1.0)
     sel = a.timestep_selection if a.timestep_selection is not None else d.get("timestep_selection", "first")
     return ResolvedConfig(config=config, preset=preset, learning_rate=float(lr), timestep_fraction=float(frac), timestep_selection=sel)
+
+
+def noise_level_for(level: Any, kernel: str) -> float | None:
+    """The configured noise level for ``kernel``: a number applies to any kernel, a mapping
+    ``{kernel: level}`` only to the kernels it names (None: the preset's level)."""
+    if level is None:
+        return None
+    if isinstance(level, dict):
+        from flowrl.errors import ConfigError
+        from flowrl.sde import KERNELS
+
+        unknown = [k for k in level if k not in KERNELS]
+        if unknown:
+            raise ConfigError(f"sampler.noise_level: '{unknown[0]}' is not a kernel. Known: {', '.join(KERNELS.names())}.")
+        return float(level[kernel]) if kernel in level else None
+    return float(level)
+
+
+#: config fields a preset owns: (field, how to read the config's value, how to read the preset's)
+def _preset_owned(config: Any, preset: Preset) -> list[tuple[str, Any, Any]]:
+    s, a, t = config.sampler, config.loss, config.train
+    clip = preset.loss.clip_params
+    adv = preset.advantage_params
+    rows: list[tuple[str, Any, Any]] = [
+        ("sampler.kernel", s.kernel, preset.kernel),
+        ("sampler.rollout", s.rollout, preset.rollout),
+        ("sampler.share_initial_noise", s.share_initial_noise, preset.share_initial_noise),
+        ("reward.transform", config.reward.transform, preset.reward_transform),
+        ("loss.advantage", a.advantage, preset.advantage),
+        ("loss.std", a.std, adv.get("std")),
+        ("loss.std_estimator", a.std_estimator, adv.get("std_estimator")),
+        ("loss.adv_clip_max", a.adv_clip_max, adv.get("clip")),
+        ("loss.clip_range", a.clip_range, clip.get("clip_range")),
+        ("loss.clip_range_high", a.clip_range_high, clip.get("clip_range_high")),
+        ("loss.beta", a.beta, preset.loss.beta),
+        ("loss.kl", a.kl, preset.loss.kl),
+        ("loss.kl_ratio_weight", a.kl_ratio_weight, preset.loss.kl_ratio_weight),
+        ("loss.ratio", a.ratio, preset.loss.ratio),
+        ("loss.clip", a.clip, preset.loss.clip),
+        ("loss.aggregation", a.aggregation, preset.loss.aggregation),
+        ("loss.timestep_fraction", a.timestep_fraction, preset.defaults.get("timestep_fraction", 1.0)),
+        ("loss.timestep_selection", a.timestep_selection, preset.defaults.get("timestep_selection", "first")),
+        ("loss.skip_zero_advantage", a.skip_zero_advantage, preset.skip_zero_advantage),
+        ("loss.nft_beta", a.nft_beta, preset.objective_params.get("nft_beta")),
+        ("train.learning_rate", t.learning_rate, preset.defaults.get("learning_rate", 1e-4)),
+    ]
+    for key, value in s.rollout_params.items():
+        rows.append((f"sampler.rollout_params.{key}", value, preset.rollout_params.get(key)))
+    for section, given, own in (("loss.clip_params", a.clip_params, clip), ("loss.options", a.options, adv),
+                                ("loss.objective_options", a.objective_options, preset.objective_params)):
+        for key, value in given.items():
+            rows.append((f"{section}.{key}", value, own.get(key)))
+    return rows
+
+
+def preset_overrides(config: Any) -> dict[str, Any]:
+    """What a config changes of its preset, for the run's record and its first printed lines:
+    ``{"preset": name, "overrides": {field: {"value": v, "preset": p}}, "unused": {field: why}}``.
+
+    ``overrides`` holds every preset-owned field (kernel, noise level, rollout schedule, advantage,
+    clip, KL, timestep selection, learning rate) the config sets to a value other than the preset's;
+    ``unused`` the values that do not apply to this preset (a noise level given for another
+    kernel). Values equal to the preset's are not listed: they change nothing."""
+    try:
+        preset = get_preset(config.algorithm)
+    except ValueError:
+        return {"preset": config.algorithm, "overrides": {}, "unused": {}}
+    out: dict[str, Any] = {}
+    for name, value, own in _preset_owned(config, preset):
+        if value is not None and value != own:
+            out[name] = {"value": value, "preset": own}
+    unused: dict[str, str] = {}
+    kernel = config.sampler.kernel or preset.kernel
+    level = config.sampler.noise_level
+    applied = noise_level_for(level, kernel) if level is not None else None
+    if applied is not None and applied != preset.noise_level and not (config.sampler.kernel and config.sampler.kernel != preset.kernel):
+        out["sampler.noise_level"] = {"value": applied, "preset": preset.noise_level}
+    elif applied is not None and config.sampler.kernel and config.sampler.kernel != preset.kernel:
+        out["sampler.noise_level"] = {"value": applied, "preset": None}
+    if isinstance(level, dict) and applied is None:
+        given = ", ".join(f"{k}: {v}" for k, v in level.items())
+        unused["sampler.noise_level"] = f"{{{given}}} is for another kernel; {preset.name} runs kernel '{kernel}' at its own {preset.noise_level}"
+    return {"preset": preset.name, "overrides": out, "unused": unused}
+
+
+def format_overrides(record: dict[str, Any]) -> str:
+    """The override table printed when a run starts (and by ``flowrl config show``); "" when the
+    config changes nothing of its preset."""
+    rows = record.get("overrides") or {}
+    unused = record.get("unused") or {}
+    if not rows and not unused:
+        return ""
+    lines = [f"settings that differ from preset {record.get('preset')} (config value, preset value):"]
+    width = max([len(k) for k in rows] + [len(k) for k in unused] + [0])
+    for key, row in rows.items():
+        lines.append(f"  {key:<{width}}  {row['value']!r:<12} (preset: {row['preset']!r})")
+    for key, why in unused.items():
+        lines.append(f"  {key:<{width}}  not used: {why}")
+    return "\n".join(lines)
 
 
 #: objectives that keep a moving reference of their own

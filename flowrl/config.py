@@ -78,8 +78,12 @@ class SamplerConfig:
     """Denoising steps of the deterministic (ODE) evaluation samples."""
     kernel: str | None = None
     """Transition kernel of stochastic steps: ode, flow, dance, sage, cps (default: the preset's)."""
-    noise_level: float | None = None
-    """The kernel's a (flow, default 0.7; Flux 0.9) or η (dance 0.3, sage 0.5); default: the preset's."""
+    noise_level: float | dict[str, float] | None = None
+    """The kernel's a (flow, default 0.7; Flux 0.9) or η (dance 0.3, sage 0.5); default: the preset's.
+    A noise level belongs to one kernel: a number in a config file applies to the kernel of that
+    file's algorithm and is recorded as ``{kernel: value}`` (e.g. ``{flow: 0.9}``), so switching
+    ``algorithm`` to a preset with another kernel gives that preset its own level. A mapping may
+    give a level per kernel; a number set from Python or ``--set`` applies to the run's kernel."""
     guidance_scale: float = 1.0
     """CFG scale in rollouts and recomputation (1 = CFG-free; SD3.5-M Flow-GRPO: 4.5)."""
     height: int | None = None
@@ -321,6 +325,10 @@ class TrainSection:
     optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
     """``adamw`` (torch) or ``adamw_8bit`` (bitsandbytes' 8-bit AdamW: optimizer state in 8 bits;
     needs the ``bnb`` extra and a CUDA device)."""
+    num_threads: int | None = None
+    """torch CPU threads (``torch.set_num_threads``) for the ``flowrl`` commands. Default: 1 for the
+    embedded tiny models (``digits``, ``tiny-*``) on the CPU unless ``OMP_NUM_THREADS`` is set, else
+    torch's default (docs/performance.md). Numbers of a CPU run depend on the thread count."""
     allow_tf32: bool = False
     """Let CUDA matmuls and convolutions use TF32 (faster on Ampere+ GPUs, ~1e-3 relative error)."""
 
@@ -347,9 +355,9 @@ class TrainConfig:
         return d
 
     def to_yaml(self, path: str | Path | None = None) -> str:
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
         if path is not None:
-            Path(path).write_text(text)
+            Path(path).write_text(text, encoding="utf-8")
         return text
 
     @classmethod
@@ -387,7 +395,7 @@ class TrainConfig:
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; check the --config path.")
         try:
-            data = load_yaml(path.read_text())
+            data = load_yaml(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
@@ -399,6 +407,7 @@ class TrainConfig:
             cfg = cls.from_dict(data)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
+        bind_noise_level(cfg)
         return resolve_relative_paths(cfg, path.resolve().parent)
 
     def override(self, assignments: list[str]) -> "TrainConfig":
@@ -478,6 +487,25 @@ class TrainConfig:
         from flowrl.algorithms import resolve
 
         return resolve(self)
+
+
+def bind_noise_level(cfg: "TrainConfig") -> "TrainConfig":
+    """A number ``sampler.noise_level`` becomes ``{kernel: number}`` for the kernel the config runs
+    (``sampler.kernel``, else its preset's): a noise level is a property of one kernel (Flow-GRPO's
+    a, DanceGRPO's η), so ``--set algorithm=dance_grpo`` on a config tuned for the flow kernel must
+    not hand the flow kernel's a to the dance kernel. Unknown presets leave the number as it is."""
+    level = cfg.sampler.noise_level
+    if level is None or isinstance(level, dict):
+        return cfg
+    kernel = cfg.sampler.kernel
+    if kernel is None:
+        from flowrl.algorithms import PRESETS
+
+        if cfg.algorithm not in PRESETS:
+            return cfg
+        kernel = PRESETS.get(cfg.algorithm).kernel
+    cfg.sampler.noise_level = {kernel: float(level)}
+    return cfg
 
 
 #: reward options that name files or folders (resolved like the other input paths)
@@ -577,9 +605,11 @@ def _range_checks(cfg: "TrainConfig") -> list[tuple[str, Any, Callable[[Any], bo
         ("train.save_every", t.save_every, lambda x: x >= 0, "≥ 0 (0 saves only at the end)"),
         ("train.eval_every", t.eval_every, lambda x: x >= 0, "≥ 0 (0 evaluates only before and after training)"),
         ("train.eval_samples_per_prompt", t.eval_samples_per_prompt, lambda x: x >= 1, "≥ 1"),
+        ("train.num_threads", t.num_threads, lambda x: x >= 1, "≥ 1 (or unset: the default of docs/performance.md)"),
         ("sampler.num_steps", s.num_steps, lambda x: x >= 1, "≥ 1"),
         ("sampler.eval_num_steps", s.eval_num_steps, lambda x: x >= 1, "≥ 1"),
-        ("sampler.noise_level", s.noise_level, _non_negative, "≥ 0"),
+        *((f"sampler.noise_level.{k}" if isinstance(s.noise_level, dict) else "sampler.noise_level", v, _non_negative, "≥ 0")
+          for k, v in (s.noise_level.items() if isinstance(s.noise_level, dict) else [(None, s.noise_level)])),
         ("sampler.shift", s.shift, _positive, "> 0 (1 = no shift)"),
         ("sampler.num_frames", s.num_frames, lambda x: x >= 1, "≥ 1"),
         ("model.decode_batch_size", cfg.model.decode_batch_size, lambda x: x >= 1, "≥ 1 (or unset: decode the whole batch at once)"),

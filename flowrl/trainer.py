@@ -109,6 +109,9 @@ class Trainer:
     def __init__(self, config: TrainConfig, *, policy: Any = None, reward_set: Any = None, accelerator: Any = None):
         self.config = config
         self.resolved = config.resolved()
+        from flowrl.rules import check_compatibility
+
+        check_compatibility(self.resolved, rewards=reward_set is None)  # before anything loads
         t = config.train
         check_environment(config)  # output folder writable, device present, resolution fits: before any model loads
         if t.allow_tf32 and torch.cuda.is_available():
@@ -151,6 +154,8 @@ class Trainer:
         setup_training(self)  # LoRA / reference copy, optimizer, accelerate.prepare, EMA
         self.history: list[dict[str, float]] = []
         self.start_iteration = 0
+        #: the run length the learning-rate schedule is planned over (a resumed run keeps its original plan)
+        self.schedule_iterations = t.iterations
 
     # ---------------------------------------------------------------------------- the loop
     def train(self) -> TrainResult:
@@ -163,10 +168,14 @@ class Trainer:
         if t.resume_from:
             self.load_checkpoint(path)
         writer = reporting.start_trackers(self)
-        eval_before = self.evaluate(tag="base") if self.eval_prompts and self.start_iteration == 0 else {}
-        if eval_before:
-            after_evaluation(self, 0, eval_before, "base")
-            reporting.log(self, {"iteration": 0, **{f"eval/{k}": v for k, v in eval_before.items()}}, writer)
+        if self.start_iteration == 0:
+            eval_before = self.evaluate(tag="base") if self.eval_prompts else {}
+            reporting.check_report_column(self, eval_before)
+            if eval_before:
+                after_evaluation(self, 0, eval_before, "base")
+                reporting.log(self, {"iteration": 0, **{f"eval/{k}": v for k, v in eval_before.items()}}, writer)
+        else:  # resumed: the base evaluation the run made at iteration 0 (checkpoint state / metrics.jsonl)
+            eval_before = dict(getattr(self, "_evals", {}).get("base") or {})
         bar = progress_bar(range(self.start_iteration + 1, t.iterations + 1), enabled=t.progress and self.accelerator.is_main_process, total=t.iterations, initial=self.start_iteration)
         last, stop_alarm = t.iterations, False
         with stop_requests() as stop:
@@ -206,7 +215,7 @@ class Trainer:
         processes: every process returns the same record)."""
         t, preset = self.config.train, self.resolved.preset
         self.policy.iteration = it
-        lr = learning_rate_at(it, t.iterations, self.resolved.learning_rate, t.lr_schedule, t.lr_min_ratio)
+        lr = learning_rate_at(min(it, self.schedule_iterations), self.schedule_iterations, self.resolved.learning_rate, t.lr_schedule, t.lr_min_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         # 1. rollout + 2. rewards (the prompt selector may filter groups and refill: DAPO)

@@ -190,6 +190,7 @@ class CLIPScore(Reward):
     """
 
     name = "clipscore"
+    modalities = ("image", "video")
     differentiable = True
     scale = "cosine, ~0.2-0.4"
 
@@ -211,6 +212,7 @@ class OpenCLIPScore(Reward):
     transform. Output: cosine, ~0.2–0.4."""
 
     name = "clipscore_openclip"
+    modalities = ("image", "video")
     differentiable = True
     scale = "cosine, ~0.2-0.4"
 

@@ -62,7 +62,7 @@ def test_two_processes_train_the_one_process_model(tmp_path):
     non-reentrant: the reentrant form breaks DDP's find_unused_parameters); checkpointing changes
     no number, so it is held to the same tolerances as the plain one-process run."""
     sets = SMALL + ["train.iterations=2", "train.prompts=[two 4s, a 0 left of a 5]", "train.train_batch_size=2",
-                    "loss.skip_zero_advantage=true", "reward.rewards={tests._dist_worker:FlatForPairs: 1.0}"]
+                    "loss.skip_zero_advantage=true", "reward.rewards={tests._dist_worker:FlatForPairs: 1.0}", "train.report=null"]
     one, two = tmp_path / "one", tmp_path / "two"
     _run([sys.executable, str(WORKER), str(one), *sets, f"train.output_dir={tmp_path / 'run1'}"])
     _run(_torchrun(2) + [str(WORKER), str(two), *sets, "train.gradient_checkpointing=true", f"train.output_dir={tmp_path / 'run2'}"], timeout=240)

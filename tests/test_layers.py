@@ -40,10 +40,10 @@ LAYERS: list[tuple[str, set[str]]] = [
     # the loop: configs, builders, the trainer and its parts
     ("loop", {
         "flowrl.config", "flowrl.builders", "flowrl.trainer", "flowrl.distributed", "flowrl.estimation",
-        "flowrl.evaluation", "flowrl.reporting", "flowrl.checkpointing", "flowrl.track",
+        "flowrl.evaluation", "flowrl.reporting", "flowrl.checkpointing", "flowrl.track", "flowrl.rules",
     }),
     # the face: command line, run inspection, the gallery, the digits pretraining script
-    ("face", {"flowrl", "flowrl.__main__", "flowrl.cli", "flowrl.gallery", "flowrl.runs", "flowrl.pretrain_digits", "flowrl.testing", "flowrl.benchmarks"}),
+    ("face", {"flowrl", "flowrl.__main__", "flowrl.cli", "flowrl.gallery", "flowrl.runs", "flowrl.pretrain_digits", "flowrl.testing", "flowrl.benchmarks", "flowrl.export"}),
 ]
 
 
