@@ -122,9 +122,7 @@ class GARDOObjective(MovingReferenceObjective):
         gate = uncertainty_gate(rank_uncertainty(full[:, main], aux), self.gate_fraction)
         self.gated_share = float(gate.float().mean())
         traj.meta["kl_gate"] = gate[offset : offset + len(table)].float()
-        inner = getattr(self.inner, "before_advantages", None)
-        if inner is not None:
-            inner(trainer, traj)
+        self.inner_hook("before_advantages", trainer, traj)
 
     def observe(self, result: tuple[Tensor, dict[str, float]]) -> tuple[Tensor, dict[str, float]]:
         if result[1].get("kl/ref", 0.0) > self.kl_threshold:
@@ -134,13 +132,10 @@ class GARDOObjective(MovingReferenceObjective):
     def on_update(self, trainer: Any) -> None:  # the reference moves per iteration, not per step
         self.updates += 1
         self.params(trainer.policy)
-        inner = getattr(self.inner, "on_update", None)
-        if inner is not None:
-            inner(trainer)
+        self.inner_hook("on_update", trainer)
 
     def on_iteration_end(self, trainer: Any, it: int) -> dict[str, float]:
-        inner = getattr(self.inner, "on_iteration_end", None)
-        out = dict(inner(trainer, it) or {}) if inner is not None else {}
+        out = dict(self.inner_hook("on_iteration_end", trainer, it) or {})
         refresh = trainer.dist.any_process(self.exceeded) or it - self.last_refresh >= self.reset_every
         if refresh:
             with torch.no_grad():

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from flowrl.registry import Registry
+from flowrl.registry import Registry, import_if_present
 
 OBJECTIVES: Registry[Callable[..., Any]] = Registry("training objective")
 #: name → fn(resolved: ResolvedConfig, run_dir: Path) -> Policy
@@ -45,12 +45,5 @@ BUILTIN_COMPONENT_MODULES = ("flowrl.nft", "flowrl.matching", "flowrl.reference"
 
 
 def import_builtin_components() -> None:
-    import importlib
-
-    for mod in BUILTIN_COMPONENT_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name != mod:
-                raise
+    import_if_present(BUILTIN_COMPONENT_MODULES)
 

@@ -170,31 +170,13 @@ class _SuccessTracker:
         self.alpha, self.beta = state["alpha"].clone().double(), state["beta"].clone().double()
 
 
-@register_selector("vade")
-class VADESelector(UniformSelector):
-    """VADE-style selection (variance-aware dynamic sampling): each prompt's success rate has a
-    Beta posterior (:class:`_SuccessTracker`, discount ``decay`` so it follows the changing policy);
-    each iteration draws θ_i ~ Beta(α_i, β_i) for a candidate pool of ``pool_factor``·n prompts
-    (the next ones of a shuffled epoch) and keeps the n with the largest θ(1 − θ) — the Bernoulli
-    variance, i.e. the expected magnitude of a GRPO gradient — Thompson sampling that explores
-    prompts it knows little about. Unpicked candidates are passed over until the next epoch.
-    The mechanism is the paper's; ``decay`` 0.9 and ``pool_factor`` 2 are *inferred*."""
+class _TrackedSelector(UniformSelector):
+    """A shuffled-epoch selector that keeps a :class:`_SuccessTracker` of every prompt (updated
+    with each iteration's rewards, saved with the selector's state)."""
 
-    def __init__(self, num_prompts: int, *, decay: float = 0.9, pool_factor: float = 2.0):
+    def __init__(self, num_prompts: int, *, decay: float):
         super().__init__(num_prompts)
-        if pool_factor < 1:
-            raise ValueError(f"vade pool_factor must be ≥ 1, got {pool_factor}.")
         self.tracker = _SuccessTracker(num_prompts, decay=decay)
-        self.pool_factor = float(pool_factor)
-
-    def sample(self, n: int, generator: torch.Generator | None = None) -> list[int]:
-        pool = super().sample(min(self.num_prompts, max(n, int(round(n * self.pool_factor)))), generator)
-        if len(pool) <= n:
-            return pool + super().sample(n - len(pool), generator) if len(pool) < n else pool
-        idx = torch.tensor(pool, dtype=torch.long)
-        theta = thompson_beta(self.tracker.alpha[idx], self.tracker.beta[idx], generator)
-        chosen = torch.argsort(-(theta * (1 - theta)), stable=True)[:n].sort().values
-        return [pool[i] for i in chosen.tolist()]
 
     def update(self, indices: Sequence[int], rewards: Tensor, group_ids: Tensor) -> None:
         self.tracker.update(indices, rewards)
@@ -205,6 +187,32 @@ class VADESelector(UniformSelector):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.tracker.load_state_dict(state["tracker"])
+
+
+@register_selector("vade")
+class VADESelector(_TrackedSelector):
+    """VADE-style selection (variance-aware dynamic sampling): each prompt's success rate has a
+    Beta posterior (:class:`_SuccessTracker`, discount ``decay`` so it follows the changing policy);
+    each iteration draws θ_i ~ Beta(α_i, β_i) for a candidate pool of ``pool_factor``·n prompts
+    (the next ones of a shuffled epoch) and keeps the n with the largest θ(1 − θ) — the Bernoulli
+    variance, i.e. the expected magnitude of a GRPO gradient — Thompson sampling that explores
+    prompts it knows little about. Unpicked candidates are passed over until the next epoch.
+    The mechanism is the paper's; ``decay`` 0.9 and ``pool_factor`` 2 are *inferred*."""
+
+    def __init__(self, num_prompts: int, *, decay: float = 0.9, pool_factor: float = 2.0):
+        if pool_factor < 1:
+            raise ValueError(f"vade pool_factor must be ≥ 1, got {pool_factor}.")
+        super().__init__(num_prompts, decay=decay)
+        self.pool_factor = float(pool_factor)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> list[int]:
+        pool = super().sample(min(self.num_prompts, max(n, int(round(n * self.pool_factor)))), generator)
+        if len(pool) <= n:
+            return pool + super().sample(n - len(pool), generator) if len(pool) < n else pool
+        idx = torch.tensor(pool, dtype=torch.long)
+        theta = thompson_beta(self.tracker.alpha[idx], self.tracker.beta[idx], generator)
+        chosen = torch.argsort(-(theta * (1 - theta)), stable=True)[:n].sort().values
+        return [pool[i] for i in chosen.tolist()]
 
 
 def thompson_beta(alpha: Tensor, beta: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -236,6 +244,8 @@ def knapsack_allocate(p: Tensor, budget: int, group_size: int, *, max_units: int
     k = len(p)
     units = torch.zeros(k, dtype=torch.long)
     cap = max_units if max_units is not None else budget
+    if budget > 0 and k * cap < budget:  # else the capped gains all tie at −1 and one prompt takes the rest
+        raise ValueError(f"knapsack: {k} prompts × max_units {cap} cannot hold {budget} groups; raise max_units (≥ 1).")
     for _ in range(budget):
         gain = knapsack_value(p, units + 1, group_size) - knapsack_value(p, units, group_size)
         gain = torch.where(units < cap, gain, torch.full_like(gain, -1.0))
@@ -244,7 +254,7 @@ def knapsack_allocate(p: Tensor, budget: int, group_size: int, *, max_units: int
 
 
 @register_selector("knapsack")
-class KnapsackSelector(UniformSelector):
+class KnapsackSelector(_TrackedSelector):
     """Knapsack RL's budget allocation over the iteration's prompts: the n prompts of the batch (the
     next ones of a shuffled epoch) share n·G rollouts; each prompt gets a number of G-rollout
     groups (possibly 0 or several) that maximises Σ value (:func:`knapsack_allocate`) with its
@@ -254,24 +264,15 @@ class KnapsackSelector(UniformSelector):
     and ``max_units`` 4 are *inferred*."""
 
     def __init__(self, num_prompts: int, *, group_size: int = 8, decay: float = 0.9, max_units: int = 4):
-        super().__init__(num_prompts)
-        self.tracker = _SuccessTracker(num_prompts, decay=decay)
+        if int(max_units) < 1:
+            raise ValueError(f"knapsack max_units must be ≥ 1 (groups per prompt), got {max_units}.")
+        super().__init__(num_prompts, decay=decay)
         self.group_size, self.max_units = int(group_size), int(max_units)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> list[int]:
         pool = super().sample(n, generator)
         units = knapsack_allocate(self.tracker.mean()[torch.tensor(pool, dtype=torch.long)], n, self.group_size, max_units=self.max_units)
         return [i for i, u in zip(pool, units.tolist()) for _ in range(u)]
-
-    def update(self, indices: Sequence[int], rewards: Tensor, group_ids: Tensor) -> None:
-        self.tracker.update(indices, rewards)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "tracker": self.tracker.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.tracker.load_state_dict(state["tracker"])
 
 
 def make_selector(name: str, num_prompts: int, **params: Any) -> Any:

@@ -148,6 +148,11 @@ class MovingReferenceObjective:
         """Every chunk's ``(loss, metrics)`` passes here (subclasses watch the KL)."""
         return result
 
+    def inner_hook(self, name: str, *args: Any) -> Any:
+        """The inner objective's hook ``name`` called with ``args`` (``None`` when it has none)."""
+        fn = getattr(self.inner, name, None)
+        return fn(*args) if fn is not None else None
+
     def __getattr__(self, name: str) -> Any:  # the inner objective's other hooks
         if name in ("inner", "shadow") or name.startswith("__"):
             raise AttributeError(name)
@@ -155,29 +160,23 @@ class MovingReferenceObjective:
 
     def before_advantages(self, trainer: Any, traj: Any) -> None:
         check_unsharded(trainer)
-        inner = getattr(self.inner, "before_advantages", None)
-        if inner is not None:
-            inner(trainer, traj)
+        self.inner_hook("before_advantages", trainer, traj)
 
     def on_update(self, trainer: Any) -> None:
         self.updates += 1
         params = self.params(trainer.policy)
         if moving_reference_update(self.shadow, params, self.updates, mode=self.mode, decay=self.decay, every=self.every):
             self.refreshes += 1
-        inner = getattr(self.inner, "on_update", None)
-        if inner is not None:
-            inner(trainer)
+        self.inner_hook("on_update", trainer)
 
     def on_iteration_end(self, trainer: Any, it: int) -> dict[str, float]:
-        inner = getattr(self.inner, "on_iteration_end", None)
-        out = dict(inner(trainer, it) or {}) if inner is not None else {}
+        out = dict(self.inner_hook("on_iteration_end", trainer, it) or {})
         out["ref/refreshes"] = float(self.refreshes)
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        inner = getattr(self.inner, "state_dict", None)
         return {"shadow": None if self.shadow is None else [s.clone() for s in self.shadow], "updates": self.updates,
-                "refreshes": self.refreshes, "inner": inner() if inner is not None else None}
+                "refreshes": self.refreshes, "inner": self.inner_hook("state_dict")}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.shadow = None if state.get("shadow") is None else [s.clone() for s in state["shadow"]]

@@ -73,6 +73,17 @@ def _import_checked(module_name: str, path: str) -> Any:
     )
 
 
+def import_if_present(modules: Any) -> None:
+    """Import each module of ``modules`` that is installed (its registrations run); one that is
+    missing is skipped, while an import error *inside* an installed module is raised."""
+    for mod in modules:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name != mod:
+                raise
+
+
 def _import_with_cwd(module_name: str, path: str) -> Any:
     """:func:`_import_checked`; when the module's top-level package is not importable, look in the
     working directory too (``python -m`` puts it on ``sys.path``; the ``flowrl`` command does not),

@@ -11,6 +11,7 @@ import torch
 
 from flowrl.errors import ConfigError
 from flowrl.plugins import PIPELINE_SOURCES
+from flowrl.registry import import_if_present
 
 
 def load_pipeline(spec: str, run_dir: Path, dtype: torch.dtype = torch.float32):
@@ -78,14 +79,7 @@ def _pipeline_class(path: Path):
 
 
 def _import_pipeline_sources() -> None:
-    import importlib
-
-    for mod in ("flowrl.pipelines.digits",):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name != mod:
-                raise
+    import_if_present(("flowrl.pipelines.digits",))
 
 
 def _tiny_source(builder_name: str):

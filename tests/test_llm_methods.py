@@ -105,6 +105,19 @@ def test_knapsack_value_and_allocation_by_hand():
     assert knapsack_allocate(torch.tensor([0.5, 1.0, 0.1, 0.9]), 4, 4).tolist() == [2, 0, 1, 1]
 
 
+def test_knapsack_refuses_a_cap_that_cannot_hold_the_budget():
+    from flowrl.prompt_selection import KnapsackSelector, knapsack_allocate
+
+    # the cap used to be ignored once every prompt reached it: all the rest went to the first prompt
+    with pytest.raises(ValueError, match="max_units"):
+        knapsack_allocate(torch.full((4,), 0.5), 4, 8, max_units=0)
+    with pytest.raises(ValueError, match="max_units"):
+        knapsack_allocate(torch.full((2,), 0.5), 5, 8, max_units=2)
+    assert knapsack_allocate(torch.full((2,), 0.5), 4, 8, max_units=2).tolist() == [2, 2]
+    with pytest.raises(ValueError, match="knapsack max_units must be ≥ 1"):
+        KnapsackSelector(10, group_size=4, max_units=0)
+
+
 def test_selectors_learn_and_resume():
     from flowrl.prompt_selection import KnapsackSelector, VADESelector
 
