@@ -99,6 +99,26 @@ def _task(mp: Any, policy: Any) -> str:
     return "text-to-video" if video else "text-to-image"
 
 
+def _add_test_lora(policy, traj, res, *, seed: int, timings: bool) -> None:
+    """Give the policy a rank-4 LoRA whose B matrices are random (so it changes the output), and
+    with ``timings`` time one update step (the first step's log-prob, backward) into ``res``."""
+    from flowrl.builders import add_lora
+
+    add_lora(policy.model, rank=4, alpha=4, targets=list(policy.default_lora_targets), seed=seed)
+    with torch.no_grad():
+        for n, p in policy.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(seed + 3)) if p.device.type == "cpu" else p.copy_(torch.randn_like(p) * 0.05)
+    if timings:
+        _peak_reset(policy.device)
+        t0 = time.perf_counter()
+        ev = policy.evaluate(traj, steps=[0])
+        ev.log_prob.sum().backward()
+        res.update_step_s = time.perf_counter() - t0
+        res.update_peak_mb = _peak_mb(policy.device)
+        policy.model.zero_grad(set_to_none=True)
+
+
 def _peak_reset(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -191,7 +211,6 @@ def check_pipeline(
         return _check_hand(pipe, family=family, prompts=prompts, num_steps=num_steps, height=height, width=width, guidance_scale=guidance_scale,
                            adapter_options=adapter_options, kernels=kernels, lora=lora, timings=timings, seed=seed, verbose=verbose,
                            stock_kwargs=stock_kwargs)
-    from flowrl.builders import add_lora
     from flowrl.pipelines.flow_policy import FlowPolicy
     from flowrl.pipelines.modular import to_modular
 
@@ -241,19 +260,7 @@ def check_pipeline(
 
     # 4. LoRA: flowrl saves, stock load_lora_weights loads, same output
     if lora:
-        add_lora(policy.model, rank=4, alpha=4, targets=list(policy.default_lora_targets), seed=seed)
-        with torch.no_grad():
-            for n, p in policy.model.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(seed + 3)) if p.device.type == "cpu" else p.copy_(torch.randn_like(p) * 0.05)
-        if timings:
-            _peak_reset(policy.device)
-            t0 = time.perf_counter()
-            ev = policy.evaluate(traj, steps=[0])
-            ev.log_prob.sum().backward()
-            res.update_step_s = time.perf_counter() - t0
-            res.update_peak_mb = _peak_mb(policy.device)
-            policy.model.zero_grad(set_to_none=True)
+        _add_test_lora(policy, traj, res, seed=seed, timings=timings)
         policy.adapter.clear_prompt_cache()
         with tempfile.TemporaryDirectory() as d:
             policy.save_lora(d)
@@ -299,8 +306,7 @@ def _stock_hand(pipe: Any, prompts: Sequence[Any], *, steps: int, height: int, w
     guider gets it at ``guidance_scale`` for the call."""
     import inspect
 
-    from flowrl.pipelines.image_cond import load_rgb
-    from flowrl.prompts import prompt_images
+    from flowrl.prompts import load_source_images, prompt_images
 
     params = inspect.signature(pipe.__call__).parameters
     g = torch.Generator().manual_seed(seed)
@@ -314,7 +320,7 @@ def _stock_hand(pipe: Any, prompts: Sequence[Any], *, steps: int, height: int, w
             kw.update({k: v for k, v in (("height", height), ("width", width)) if k in params})
             images = prompt_images(p)
             if images:
-                kw["image"] = load_rgb(images[0])
+                kw["image"] = load_source_images(images[0])
             out = pipe(prompt=str(p), num_inference_steps=steps, generator=g, output_type="pt", **kw)
             outs.append(torch.as_tensor(out.frames if hasattr(out, "frames") else out.images))
         return torch.cat(outs)
@@ -339,7 +345,6 @@ def _check_hand(pipe: Any, *, family: str | None, prompts: Sequence[str], num_st
                 seed: int, verbose: bool, stock_kwargs: dict | None) -> CheckResult:
     """:func:`check_pipeline` through the hand adapter registered for ``pipe``'s class, against
     the stock regular call."""
-    from flowrl.builders import add_lora
     from flowrl.pipelines.flow_policy import FlowPolicy
     from flowrl.pipelines.image_cond import ImageConditionMixin
     from flowrl.prompts import ImagePrompt
@@ -399,19 +404,7 @@ def _check_hand(pipe: Any, *, family: str | None, prompts: Sequence[str], num_st
 
         # 4. LoRA: flowrl saves, the stock loader loads into a fresh copy, same output
         if lora:
-            add_lora(policy.model, rank=4, alpha=4, targets=list(policy.default_lora_targets), seed=seed)
-            with torch.no_grad():
-                for n, p in policy.model.named_parameters():
-                    if "lora_B" in n:
-                        p.normal_(0, 0.05, generator=torch.Generator().manual_seed(seed + 3)) if p.device.type == "cpu" else p.copy_(torch.randn_like(p) * 0.05)
-            if timings:
-                _peak_reset(policy.device)
-                t0 = time.perf_counter()
-                ev = policy.evaluate(traj, steps=[0])
-                ev.log_prob.sum().backward()
-                res.update_step_s = time.perf_counter() - t0
-                res.update_peak_mb = _peak_mb(policy.device)
-                policy.model.zero_grad(set_to_none=True)
+            _add_test_lora(policy, traj, res, seed=seed, timings=timings)
             with tempfile.TemporaryDirectory() as d:
                 policy.save_lora(d)
                 fresh = copy.deepcopy(original)
