@@ -41,7 +41,7 @@ import torch
 
 FLOW_ALGORITHMS = [
     "flow_grpo", "dance_grpo", "flow_grpo_fast", "mix_grpo", "mix_grpo_flash", "sage_grpo", "g2rpo", "branch_grpo",
-    "branch_grpo_mix", "grpo_guard", "pref_grpo", "diffusion_nft",
+    "branch_grpo_mix", "grpo_guard", "pref_grpo", "diffusion_nft", "awm", "flow_dpo", "dgpo", "tempflow_grpo",
 ]
 THRESHOLDS = (0.7, 0.8, 0.9)
 

@@ -884,3 +884,86 @@ def grpo_care_estimator(inputs: AdvantageInputs, *, bonus: float = 0.5, margin: 
     b = care_bonus(_column(inputs, accuracy, "grpo_care"), conf.to(inputs.rewards.device), inputs.group_ids, bonus=bonus, margin=margin, min_accuracy=min_accuracy)
     inputs.meta["care_bonus"] = b
     return group_advantages(inputs.rewards.float() + b, inputs.group_ids, std=std, std_estimator=std_estimator, eps=eps, clip=clip)
+
+
+# ===================================================================================== issue 27
+def focal_weights(rewards: Tensor, group_ids: Tensor, *, gamma: float = 1.0, threshold: float = 0.5) -> Tensor:
+    """F-GRPO's difficulty-aware scale g = (1 − μ̂_pos)^γ per sample ``[B]``, μ̂_pos the share of the
+    sample's group with reward > ``threshold`` (the empirical success rate of its prompt).
+    Plyusov et al. 2026, "F-GRPO: Don't Let Your Policy Learn the Obvious and Forget the Rare", §4."""
+    if gamma < 0:
+        raise ValueError(f"F-GRPO's gamma must be ≥ 0, got {gamma}.")
+    success, _, _ = group_stats((rewards.float() > threshold).float(), group_ids)
+    return (1.0 - success).clamp(min=0.0) ** gamma
+
+
+@register_advantage("fgrpo")
+def fgrpo_estimator(inputs: AdvantageInputs, *, gamma: float = 1.0, threshold: float = 0.5, std: str = "group", eps: float = 1e-4,
+                    clip: float | None = None, std_estimator: str = "unbiased") -> Tensor:
+    """F-GRPO: the group advantage (:func:`group_advantages`) × (1 − μ̂_pos)^γ (:func:`focal_weights`):
+    prompts the policy already solves often get smaller updates, so rare correct solutions are not
+    crowded out. γ = 1 is *inferred* (the paper sweeps it). The paper's rewards are binary; here a
+    sample counts as correct when its reward exceeds ``threshold`` 0.5 (*inferred*: the same split
+    for 0/1 and ±1 rewards, and a verifier's 1 + a small shaping bonus still counts as correct where
+    a threshold of 0 would call every sample correct and zero every advantage)."""
+    adv = group_advantages(inputs.rewards, inputs.group_ids, std=std, std_estimator=std_estimator, eps=eps, clip=clip)
+    return adv * focal_weights(inputs.rewards, inputs.group_ids, gamma=gamma, threshold=threshold).to(adv.device)
+
+
+def lagrangian_reward(helpful: Tensor, cost: Tensor, lam: float) -> Tensor:
+    """Safe RLHF's combined reward (Dai et al. 2024, "Safe RLHF", eq. 11 normalised): (R − λ·C)/(1 + λ),
+    R the helpfulness reward, C the cost (> 0 unsafe), λ ≥ 0 the Lagrange multiplier."""
+    return (helpful.float() - lam * cost.float()) / (1.0 + lam)
+
+
+def lagrange_update(lam: float, mean_cost: float, *, limit: float, lr: float) -> float:
+    """Dual ascent on λ: λ ← max(0, λ + η·(E[C] − d)) — λ grows while the constraint E[C] ≤ d is
+    violated and decays to 0 once it holds (Safe RLHF §3.3; the log-λ form of the paper is an
+    implementation detail we do not follow)."""
+    return max(0.0, lam + lr * (mean_cost - limit))
+
+
+@register_advantage("lagrangian")
+class LagrangianAdvantage:
+    """Multi-objective safety: a helpfulness reward against a safety constraint, combined by a
+    Lagrange multiplier that is learnt alongside the policy.
+
+    The cost of a sample is C = −(safety column) (``cost_sign`` −1: a safety *score*, higher =
+    safer) or the column itself (``cost_sign`` +1). The advantage is the group z-score of
+    (R − λ·C)/(1 + λ) with the λ of this iteration; then λ ← max(0, λ + η·(mean C − d)) over the
+    batch. Options: ``helpful``/``safety`` (reward column names; default the first two columns),
+    ``limit`` d (0), ``lambda_init`` (1), ``lambda_lr`` η (0.1; *inferred*), ``std``/``std_estimator``.
+    Stateful: λ is checkpointed."""
+
+    def __init__(self, *, helpful: str | None = None, safety: str | None = None, cost_sign: float = -1.0, limit: float = 0.0,
+                 lambda_init: float = 1.0, lambda_lr: float = 0.1, std: str = "group", eps: float = 1e-4, clip: float | None = None,
+                 std_estimator: str = "unbiased"):
+        if lambda_init < 0 or lambda_lr < 0:
+            raise ValueError(f"lambda_init and lambda_lr must be ≥ 0, got {lambda_init}, {lambda_lr}.")
+        self.helpful, self.safety, self.cost_sign = helpful, safety, float(cost_sign)
+        self.limit, self.lam, self.lr = float(limit), float(lambda_init), float(lambda_lr)
+        self.group_kw = {"std": std, "eps": eps, "clip": clip, "std_estimator": std_estimator}
+
+    def _column(self, inputs: AdvantageInputs, name: str | None, default: int, option: str) -> Tensor:
+        names = list(inputs.reward_names)
+        if inputs.reward_table is None or len(names) < 2:
+            raise ValueError("the 'lagrangian' estimator needs two reward columns (helpfulness and safety) in reward.rewards.")
+        if name is None:
+            return inputs.reward_table[:, default]
+        if name not in names:
+            raise ValueError(f"loss.options.{option} '{name}' is not a reward column; columns: {', '.join(names)}.")
+        return inputs.reward_table[:, names.index(name)]
+
+    def __call__(self, inputs: AdvantageInputs) -> Tensor:
+        helpful = self._column(inputs, self.helpful, 0, "helpful").float()
+        cost = self.cost_sign * self._column(inputs, self.safety, 1, "safety").float()
+        combined = lagrangian_reward(helpful, cost, self.lam)
+        adv = group_advantages(combined, inputs.group_ids, **self.group_kw)
+        self.lam = lagrange_update(self.lam, float(cost.mean()), limit=self.limit, lr=self.lr)
+        return adv
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lambda": self.lam}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.lam = float(state["lambda"])

@@ -38,6 +38,7 @@ def written_aside(path: Path, *, folder: bool = False, needed_bytes: int | None 
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         yield tmp
+        _flush_to_disk(tmp)  # the rename must not reach the disk before the data (power loss)
         if folder and path.exists():
             old = path.with_name(path.name + ".old")
             shutil.rmtree(old, ignore_errors=True)
@@ -55,6 +56,21 @@ def written_aside(path: Path, *, folder: bool = False, needed_bytes: int | None 
         if failure is not None:
             raise WriteError(disk_error(failure, path, needed_bytes)) from None
         raise
+
+
+def _flush_to_disk(tmp: Path) -> None:
+    """fsync every file written under ``tmp`` (a file or a folder), then its folder, so that after
+    a power loss the renamed name never points at data the disk did not keep."""
+    files = [p for p in tmp.rglob("*") if p.is_file()] if tmp.is_dir() else [tmp]
+    for f in files:
+        with open(f, "rb") as handle:
+            os.fsync(handle.fileno())
+    with contextlib.suppress(OSError):  # not every file system lets a folder be opened for fsync
+        fd = os.open(tmp if tmp.is_dir() else tmp.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def write_failure(exc: BaseException) -> OSError | None:

@@ -172,6 +172,8 @@ def make_selector(trainer: Any):
         kwargs["tracker"] = trainer.estimator.tracker
     if "prompts" in params:
         kwargs["prompts"] = trainer.train_prompts
+    if "group_size" in params:  # selectors that allocate rollouts (Knapsack RL) count them in groups of G
+        kwargs["group_size"] = trainer.config.train.num_generations
     return make_selector(name, len(trainer.train_prompts), **kwargs)
 
 

@@ -57,6 +57,34 @@ def check_fresh_run_dir(run_dir: Path, resume_from: str | None) -> None:
         )
 
 
+def resolved_yaml(config: Any, resolved: Any, run_dir: Path | None = None) -> str:
+    """The config as a run records it (``<run>/config.yaml``; ``flowrl config show`` prints it): every
+    section, then ``resolved:`` — the preset with the config's changes applied, the learning rate and
+    timestep selection it settles on, the input paths rewritten relative to the config file, and
+    ``overrides``: the preset-owned settings the config changes (:func:`flowrl.algorithms.preset_overrides`).
+    Plain UTF-8 (``μ``, ``→`` as they are)."""
+    import yaml
+
+    from flowrl.algorithms import preset_overrides
+
+    data = config.to_dict()
+    paths = {"output_dir": str(Path(run_dir).resolve())} if run_dir is not None else {}
+    data["resolved"] = {
+        "preset": jsonable(dataclasses.asdict(resolved.preset)),
+        "learning_rate": resolved.learning_rate,
+        "timestep_fraction": resolved.timestep_fraction,
+        "timestep_selection": resolved.timestep_selection,
+        "log_prob_reduce": config.sampler.log_prob_reduce,
+        # inputs read from a config file are taken relative to its folder; outputs relative to the cwd
+        "paths": {**paths, **getattr(config, "resolved_paths", {})},
+        # preset-owned settings this config changes (printed when the run starts)
+        "overrides": jsonable(preset_overrides(config)),
+    }
+    from flowrl.secrets import redact
+
+    return yaml.safe_dump(redact(data), sort_keys=False, allow_unicode=True)
+
+
 def prepare_run_dir(trainer: Any) -> None:
     """Create the run directory (main process only; the others wait): refuse a used one for a new
     run (:func:`check_fresh_run_dir`), write the resolved config, start ``metrics.jsonl``.
@@ -78,21 +106,7 @@ def prepare_run_dir(trainer: Any) -> None:
             os.replace(old, folder)
     for stale in [*(trainer.run_dir / "checkpoints").glob("iter_*.tmp"), *(trainer.run_dir / "checkpoints").glob("iter_*.old"), trainer.run_dir / "lora.tmp", trainer.run_dir / "lora.old"]:
         shutil.rmtree(stale, ignore_errors=True)
-    resolved = trainer.config.to_dict()
-    resolved["resolved"] = {
-        "preset": jsonable(dataclasses.asdict(trainer.resolved.preset)),
-        "learning_rate": trainer.resolved.learning_rate,
-        "timestep_fraction": trainer.resolved.timestep_fraction,
-        "timestep_selection": trainer.resolved.timestep_selection,
-        "log_prob_reduce": trainer.config.sampler.log_prob_reduce,
-        # inputs read from a config file are taken relative to its folder; outputs relative to the cwd
-        "paths": {"output_dir": str(trainer.run_dir.resolve()), **getattr(trainer.config, "resolved_paths", {})},
-    }
-    import yaml
-
-    from flowrl.secrets import redact
-
-    text = yaml.safe_dump(redact(resolved), sort_keys=False)
+    text = resolved_yaml(trainer.config, trainer.resolved, trainer.run_dir)
     record = trainer.run_dir / "config.yaml"
     plan = getattr(trainer, "_resume_plan", None)
     if plan is not None and record.is_file() and record.read_text() != text:
@@ -289,7 +303,10 @@ def save_checkpoint(trainer: Any, it: int) -> Path:
         scaler = getattr(acc, "scaler", None)
         if scaler is not None:  # fp16 loss scaling: the current scale and growth counter (else a resume restarts at 2^16)
             torch.save(scaler.state_dict(), tmp / "scaler.pt")
-        state = {"iteration": it, "history": trainer.history}
+        state = {"iteration": it, "history": trainer.history,
+                 # the story a resume continues: the schedule's planned length and the base evaluation
+                 "schedule_iterations": int(getattr(trainer, "schedule_iterations", trainer.config.train.iterations)),
+                 "eval_base": (getattr(trainer, "_evals", None) or {}).get("base")}
         if sharded:  # the optimizer state is keyed by parameter name (torch.distributed.checkpoint's full form)
             state["optimizer_format"] = "full_by_name"
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
@@ -338,12 +355,73 @@ def load_checkpoint(trainer: Any, path: Path, plan: ResumePlan | None = None) ->
     scaler = getattr(trainer.accelerator, "scaler", None)
     if scaler is not None and (path / "scaler.pt").is_file():
         scaler.load_state_dict(load_state(path / "scaler.pt"))
-    trainer.start_iteration = int(state["iteration"])
+    trainer.start_iteration = it = int(state["iteration"])
     trainer.history = list(state["history"])
-    # rewrite metrics.jsonl to exactly the checkpoint's history (drop records past it)
+    rows = resumed_metrics(trainer.run_dir / "metrics.jsonl", it, trainer.history, extending=trainer.config.train.iterations > it)
+    base = state.get("eval_base") or next(({k[5:]: v for k, v in r.items() if k.startswith("eval/")} for r in rows if r.get("iteration") == 0 and "reward/mean" not in r), None)
+    if base:
+        trainer._evals = {**(getattr(trainer, "_evals", None) or {}), "base": base}
+    note = plan_schedule(trainer, state.get("schedule_iterations"), it)
     if trainer.accelerator.is_main_process:
-        atomic_write(trainer.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in trainer.history))
+        # metrics.jsonl keeps the run's story up to the checkpoint: the base evaluation, every
+        # iteration and evaluation before it (records past it — a crash's leftovers — are dropped)
+        atomic_write(trainer.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        if note:
+            print(note, flush=True)
     trainer.accelerator.wait_for_everyone()
+
+
+def resumed_metrics(path: Path, iteration: int, history: list[dict[str, Any]], *, extending: bool) -> list[dict[str, Any]]:
+    """The ``metrics.jsonl`` records a run resumed at ``iteration`` keeps: every record before it,
+    the iteration's own record, and an evaluation-only record at it (the final evaluation of the run
+    being extended) when the run goes on past it. Without a readable file: the checkpoint's
+    ``history`` (training records only)."""
+    rows: list[dict[str, Any]] = []
+    if Path(path).is_file():
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+            if not isinstance(r, dict) or not isinstance(r.get("iteration"), (int, float)):
+                continue
+            i = int(r["iteration"])
+            if i < iteration or (i == iteration and ("reward/mean" in r or extending)) or (i == 0 and "reward/mean" not in r):
+                rows.append(r)
+    trained = {int(r["iteration"]) for r in rows if "reward/mean" in r}
+    if trained == {int(r["iteration"]) for r in history if "iteration" in r}:
+        return rows
+    # the file does not match the checkpoint (missing, cut, or edited): its base evaluation, then the checkpoint's history
+    base = [r for r in rows if "reward/mean" not in r and int(r["iteration"]) == 0]
+    return base + list(history)
+
+
+def plan_schedule(trainer: Any, planned: int | None, iteration: int) -> str:
+    """Set ``trainer.schedule_iterations`` for a resumed run and say what happens to the learning
+    rate when ``train.iterations`` changed: a cosine schedule keeps its original plan (the extra
+    iterations run at its final rate, ``lr_min_ratio × learning_rate``); a checkpoint without the
+    record (older flowrl) re-plans over the new length, and says so."""
+    from flowrl.objectives import learning_rate_at
+
+    t = trainer.config.train
+    total = t.iterations
+    if planned is None:
+        trainer.schedule_iterations = total
+        if t.lr_schedule != "constant" and total != iteration:
+            return (f"[flowrl] resume: this checkpoint does not record its learning-rate plan; the {t.lr_schedule} schedule is "
+                    f"re-planned over train.iterations={total} from iteration {iteration + 1} "
+                    f"(lr {learning_rate_at(iteration + 1, total, trainer.resolved.learning_rate, t.lr_schedule, t.lr_min_ratio):.3g}).")
+        return ""
+    trainer.schedule_iterations = int(planned)
+    if t.lr_schedule == "constant" or total == planned:
+        return ""
+    lr = lambda i: learning_rate_at(min(i, planned), planned, trainer.resolved.learning_rate, t.lr_schedule, t.lr_min_ratio)  # noqa: E731
+    if total > planned:
+        return (f"[flowrl] resume: train.iterations {planned} -> {total}. The {t.lr_schedule} learning-rate schedule keeps its "
+                f"original plan over {planned} iterations; iterations {max(planned, iteration) + 1}-{total} run at its final rate "
+                f"{lr(planned):.3g} (lr_min_ratio × learning_rate). For a new schedule, start a new run from this one's weights.")
+    return (f"[flowrl] resume: train.iterations {planned} -> {total}. The {t.lr_schedule} learning-rate schedule keeps its plan "
+            f"over {planned} iterations, so the run stops at lr {lr(total):.3g}, before the schedule's end.")
 
 
 def export_lora(trainer: Any) -> Path | None:

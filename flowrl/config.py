@@ -78,14 +78,26 @@ class SamplerConfig:
     """Denoising steps of the deterministic (ODE) evaluation samples."""
     kernel: str | None = None
     """Transition kernel of stochastic steps: ode, flow, dance, sage, cps (default: the preset's)."""
-    noise_level: float | None = None
-    """The kernel's a (flow, default 0.7; Flux 0.9) or η (dance 0.3, sage 0.5); default: the preset's."""
+    noise_level: float | dict[str, float] | None = None
+    """The kernel's a (flow, default 0.7; Flux 0.9) or η (dance 0.3, sage 0.5); default: the preset's.
+    A noise level belongs to one kernel: a number in a config file applies to the kernel of that
+    file's algorithm and is recorded as ``{kernel: value}`` (e.g. ``{flow: 0.9}``), so switching
+    ``algorithm`` to a preset with another kernel gives that preset its own level. A mapping may
+    give a level per kernel; a number set from Python or ``--set`` applies to the run's kernel."""
     guidance_scale: float = 1.0
     """CFG scale in rollouts and recomputation (1 = CFG-free; SD3.5-M Flow-GRPO: 4.5)."""
     height: int | None = None
     """Image height in pixels (default: the model's)."""
     width: int | None = None
     """Image width in pixels (default: the model's)."""
+    eval_height: int | None = None
+    """Evaluation image height (default: ``height``). Training below the evaluation size (e.g. 256
+    for 512) is a cheap option every preset can use."""
+    eval_width: int | None = None
+    """Evaluation image width (default: ``width``)."""
+    eval_guidance_scale: float | None = None
+    """CFG scale of evaluation samples (default: ``guidance_scale``). With ``guidance_scale: 1``
+    training is CFG-free (the conditional model alone) while evaluation may still use CFG."""
     rollout: str | None = None
     """Rollout schedule (full, window, singular, tree, ...); default: the preset's."""
     rollout_params: dict[str, Any] = field(default_factory=dict)
@@ -134,6 +146,16 @@ class RewardConfig:
     """Default device of every reward model that takes one: ``auto`` (this process's device — its
     own GPU under several processes), ``cpu``, ``cuda``, ``cuda:1``...; None: each reward's own
     default (the CPU). A reward's own option wins: ``{pickscore: {weight: 1, device: cuda:1}}``."""
+    track: dict[str, Any] = field(default_factory=dict)
+    """Rewards scored at every evaluation but never trained on (a guard against reward hacking):
+    ``{name: options}`` as in ``rewards`` (a weight, if given, is ignored). Logged as
+    ``eval/track/<name>`` next to the trained reward; see ``track_stop`` for the alarm."""
+    track_window: int = 3
+    """K of the alarm: it compares each evaluation with the one K evaluations earlier."""
+    track_stop: bool = False
+    """When the alarm fires (trained reward up, a tracked one down by more than its 95 % confidence
+    interval over ``track_window`` evaluations), stop the run; ``<run>/best_track`` then holds the
+    checkpoint with the best tracked reward. False: log a warning and go on."""
 
 
 @dataclass
@@ -188,6 +210,13 @@ class AlgorithmConfig:
     objective_options: dict[str, Any] = field(default_factory=dict)
     """Extra options of the preset's training objective (merged over the preset's), e.g. DiffusionNFT
     ``{x0_adaptive: true, decay: delayed}``."""
+    reference: str | None = None
+    """The KL term's reference: ``base`` (the model before training: LoRA disabled, or the frozen
+    copy), ``ema`` (an EMA of the trained weights) or ``periodic`` (a copy of them refreshed every
+    ``reference_options.every`` optimizer steps). Default: the preset's (``base`` for most)."""
+    reference_options: dict[str, Any] = field(default_factory=dict)
+    """Options of a moving reference: ``decay`` (EMA d, 0.99) and ``every`` (optimizer steps between
+    updates, 1); merged over the preset's."""
 
 
 @dataclass
@@ -296,6 +325,10 @@ class TrainSection:
     optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
     """``adamw`` (torch) or ``adamw_8bit`` (bitsandbytes' 8-bit AdamW: optimizer state in 8 bits;
     needs the ``bnb`` extra and a CUDA device)."""
+    num_threads: int | None = None
+    """torch CPU threads (``torch.set_num_threads``) for the ``flowrl`` commands. Default: 1 for the
+    embedded tiny models (``digits``, ``tiny-*``) on the CPU unless ``OMP_NUM_THREADS`` is set, else
+    torch's default (docs/performance.md). Numbers of a CPU run depend on the thread count."""
     allow_tf32: bool = False
     """Let CUDA matmuls and convolutions use TF32 (faster on Ampere+ GPUs, ~1e-3 relative error)."""
 
@@ -322,9 +355,9 @@ class TrainConfig:
         return d
 
     def to_yaml(self, path: str | Path | None = None) -> str:
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
         if path is not None:
-            Path(path).write_text(text)
+            Path(path).write_text(text, encoding="utf-8")
         return text
 
     @classmethod
@@ -362,7 +395,7 @@ class TrainConfig:
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; check the --config path.")
         try:
-            data = load_yaml(path.read_text())
+            data = load_yaml(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
@@ -374,6 +407,7 @@ class TrainConfig:
             cfg = cls.from_dict(data)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
+        bind_noise_level(cfg)
         return resolve_relative_paths(cfg, path.resolve().parent)
 
     def override(self, assignments: list[str]) -> "TrainConfig":
@@ -455,6 +489,25 @@ class TrainConfig:
         return resolve(self)
 
 
+def bind_noise_level(cfg: "TrainConfig") -> "TrainConfig":
+    """A number ``sampler.noise_level`` becomes ``{kernel: number}`` for the kernel the config runs
+    (``sampler.kernel``, else its preset's): a noise level is a property of one kernel (Flow-GRPO's
+    a, DanceGRPO's η), so ``--set algorithm=dance_grpo`` on a config tuned for the flow kernel must
+    not hand the flow kernel's a to the dance kernel. Unknown presets leave the number as it is."""
+    level = cfg.sampler.noise_level
+    if level is None or isinstance(level, dict):
+        return cfg
+    kernel = cfg.sampler.kernel
+    if kernel is None:
+        from flowrl.algorithms import PRESETS
+
+        if cfg.algorithm not in PRESETS:
+            return cfg
+        kernel = PRESETS.get(cfg.algorithm).kernel
+    cfg.sampler.noise_level = {kernel: float(level)}
+    return cfg
+
+
 #: reward options that name files or folders (resolved like the other input paths)
 PATH_OPTION_SUFFIXES = ("path", "checkpoint", "file", "dir")
 
@@ -501,15 +554,16 @@ def resolve_relative_paths(cfg: "TrainConfig", base: Path) -> "TrainConfig":
             setattr(cfg.train, attr, [_resolve_row_image(row, base) for row in rows])
     if cfg.train.resume_from != "latest":
         fix(cfg.train, "resume_from", "train.resume_from")
-    for name, spec in cfg.reward.rewards.items():
-        if not isinstance(spec, dict):
-            continue
-        for key, value in list(spec.items()):
-            if isinstance(key, str) and key.lower().endswith(PATH_OPTION_SUFFIXES):
-                new = _relative_input(value, base)
-                if new is not None:
-                    spec[key] = str(new)
-                    done[f"reward.rewards.{name}.{key}"] = str(new)
+    for section, specs in (("rewards", cfg.reward.rewards), ("track", cfg.reward.track)):
+        for name, spec in specs.items():
+            if not isinstance(spec, dict):
+                continue
+            for key, value in list(spec.items()):
+                if isinstance(key, str) and key.lower().endswith(PATH_OPTION_SUFFIXES):
+                    new = _relative_input(value, base)
+                    if new is not None:
+                        spec[key] = str(new)
+                        done[f"reward.{section}.{name}.{key}"] = str(new)
     cfg.resolved_paths = {"relative_to": str(base), **done} if done else {}
     return cfg
 
@@ -551,19 +605,25 @@ def _range_checks(cfg: "TrainConfig") -> list[tuple[str, Any, Callable[[Any], bo
         ("train.save_every", t.save_every, lambda x: x >= 0, "≥ 0 (0 saves only at the end)"),
         ("train.eval_every", t.eval_every, lambda x: x >= 0, "≥ 0 (0 evaluates only before and after training)"),
         ("train.eval_samples_per_prompt", t.eval_samples_per_prompt, lambda x: x >= 1, "≥ 1"),
+        ("train.num_threads", t.num_threads, lambda x: x >= 1, "≥ 1 (or unset: the default of docs/performance.md)"),
         ("sampler.num_steps", s.num_steps, lambda x: x >= 1, "≥ 1"),
         ("sampler.eval_num_steps", s.eval_num_steps, lambda x: x >= 1, "≥ 1"),
-        ("sampler.noise_level", s.noise_level, _non_negative, "≥ 0"),
+        *((f"sampler.noise_level.{k}" if isinstance(s.noise_level, dict) else "sampler.noise_level", v, _non_negative, "≥ 0")
+          for k, v in (s.noise_level.items() if isinstance(s.noise_level, dict) else [(None, s.noise_level)])),
         ("sampler.shift", s.shift, _positive, "> 0 (1 = no shift)"),
         ("sampler.num_frames", s.num_frames, lambda x: x >= 1, "≥ 1"),
         ("model.decode_batch_size", cfg.model.decode_batch_size, lambda x: x >= 1, "≥ 1 (or unset: decode the whole batch at once)"),
         ("sampler.guidance_scale", s.guidance_scale, _finite, "a finite number"),
         ("sampler.height", s.height, lambda x: x >= 1, "a positive number of pixels (or unset: the model's)"),
         ("sampler.width", s.width, lambda x: x >= 1, "a positive number of pixels (or unset: the model's)"),
+        ("sampler.eval_height", s.eval_height, lambda x: x >= 1, "a positive number of pixels (or unset: sampler.height)"),
+        ("sampler.eval_width", s.eval_width, lambda x: x >= 1, "a positive number of pixels (or unset: sampler.width)"),
+        ("sampler.eval_guidance_scale", s.eval_guidance_scale, lambda x: x == 0.0 or x >= 1.0, "≥ 1 (1 = no CFG; or unset: sampler.guidance_scale)"),
         ("sampler.steps_per_backward", s.steps_per_backward, lambda x: x >= 1, "≥ 1"),
         ("sampler.max_new_tokens", s.max_new_tokens, lambda x: x >= 1, "≥ 1"),
         ("sampler.temperature", s.temperature, _positive, "a positive number (1 samples the model's distribution)"),
         ("reward.max_failures", r.max_failures, lambda x: x >= 0, "≥ 0 (failed samples tolerated before the run stops)"),
+        ("reward.track_window", r.track_window, lambda x: x >= 1, "≥ 1 (evaluations the alarm looks back)"),
         ("loss.adv_clip_max", a.adv_clip_max, _positive, "a positive number (advantages are clipped to ±adv_clip_max)"),
         ("loss.clip_range", a.clip_range, _non_negative, "≥ 0 (PPO ε; Flow-GRPO 1e-4, TRL 0.2)"),
         ("loss.clip_range_high", a.clip_range_high, _non_negative, "≥ 0 (upper PPO ε; DAPO 0.28)"),

@@ -15,6 +15,7 @@ from torch import Tensor
 from flowrl.advantages import AdvantageInputs, estimator_reads
 from flowrl.distributed import GlobalRows
 from flowrl.policy import Trajectories, _index
+from flowrl.rewards.base import column_metrics
 
 
 def reward_metrics(trainer: Any, all_table: Tensor, names: list[str]) -> dict[str, float]:
@@ -26,11 +27,7 @@ def reward_metrics(trainer: Any, all_table: Tensor, names: list[str]) -> dict[st
     world = trainer.accelerator.num_processes
     summed = trainer.dist.sum_dicts({k: v for k, v in local.items() if math.isfinite(v)})
     out = {k: (v if k.startswith("reward/failures/") else v / world) for k, v in summed.items()}
-    for i, n in enumerate(names):
-        v = all_table[:, i]
-        v = v[torch.isfinite(v)]
-        out[f"reward/{n}"] = float(v.mean()) if v.numel() else math.nan
-        out[f"reward/{n}/std"] = float(v.std(unbiased=False)) if v.numel() > 1 else 0.0
+    out.update(column_metrics(all_table, names))
     return out
 
 

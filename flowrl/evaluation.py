@@ -16,6 +16,20 @@ from flowrl.reporting import log_eval_images, phase
 from flowrl.seeding import PromptGenerators
 
 
+def eval_sampling_options(config: TrainConfig) -> dict[str, Any]:
+    """Keywords of a flow policy's ``generate`` for evaluation: ``num_steps`` (``sampler.eval_num_steps``)
+    and, where set, ``height``/``width``/``guidance_scale`` from ``sampler.eval_height``,
+    ``eval_width``, ``eval_guidance_scale`` (evaluation at another size or CFG than training)."""
+    if config.model.kind != "flow":
+        return {}
+    s = config.sampler
+    out: dict[str, Any] = {"num_steps": s.eval_num_steps}
+    for key, value in (("height", s.eval_height), ("width", s.eval_width), ("guidance_scale", s.eval_guidance_scale)):
+        if value is not None:
+            out[key] = value
+    return out
+
+
 @torch.no_grad()
 def eval_samples(policy: Any, prompts: list[str], config: TrainConfig, *, autocast: Callable[[], Any] = contextlib.nullcontext,
                  rows: tuple[int, int] | None = None) -> tuple[Any, list[str]]:
@@ -30,7 +44,7 @@ def eval_samples(policy: Any, prompts: list[str], config: TrainConfig, *, autoca
     expanded = [p for p in prompts for _ in range(t.eval_samples_per_prompt)]
     lo, hi = rows if rows is not None else (0, len(expanded))
     noise = PromptGenerators(t.seed, "eval", keys=range(len(expanded)))
-    steps = {"num_steps": config.sampler.eval_num_steps} if config.model.kind == "flow" else {}
+    steps = eval_sampling_options(config)
     outputs = []
     for start in range(lo, hi, 64):
         stop = min(start + 64, hi)
@@ -53,7 +67,10 @@ def evaluate(trainer: Any, *, tag: str = "eval") -> dict[str, float]:
     lo, hi = shard_bounds(n_samples, acc.process_index, acc.num_processes) if split else (0, n_samples)
     with weights, trainer.gathered_weights(), phase(f"eval ({tag}): {hi - lo} samples", enabled=t.progress and acc.is_main_process):
         outputs, prompts = eval_samples(trainer.policy, trainer.eval_prompts, trainer.config, autocast=trainer.autocast, rows=(lo, hi))
-    table, names = trainer.reward_set.score(outputs, prompts[lo:hi], {**reward_meta(metadata[lo:hi]), "eval": True})
+    meta = {**reward_meta(metadata[lo:hi]), "eval": True}
+    table, names = trainer.reward_set.score(outputs, prompts[lo:hi], meta)
+    if getattr(trainer, "track", None) is not None:  # reward.track: its columns join the table as track/<column>
+        table, names = trainer.track.extend(table, names, outputs, prompts[lo:hi], meta)
     if split:
         table = trainer.dist.gather_uneven(table.float().cpu())
         outputs = trainer.dist.gather_uneven(outputs.float().cpu()) if isinstance(outputs, Tensor) else trainer.dist.gather_list(outputs)

@@ -502,6 +502,31 @@ def guard_ratio(inputs: LossInputs) -> Tensor:
     return guard_log_ratio(inputs.log_prob, inputs.old_log_prob, inputs.current.mean, old_mean, std, reduce=reduce)
 
 
+def mdpo_token_loss(log_ratio: Tensor, advantages: Tensor, *, kl_coef: float) -> Tensor:
+    """Mirror-descent policy optimisation per token (Tomar et al. 2022, "Mirror Descent Policy
+    Optimization", on-policy form): −ρ·A + (1/t)·(ρ·log ρ − ρ + 1) with ρ = π_θ/π_old and
+    1/t = ``kl_coef``. No clipping — the KL keeps the step in a trust region.
+
+    KL(π_θ ‖ π_old) = E_old[ρ·log ρ]; the control variate −(ρ − 1) (E_old[ρ − 1] = 0) leaves that
+    expectation unchanged but makes each sample's term ≥ 0 with zero gradient at ρ = 1, as the
+    exact KL's is at θ = θ_old. Without it a sample's gradient at ρ = 1 is (−A + 1/t)·∇log π: with
+    zero advantages every update would still push the sampled tokens down by 1/t. With it the
+    gradient at ρ = 1 is the policy gradient −A·∇log π. (The paper computes the KL of its Gaussian
+    policies in closed form; this per-token estimator is *inferred* for token policies.)"""
+    ratio = torch.exp(log_ratio)
+    return -ratio * advantages + kl_coef * (ratio * log_ratio - ratio + 1.0)
+
+
+@CLIP_RULES.register("mdpo")
+def mdpo_rule(log_ratio: Tensor, inputs: LossInputs, *, kl_coef: float = 1.0, **other: Any) -> tuple[Tensor, dict[str, Tensor]]:
+    """Registered :func:`mdpo_token_loss` (``loss.clip_params.kl_coef``: 1/t; 1.0 *inferred* — the
+    paper anneals t_k = 1 − k/K over the inner steps)."""
+    if other:
+        raise ValueError(f"the 'mdpo' rule does not clip; it takes only kl_coef (loss.clip_params), got {', '.join(sorted(other))}.")
+    loss = mdpo_token_loss(log_ratio, inputs.advantages, kl_coef=kl_coef)
+    return loss, {"ratio": torch.exp(log_ratio.detach())}
+
+
 @STEP_WEIGHTS.register("inv_dt")
 def inv_dt_weight(inputs: LossInputs) -> Tensor:
     """GRPO-Guard gradient reweighting: the step's loss × 1/|dt| = 1/(σ − σ'), ``[B, T]``.
@@ -510,6 +535,27 @@ def inv_dt_weight(inputs: LossInputs) -> Tensor:
     |∂μ/∂v|/Δ = 1 + a²/2 at every step with σ < 1 (1 at σ = 1, where x̂1 drops out of μ), where vanilla
     Flow-GRPO's |∂μ/∂v|/s ranges 0.057 → 1.49 over 10 steps at shift 3, a = 0.7."""
     return 1.0 / _step_delta(inputs).to(inputs.log_prob.device)
+
+
+def noise_aware_weights(std: Tensor, mask: Tensor) -> Tensor:
+    """TempFlow-GRPO's noise-aware weighting (He et al. 2025, "TempFlow-GRPO: When Timing Matters
+    for GRPO in Flow Models"): each entry's policy loss × s/mean(s), s the step's noise std σ_t·√Δ
+    (its exploration), the mean over the chunk's masked entries — the reference code's
+    ``std_dev_t / mean(std_dev_t)`` over the batch. Detached (a weight, not a path for gradients).
+    ``[B, T']`` in and out; an empty mask gives ones."""
+    s = std.detach().float()
+    m = mask.float()
+    if float(m.sum()) == 0:
+        return torch.ones_like(s)
+    return s / masked_mean(s, m).clamp(min=1e-12)
+
+
+@STEP_WEIGHTS.register("noise_aware")
+def noise_aware_weight(inputs: LossInputs) -> Tensor:
+    """Registered :func:`noise_aware_weights` on the recomputed step stds (diffusion policies)."""
+    if inputs.current is None or inputs.current.std is None:
+        raise ValueError("the 'noise_aware' step weight needs the Gaussian step std of the policy (diffusion policies).")
+    return noise_aware_weights(inputs.current.std.to(inputs.log_prob.device), inputs.mask)
 
 
 def per_step_ratio_stats(log_ratio: Tensor, raw_log_ratio: Tensor, clipped: Tensor, mask: Tensor, steps: Tensor | None) -> dict[str, Tensor]:

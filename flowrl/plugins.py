@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from flowrl.registry import Registry
+from flowrl.registry import Registry, import_if_present
 
 OBJECTIVES: Registry[Callable[..., Any]] = Registry("training objective")
 #: name → fn(resolved: ResolvedConfig, run_dir: Path) -> Policy
@@ -41,16 +41,9 @@ def make_objective(name: str, **params: Any) -> Any:
 
 
 #: modules that register built-in objectives, rollout schedules and reward transforms on import
-BUILTIN_COMPONENT_MODULES = ("flowrl.nft", "flowrl.co_grpo", "flowrl.rewards.pairwise", "flowrl.trust_region", "flowrl.care")
+BUILTIN_COMPONENT_MODULES = ("flowrl.nft", "flowrl.matching", "flowrl.reference", "flowrl.gardo", "flowrl.trpa", "flowrl.co_grpo", "flowrl.rewards.pairwise", "flowrl.trust_region", "flowrl.care")
 
 
 def import_builtin_components() -> None:
-    import importlib
-
-    for mod in BUILTIN_COMPONENT_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name != mod:
-                raise
+    import_if_present(BUILTIN_COMPONENT_MODULES)
 

@@ -139,6 +139,142 @@ class PrioritizedSelector:
             self.tracker.load_state_dict(state["tracker"])
 
 
+class _SuccessTracker:
+    """Per-prompt Beta(α, β) posterior of the success rate, discounted each update:
+    α ← ρ·α + Σ r, β ← ρ·β + Σ (1 − r) (rewards clipped to [0, 1]); prior Beta(1, 1)."""
+
+    def __init__(self, num_prompts: int, *, decay: float):
+        if not 0.0 < decay <= 1.0:
+            raise ValueError(f"prompt selection decay must be in (0, 1], got {decay}.")
+        self.alpha = torch.ones(num_prompts, dtype=torch.float64)
+        self.beta = torch.ones(num_prompts, dtype=torch.float64)
+        self.decay = float(decay)
+
+    def update(self, indices: Sequence[int], rewards: Tensor) -> None:
+        r = rewards.double().clamp(0, 1)
+        touched = sorted(set(int(i) for i in indices))
+        idx = torch.tensor(touched, dtype=torch.long)
+        self.alpha[idx] *= self.decay
+        self.beta[idx] *= self.decay
+        for i, x in zip(indices, r.tolist()):
+            self.alpha[int(i)] += x
+            self.beta[int(i)] += 1.0 - x
+
+    def mean(self) -> Tensor:
+        return self.alpha / (self.alpha + self.beta)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"alpha": self.alpha.clone(), "beta": self.beta.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.alpha, self.beta = state["alpha"].clone().double(), state["beta"].clone().double()
+
+
+class _TrackedSelector(UniformSelector):
+    """A shuffled-epoch selector that keeps a :class:`_SuccessTracker` of every prompt (updated
+    with each iteration's rewards, saved with the selector's state)."""
+
+    def __init__(self, num_prompts: int, *, decay: float):
+        super().__init__(num_prompts)
+        self.tracker = _SuccessTracker(num_prompts, decay=decay)
+
+    def update(self, indices: Sequence[int], rewards: Tensor, group_ids: Tensor) -> None:
+        self.tracker.update(indices, rewards)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "tracker": self.tracker.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.tracker.load_state_dict(state["tracker"])
+
+
+@register_selector("vade")
+class VADESelector(_TrackedSelector):
+    """VADE-style selection (variance-aware dynamic sampling): each prompt's success rate has a
+    Beta posterior (:class:`_SuccessTracker`, discount ``decay`` so it follows the changing policy);
+    each iteration draws θ_i ~ Beta(α_i, β_i) for a candidate pool of ``pool_factor``·n prompts
+    (the next ones of a shuffled epoch) and keeps the n with the largest θ(1 − θ) — the Bernoulli
+    variance, i.e. the expected magnitude of a GRPO gradient — Thompson sampling that explores
+    prompts it knows little about. Unpicked candidates are passed over until the next epoch.
+    The mechanism is the paper's; ``decay`` 0.9 and ``pool_factor`` 2 are *inferred*."""
+
+    def __init__(self, num_prompts: int, *, decay: float = 0.9, pool_factor: float = 2.0):
+        if pool_factor < 1:
+            raise ValueError(f"vade pool_factor must be ≥ 1, got {pool_factor}.")
+        super().__init__(num_prompts, decay=decay)
+        self.pool_factor = float(pool_factor)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> list[int]:
+        pool = super().sample(min(self.num_prompts, max(n, int(round(n * self.pool_factor)))), generator)
+        if len(pool) <= n:
+            return pool + super().sample(n - len(pool), generator) if len(pool) < n else pool
+        idx = torch.tensor(pool, dtype=torch.long)
+        theta = thompson_beta(self.tracker.alpha[idx], self.tracker.beta[idx], generator)
+        chosen = torch.argsort(-(theta * (1 - theta)), stable=True)[:n].sort().values
+        return [pool[i] for i in chosen.tolist()]
+
+
+def thompson_beta(alpha: Tensor, beta: Tensor, generator: torch.Generator | None) -> Tensor:
+    """θ ~ Beta(α, β) per entry, as X/(X + Y) with X ~ Γ(α), Y ~ Γ(β) drawn from a stream seeded by
+    ``generator`` (so the draw follows the run's seed and iteration)."""
+    u = torch.rand(2, len(alpha), generator=generator, dtype=torch.float64)
+    seed = int((u[0, 0] * 2**31).item()) if len(alpha) else 0
+    g = torch.Generator().manual_seed(seed)
+    x = torch._standard_gamma(alpha.double().clamp(min=1e-6), generator=g)
+    y = torch._standard_gamma(beta.double().clamp(min=1e-6), generator=g)
+    return x / (x + y).clamp(min=1e-300)
+
+
+def knapsack_value(p: Tensor, units: Tensor, group_size: int) -> Tensor:
+    """Value of ``units``·G rollouts for prompts of success rate p: P(the group has both outcomes)
+    × p(1 − p), with P = 1 − p^N − (1 − p)^N, N = units·G (0 units: 0). Knapsack RL's value is a
+    non-zero-gradient probability times an information gain; this gain form is *inferred*."""
+    n = units.double() * group_size
+    p = p.double()
+    mixed = 1 - p**n - (1 - p) ** n
+    return torch.where(units > 0, mixed * p * (1 - p), torch.zeros_like(p))
+
+
+def knapsack_allocate(p: Tensor, budget: int, group_size: int, *, max_units: int | None = None) -> Tensor:
+    """Units (groups of G rollouts) per prompt, Σ = ``budget``, maximising Σ value by greedy marginal
+    gains (optimal for values concave in the units, as these are); ties go to the earlier prompt.
+    Prompts whose value is 0 whatever the units (p = 0 or 1) get units only after every other
+    prompt is saturated at ``max_units``."""
+    k = len(p)
+    units = torch.zeros(k, dtype=torch.long)
+    cap = max_units if max_units is not None else budget
+    if budget > 0 and k * cap < budget:  # else the capped gains all tie at −1 and one prompt takes the rest
+        raise ValueError(f"knapsack: {k} prompts × max_units {cap} cannot hold {budget} groups; raise max_units (≥ 1).")
+    for _ in range(budget):
+        gain = knapsack_value(p, units + 1, group_size) - knapsack_value(p, units, group_size)
+        gain = torch.where(units < cap, gain, torch.full_like(gain, -1.0))
+        units[int(torch.argmax(gain))] += 1
+    return units
+
+
+@register_selector("knapsack")
+class KnapsackSelector(_TrackedSelector):
+    """Knapsack RL's budget allocation over the iteration's prompts: the n prompts of the batch (the
+    next ones of a shuffled epoch) share n·G rollouts; each prompt gets a number of G-rollout
+    groups (possibly 0 or several) that maximises Σ value (:func:`knapsack_allocate`) with its
+    success rate estimated by a discounted Beta posterior. A prompt given k groups appears k
+    times (k groups, each with its own baseline: the allocation is in units of G, the paper's is per
+    rollout). ``group_size`` is set by the trainer from ``train.num_generations``. ``decay`` 0.9
+    and ``max_units`` 4 are *inferred*."""
+
+    def __init__(self, num_prompts: int, *, group_size: int = 8, decay: float = 0.9, max_units: int = 4):
+        if int(max_units) < 1:
+            raise ValueError(f"knapsack max_units must be ≥ 1 (groups per prompt), got {max_units}.")
+        super().__init__(num_prompts, decay=decay)
+        self.group_size, self.max_units = int(group_size), int(max_units)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> list[int]:
+        pool = super().sample(n, generator)
+        units = knapsack_allocate(self.tracker.mean()[torch.tensor(pool, dtype=torch.long)], n, self.group_size, max_units=self.max_units)
+        return [i for i, u in zip(pool, units.tolist()) for _ in range(u)]
+
+
 def make_selector(name: str, num_prompts: int, **params: Any) -> Any:
     """Build the registered selector ``name`` over ``num_prompts`` prompts."""
     cls = PROMPT_SELECTORS.get(name)

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from flowrl.registry import Registry
+from flowrl.registry import Registry, import_if_present
 
 #: name → fn(split: str | None) -> list[str] or list[dict] (rows with a ``prompt`` key)
 PROMPT_SETS: Registry[Callable[[str | None], list[Any]]] = Registry("prompt set")
@@ -152,14 +152,7 @@ class PromptSet:
 
 
 def _import_builtin_sets() -> None:
-    import importlib
-
-    for mod in ("flowrl.digits_data", "flowrl.rewards.verifiers"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name != mod:
-                raise
+    import_if_present(("flowrl.digits_data", "flowrl.rewards.verifiers"))
 
 
 def _rows_to_set(rows: Iterable[Any], column: str, where: str, base_dir: str | Path | None = None) -> PromptSet:

@@ -73,6 +73,31 @@ def _import_checked(module_name: str, path: str) -> Any:
     )
 
 
+def import_if_present(modules: Any) -> None:
+    """Import each module of ``modules`` that is installed (its registrations run); one that is
+    missing is skipped, while an import error *inside* an installed module is raised."""
+    for mod in modules:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name != mod:
+                raise
+
+
+def _import_with_cwd(module_name: str, path: str) -> Any:
+    """:func:`_import_checked`; when the module's top-level package is not importable, look in the
+    working directory too (``python -m`` puts it on ``sys.path``; the ``flowrl`` command does not),
+    so a ``my_rewards.py`` beside the config you run works without ``PYTHONPATH=.``."""
+    try:
+        return _import_checked(module_name, path)
+    except ModuleNotFoundError as exc:
+        cwd = os.getcwd()
+        if exc.name != module_name.split(".")[0] or cwd in sys.path or "" in sys.path:
+            raise
+        sys.path.append(cwd)
+        return _import_checked(module_name, path)
+
+
 def load_dotted(path: str) -> Any:
     """Import ``package.module:attr`` (or ``package.module.attr``) and return the object. A module
     that sits in a distrusted run folder (:func:`distrust`) is refused with a clear error."""
@@ -83,7 +108,7 @@ def load_dotted(path: str) -> Any:
     if not module_name or not attr:
         raise ValueError(f"'{path}' is not a dotted path; write it as 'package.module:object'.")
     try:
-        module = _import_checked(module_name, path)
+        module = _import_with_cwd(module_name, path)
     except ImportError as exc:
         raise ImportError(
             f"could not import module '{module_name}' for '{path}' ({exc}); install the package that provides it, "

@@ -84,6 +84,20 @@ def report_column(trainer: Any, result: dict[str, float]) -> str | None:
     return cols[0] if cols else None
 
 
+def check_report_column(trainer: Any, evaluated: dict[str, float]) -> None:
+    """After the base evaluation: ``train.report`` is one of the evaluated columns (the rules before
+    the run check the reward names and declared components; a reward's undeclared components are
+    known only once it has scored), else a ConfigError listing them — before any training, rather
+    than a final summary line that silently goes missing."""
+    report = trainer.config.train.report
+    if not report or not evaluated or report in evaluated:
+        return
+    from flowrl.errors import ConfigError
+
+    columns = [k for k in evaluated if not k.startswith("num_") and k.count("/") <= 1]
+    raise ConfigError(f"train.report '{report}' is not an evaluated column; the rewards log {', '.join(columns)}. Set train.report to one of them.")
+
+
 def summary(trainer: Any, before: dict[str, float], after: dict[str, float]) -> str:
     if not before or not after:
         return ""

@@ -279,7 +279,8 @@ def trainer_for(config: TrainConfig, weights: Weights, *, rewards: bool = True) 
     from flowrl.trainer import Trainer
 
     with tempfile.TemporaryDirectory(prefix="flowrl-eval-") as tmp:
-        t = dataclasses.replace(config.train, output_dir=str(Path(tmp) / "run"), resume_from=None, progress=False)
+        # train.report names the training summary's column: evaluating with other rewards (--set) must not trip on it
+        t = dataclasses.replace(config.train, output_dir=str(Path(tmp) / "run"), resume_from=None, progress=False, report=None)
         if weights.kind == "lora":
             t = dataclasses.replace(t, ema_decay=0.0)
         cfg = dataclasses.replace(config, train=t)
@@ -322,6 +323,13 @@ def check_lora_folder(path: Path) -> None:
 def load_lora(policy: Any, path: str | Path | None) -> None:
     """Load a LoRA folder into a policy's pipeline with the stock ``load_lora_weights``; its
     parameters are marked trainable so a trainer built around the policy accepts it."""
+    own = getattr(policy, "load_lora", None)
+    if callable(own):  # language models: the peft folder into the policy's own adapters
+        own(str(path))
+        for n, p in policy.model.named_parameters():
+            if "lora_" in n:
+                p.requires_grad_(True)
+        return
     pipe = getattr(policy, "pipe", None)
     loader = getattr(pipe, "load_lora_weights", None)
     if loader is None:

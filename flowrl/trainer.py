@@ -57,6 +57,7 @@ from flowrl.objectives import (  # noqa: F401  (loss_normaliser, policy_gradient
     settle_old_log_probs, zero_weight_batch,
 )
 from flowrl.overlap import rollout_in_calls
+from flowrl.track import after_evaluation, build_tracker
 from flowrl.plugins import (  # noqa: F401  (re-exported: flowrl.trainer.OBJECTIVES etc.)
     OBJECTIVES, PIPELINE_SOURCES, POLICY_BUILDERS, REWARD_TRANSFORMS, import_builtin_components, make_objective,
 )
@@ -108,6 +109,9 @@ class Trainer:
     def __init__(self, config: TrainConfig, *, policy: Any = None, reward_set: Any = None, accelerator: Any = None):
         self.config = config
         self.resolved = config.resolved()
+        from flowrl.rules import check_compatibility
+
+        check_compatibility(self.resolved, rewards=reward_set is None)  # before anything loads
         t = config.train
         check_environment(config)  # output folder writable, device present, resolution fits: before any model loads
         if t.allow_tf32 and torch.cuda.is_available():
@@ -134,6 +138,7 @@ class Trainer:
         show = t.progress and self.accelerator.is_main_process
         with phase(f"loading rewards ({', '.join(map(str, config.reward.rewards))})", enabled=show and reward_set is None):
             self.reward_set = reward_set if reward_set is not None else _build_reward_set(config, process_device=self.accelerator.device)  # first: fails fast on a bad reward
+            self.track = build_tracker(config)  # reward.track: scored at evaluations, never trained on
         check_remote_rewards(self.reward_set, announce=self.accelerator.is_main_process)  # servers answer, worst-case waits stated
         with phase(f"loading model {config.model.pipeline}", enabled=show and policy is None):
             if policy is None:  # the main process first: built-in tiny sources write <run>/base_model for the others to read
@@ -149,6 +154,8 @@ class Trainer:
         setup_training(self)  # LoRA / reference copy, optimizer, accelerate.prepare, EMA
         self.history: list[dict[str, float]] = []
         self.start_iteration = 0
+        #: the run length the learning-rate schedule is planned over (a resumed run keeps its original plan)
+        self.schedule_iterations = t.iterations
 
     # ---------------------------------------------------------------------------- the loop
     def train(self) -> TrainResult:
@@ -161,15 +168,23 @@ class Trainer:
         if t.resume_from:
             self.load_checkpoint(path)
         writer = reporting.start_trackers(self)
-        eval_before = self.evaluate(tag="base") if self.eval_prompts and self.start_iteration == 0 else {}
-        if eval_before:
-            reporting.log(self, {"iteration": 0, **{f"eval/{k}": v for k, v in eval_before.items()}}, writer)
+        if self.start_iteration == 0:
+            eval_before = self.evaluate(tag="base") if self.eval_prompts else {}
+            reporting.check_report_column(self, eval_before)
+            if eval_before:
+                after_evaluation(self, 0, eval_before, "base")
+                reporting.log(self, {"iteration": 0, **{f"eval/{k}": v for k, v in eval_before.items()}}, writer)
+        else:  # resumed: the base evaluation the run made at iteration 0 (checkpoint state / metrics.jsonl)
+            eval_before = dict(getattr(self, "_evals", {}).get("base") or {})
         bar = progress_bar(range(self.start_iteration + 1, t.iterations + 1), enabled=t.progress and self.accelerator.is_main_process, total=t.iterations, initial=self.start_iteration)
+        last, stop_alarm = t.iterations, False
         with stop_requests() as stop:
             for it in bar:
                 record = self.iteration(it)
                 if self.eval_prompts and t.eval_every and it % t.eval_every == 0 and it != t.iterations:
-                    record.update({f"eval/{k}": v for k, v in self.evaluate(tag=f"iter{it}").items()})
+                    result = self.evaluate(tag=f"iter{it}")
+                    stop_alarm = after_evaluation(self, it, result, f"iter{it}")  # reward.track's alarm
+                    record.update({f"eval/{k}": v for k, v in result.items()})
                 reporting.log(self, record, writer)
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix(progress_postfix(record))
@@ -179,12 +194,16 @@ class Trainer:
                     path = saved or self.save_checkpoint(it)
                     tracking.finish(writer)
                     raise TrainingInterrupted(stop.name or "a signal on another process", it, path)
-        if t.iterations > self.start_iteration and not (t.save_every and t.iterations % t.save_every == 0):
-            self.save_checkpoint(t.iterations)
+                if stop_alarm:  # reward.track_stop: the run ends here (final evaluation and checkpoint of this iteration)
+                    last = it
+                    break
+        if last > self.start_iteration and not (t.save_every and last % t.save_every == 0):
+            self.save_checkpoint(last)
         eval_after = {}
         if self.eval_prompts:
             eval_after = self.evaluate(tag="tuned")
-            reporting.log(self, {"iteration": t.iterations, **{f"eval/{k}": v for k, v in eval_after.items()}}, writer)
+            after_evaluation(self, last, eval_after, "tuned")
+            reporting.log(self, {"iteration": last, **{f"eval/{k}": v for k, v in eval_after.items()}}, writer)
         self.export_lora()
         tracking.finish(writer)
         summary = reporting.summary(self, eval_before, eval_after)
@@ -196,7 +215,7 @@ class Trainer:
         processes: every process returns the same record)."""
         t, preset = self.config.train, self.resolved.preset
         self.policy.iteration = it
-        lr = learning_rate_at(it, t.iterations, self.resolved.learning_rate, t.lr_schedule, t.lr_min_ratio)
+        lr = learning_rate_at(min(it, self.schedule_iterations), self.schedule_iterations, self.resolved.learning_rate, t.lr_schedule, t.lr_min_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         # 1. rollout + 2. rewards (the prompt selector may filter groups and refill: DAPO)
@@ -394,6 +413,9 @@ class Trainer:
         weighted by its share, to ``sums``/``wsums``); returns where a loss was non-finite, or None."""
         acc, world, batch = self.accelerator, self.accelerator.num_processes, mb.batch
         normaliser = loss_normaliser(self.objective, self.resolved.preset.loss.aggregation)
+        # (this process's rows, every process's rows) of the minibatch: objectives whose loss is a
+        # mean over units the loop does not count (TRPA's pairs) rescale with them
+        ctx.extras["minibatch_rows"] = (float(mb.counts[0]), float(mb.global_counts[0]))
         chunks = self.policy.step_chunks(batch if batch is not None else self._filler)
         real_chunks = len(chunks)
         if self.sharded and world > 1:

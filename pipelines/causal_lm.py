@@ -655,6 +655,20 @@ class TokenPolicy(PolicyBase):
         else:
             self.model.save_pretrained(str(path), state_dict=state_dict)
 
+    def load_lora(self, path: Any) -> None:
+        """Load a LoRA folder saved by :meth:`save_lora` (a run's ``lora/``, peft format) into this
+        policy's adapters, which must have the same rank and targets (a policy built from the run's
+        config has them). ``flowrl eval/sample/gallery --run`` use it for language-model runs."""
+        from peft import load_peft_weights, set_peft_model_state_dict
+
+        if not getattr(self.model, "peft_config", None):
+            raise ValueError("this policy has no LoRA adapters to load into; build it with lora={...} (train.lora_rank > 0).")
+        weights = load_peft_weights(str(path), device="cpu")
+        result = set_peft_model_state_dict(self.model, weights)
+        unexpected = list(getattr(result, "unexpected_keys", None) or [])
+        if unexpected:
+            raise ValueError(f"LoRA folder {path} holds weights this model lacks (e.g. {unexpected[0]}); was it saved from another model or LoRA setup?")
+
 
 def build_causal_lm_policy(resolved: Any, run_dir: Any) -> TokenPolicy:
     """The trainer's builder for ``model.kind: causal_lm``: load ``model.pipeline`` (a local folder,
@@ -673,8 +687,10 @@ def build_causal_lm_policy(resolved: Any, run_dir: Any) -> TokenPolicy:
     path = cfg.model.pipeline
     if path == "tiny-llama":
         path = build_tiny_causal_lm(str(Path(run_dir) / "base_model"))
-    elif not Path(path).is_dir():
-        raise ValueError(f"model.pipeline '{path}' is not a local folder (flowrl never downloads); or use 'tiny-llama'.")
+    else:  # a local folder or a Hugging Face id in the local cache (nothing is downloaded)
+        from flowrl.pipelines.sources import local_model_folder
+
+        path = str(local_model_folder(path, builtins=("tiny-llama",)))
     lora = None
     if t.lora_rank > 0:
         lora = {"r": t.lora_rank, "lora_alpha": t.lora_alpha, "target_modules": list(t.lora_targets or DEFAULT_LORA_TARGETS)}

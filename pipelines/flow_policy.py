@@ -339,12 +339,25 @@ class FlowPolicy(PolicyBase):
 
     # ----------------------------------------------------------------------------- sampling
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], *, generator: torch.Generator | None = None, num_steps: int | None = None, kind: str = "ode") -> Tensor:
+    def generate(self, prompts: Sequence[str], *, generator: torch.Generator | None = None, num_steps: int | None = None, kind: str = "ode",
+                 height: int | None = None, width: int | None = None, guidance_scale: float | None = None) -> Tensor:
         """Plain sampling for evaluation: images ``[B, C, H, W]`` in [0, 1] (ODE by default).
 
         With ``kind="ode"`` this is the stock pipeline's ``__call__`` (same noise from the same
         generator, σ grid, timestep, CFG, Euler step and decoding), so it returns the stock images
-        up to float rounding (measured on CPU float32: ≤ 1e-6 for the tiny SD3 and Flux)."""
+        up to float rounding (measured on CPU float32: ≤ 1e-6 for the tiny SD3 and Flux).
+        ``height``/``width``/``guidance_scale`` override the training values for this call only
+        (evaluation at a higher resolution, or with CFG after CFG-free training)."""
+        overrides = {k: v for k, v in (("height", height), ("width", width), ("guidance_scale", guidance_scale)) if v is not None}
+        if overrides:
+            saved = {k: getattr(self, k) for k in overrides}
+            for k, v in overrides.items():
+                setattr(self, k, type(saved[k])(v))
+            try:
+                return self.generate(prompts, generator=generator, num_steps=num_steps, kind=kind)
+            finally:
+                for k, v in saved.items():
+                    setattr(self, k, v)
         cond = self.encode(prompts)
         grid = self.sigma_grid(num_steps)
         check_steps(kind, grid[:-1], grid[1:], self.noise_level, stochastic=False)

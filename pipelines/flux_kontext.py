@@ -22,7 +22,8 @@ from torch import Tensor
 
 from flowrl.pipelines.base import register_adapter
 from flowrl.pipelines.flux import FluxAdapter
-from flowrl.pipelines.image_cond import ImageConditionMixin, load_rgb
+from flowrl.pipelines.image_cond import ImageConditionMixin
+from flowrl.prompts import load_source_images
 from flowrl.pipelines.sd3 import cfg_combine
 
 try:
@@ -39,7 +40,7 @@ class FluxKontextAdapter(ImageConditionMixin, FluxAdapter):
         """``{"image_latents": [M, 4C]}``: the packed VAE latents of the source at the generation size."""
         p = self.pipe
         h, w = self._latent_hw(height, width)
-        img = p.image_processor.resize(load_rgb(paths[0]), h * p.vae_scale_factor, w * p.vae_scale_factor)
+        img = p.image_processor.resize(load_source_images(paths[0]), h * p.vae_scale_factor, w * p.vae_scale_factor)
         img = p.image_processor.preprocess(img, h * p.vae_scale_factor, w * p.vae_scale_factor).to(self.device, self.dtype)
         lat = p._encode_vae_image(image=img, generator=None)
         c = lat.shape[1]

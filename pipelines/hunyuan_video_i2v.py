@@ -23,7 +23,8 @@ from torch import Tensor
 
 from flowrl.pipelines.base import register_adapter
 from flowrl.pipelines.hunyuan_video import HunyuanVideo15Adapter
-from flowrl.pipelines.image_cond import ImageConditionMixin, load_rgb
+from flowrl.pipelines.image_cond import ImageConditionMixin
+from flowrl.prompts import load_source_images
 
 try:
     from diffusers import HunyuanVideo15ImageToVideoPipeline
@@ -43,7 +44,7 @@ class HunyuanVideo15I2VAdapter(ImageConditionMixin, HunyuanVideo15Adapter):
     def encode_images(self, paths: Sequence[str], *, height: int, width: int) -> dict[str, Tensor]:
         """``{"image_embeds": [S, D], "cond_latents": [C, F', h, w], "cond_mask": [1, F', h, w]}`` of one first frame."""
         p = self.pipe
-        frame = p.video_processor.resize(load_rgb(paths[0]), height=height, width=width, resize_mode="crop")
+        frame = p.video_processor.resize(load_source_images(paths[0]), height=height, width=width, resize_mode="crop")
         embeds = p.encode_image(image=frame, batch_size=1, device=self.device, dtype=self.dtype)[0]
         lat = p._get_image_latents(vae=p.vae, image_processor=p.video_processor, image=frame, height=height, width=width, device=self.device)
         c, f, h, w = self.latent_shape(height, width)

@@ -26,14 +26,6 @@ from torch import Tensor
 from flowrl.prompts import prompt_images
 
 
-def load_rgb(path: str):
-    """The image file at ``path`` as a PIL RGB image."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return im.convert("RGB")
-
-
 class ImageConditionMixin:
     """Source images in the conditioning (mixed in before the family's adapter; see the module doc).
 

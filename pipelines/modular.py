@@ -66,6 +66,8 @@ MODULAR_EQUIVALENT: dict[str, str] = {
     "HunyuanVideo15ImageToVideoPipeline": "HunyuanVideo15ModularPipeline",
     "LTX2Pipeline": "LTX2ModularPipeline",
     "LTXPipeline": "LTXModularPipeline",
+    "Krea2Pipeline": "Krea2ModularPipeline",
+    "ErnieImagePipeline": "ErnieImageModularPipeline",
 }
 
 
@@ -87,6 +89,8 @@ def to_modular(pipe: Any) -> Any:
         name = name.replace("Wan", "Wan22", 1)
     if name == "Flux2KleinModularPipeline" and config.get("is_distilled") is False:
         name = "Flux2KleinBaseModularPipeline"
+    if name == "Krea2ModularPipeline" and config.get("is_distilled"):
+        name = "Krea2TurboModularPipeline"
     modular = getattr(diffusers, name)()
     wanted = set(modular.component_names)
     comps = {k: v for k, v in pipe.components.items() if k in wanted and v is not None}

@@ -1,14 +1,17 @@
 """Where a pipeline comes from: ``model.pipeline`` as a built-in source (``PIPELINE_SOURCES``:
-``digits``, the tiny test models) or a local folder written by ``save_pretrained``."""
+``digits``, the tiny test models), a local folder written by ``save_pretrained``, or a Hugging Face
+id already in the local cache."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from flowrl.errors import ConfigError
 from flowrl.plugins import PIPELINE_SOURCES
+from flowrl.registry import import_if_present
 
 
 def load_pipeline(spec: str, run_dir: Path, dtype: torch.dtype = torch.float32):
@@ -17,16 +20,42 @@ def load_pipeline(spec: str, run_dir: Path, dtype: torch.dtype = torch.float32):
     if spec in PIPELINE_SOURCES:
         pipe = PIPELINE_SOURCES.get(spec)(run_dir)
     else:
-        path = Path(spec)
-        if not path.is_dir():
-            raise ConfigError(
-                f"model.pipeline '{spec}' is neither a local folder nor a built-in "
-                f"({', '.join(PIPELINE_SOURCES.names())}). flowrl never downloads: point it at a local checkpoint."
-            )
+        path = local_model_folder(spec, builtins=PIPELINE_SOURCES.names())
         pipe = _pipeline_class(path).from_pretrained(str(path), local_files_only=True, torch_dtype=dtype)
     if dtype != torch.float32 and hasattr(pipe, "to"):
         pipe = pipe.to(dtype=dtype)
     return pipe
+
+
+#: single-file checkpoint suffixes (one file holding a whole model, as UIs share them)
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def local_model_folder(spec: str, *, field: str = "model.pipeline", builtins: Any = ()) -> Path:
+    """The folder ``model.pipeline`` names: a local folder, or a Hugging Face id already in the
+    local cache (``org/name``, resolved with ``local_files_only``: nothing is downloaded). A
+    single-file checkpoint is refused with the conversion that makes it a folder."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        raise ConfigError(
+            f"{field} '{spec}' is a single-file checkpoint; flowrl loads folders written by save_pretrained. Convert it once "
+            "with diffusers (e.g. StableDiffusion3Pipeline.from_single_file(path, config=<a local pipeline folder of the same "
+            "model>).save_pretrained(folder)) and point the config at that folder."
+        )
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(spec, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not in the cache (or not an id): the error below says what to do
+            pass
+    known = f" nor a built-in ({', '.join(builtins)})" if builtins else ""
+    raise ConfigError(
+        f"{field} '{spec}' is neither a local folder{known} nor a Hugging Face id in the local cache. "
+        "flowrl never downloads: point it at a local checkpoint folder (or fetch it once with `huggingface-cli download`)."
+    )
 
 
 def _pipeline_class(path: Path):
@@ -50,14 +79,7 @@ def _pipeline_class(path: Path):
 
 
 def _import_pipeline_sources() -> None:
-    import importlib
-
-    for mod in ("flowrl.pipelines.digits",):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name != mod:
-                raise
+    import_if_present(("flowrl.pipelines.digits",))
 
 
 def _tiny_source(builder_name: str):

@@ -106,7 +106,7 @@ def tiny_wan_i2v_pipeline(*, seed: int = 0, shift: float = 3.0):
 def tiny_hunyuan_video15_pipeline(*, seed: int = 0, shift: float = 5.0, guidance_scale: float = 6.0):
     """A ``HunyuanVideo15Pipeline`` with random tiny weights (text-to-video), ``shift`` 5 and a CFG
     guider at scale 6 as released."""
-    from diffusers import AutoencoderKLHunyuanVideo15, ClassifierFreeGuidance, FlowMatchEulerDiscreteScheduler, HunyuanVideo15Pipeline, HunyuanVideo15Transformer3DModel
+    from diffusers import AutoencoderKLHunyuanVideo15, ClassifierFreeGuidance, FlowMatchEulerDiscreteScheduler, HunyuanVideo15Pipeline
     from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
 
     tok = qwen2_tokenizer()
@@ -120,11 +120,7 @@ def tiny_hunyuan_video15_pipeline(*, seed: int = 0, shift: float = 5.0, guidance
     _seeded(seed + 1)
     text_encoder_2 = T5EncoderModel(T5Config(vocab_size=384, d_model=32, d_ff=64, d_kv=8, num_layers=1, num_heads=2, relative_attention_num_buckets=8)).eval()
     _seeded(seed + 2)
-    transformer = HunyuanVideo15Transformer3DModel(
-        in_channels=2 * 8 + 1, out_channels=8, num_attention_heads=2, attention_head_dim=16, num_layers=1, num_refiner_layers=1,
-        mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=32, text_embed_2_dim=32, image_embed_dim=16,
-        rope_axes_dim=(4, 6, 6), target_size=128, task_type="t2v",
-    ).eval()
+    transformer = _tiny_hunyuan_transformer(target_size=128, task_type="t2v")
     _seeded(seed + 3)
     vae = AutoencoderKLHunyuanVideo15(latent_channels=8, block_out_channels=(8, 8, 8, 8, 8), layers_per_block=1, spatial_compression_ratio=16, temporal_compression_ratio=4).eval()
     return HunyuanVideo15Pipeline(
@@ -133,21 +129,29 @@ def tiny_hunyuan_video15_pipeline(*, seed: int = 0, shift: float = 5.0, guidance
     )
 
 
+def _tiny_hunyuan_transformer(*, target_size: int, task_type: str):
+    """The tiny HunyuanVideo 1.5 transformer both tiny pipelines use (8 latent channels, the
+    conditioning channels and mask stacked on the input), for ``task_type`` t2v or i2v."""
+    from diffusers import HunyuanVideo15Transformer3DModel
+
+    return HunyuanVideo15Transformer3DModel(
+        in_channels=2 * 8 + 1, out_channels=8, num_attention_heads=2, attention_head_dim=16, num_layers=1, num_refiner_layers=1,
+        mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=32, text_embed_2_dim=32, image_embed_dim=16,
+        rope_axes_dim=(4, 6, 6), target_size=target_size, task_type=task_type,
+    ).eval()
+
+
 def tiny_hunyuan_video15_i2v_pipeline(*, seed: int = 0, shift: float = 5.0, guidance_scale: float = 6.0):
     """A ``HunyuanVideo15ImageToVideoPipeline`` with random tiny weights: the text-to-video tiny's
     text encoders, a transformer of ``task_type="i2v"`` with ``target_size`` 32 (a 32×32 frame
     generates 32×32 video, as the stock call picks its size from the frame), a VAE wide enough to
     encode (its encoder groups channels by 2·latent channels), a tiny ``SiglipVisionModel``."""
-    from diffusers import AutoencoderKLHunyuanVideo15, HunyuanVideo15ImageToVideoPipeline, HunyuanVideo15Transformer3DModel
+    from diffusers import AutoencoderKLHunyuanVideo15, HunyuanVideo15ImageToVideoPipeline
     from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
     base = tiny_hunyuan_video15_pipeline(seed=seed, shift=shift, guidance_scale=guidance_scale)
     _seeded(seed + 5)
-    transformer = HunyuanVideo15Transformer3DModel(
-        in_channels=2 * 8 + 1, out_channels=8, num_attention_heads=2, attention_head_dim=16, num_layers=1, num_refiner_layers=1,
-        mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=32, text_embed_2_dim=32, image_embed_dim=16,
-        rope_axes_dim=(4, 6, 6), target_size=32, task_type="i2v",
-    ).eval()
+    transformer = _tiny_hunyuan_transformer(target_size=32, task_type="i2v")
     _seeded(seed + 6)
     vae = AutoencoderKLHunyuanVideo15(latent_channels=8, block_out_channels=(16,) * 5, layers_per_block=1, spatial_compression_ratio=16, temporal_compression_ratio=4).eval()
     _seeded(seed + 7)

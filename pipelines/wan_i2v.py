@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from flowrl.pipelines.base import register_adapter
-from flowrl.pipelines.image_cond import ImageConditionMixin, load_rgb
+from flowrl.pipelines.image_cond import ImageConditionMixin
+from flowrl.prompts import load_source_images
 from flowrl.pipelines.video_common import cfg_combine
 from flowrl.pipelines.wan import WanAdapter
 
@@ -50,7 +51,7 @@ class WanI2VAdapter(ImageConditionMixin, WanAdapter):
     def encode_images(self, paths: Sequence[str], *, height: int, width: int) -> dict[str, Tensor]:
         """``{"condition": [4 + C, F', h, w]}`` (+ ``"image_embeds": [S, D]`` for Wan 2.1) of one first frame."""
         p = self.pipe
-        frame = load_rgb(paths[0])
+        frame = load_source_images(paths[0])
         out: dict[str, Tensor] = {}
         if getattr(p, "image_encoder", None) is not None and self.transformer.config.image_dim is not None:
             out["image_embeds"] = p.encode_image(frame, self.device)[0].to(self.dtype)

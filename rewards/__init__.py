@@ -23,7 +23,7 @@ from .base import (
     weighted_sum,
 )
 from .pairwise import pairwise_win_rates, win_rates
-from . import aesthetic, clip, compressibility, edit, hps, pickscore, videoalign, vlm_judge  # noqa: F401,E402  (register built-ins; heavy deps load on construction)
+from . import aesthetic, clip, compressibility, edit, geneval, hps, ocr, pickscore, serving, videoalign, vlm_judge  # noqa: F401,E402  (register built-ins; heavy deps load on construction)
 
 __all__ = [
     "Reward",

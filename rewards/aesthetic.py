@@ -40,6 +40,7 @@ class Aesthetic(Reward):
     """LAION aesthetic score of the images (mean over frames for video)."""
 
     name = "aesthetic"
+    modalities = ("image", "video")
     differentiable = True
     scale = "LAION aesthetic rating, ~1-10 (typical 5-7)"
 

@@ -184,6 +184,18 @@ def _as_scores(value: Any, n: int, where: str) -> Tensor:
 # --------------------------------------------------------------------------- RewardSet
 
 
+def column_metrics(table: Tensor, names: Sequence[str]) -> dict[str, float]:
+    """``reward/<col>`` and ``reward/<col>/std`` of a reward table ``[B, K]`` over its finite entries
+    (mean NaN when a column has none; std the population std, 0 for fewer than two)."""
+    out: dict[str, float] = {}
+    for k, col in enumerate(names):
+        v = table[:, k]
+        v = v[torch.isfinite(v)]
+        out[f"reward/{col}"] = float(v.mean()) if v.numel() else math.nan
+        out[f"reward/{col}/std"] = float(v.std(unbiased=False)) if v.numel() > 1 else 0.0
+    return out
+
+
 class RewardSet:
     """Several rewards, scored into one ``[B, K]`` table and combined into ``[B]``.
 
@@ -379,12 +391,7 @@ class RewardSet:
         """Flat metrics for the logger (see class doc for the names)."""
         out: dict[str, float] = {f"reward/failures/{k}": float(v) for k, v in self.failures.items()}
         if self._last is not None:
-            table, names = self._last
-            for k, col in enumerate(names):
-                v = table[:, k]
-                v = v[torch.isfinite(v)]
-                out[f"reward/{col}"] = float(v.mean()) if v.numel() else math.nan
-                out[f"reward/{col}/std"] = float(v.std(unbiased=False)) if v.numel() > 1 else 0.0
+            out.update(column_metrics(*self._last))
         for name, reward in self.rewards.items():
             fn = getattr(reward, "metrics", None)
             if callable(fn):

@@ -66,6 +66,16 @@ def image_config_from_hf(processor: Any) -> dict:
     return cfg
 
 
+def hf_image_preprocess(images: Tensor, image_cfg: dict) -> Tensor:
+    """Preprocess ``[B, C, H, W]`` in [0, 1] with the settings of :func:`image_config_from_hf`:
+    a squash to ``{height, width}``, or shortest-edge resize + centre crop (offsets: floor); normalised."""
+    cfg = dict(image_cfg)
+    squash = cfg.pop("squash", None)
+    if squash is not None:
+        return normalize(resize(images.float(), squash, cfg["interpolation"]), cfg["mean"], cfg["std"])
+    return clip_preprocess(images, crop="floor", **cfg)
+
+
 def flatten_video(outputs: Tensor) -> tuple[Tensor, int]:
     """``[B, F, C, H, W]`` → ``([B·F, C, H, W], F)``; images pass with F = 1."""
     if outputs.dim() == 5:
@@ -93,11 +103,7 @@ class HFCLIP:
 
     def preprocess(self, images: Tensor) -> Tensor:
         """Tensor equivalent of the model's ``CLIPImageProcessor`` (crop offsets: floor)."""
-        cfg = dict(self.image_cfg)
-        squash = cfg.pop("squash", None)
-        if squash is not None:
-            return normalize(resize(images.float(), squash, cfg["interpolation"]), cfg["mean"], cfg["std"])
-        return clip_preprocess(images, crop="floor", **cfg)
+        return hf_image_preprocess(images, self.image_cfg)
 
     def tokenize(self, prompts: Sequence[str]) -> dict[str, Tensor]:
         tok = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
@@ -184,6 +190,7 @@ class CLIPScore(Reward):
     """
 
     name = "clipscore"
+    modalities = ("image", "video")
     differentiable = True
     scale = "cosine, ~0.2-0.4"
 
@@ -205,6 +212,7 @@ class OpenCLIPScore(Reward):
     transform. Output: cosine, ~0.2–0.4."""
 
     name = "clipscore_openclip"
+    modalities = ("image", "video")
     differentiable = True
     scale = "cosine, ~0.2-0.4"
 

@@ -47,6 +47,7 @@ class JpegCompressibility(Reward):
     """−(JPEG size in kB) at quality 95 (DDPO's compressibility reward). Higher = more compressible."""
 
     name = "jpeg_compressibility"
+    modalities = ("image", "video")
     scale = "-kB of JPEG at q95 (512px: roughly -10 to -200)"
     sign = -1.0
 

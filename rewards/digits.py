@@ -165,6 +165,7 @@ class DigitsJudge(Reward):
     """
 
     name = "digits"
+    modalities = ("image",)
     scale = "correct ∈ {0, 1}; prob ∈ [0, 1]"
     components = ("correct", "prob")
     _COMPONENT_WEIGHTS = {"prob": {"correct": 0.0, "prob": 1.0}, "correct": {"correct": 1.0, "prob": 0.0}, "both": {"correct": 0.5, "prob": 0.5}}

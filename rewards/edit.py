@@ -22,8 +22,7 @@ import torch
 from torch import Tensor
 
 from .base import Reward, register
-from .clip import as_dtype, flatten_video, image_config_from_hf, l2n, pooled
-from .preprocess import clip_preprocess, normalize, resize
+from .clip import as_dtype, flatten_video, hf_image_preprocess, image_config_from_hf, l2n, pooled
 
 #: model_type in the folder's config.json → backbone kind
 BACKBONES = {"clip": "clip", "dinov2": "dinov2"}
@@ -50,10 +49,10 @@ def source_paths(meta: dict | None, n: int, who: str = "edit_consistency") -> li
 def load_image_tensor(path: str) -> Tensor:
     """An image file as float ``[1, 3, H, W]`` in [0, 1] (RGB)."""
     import numpy as np
-    from PIL import Image
 
-    with Image.open(path) as im:
-        arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    from flowrl.prompts import load_source_images
+
+    arr = np.asarray(load_source_images(path), dtype=np.float32) / 255.0
     return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)
 
 
@@ -94,11 +93,7 @@ class EditConsistency(Reward):
     def preprocess(self, images: Tensor) -> Tensor:
         """Tensor equivalent of the folder's image processor (shortest-edge resize, centre crop,
         normalise; or a squash to ``{height, width}``)."""
-        cfg = dict(self.image_cfg)
-        squash = cfg.pop("squash", None)
-        if squash is not None:
-            return normalize(resize(images.float(), squash, cfg["interpolation"]), cfg["mean"], cfg["std"])
-        return clip_preprocess(images, crop="floor", **cfg)
+        return hf_image_preprocess(images, self.image_cfg)
 
     def features(self, images: Tensor) -> Tensor:
         """L2-normalised image features ``[B, D]`` of images ``[B, 3, H, W]`` in [0, 1]."""

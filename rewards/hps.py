@@ -21,6 +21,7 @@ class HPSv2(Reward):
     """HPSv2.1 score: cosine of the HPS-tuned open_clip embeddings, HPS preprocessing."""
 
     name = "hpsv2"
+    modalities = ("image", "video")
     differentiable = True
     scale = "cosine, ~0.25-0.35"
 

@@ -25,6 +25,8 @@ class Reward:
     - ``scale``: a note of the output range, e.g. ``"cosine ~0.2-0.4"``.
     - ``component_weights``: for dict-returning rewards, default weight of each component inside
       the reward's total (missing components weigh 1; 0 logs a component without using it).
+    - ``modalities``: what the reward scores — ``("text",)``, ``("image",)``, ``("image", "video")``,
+      ... (None: anything); a run stops before loading anything when no model output fits.
     - ``isolate_failures``: when a call on a batch raises, score its samples one by one so only the
       failing ones become NaN (True); False for rewards whose score depends on the whole batch
       (in-group comparisons).
@@ -38,6 +40,7 @@ class Reward:
     scale: str = "unspecified"
     component_weights: Mapping[str, float] | None = None
     isolate_failures: bool = True
+    modalities: tuple[str, ...] | None = None
 
     def __call__(self, outputs: Any, prompts: list[str], meta: dict | None = None) -> Tensor | dict[str, Tensor]:
         raise NotImplementedError(f"{type(self).__name__} must implement __call__(outputs, prompts, meta=None).")

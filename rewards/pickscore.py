@@ -23,6 +23,7 @@ class PickScore(Reward):
     """``logit_scale.exp() · cos(img, txt)`` with a transformers ``CLIPModel`` (÷26 if ``normalize``)."""
 
     name = "pickscore"
+    modalities = ("image", "video")
     differentiable = True
     scale = "logit_scale.exp()*cos, ~18-24 (normalize=True: /26, ~0.7-0.9)"
 

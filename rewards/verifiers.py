@@ -110,6 +110,7 @@ class ExactMatch(Reward):
     """
 
     name = "exact_match"
+    modalities = ("text",)
     scale = "0/1 correctness"
 
     def __init__(self, *, answer_key: str = "answer", answers: dict[str, Any] | str | None = None, solver: str | None = None, require_format: bool = False):
@@ -156,6 +157,7 @@ class FormatReward(Reward):
     """
 
     name = "format"
+    modalities = ("text",)
     scale = "0/1 format"
     DEFAULT = r"(?:<think>.*?</think>\s*)?<answer>.*?</answer>"
 
@@ -193,6 +195,7 @@ class LengthPenalty(Reward):
     """
 
     name = "length_penalty"
+    modalities = ("text",)
     scale = "[-1, 0]"
 
     def __init__(self, *, max_length: int = 64, cache_length: int = 16, mode: str = "overlong"):

@@ -201,6 +201,7 @@ class VideoAlign(Reward):
     """
 
     name = "videoalign"
+    modalities = ("video",)
     differentiable = False
     scale = "VQ/MQ/TA logits (use_norm: z-scores, Overall ~ -3..3)"
 

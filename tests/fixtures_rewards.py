@@ -121,3 +121,32 @@ def tiny_qwen2vl_reward(*, output_dim: int = 1, seed: int = 0):
     pixels = dict(size={"shortest_edge": 28 * 28, "longest_edge": 56 * 56 * 4})
     processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=tok, video_processor=Qwen2VLVideoProcessor(**pixels))
     return model, processor
+
+
+def tiny_mask2former_dir(root) -> str:
+    """Tiny Mask2Former (Swin backbone, 80 COCO classes, 6 queries) + image processor in ``root``;
+    every query predicts class 16 (GenEval's "dog") with certainty, masks stay random."""
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor, SwinConfig
+
+    torch.manual_seed(0)
+    bb = SwinConfig(image_size=64, patch_size=4, embed_dim=32, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=4, out_features=["stage1", "stage2", "stage3", "stage4"])
+    cfg = Mask2FormerConfig(backbone_config=bb, num_labels=80, hidden_dim=32, mask_feature_size=32, feature_size=32, encoder_feedforward_dim=32, dim_feedforward=32,
+                            num_queries=6, decoder_layers=2, encoder_layers=1, num_attention_heads=2, common_stride=4)
+    model = Mask2FormerForUniversalSegmentation(cfg).eval()
+    with torch.no_grad():
+        model.class_predictor.weight.zero_()
+        model.class_predictor.bias.fill_(-20.0)
+        model.class_predictor.bias[16] = 20.0
+    model.save_pretrained(str(root))
+    Mask2FormerImageProcessor(size={"shortest_edge": 64, "longest_edge": 128}, size_divisor=32).save_pretrained(str(root))
+    return str(root)
+
+
+def tiny_geneval_models(root) -> tuple[str, str]:
+    """``(detector_path, clip_path)`` for the ``geneval`` reward: :func:`tiny_mask2former_dir` and a
+    tiny CLIP with 32-pixel inputs."""
+    import pathlib
+
+    root = pathlib.Path(root)
+    clip_proc = dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, do_center_crop=True, resample=3)
+    return tiny_mask2former_dir(root / "det"), tiny_hf_clip_dir(root / "clip", image_size=32, processor=clip_proc)

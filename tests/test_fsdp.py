@@ -29,7 +29,7 @@ SETS = [
     "train.progress=false", "train.prompts_per_iteration=2", "train.num_generations=4", "train.train_batch_size=2",
     "sampler.num_steps=4", "sampler.eval_num_steps=4", "train.lr_schedule=constant", "train.save_every=1",
     "train.eval_prompts=[a 3 left of a 7, two 4s, a 0 left of a 5]", "train.eval_samples_per_prompt=1", "train.ema_decay=0.5",
-    "loss.skip_zero_advantage=true", "reward.rewards={tests._dist_worker:FlatForPairs: 1.0}", "train.prompts=[two 4s, a 0 left of a 5]",
+    "loss.skip_zero_advantage=true", "reward.rewards={tests._dist_worker:FlatForPairs: 1.0}", "train.report=null", "train.prompts=[two 4s, a 0 left of a 5]",
 ]
 
 needs_launcher = pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate launcher not installed")

@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("plugs", {"flowrl.plugins"}),
     # methods: advantages, losses, objectives, rollout schedules, presets
     ("methods", {
-        "flowrl.advantages", "flowrl.losses", "flowrl.objectives", "flowrl.care", "flowrl.nft", "flowrl.tree",
+        "flowrl.advantages", "flowrl.losses", "flowrl.objectives", "flowrl.care", "flowrl.nft", "flowrl.matching", "flowrl.reference", "flowrl.gardo", "flowrl.trpa", "flowrl.tree",
         "flowrl.co_grpo", "flowrl.trust_region", "flowrl.rollout", "flowrl.prompt_selection", "flowrl.algorithms",
     }),
     # model adapters and reward models
@@ -40,10 +40,10 @@ LAYERS: list[tuple[str, set[str]]] = [
     # the loop: configs, builders, the trainer and its parts
     ("loop", {
         "flowrl.config", "flowrl.builders", "flowrl.trainer", "flowrl.distributed", "flowrl.estimation",
-        "flowrl.evaluation", "flowrl.reporting", "flowrl.checkpointing",
+        "flowrl.evaluation", "flowrl.reporting", "flowrl.checkpointing", "flowrl.track", "flowrl.rules",
     }),
     # the face: command line, run inspection, the gallery, the digits pretraining script
-    ("face", {"flowrl", "flowrl.__main__", "flowrl.cli", "flowrl.gallery", "flowrl.runs", "flowrl.pretrain_digits", "flowrl.testing"}),
+    ("face", {"flowrl", "flowrl.__main__", "flowrl.cli", "flowrl.gallery", "flowrl.runs", "flowrl.pretrain_digits", "flowrl.testing", "flowrl.benchmarks", "flowrl.export"}),
 ]
 
 

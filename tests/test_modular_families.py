@@ -1,6 +1,8 @@
-"""The modular path (``flowrl.pipelines.modular``) and its conformance kit (``flowrl.testing``) on
-every tiny text-to-image / text-to-video family: ratio 1 on-policy for every kernel, ODE sampling
-equal to the stock modular call, a LoRA flowrl saves loading with the stock loader."""
+"""The modular path (``flowrl.pipelines.modular``) and the conformance kit (``flowrl.testing``) on
+every tiny family of the kit (text-to-image / text-to-video on the modular path; editing and
+image-to-video through their hand adapters against the stock regular call, with source images the
+kit makes): ratio 1 on-policy for every kernel, ODE sampling equal to the stock call, a LoRA flowrl
+saves loading with the stock loader."""
 
 import copy
 
@@ -25,12 +27,30 @@ def test_the_kit_passes_on_every_family(family, tmp_path):
     from flowrl.testing import check_family, stochastic_kernels
 
     res = check_family(family, str(tmp_path), num_steps=2)
+    spec = TINY_FAMILIES[family]
+    assert res.path == ("modular" if spec.modular else "hand adapter")
+    assert spec.modular or res.task in ("image editing", "image-to-video")  # the kit gave each prompt a source image
     assert sorted(res.ratio_err) == sorted(stochastic_kernels()), res.notes
     assert res.max_ratio_err <= RATIO_TOL
     assert res.parity_err <= PARITY_TOL
     assert res.lora_err <= LORA_TOL
     assert not any("did not change" in n for n in res.notes), res.notes
     assert res.rollout_step_s > 0 and res.update_step_s > 0
+
+
+def test_the_kit_picks_the_hand_adapter_for_image_conditioned_pipelines_and_makes_their_sources(tmp_path):
+    from flowrl.pipelines.tiny import tiny_flux_kontext_pipeline, tiny_flux_pipeline
+    from flowrl.testing import _image_conditioned_hand, source_image
+
+    assert _image_conditioned_hand(tiny_flux_kontext_pipeline()) and not _image_conditioned_hand(tiny_flux_pipeline())
+    a = source_image(str(tmp_path / "a.png"), seed=0, height=16, width=24)
+    b = source_image(str(tmp_path / "b.png"), seed=0, height=16, width=24)
+    c = source_image(str(tmp_path / "c.png"), seed=1, height=16, width=24)
+    from PIL import Image
+    import numpy as np
+
+    arr = [np.asarray(Image.open(x)) for x in (a, b, c)]
+    assert arr[0].shape == (16, 24, 3) and (arr[0] == arr[1]).all() and not (arr[0] == arr[2]).all()
 
 
 def test_a_regular_pipeline_becomes_its_modular_pipeline(tiny_flux):

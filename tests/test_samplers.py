@@ -12,7 +12,7 @@ from flowrl.algorithms import PRESETS
 from flowrl.trainer import Trainer
 from tests._tolerance import assert_recomputed_log_probs
 
-SAMPLER_PRESETS = ("flow_grpo_fast", "mix_grpo", "mix_grpo_flash", "sage_grpo", "g2rpo", "branch_grpo", "branch_grpo_mix")
+SAMPLER_PRESETS = ("flow_grpo_fast", "mix_grpo", "mix_grpo_flash", "sage_grpo", "g2rpo", "branch_grpo", "branch_grpo_mix", "tempflow_grpo")
 
 #: overrides that fit each preset on 4 steps with 4 samples per prompt, and the costs they imply
 CASES = {
@@ -26,6 +26,8 @@ CASES = {
     "sage_grpo": ([], 4.0, 3.0),
     # k ∈ {0, 1}: per prompt 2 prefix + 4·(k0: 3 + 2, k1: 2 + 1) = 34 evals over 16 images; one step per image trained
     "g2rpo": (["train.train_batch_size=4"], 34 / 16, 1.0),
+    # branches at k ∈ {0, 1}, one ODE suffix each: per prompt 2 prefix + 4·(k0: 3 + k1: 2) = 22 evals over 8 images
+    "tempflow_grpo": ([], 22 / 8, 1.0),
     # splits 0, 2, branch 2: 1 + 2 + 2 + 4 = 9 evals / 4 leaves; 12 edges, width pruning drops 2 → 10 / 4
     # (every leaf kept: a reward tie would give a leaf zero advantage and drop it from the count)
     "branch_grpo": (["sampler.rollout_params={split_steps: [0, 2]}", "loss.options={width_prune: top}", "loss.skip_zero_advantage=false"], 9 / 4, 10 / 4),
