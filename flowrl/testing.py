@@ -99,6 +99,24 @@ def _task(mp: Any, policy: Any) -> str:
     return "text-to-video" if video else "text-to-image"
 
 
+def _check_ratios(policy, prompts, res, *, num_steps: int, kernels, seed: int, say) -> None:
+    """Ratio 1 on-policy for every stochastic kernel: roll out (noise on every step but the last,
+    where CPS has none), recompute with unchanged weights, record max |exp(Δ log p) − 1| in
+    ``res.ratio_err``; a kernel that refuses this grid / noise level leaves its reason in ``res.notes``."""
+    last = max(num_steps - 1, 1)
+    policy.rollout_name, policy.rollout_params = "window", {"window_size": last, "window_range": (0, last), "mode": "random"}
+    for kind in kernels or stochastic_kernels():
+        policy.sampler = kind
+        try:
+            traj = policy.rollout(prompts, group_size=2, generator=torch.Generator().manual_seed(seed + 1))
+            with torch.no_grad():
+                ev = policy.evaluate(traj)
+            res.ratio_err[kind] = float((ev.log_prob.double() - traj.log_probs.to(ev.log_prob.device).double()).exp().sub(1).abs().max())
+        except ValueError as exc:
+            res.notes.append(f"{kind}: {exc}")
+        say(f"ratio {kind}: {res.ratio_err.get(kind)}")
+
+
 def _add_test_lora(policy, traj, res, *, seed: int, timings: bool) -> None:
     """Give the policy a rank-4 LoRA whose B matrices are random (so it changes the output), and
     with ``timings`` time one update step (the first step's log-prob, backward) into ``res``."""
@@ -227,17 +245,7 @@ def check_pipeline(
 
     mp.set_progress_bar_config(disable=True)
     # 1. ratio 1 on-policy, every stochastic kernel (on every step but the last: CPS has no noise there)
-    policy.rollout_name, policy.rollout_params = "window", {"window_size": max(num_steps - 1, 1), "window_range": (0, max(num_steps - 1, 1)), "mode": "random"}
-    for kind in kernels or stochastic_kernels():
-        policy.sampler = kind
-        try:
-            traj = policy.rollout(prompts, group_size=2, generator=torch.Generator().manual_seed(seed + 1))
-            with torch.no_grad():
-                ev = policy.evaluate(traj)
-            res.ratio_err[kind] = float((ev.log_prob.double() - traj.log_probs.to(ev.log_prob.device).double()).exp().sub(1).abs().max())
-        except ValueError as exc:  # a kernel that refuses this grid / noise level says why
-            res.notes.append(f"{kind}: {exc}")
-        say(f"ratio {kind}: {res.ratio_err.get(kind)}")
+    _check_ratios(policy, prompts, res, num_steps=num_steps, kernels=kernels, seed=seed, say=say)
     policy.sampler, policy.rollout_name, policy.rollout_params = "flow", "full", {}
 
     # 2. ODE sampling vs the stock modular call
@@ -370,18 +378,7 @@ def _check_hand(pipe: Any, *, family: str | None, prompts: Sequence[str], num_st
             return _stock_hand(p, prompts, steps=num_steps, height=policy.height, width=policy.width, seed=seed, guidance_scale=guidance_scale, stock_kwargs=stock_kwargs)
 
         # 1. ratio 1 on-policy, every stochastic kernel
-        window = {"window_size": max(num_steps - 1, 1), "window_range": (0, max(num_steps - 1, 1)), "mode": "random"}
-        policy.rollout_name, policy.rollout_params = "window", window
-        for kind in kernels or stochastic_kernels():
-            policy.sampler = kind
-            try:
-                traj = policy.rollout(prompts, group_size=2, generator=torch.Generator().manual_seed(seed + 1))
-                with torch.no_grad():
-                    ev = policy.evaluate(traj)
-                res.ratio_err[kind] = float((ev.log_prob.double() - traj.log_probs.to(ev.log_prob.device).double()).exp().sub(1).abs().max())
-            except ValueError as exc:
-                res.notes.append(f"{kind}: {exc}")
-            say(f"ratio {kind}: {res.ratio_err.get(kind)}")
+        _check_ratios(policy, prompts, res, num_steps=num_steps, kernels=kernels, seed=seed, say=say)
         policy.sampler, policy.rollout_name, policy.rollout_params = "flow", "full", {}
 
         # 2. ODE sampling vs the stock regular call
